@@ -1,0 +1,55 @@
+"""Exact counts of query-key pairs under causal and full masks, vectorised.
+
+Ranges are half-open, ``[start, end)``, in token positions inside one document. Under the causal mask query
+``i`` sees key ``j`` iff ``j <= i``; under the full (bidirectional) mask it sees every key of its document.
+All functions accept numpy arrays (broadcast elementwise) or Python ints and return int64 counts.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+MASKS = ("causal", "full")
+
+
+def tri(n):
+    """``n * (n + 1) // 2``: causal pairs of the first ``n`` rows of a document."""
+    n = np.asarray(n, dtype=np.int64)
+    return n * (n + 1) // 2
+
+
+def q_pairs(start, end, doc_len, mask: str):
+    """Pairs of queries ``[start, end)`` against every key they may see in their document."""
+    start = np.asarray(start, dtype=np.int64)
+    end = np.asarray(end, dtype=np.int64)
+    if mask == "causal":
+        return tri(end) - tri(start)
+    return (end - start) * np.asarray(doc_len, dtype=np.int64)
+
+
+def _causal_prefix(x, a, b):
+    """Causal pairs of query rows ``[0, x)`` against keys ``[a, b)``."""
+    u = np.clip(x, a, b)
+    return tri(u - a) + np.maximum(x - b, 0) * (b - a)
+
+
+def block_pairs(q_start, q_end, k_start, k_end, mask: str):
+    """Pairs of queries ``[q_start, q_end)`` against keys ``[k_start, k_end)`` of the same document."""
+    q_start, q_end, k_start, k_end = (np.asarray(v, dtype=np.int64) for v in (q_start, q_end, k_start, k_end))
+    if mask == "full":
+        return (q_end - q_start) * (k_end - k_start)
+    return _causal_prefix(q_end, k_start, k_end) - _causal_prefix(q_start, k_start, k_end)
+
+
+def needed_kv_end(q_end, doc_len, mask: str):
+    """End of the key range ``[0, end)`` that queries ending at ``q_end`` need (causal) or the document (full)."""
+    if mask == "causal":
+        return np.asarray(q_end, dtype=np.int64)
+    return np.asarray(doc_len, dtype=np.int64)
+
+
+def check_mask(mask: str) -> str:
+    """Return ``mask`` if it is a known mask type, else raise a ValueError naming the choices."""
+    if mask not in MASKS:
+        raise ValueError(f"unknown mask {mask!r}: choose one of {', '.join(MASKS)}")
+    return mask

@@ -1,0 +1,298 @@
+"""The plan: a frozen value saying which tokens each CP rank computes and which key/values it exchanges.
+
+Legend (every range is half-open ``[start, end)`` in token positions inside one document):
+
+- ``q``  int64 ``[num_q, 4]``:  rows ``(cp_rank, doc, start, end)``: query tokens the rank owns and computes,
+  grouped by rank in the rank's local token order. Owned key/values are the tokens of the rank's own q ranges.
+- ``kv`` int64 ``[num_kv, 5]``: rows ``(cp_rank, src_rank, doc, start, end)``: key/value ranges the rank
+  receives from their owner ``src_rank``. Send lists are the same rows seen from ``src_rank``; in backward the
+  same lists carry key/value gradients back to their owners.
+
+``exchange`` says how key/values move: ``"p2p"`` (exactly the ``kv`` rows, point to point), ``"ring"`` (every
+rank receives every other rank's key/values in ``cp - 1`` ring steps; ``kv`` is implied and left empty) or
+``"group_ring"`` (a ring inside each document's group of ranks; ``kv`` lists what travels).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import numpy as np
+
+from megatron_fcp.planner.pairs import check_mask, needed_kv_end
+
+EXCHANGES = ("p2p", "ring", "group_ring")
+Q_COLS = ("cp_rank", "doc", "start", "end")
+KV_COLS = ("cp_rank", "src_rank", "doc", "start", "end")
+
+
+@dataclass(frozen=True)
+class RankPlan:
+    """What one CP rank computes, receives and sends. Tuples of ``(doc, start, end)`` style rows."""
+
+    cp_rank: int
+    q: tuple[tuple[int, int, int], ...]
+    """Owned query (and key/value) ranges ``(doc, start, end)`` in local token order."""
+    kv_recv: tuple[tuple[int, int, int, int], ...]
+    """Key/value ranges ``(src_rank, doc, start, end)`` received from their owners."""
+    kv_send: tuple[tuple[int, int, int, int], ...]
+    """Key/value ranges ``(dst_rank, doc, start, end)`` this rank sends to the ranks that need them."""
+    num_tokens: int
+    """Token slots on this rank, real plus padding (equal on every rank)."""
+    num_pad_tokens: int
+    """Padding tokens among ``num_tokens``."""
+
+
+def _readonly(array: np.ndarray, ncols: int) -> np.ndarray:
+    out = np.ascontiguousarray(np.asarray(array, dtype=np.int64).reshape(-1, ncols))
+    out.setflags(write=False)
+    return out
+
+
+@dataclass(frozen=True, eq=False)
+class Plan:
+    """A frozen placement and communication plan for one packed micro-batch on ``cp`` ranks."""
+
+    strategy: str
+    """Name of the strategy that made the plan (``fcp``, ``ring``, ...)."""
+    cp: int
+    """Context-parallel size."""
+    mask: str
+    """``"causal"`` or ``"full"``."""
+    doc_lens: np.ndarray
+    """int64 ``[num_docs]``: document lengths of the micro-batch, in batch order."""
+    q: np.ndarray
+    """int64 ``[num_q, 4]``: ``(cp_rank, doc, start, end)``, grouped by rank in local order."""
+    kv: np.ndarray
+    """int64 ``[num_kv, 5]``: ``(cp_rank, src_rank, doc, start, end)``; empty for ``exchange="ring"``."""
+    num_pad_tokens: np.ndarray
+    """int64 ``[cp]``: padding slots per rank."""
+    exchange: str = "p2p"
+    """How key/values travel: ``p2p``, ``ring`` or ``group_ring`` (see module docstring)."""
+    notes: tuple[tuple[str, str], ...] = field(default=())
+    """Free-form ``(key, value)`` facts the strategy wants reported (for example the block size it used)."""
+
+    def __post_init__(self):
+        check_mask(self.mask)
+        if self.exchange not in EXCHANGES:
+            raise ValueError(f"unknown exchange {self.exchange!r}: choose one of {EXCHANGES}")
+        object.__setattr__(self, "doc_lens", _readonly(self.doc_lens, 1).reshape(-1))
+        object.__setattr__(self, "q", _readonly(self.q, 4))
+        object.__setattr__(self, "kv", _readonly(self.kv, 5))
+        object.__setattr__(self, "num_pad_tokens", _readonly(self.num_pad_tokens, 1).reshape(-1))
+        if self.num_pad_tokens.shape[0] != self.cp:
+            raise ValueError(f"num_pad_tokens has {self.num_pad_tokens.shape[0]} entries for cp={self.cp}")
+
+    # -- derived per-rank quantities -------------------------------------------------------------
+    @cached_property
+    def num_real_tokens(self) -> np.ndarray:
+        """int64 ``[cp]``: real (document) tokens owned per rank."""
+        return np.bincount(self.q[:, 0], weights=self.q[:, 3] - self.q[:, 2], minlength=self.cp).astype(np.int64)
+
+    @cached_property
+    def num_tokens(self) -> np.ndarray:
+        """int64 ``[cp]``: token slots per rank, real plus padding."""
+        return self.num_real_tokens + self.num_pad_tokens
+
+    @cached_property
+    def kv_explicit(self) -> np.ndarray:
+        """The ``kv`` rows, expanded for ``exchange="ring"`` (every other rank's ranges)."""
+        if self.exchange != "ring":
+            return self.kv
+        return ring_kv_rows(self.q, self.cp)
+
+    @cached_property
+    def recv_tokens(self) -> np.ndarray:
+        """int64 ``[cp]``: key/value tokens each rank receives (for ``ring`` including padding slots)."""
+        if self.exchange == "ring":
+            return (self.num_tokens.sum() - self.num_tokens).astype(np.int64)
+        return np.bincount(self.kv[:, 0], weights=self.kv[:, 4] - self.kv[:, 3], minlength=self.cp).astype(np.int64)
+
+    @cached_property
+    def send_tokens(self) -> np.ndarray:
+        """int64 ``[cp]``: key/value tokens each rank sends."""
+        if self.exchange == "ring":
+            return ((self.cp - 1) * self.num_tokens).astype(np.int64)
+        return np.bincount(self.kv[:, 1], weights=self.kv[:, 4] - self.kv[:, 3], minlength=self.cp).astype(np.int64)
+
+    # -- views ------------------------------------------------------------------------------------
+    def for_rank(self, cp_rank: int) -> RankPlan:
+        """The view of one rank: exactly what it computes, receives and sends."""
+        if not 0 <= cp_rank < self.cp:
+            raise ValueError(f"cp_rank {cp_rank} out of range for cp={self.cp}")
+        kv = self.kv_explicit
+        own = self.q[self.q[:, 0] == cp_rank, 1:]
+        recv = kv[kv[:, 0] == cp_rank, 1:]
+        send = kv[kv[:, 1] == cp_rank][:, [0, 2, 3, 4]]
+        return RankPlan(
+            cp_rank=cp_rank,
+            q=tuple(map(tuple, own.tolist())),
+            kv_recv=tuple(map(tuple, recv.tolist())),
+            kv_send=tuple(map(tuple, send.tolist())),
+            num_tokens=int(self.num_tokens[cp_rank]),
+            num_pad_tokens=int(self.num_pad_tokens[cp_rank]),
+        )
+
+    def to_dict(self, metrics: dict | None = None) -> dict:
+        """The plan in the project's JSON format (see README: "Plan JSON")."""
+        kv = self.kv_explicit
+        q_by_rank = _split_by_rank(self.q, self.cp)
+        kv_by_rank = _split_by_rank(kv, self.cp)
+        ranks = [
+            {
+                "q": q_by_rank[r][:, 1:].tolist(),
+                "kv_recv": kv_by_rank[r][:, 1:].tolist(),
+                "num_tokens": int(self.num_tokens[r]),
+                "num_pad_tokens": int(self.num_pad_tokens[r]),
+            }
+            for r in range(self.cp)
+        ]
+        out = {
+            "strategy": self.strategy,
+            "cp": self.cp,
+            "mask": self.mask,
+            "exchange": self.exchange,
+            "docs": self.doc_lens.tolist(),
+            "ranks": ranks,
+            "metrics": metrics or {},
+        }
+        if self.notes:
+            out["notes"] = dict(self.notes)
+        return out
+
+    def to_json(self, metrics: dict | None = None, indent: int | None = None) -> str:
+        """JSON text of :meth:`to_dict`."""
+        return json.dumps(self.to_dict(metrics), indent=indent)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Plan:
+        """Rebuild a plan from :meth:`to_dict` output (``kv`` kept explicit)."""
+        q = [[r, *row] for r, rank in enumerate(data["ranks"]) for row in rank["q"]]
+        kv = [[r, *row] for r, rank in enumerate(data["ranks"]) for row in rank["kv_recv"]]
+        exchange = data.get("exchange", "p2p")
+        return cls(
+            strategy=data.get("strategy", "unknown"),
+            cp=int(data["cp"]),
+            mask=data["mask"],
+            doc_lens=np.asarray(data["docs"], dtype=np.int64),
+            q=np.asarray(q, dtype=np.int64).reshape(-1, 4),
+            kv=np.zeros((0, 5), np.int64) if exchange == "ring" else np.asarray(kv, dtype=np.int64).reshape(-1, 5),
+            num_pad_tokens=np.asarray([rank["num_pad_tokens"] for rank in data["ranks"]], dtype=np.int64),
+            exchange=exchange,
+            notes=tuple(sorted((data.get("notes") or {}).items())),
+        )
+
+    # -- value semantics --------------------------------------------------------------------------
+    @cached_property
+    def _digest(self) -> str:
+        h = hashlib.sha256()
+        h.update(f"{self.strategy}|{self.cp}|{self.mask}|{self.exchange}|{self.notes}".encode())
+        for array in (self.doc_lens, self.q, self.kv, self.num_pad_tokens):
+            h.update(array.tobytes())
+            h.update(b"|")
+        return h.hexdigest()
+
+    def __eq__(self, other):
+        return isinstance(other, Plan) and self._digest == other._digest
+
+    def __hash__(self):
+        return hash(self._digest)
+
+    def __repr__(self):
+        return (
+            f"Plan(strategy={self.strategy!r}, cp={self.cp}, mask={self.mask!r}, exchange={self.exchange!r}, "
+            f"docs={self.doc_lens.shape[0]}, q_ranges={self.q.shape[0]}, kv_ranges={self.kv.shape[0]}, "
+            f"tokens_per_rank={int(self.num_tokens.max(initial=0))}, pad={int(self.num_pad_tokens.sum())})"
+        )
+
+    def describe(self, max_ranks: int = 8) -> str:
+        """Human-readable per-rank summary (first ``max_ranks`` ranks)."""
+        lines = [repr(self)]
+        for r in range(min(self.cp, max_ranks)):
+            view = self.for_rank(r)
+            q_txt = ", ".join(f"d{d}[{s}:{e})" for d, s, e in view.q[:6]) + (" ..." if len(view.q) > 6 else "")
+            lines.append(
+                f"  rank {r}: {view.num_tokens} tokens ({view.num_pad_tokens} pad), {len(view.q)} q ranges "
+                f"[{q_txt}], recv {int(self.recv_tokens[r])} kv tokens from "
+                f"{len({src for src, *_ in view.kv_recv})} peers"
+            )
+        if self.cp > max_ranks:
+            lines.append(f"  ... {self.cp - max_ranks} more ranks")
+        return "\n".join(lines)
+
+
+def _split_by_rank(rows: np.ndarray, cp: int) -> list[np.ndarray]:
+    order = np.argsort(rows[:, 0], kind="stable")
+    rows = rows[order]
+    bounds = np.searchsorted(rows[:, 0], np.arange(cp + 1))
+    return [rows[bounds[r] : bounds[r + 1]] for r in range(cp)]
+
+
+def ring_kv_rows(q: np.ndarray, cp: int) -> np.ndarray:
+    """Explicit ``kv`` rows of a ring exchange: every rank receives every other rank's ranges."""
+    dst = np.tile(np.arange(cp, dtype=np.int64), q.shape[0])
+    rows = np.repeat(q, cp, axis=0)
+    keep = dst != rows[:, 0]
+    out = np.column_stack([dst[keep], rows[keep]])
+    order = np.lexsort((out[:, 4], out[:, 3], out[:, 2], out[:, 1], out[:, 0]))
+    return out[order]
+
+
+def derive_kv(q: np.ndarray, doc_lens: np.ndarray, cp: int, mask: str) -> np.ndarray:
+    """Key/value ranges each rank must receive: the keys its queries need minus what it owns.
+
+    Every needed range is listed once per receiving rank, split by owner and merged where one owner holds
+    adjacent pieces. For ``mask="full"`` this is every token of each touched document the rank does not own.
+    """
+    doc_lens = np.asarray(doc_lens, dtype=np.int64)
+    q = q[np.lexsort((q[:, 2], q[:, 1]))]
+    counts = np.bincount(q[:, 1], minlength=doc_lens.shape[0])
+    pieces = q[counts[q[:, 1]] > 1]
+    if pieces.shape[0] == 0:
+        return np.zeros((0, 5), np.int64)
+    holders, need_end = _holders(pieces, doc_lens, cp, mask)
+    rows = _needed_rows(pieces, holders, need_end, counts)
+    return _merge_adjacent(rows)
+
+
+def _holders(pieces: np.ndarray, doc_lens: np.ndarray, cp: int, mask: str):
+    """Unique ``(doc, rank)`` pairs among split-document pieces and the key end each one needs."""
+    key = pieces[:, 1] * cp + pieces[:, 0]
+    uniq, inv = np.unique(key, return_inverse=True)
+    need = needed_kv_end(pieces[:, 3], doc_lens[pieces[:, 1]], mask)
+    need_end = np.zeros(uniq.shape[0], np.int64)
+    np.maximum.at(need_end, inv, need)
+    holders = np.column_stack([uniq % cp, uniq // cp])  # (rank, doc)
+    return holders, need_end
+
+
+def _needed_rows(pieces: np.ndarray, holders: np.ndarray, need_end: np.ndarray, counts: np.ndarray):
+    """For each holder, the other ranks' pieces of its document that start before its needed end."""
+    docs_sorted = pieces[:, 1]
+    first_piece = np.searchsorted(docs_sorted, holders[:, 1])
+    num_pieces = counts[holders[:, 1]]
+    rep = np.repeat(np.arange(holders.shape[0]), num_pieces)
+    offset = np.arange(rep.shape[0]) - np.repeat(np.cumsum(num_pieces) - num_pieces, num_pieces)
+    cand = pieces[first_piece[rep] + offset]
+    end = need_end[rep]
+    keep = (cand[:, 0] != holders[rep, 0]) & (cand[:, 2] < end)
+    rows = np.column_stack(
+        [holders[rep, 0], cand[:, 0], cand[:, 1], cand[:, 2], np.minimum(cand[:, 3], end)]
+    )[keep]
+    return rows
+
+
+def _merge_adjacent(rows: np.ndarray) -> np.ndarray:
+    """Merge rows ``(rank, src, doc, start, end)`` that continue one another from the same source."""
+    rows = rows[np.lexsort((rows[:, 3], rows[:, 2], rows[:, 1], rows[:, 0]))]
+    same = np.all(rows[1:, :3] == rows[:-1, :3], axis=1) & (rows[1:, 3] == rows[:-1, 4])
+    starts = np.concatenate([[True], ~same])
+    group = np.cumsum(starts) - 1
+    out = rows[starts].copy()
+    last = np.zeros(out.shape[0], np.int64)
+    np.maximum.at(last, group, rows[:, 4])
+    out[:, 4] = last
+    return out
