@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from megatron_fcp.planner.pairs import check_mask
-from megatron_fcp.planner.plan import Plan, derive_kv
+from megatron_fcp.planner.plan import Plan, derive_kv, merge_adjacent_q
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -41,6 +41,10 @@ class FcpOptions:
     def __post_init__(self):
         if int(self.tile) != self.tile or self.tile < 1:
             raise ValueError(f"tile must be a positive integer, got {self.tile!r}")
+
+
+_CLOSER_SCAN = 32
+"""How many units above the wanted density the closing step considers (bounds planning time)."""
 
 
 class _Pool:
@@ -60,7 +64,16 @@ class _Pool:
         self.lo, self.hi = 0, len(self.doc) - 1
         self.work = float(pairs.sum()) + overhead * len(self.doc)
         self.dens = ((pairs + overhead) / n)[order].tolist()
-        self.cut: set[int] = set()
+        self.cut: set[int] = set()  # units cut in the current step, to be re-sorted
+        self.gone: set[int] = set()  # inner units used up in the current step, to be removed
+
+    def start_rank(self, num_tokens: int, target: float) -> None:
+        """Record the share of the rank being filled (used to tell units that cannot stay whole)."""
+        self.rank_tokens, self.rank_target = num_tokens, target
+
+    def must_split(self, u: int) -> bool:
+        """True if unit ``u`` is larger than a whole rank's token share or work target."""
+        return self.size(u) > self.rank_tokens or self.unit_work(u) > self.rank_target
 
     def empty(self) -> bool:
         return self.lo > self.hi
@@ -108,15 +121,18 @@ class _Pool:
             self.cut.add(u)
         elif u == self.lo:
             self.lo += 1
-        else:
+        elif u == self.hi:
             self.hi -= 1
+        else:
+            self.gone.add(u)
 
     def settle(self) -> None:
         """Move units cut in the last step to where their new density belongs, keeping the order sorted."""
-        cut, self.cut = sorted(self.cut, reverse=True), set()
-        if self.hi <= self.lo:
+        cut, self.cut = sorted(self.cut | self.gone, reverse=True), set()
+        gone, self.gone = self.gone, set()
+        if self.hi <= self.lo and not gone:
             return
-        moved = [self._pop(u) for u in cut]
+        moved = [item for item in (self._pop(u) for u in cut) if item[2] > item[1]]
         for item in moved:
             dens = item[-1]
             pos = bisect.bisect_left(self.dens, dens, self.lo, self.hi + 1)
@@ -130,7 +146,8 @@ class _Pool:
     def _pop(self, u: int) -> tuple:
         item = [column.pop(u) for column in self._columns()]
         self.hi -= 1
-        item[-1] = self._density_of(item)
+        if item[2] > item[1]:
+            item[-1] = self._density_of(item)
         return tuple(item)
 
     def _density_of(self, item: list) -> float:
@@ -151,9 +168,10 @@ def plan_fcp(doc_lens, cp: int, tokens_per_rank: int, mask: str = "causal", opti
     rows: list[tuple[int, int, int, int]] = []
     for cp_rank in range(cp):
         target = pool.work / (cp - cp_rank)
+        pool.start_rank(int(real_per_rank[cp_rank]), target)
         for doc, start, end, _ in _fill_rank(pool, int(real_per_rank[cp_rank]), target):
             rows.append((cp_rank, doc, start, end))
-    q = _merge_rank_rows(np.asarray(rows, dtype=np.int64).reshape(-1, 4))
+    q = merge_adjacent_q(np.asarray(rows, dtype=np.int64).reshape(-1, 4))
     return Plan(
         strategy="fcp",
         cp=cp,
@@ -186,7 +204,7 @@ def _next_pieces(pool: _Pool, room: int, need: float) -> list[tuple[int, int, in
     """One step of the fill: whole units while they keep the target reachable, else the exact closing cut."""
     lo, hi = pool.lo, pool.hi
     if lo == hi:
-        return [pool.take_prefix(lo, min(room, pool.size(lo)))]
+        return _close_from_one_unit(pool, lo, room, need)
     wanted = need / room
     d_lo, d_hi = pool.density(lo), pool.density(hi)
     n_lo, n_hi = pool.size(lo), pool.size(hi)
@@ -200,13 +218,39 @@ def _next_pieces(pool: _Pool, room: int, need: float) -> list[tuple[int, int, in
         return [pool.take_prefix(lo, n_lo)]  # even the sparsest close overshoots: more sparse units first
     if fits_hi and _mix_work(pool, lo, hi, room, b_max) < need:
         return [pool.take_suffix(hi, n_hi)]  # even the densest close falls short: more dense units first
-    b = _solve_split(pool, lo, hi, room, need, b_min, b_max)
+    closer = hi if pool.must_split(hi) else _cheapest_closer(pool, lo, room, need, wanted)
+    b = _solve_split(pool, lo, closer, room, need, b_min, min(pool.size(closer), room))
     pieces = []
     if b:
-        pieces.append(pool.take_suffix(hi, b))
+        pieces.append(pool.take_suffix(closer, b))
     if room - b:
         pieces.append(pool.take_prefix(lo, room - b))
     return pieces
+
+
+def _cheapest_closer(pool: _Pool, lo: int, room: int, need: float, wanted: float) -> int:
+    """The least dense unit that can close the rank together with a prefix of ``lo``.
+
+    Cutting a unit makes its new holder fetch the keys before the cut (causal) or the whole document (full),
+    so closing with the least dense unit that still reaches the target costs the least communication. Falls
+    back to the densest unit.
+    """
+    first = bisect.bisect_right(pool.dens, wanted, lo + 1, pool.hi)
+    b_min = max(0, room - pool.size(lo))
+    for u in range(first, min(first + _CLOSER_SCAN, pool.hi)):
+        b_max = min(pool.size(u), room)
+        if b_min <= b_max and _mix_work(pool, lo, u, room, b_max) >= need >= _mix_work(pool, lo, u, room, b_min):
+            return u
+    return pool.hi
+
+
+def _close_from_one_unit(pool: _Pool, u: int, room: int, need: float) -> list[tuple[int, int, int, float]]:
+    """Last unit standing: close the rank with a dense suffix and a sparse prefix of the same unit (zigzag)."""
+    if room >= pool.size(u):
+        return [pool.take_prefix(u, pool.size(u))]
+    b = _solve_split(pool, u, u, room, need, 0, room)
+    pieces = [pool.take_suffix(u, b)] if b else []
+    return pieces + ([pool.take_prefix(u, room - b)] if room - b else [])
 
 
 def _mix_work(pool: _Pool, lo: int, hi: int, room: int, b: int) -> float:
@@ -232,16 +276,3 @@ def _solve_split(pool: _Pool, lo: int, hi: int, room: int, need: float, b_min: i
         base = int(min(max(guess, b_min), b_max))
         candidates.update(b for b in (base - 1, base, base + 1) if b_min <= b <= b_max)
     return min(sorted(candidates), key=miss)
-
-
-def _merge_rank_rows(rows: np.ndarray) -> np.ndarray:
-    """Sort each rank's ranges by (doc, start) and merge ranges that continue one another."""
-    if rows.shape[0] == 0:
-        return rows
-    rows = rows[np.lexsort((rows[:, 2], rows[:, 1], rows[:, 0]))]
-    cont = (rows[1:, 0] == rows[:-1, 0]) & (rows[1:, 1] == rows[:-1, 1]) & (rows[1:, 2] == rows[:-1, 3])
-    starts = np.concatenate([[True], ~cont])
-    out = rows[starts].copy()
-    ends = np.concatenate([~cont, [True]])
-    out[:, 3] = rows[ends, 3]
-    return out

@@ -241,6 +241,17 @@ def ring_kv_rows(q: np.ndarray, cp: int) -> np.ndarray:
     return out[order]
 
 
+def merge_adjacent_q(rows: np.ndarray) -> np.ndarray:
+    """Sort q rows ``(cp_rank, doc, start, end)`` by rank, doc and start; merge ranges that continue each other."""
+    if rows.shape[0] == 0:
+        return rows.reshape(0, 4)
+    rows = rows[np.lexsort((rows[:, 2], rows[:, 1], rows[:, 0]))]
+    cont = (rows[1:, 0] == rows[:-1, 0]) & (rows[1:, 1] == rows[:-1, 1]) & (rows[1:, 2] == rows[:-1, 3])
+    out = rows[np.concatenate([[True], ~cont])].copy()
+    out[:, 3] = rows[np.concatenate([~cont, [True]]), 3]
+    return out
+
+
 def derive_kv(q: np.ndarray, doc_lens: np.ndarray, cp: int, mask: str) -> np.ndarray:
     """Key/value ranges each rank must receive: the keys its queries need minus what it owns.
 
@@ -287,6 +298,8 @@ def _needed_rows(pieces: np.ndarray, holders: np.ndarray, need_end: np.ndarray, 
 
 def _merge_adjacent(rows: np.ndarray) -> np.ndarray:
     """Merge rows ``(rank, src, doc, start, end)`` that continue one another from the same source."""
+    if rows.shape[0] == 0:
+        return rows.reshape(0, 5)
     rows = rows[np.lexsort((rows[:, 3], rows[:, 2], rows[:, 1], rows[:, 0]))]
     same = np.all(rows[1:, :3] == rows[:-1, :3], axis=1) & (rows[1:, 3] == rows[:-1, 4])
     starts = np.concatenate([[True], ~same])

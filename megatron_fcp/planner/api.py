@@ -1,0 +1,85 @@
+"""Public entry point of the planner: validate a micro-batch and plan it with a named strategy."""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Callable
+
+import numpy as np
+
+from megatron_fcp.errors import InputError
+from megatron_fcp.planner.baselines import plan_hybrid, plan_magi, plan_nocp, plan_ring
+from megatron_fcp.planner.fcp import plan_fcp
+from megatron_fcp.planner.pairs import MASKS
+from megatron_fcp.planner.plan import Plan
+
+PlannerFn = Callable[[np.ndarray, int, int, str], Plan]
+
+STRATEGIES: dict[str, PlannerFn] = {
+    "fcp": plan_fcp,
+    "ring": plan_ring,
+    "hybrid": plan_hybrid,
+    "magi": plan_magi,
+    "nocp": plan_nocp,
+}
+"""Strategy name -> planner. ``fcp`` is this project; the others are the baselines it is measured against."""
+
+STRATEGY_HELP = {
+    "fcp": "FCP: density-balanced block sharding, exact token counts, point-to-point key/value exchange",
+    "ring": "ring CP as Transformer Engine runs packed (THD) batches: 2*cp chunks per document, KV ring",
+    "hybrid": "Megatron hybrid/dynamic CP: power-of-two CP group per document, ring inside the group",
+    "magi": "MagiAttention-style: equal fixed-size chunks, min-heap dispatch, equal chunks per rank",
+    "nocp": "no CP splitting: whole documents per rank (reference; only where every document fits a rank)",
+}
+
+
+def check_batch(doc_lens, cp, tokens_per_rank, mask: str = "causal", exact: bool = False) -> np.ndarray:
+    """Validate one micro-batch and return its lengths as int64; raise :class:`InputError` naming the problem.
+
+    ``exact=True`` requires the lengths to fill ``cp * tokens_per_rank`` exactly (no padding).
+    """
+    _check_int("cp", cp, minimum=1)
+    _check_int("tokens_per_rank", tokens_per_rank, minimum=1)
+    if mask not in MASKS:
+        raise InputError(f"mask {mask!r} is not supported; use one of: {', '.join(MASKS)}")
+    lens = _as_lengths(doc_lens)
+    total, capacity = int(lens.sum()), cp * tokens_per_rank
+    if total > capacity or (exact and total != capacity):
+        raise InputError(
+            f"the documents hold {total} tokens but cp x tokens_per_rank = {cp} x {tokens_per_rank} = {capacity}; "
+            "a micro-batch must fill the CP group exactly (pack documents to that size, or change "
+            "--tokens-per-rank)" + ("" if exact else " and may not exceed it")
+        )
+    return lens
+
+
+def make_plan(doc_lens, cp: int, tokens_per_rank: int, mask: str = "causal", strategy: str = "fcp") -> Plan:
+    """Plan one micro-batch of documents ``doc_lens`` on ``cp`` ranks of ``tokens_per_rank`` token slots."""
+    if strategy not in STRATEGIES:
+        raise InputError(f"unknown strategy {strategy!r}; choose one of: {', '.join(STRATEGIES)}")
+    lens = check_batch(doc_lens, cp, tokens_per_rank, mask)
+    return STRATEGIES[strategy](lens, int(cp), int(tokens_per_rank), mask)
+
+
+def _check_int(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise InputError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _as_lengths(doc_lens) -> np.ndarray:
+    raw = np.asarray(doc_lens)
+    if raw.ndim != 1:
+        raise InputError(f"document lengths must be a flat list of integers, got an array of shape {raw.shape}")
+    if raw.size == 0:
+        raise InputError("the micro-batch has no documents; pass at least one document length")
+    if raw.dtype.kind == "f":
+        fractional = raw[~np.isfinite(raw) | (raw != np.floor(raw))]
+        if fractional.size:
+            raise InputError(f"document lengths must be integers; got {fractional[0]!r}")
+    elif raw.dtype.kind not in "iu":
+        raise InputError(f"document lengths must be integers; got values like {raw.tolist()[:3]!r}")
+    lens = raw.astype(np.int64)
+    if np.any(lens < 0):
+        raise InputError(f"document lengths must be >= 0; got {int(lens[lens < 0][0])} at index "
+                         f"{int(np.flatnonzero(lens < 0)[0])}")
+    return lens
