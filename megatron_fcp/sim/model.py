@@ -64,7 +64,8 @@ class HardwareProfile:
         return 2.0 * self.num_kv_heads * self.head_dim * self.bytes_per_element
 
     def seconds_fwd(self, eff_pairs):
-        return eff_pairs * self.fwd_flops_per_pair / (self.peak_bf16_dense_tflops * 1e12 * self.attention_fwd_efficiency)
+        flops = eff_pairs * self.fwd_flops_per_pair
+        return flops / (self.peak_bf16_dense_tflops * 1e12 * self.attention_fwd_efficiency)
 
     def seconds_bwd(self, eff_pairs):
         flops = eff_pairs * self.fwd_flops_per_pair * self.bwd_flops_factor
@@ -93,7 +94,9 @@ def load_hardware(name_or_path: str | Path = "h100_node") -> HardwareProfile:
     names = {f.name for f in fields(HardwareProfile)}
     missing, unknown = names - flat.keys(), flat.keys() - names
     if missing or unknown:
-        raise InputError(f"hardware profile {name_or_path}: missing fields {sorted(missing)}, unknown {sorted(unknown)}")
+        raise InputError(
+            f"hardware profile {name_or_path}: missing fields {sorted(missing)}, unknown fields {sorted(unknown)}"
+        )
     return HardwareProfile(**flat)
 
 
