@@ -103,6 +103,7 @@ def _cmd_plan(args) -> int:
         print("  " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
         records.append(plan.to_dict(metrics))
     if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(records[0] if len(records) == 1 else {"plans": records}))
         print(f"wrote {args.json}")
     return 1 if any(r["metrics"]["problems"] for r in records) else 0
@@ -116,6 +117,7 @@ def _cmd_simulate(args) -> int:
     cells = simulate(config, hw, progress)
     print(format_table(cells))
     if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(cells_to_json(cells, config, hw), indent=1))
         print(f"wrote {args.json}")
     if args.plot:

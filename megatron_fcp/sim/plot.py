@@ -26,6 +26,7 @@ def plot_simulation(cells: list[Cell], batch: np.ndarray, cp: int, tokens_per_ra
     fig.suptitle(title + " (all times and MFU modeled)")
     fig.tight_layout()
     out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out

@@ -76,7 +76,8 @@ def test_simulate_rejects_unknown_strategy():
 
 def test_cli_plan_writes_documented_json(tmp_path, capsys):
     out = tmp_path / "plan.json"
-    assert main(["plan", "--lengths", "spamassassin", "--cp", "4", "--tokens-per-rank", "1024", "--json", str(out)]) == 0
+    argv = ["plan", "--lengths", "spamassassin", "--cp", "4", "--tokens-per-rank", "1024", "--json", str(out)]
+    assert main(argv) == 0
     data = json.loads(out.read_text())
     assert data["cp"] == 4 and data["mask"] == "causal"
     assert sum(data["docs"]) == 4 * 1024
