@@ -93,6 +93,8 @@ def _delivery_problems(plan: Plan, need_mask: str) -> list[str]:
     own = np.column_stack([q[:, 0], q[:, 1], q[:, 2], q[:, 3]])
     got = np.column_stack([kv[:, 0], kv[:, 2], kv[:, 3], kv[:, 4]])
     rows = np.concatenate([own, got])
+    if rows.shape[0] == 0:
+        return []
     rows = rows[np.lexsort((rows[:, 2], rows[:, 1], rows[:, 0]))]
     same = (rows[1:, 0] == rows[:-1, 0]) & (rows[1:, 1] == rows[:-1, 1])
     if np.any(same & (rows[1:, 2] != rows[:-1, 3])):
