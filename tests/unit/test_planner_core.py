@@ -37,10 +37,10 @@ def oracle_problems(plan: Plan) -> list[str]:
         mark = got.setdefault((r, d), np.zeros(lens[d], int))
         mark[s:e] += 1
     need = {}
-    for r, d, s, e in plan.q.tolist():
+    for r, d, _start, e in plan.q.tolist():
         end = e if plan.mask == "causal" else lens[d]
         need[(r, d)] = max(need.get((r, d), 0), end)
-    for (r, d), mark in got.items():
+    for r, d in got:
         if (r, d) not in need:
             return [f"rank {r} receives doc {d} it does not compute"]
     for (r, d), end in need.items():
