@@ -43,7 +43,8 @@ def check_batch(doc_lens, cp, tokens_per_rank, mask: str = "causal", exact: bool
     if mask not in MASKS:
         raise InputError(f"mask {mask!r} is not supported; use one of: {', '.join(MASKS)}")
     lens = _as_lengths(doc_lens)
-    total, capacity = int(lens.sum()), cp * tokens_per_rank
+    capacity = cp * tokens_per_rank
+    total = sum(lens.tolist())  # Python ints: no int64 wrap-around on absurd lengths
     if total > capacity or (exact and total != capacity):
         raise InputError(
             f"the documents hold {total} tokens but cp x tokens_per_rank = {cp} x {tokens_per_rank} = {capacity}; "
@@ -75,7 +76,7 @@ def _as_lengths(doc_lens) -> np.ndarray:
     if raw.dtype.kind == "f":
         fractional = raw[~np.isfinite(raw) | (raw != np.floor(raw))]
         if fractional.size:
-            raise InputError(f"document lengths must be integers; got {fractional[0]!r}")
+            raise InputError(f"document lengths must be integers; got {fractional[0].item()!r}")
     elif raw.dtype.kind not in "iu":
         raise InputError(f"document lengths must be integers; got values like {raw.tolist()[:3]!r}")
     lens = raw.astype(np.int64)

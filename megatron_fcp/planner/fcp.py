@@ -64,16 +64,7 @@ class _Pool:
         self.lo, self.hi = 0, len(self.doc) - 1
         self.work = float(pairs.sum()) + overhead * len(self.doc)
         self.dens = ((pairs + overhead) / n)[order].tolist()
-        self.cut: set[int] = set()  # units cut in the current step, to be re-sorted
-        self.gone: set[int] = set()  # inner units used up in the current step, to be removed
-
-    def start_rank(self, num_tokens: int, target: float) -> None:
-        """Record the share of the rank being filled (used to tell units that cannot stay whole)."""
-        self.rank_tokens, self.rank_target = num_tokens, target
-
-    def must_split(self, u: int) -> bool:
-        """True if unit ``u`` is larger than a whole rank's token share or work target."""
-        return self.size(u) > self.rank_tokens or self.unit_work(u) > self.rank_target
+        self.cut: set[int] = set()  # units cut while filling the current rank, to be re-sorted
 
     def empty(self) -> bool:
         return self.lo > self.hi
@@ -121,21 +112,28 @@ class _Pool:
             self.cut.add(u)
         elif u == self.lo:
             self.lo += 1
-        elif u == self.hi:
-            self.hi -= 1
         else:
-            self.gone.add(u)
+            self.hi -= 1
+
+    def walk(self, from_hi: bool, limit: int) -> tuple[list[int], list[int], list[float]]:
+        """Units from one end until ``limit`` tokens: their indices, and tokens and work before each one."""
+        idx, tokens, work = [], [0], [0.0]
+        u, step = (self.hi, -1) if from_hi else (self.lo, 1)
+        while tokens[-1] < limit and self.lo <= u <= self.hi:
+            idx.append(u)
+            tokens.append(tokens[-1] + self.size(u))
+            work.append(work[-1] + self.unit_work(u))
+            u += step
+        return idx, tokens, work
 
     def settle(self) -> None:
-        """Move units cut in the last step to where their new density belongs, keeping the order sorted."""
-        cut, self.cut = sorted(self.cut | self.gone, reverse=True), set()
-        gone, self.gone = self.gone, set()
-        if self.hi <= self.lo and not gone:
+        """Move the end units cut for the last rank to where their new density belongs (order stays sorted)."""
+        cut = sorted((u for u in self.cut if self.lo <= u <= self.hi), reverse=True)
+        self.cut = set()
+        if self.hi <= self.lo:
             return
-        moved = [item for item in (self._pop(u) for u in cut) if item[2] > item[1]]
-        for item in moved:
-            dens = item[-1]
-            pos = bisect.bisect_left(self.dens, dens, self.lo, self.hi + 1)
+        for item in [self._pop(u) for u in cut]:
+            pos = bisect.bisect_left(self.dens, item[-1], self.lo, self.hi + 1)
             for column, value in zip(self._columns(), item, strict=True):
                 column.insert(pos, value)
             self.hi += 1
@@ -146,8 +144,7 @@ class _Pool:
     def _pop(self, u: int) -> tuple:
         item = [column.pop(u) for column in self._columns()]
         self.hi -= 1
-        if item[2] > item[1]:
-            item[-1] = self._density_of(item)
+        item[-1] = self._density_of(item)
         return tuple(item)
 
     def _density_of(self, item: list) -> float:
@@ -168,7 +165,6 @@ def plan_fcp(doc_lens, cp: int, tokens_per_rank: int, mask: str = "causal", opti
     rows: list[tuple[int, int, int, int]] = []
     for cp_rank in range(cp):
         target = pool.work / (cp - cp_rank)
-        pool.start_rank(int(real_per_rank[cp_rank]), target)
         for doc, start, end, _ in _fill_rank(pool, int(real_per_rank[cp_rank]), target):
             rows.append((cp_rank, doc, start, end))
     q = merge_adjacent_q(np.asarray(rows, dtype=np.int64).reshape(-1, 4))
@@ -186,93 +182,49 @@ def plan_fcp(doc_lens, cp: int, tokens_per_rank: int, mask: str = "causal", opti
 
 
 def _fill_rank(pool: _Pool, num_tokens: int, target: float) -> list[tuple[int, int, int, float]]:
-    """Take exactly ``num_tokens`` tokens from the pool with work as close to ``target`` as the units allow."""
-    taken = []
-    room, need = num_tokens, target
-    while room > 0:
-        assert not pool.empty(), "pool ran out of tokens before every rank was filled"
-        pieces = _next_pieces(pool, room, need)
-        pool.settle()
-        for piece in pieces:
-            room -= piece[2] - piece[1]
-            need -= piece[3]
-        taken.extend(pieces)
-    return taken
+    """Take exactly ``num_tokens`` tokens: the densest ``b`` from the dense end and the rest from the sparse end.
 
+    Moving one token of the rank's share from the sparse end to the dense end raises its work by the
+    difference of the two boundary tokens' densities, so the work is (close to) increasing in ``b`` and a
+    bisection finds the ``b`` whose work is closest to ``target``. Whole units are taken from both ends; only
+    the two boundary units are cut.
+    """
+    dense, sparse = pool.walk(True, num_tokens), pool.walk(False, num_tokens)
 
-def _next_pieces(pool: _Pool, room: int, need: float) -> list[tuple[int, int, int, float]]:
-    """One step of the fill: whole units while they keep the target reachable, else the exact closing cut."""
-    lo, hi = pool.lo, pool.hi
-    if lo == hi:
-        return _close_from_one_unit(pool, lo, room, need)
-    wanted = need / room
-    d_lo, d_hi = pool.density(lo), pool.density(hi)
-    n_lo, n_hi = pool.size(lo), pool.size(hi)
-    fits_hi, fits_lo = n_hi <= room, n_lo <= room
-    if fits_hi and (d_hi <= wanted or need - pool.unit_work(hi) >= (room - n_hi) * d_lo):
-        return [pool.take_suffix(hi, n_hi)]
-    if fits_lo and (d_lo >= wanted or need - pool.unit_work(lo) <= (room - n_lo) * d_hi):
-        return [pool.take_prefix(lo, n_lo)]
-    b_min, b_max = max(0, room - n_lo), min(n_hi, room)
-    if b_min > b_max or (fits_lo and _mix_work(pool, lo, hi, room, b_min) > need):
-        return [pool.take_prefix(lo, n_lo)]  # even the sparsest close overshoots: more sparse units first
-    if fits_hi and _mix_work(pool, lo, hi, room, b_max) < need:
-        return [pool.take_suffix(hi, n_hi)]  # even the densest close falls short: more dense units first
-    closer = hi if pool.must_split(hi) else _cheapest_closer(pool, lo, room, need, wanted)
-    b = _solve_split(pool, lo, closer, room, need, b_min, min(pool.size(closer), room))
-    pieces = []
-    if b:
-        pieces.append(pool.take_suffix(closer, b))
-    if room - b:
-        pieces.append(pool.take_prefix(lo, room - b))
+    def work(b: int) -> float:
+        return _side_work(pool, dense, b, True) + _side_work(pool, sparse, num_tokens - b, False)
+
+    left, right = 0, num_tokens
+    if work(right) <= target:
+        left = right
+    elif work(left) < target:
+        while right - left > 1:  # invariant: work(left) < target <= work(right)
+            mid = (left + right) // 2
+            left, right = (mid, right) if work(mid) < target else (left, mid)
+        left = left if target - work(left) <= work(right) - target else right
+    pieces = _take_side(pool, dense, left, True) + _take_side(pool, sparse, num_tokens - left, False)
+    pool.settle()
     return pieces
 
 
-def _cheapest_closer(pool: _Pool, lo: int, room: int, need: float, wanted: float) -> int:
-    """The least dense unit that can close the rank together with a prefix of ``lo``.
-
-    Cutting a unit makes its new holder fetch the keys before the cut (causal) or the whole document (full),
-    so closing with the least dense unit that still reaches the target costs the least communication. Falls
-    back to the densest unit.
-    """
-    first = bisect.bisect_right(pool.dens, wanted, lo + 1, pool.hi)
-    b_min = max(0, room - pool.size(lo))
-    for u in range(first, min(first + _CLOSER_SCAN, pool.hi)):
-        b_max = min(pool.size(u), room)
-        if b_min <= b_max and _mix_work(pool, lo, u, room, b_max) >= need >= _mix_work(pool, lo, u, room, b_min):
-            return u
-    return pool.hi
+def _side_work(pool: _Pool, side, num_tokens: int, from_hi: bool) -> float:
+    """Work of the first ``num_tokens`` tokens of a walked side (whole units, then a boundary piece)."""
+    idx, tokens, work = side
+    k = bisect.bisect_right(tokens, num_tokens) - 1
+    rest = num_tokens - tokens[k]
+    if not rest:
+        return work[k]
+    return work[k] + (pool.suffix_work(idx[k], rest) if from_hi else pool.prefix_work(idx[k], rest))
 
 
-def _close_from_one_unit(pool: _Pool, u: int, room: int, need: float) -> list[tuple[int, int, int, float]]:
-    """Last unit standing: close the rank with a dense suffix and a sparse prefix of the same unit (zigzag)."""
-    if room >= pool.size(u):
-        return [pool.take_prefix(u, pool.size(u))]
-    b = _solve_split(pool, u, u, room, need, 0, room)
-    pieces = [pool.take_suffix(u, b)] if b else []
-    return pieces + ([pool.take_prefix(u, room - b)] if room - b else [])
-
-
-def _mix_work(pool: _Pool, lo: int, hi: int, room: int, b: int) -> float:
-    return pool.suffix_work(hi, b) + pool.prefix_work(lo, room - b)
-
-
-def _solve_split(pool: _Pool, lo: int, hi: int, room: int, need: float, b_min: int, b_max: int) -> int:
-    """``b`` in ``[b_min, b_max]`` whose suffix(hi, b) + prefix(lo, room - b) work is closest to ``need``.
-
-    Moving one token from the sparse prefix to the dense suffix changes the work by a constant (causal:
-    ``end_hi - start_lo - room``; full: ``len_hi - len_lo``), so the work is linear in ``b`` up to the
-    per-piece overhead at the ends, and the best ``b`` is a rounding of the linear solution.
-    """
-
-    def miss(b: int) -> float:
-        return abs(_mix_work(pool, lo, hi, room, b) - need)
-
-    inner_lo, inner_hi = min(b_min + 1, b_max), max(b_max - 1, b_min)
-    w_lo, w_hi = _mix_work(pool, lo, hi, room, inner_lo), _mix_work(pool, lo, hi, room, inner_hi)
-    candidates = {b_min, b_max, inner_lo, inner_hi}
-    if inner_hi > inner_lo and w_hi != w_lo:
-        guess = inner_lo + (need - w_lo) * (inner_hi - inner_lo) / (w_hi - w_lo)
-        base = int(min(max(guess, b_min), b_max))
-        candidates.update(b for b in (base - 1, base, base + 1) if b_min <= b <= b_max)
-    return min(sorted(candidates), key=miss)
+def _take_side(pool: _Pool, side, num_tokens: int, from_hi: bool) -> list[tuple[int, int, int, float]]:
+    """Take the first ``num_tokens`` tokens of a walked side out of the pool."""
+    idx, tokens, _ = side
+    take = pool.take_suffix if from_hi else pool.take_prefix
+    pieces = []
+    for k, u in enumerate(idx):
+        n = min(tokens[k + 1], num_tokens) - tokens[k]
+        if n <= 0:
+            break
+        pieces.append(take(u, n))
+    return pieces
