@@ -2,17 +2,22 @@
 
 How it works (all integers, no device, no communication):
 
-1. Every non-empty document is a *unit* ``[start, end)``. Its work is the exact number of query-key pairs its
-   queries see plus a per-piece kernel overhead (``tile**2 / 4`` pairs, the cost of a partly filled tile), so
-   tiny pieces are never free. Units are ordered by work density (work per token).
-2. Ranks are filled one after another. Each rank's work target is the work still unplaced divided by the ranks
-   still empty, so small deviations never accumulate. A rank takes units from both ends of the density order:
-   from the dense end while it is short of work, from the sparse end while it is ahead, whole units first.
-3. When no whole unit fits, the rank is closed exactly: it takes the densest key suffix of the dense unit and
-   a prefix of the sparse unit, with the cut chosen by bisection so that tokens hit the rank's share exactly
-   and work hits the target. A long, expensive document is thereby cut into as many contiguous blocks as
-   balance needs (its last, most expensive tokens first, finer where they are denser), and short documents
-   stay whole except for at most one cut per rank.
+1. Every non-empty document is a *unit*: a token range with a work, the exact number of query-key pairs its
+   queries see plus a share (``edge_weight``) of the kernel's edge work (``tile**2 / 4`` pairs for a partly
+   filled tile and half a tile row along the keys, as in :mod:`megatron_fcp.sim.model`), so tiny pieces are
+   never free. Units are ordered by work density (work per token).
+2. A causal document that costs more than one rank's share of work, or holds more tokens than a rank, will be
+   spread over several ranks. It becomes a *zigzag unit*: every take removes tokens from both of its ends at
+   once, so each rank holding part of it owns an early block and a late block (the zigzag pairing of ring CP,
+   but with block sizes chosen by balance). Its density stays constant as it is consumed, and the early
+   key/values that every later block needs are owned by many ranks, so no single rank has to send them to all
+   the others.
+3. Ranks are filled one after another. A rank's work target is the work still unplaced divided by the ranks
+   still empty (plus the edge work that cuts have been adding per rank), so deviations never accumulate. The
+   rank takes the ``b`` densest tokens from the dense end of the order and the rest of its token share from
+   the sparse end, whole units first, cutting only the two boundary units; ``b`` is found by bisection so that
+   the work hits the target. Short documents therefore stay whole but for at most two cuts per rank. A
+   full-mask document too expensive for one rank is first cut into the fewest equal pieces that fit.
 4. Key/value exchange follows from ownership: a rank receives exactly the keys its queries need that it does
    not own, once, from their owner (:func:`megatron_fcp.planner.plan.derive_kv`).
 
@@ -27,8 +32,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from megatron_fcp.planner.pairs import check_mask
+from megatron_fcp.planner.pairs import check_mask, q_pairs
 from megatron_fcp.planner.plan import Plan, derive_kv, merge_adjacent_q
+
+Piece = tuple[int, int, int, float]
+"""``(doc, start, end, work)``: a token range taken by a rank, and its work."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -36,99 +44,113 @@ class FcpOptions:
     """Knobs of the FCP planner."""
 
     tile: int = 128
-    """Attention kernel tile (tokens). A piece's fixed overhead is ``tile**2 / 4`` pairs of work."""
+    """Attention kernel tile (tokens); sets the edge work of a piece (see module docstring)."""
+    edge_weight: float = 0.5
+    """Share of the kernel edge work counted. 1 balances modeled kernel time alone, 0 exact pairs alone; both
+    are reported, and 0.5 keeps the worse of the two lowest on the shipped distributions."""
+    zigzag: bool = True
+    """Split causal documents that need several ranks zigzag (early and late blocks together)."""
 
     def __post_init__(self):
         if int(self.tile) != self.tile or self.tile < 1:
             raise ValueError(f"tile must be a positive integer, got {self.tile!r}")
-
-
-_CLOSER_SCAN = 32
-"""How many units above the wanted density the closing step considers (bounds planning time)."""
+        if not 0.0 <= self.edge_weight <= 1.0:
+            raise ValueError(f"edge_weight must lie in [0, 1], got {self.edge_weight!r}")
 
 
 class _Pool:
-    """Units ordered by density; consumed from both ends, cut where needed. Python scalars for speed."""
+    """Units ordered by density, consumed from both ends of the order; Python scalars for speed.
 
-    def __init__(self, lens: np.ndarray, mask: str, overhead: float):
-        docs = np.flatnonzero(lens > 0)
-        n = lens[docs].astype(np.float64)
-        pairs = n * (n + 1) / 2 if mask == "causal" else n * n
-        order = np.argsort((pairs + overhead) / n, kind="stable")
-        self.doc = docs[order].tolist()
-        self.start = [0] * len(self.doc)
-        self.end = lens[docs][order].tolist()
-        self.doc_len = list(self.end)
+    A plain unit is taken from its front (sparse end of the order) or its back (dense end). A zigzag unit is
+    taken from both of its ends at once, whichever end of the order takes it.
+    """
+
+    def __init__(self, lens: np.ndarray, units: np.ndarray, mask: str, tile: int, edge_weight: float):
+        doc, start, end, zig = units.T
+        self.overhead, self.edge = edge_weight * tile * tile / 4, edge_weight * tile / 2
+        keys = end if mask == "causal" else lens[doc]
+        dens = (q_pairs(start, end, lens[doc], mask) + self.overhead + self.edge * keys) / (end - start)
+        order = np.argsort(dens, kind="stable")
+        self.doc = doc[order].tolist()
+        self.start = start[order].tolist()
+        self.end = end[order].tolist()
+        self.doc_len = lens[doc][order].tolist()
+        self.zig = zig[order].astype(bool).tolist()
+        self.dens = dens[order].tolist()
         self.causal = mask == "causal"
-        self.overhead = overhead
         self.lo, self.hi = 0, len(self.doc) - 1
-        self.work = float(pairs.sum()) + overhead * len(self.doc)
-        self.dens = ((pairs + overhead) / n)[order].tolist()
+        self.work = float(sum(self.unit_work(u) for u in range(len(self.doc))))
         self.cut: set[int] = set()  # units cut while filling the current rank, to be re-sorted
-
-    def empty(self) -> bool:
-        return self.lo > self.hi
 
     def size(self, u: int) -> int:
         return self.end[u] - self.start[u]
 
-    def pairs(self, u: int, start: int, end: int) -> float:
+    def _pairs(self, u: int, start: int, end: int) -> float:
         if self.causal:
             return (end * (end + 1) - start * (start + 1)) / 2
         return (end - start) * self.doc_len[u]
 
+    def _work(self, u: int, start: int, end: int) -> float:
+        """Pairs of a piece plus its kernel edges: a partly filled tile and half a tile row along its keys."""
+        if end <= start:
+            return 0.0
+        keys = end if self.causal else self.doc_len[u]
+        return self._pairs(u, start, end) + self.overhead + self.edge * keys
+
     def unit_work(self, u: int) -> float:
-        return self.pairs(u, self.start[u], self.end[u]) + self.overhead
+        return self._work(u, self.start[u], self.end[u])
 
-    def density(self, u: int) -> float:
-        return self.unit_work(u) / self.size(u)
+    def _ranges(self, u: int, n: int, from_hi: bool) -> tuple[tuple[int, int], ...]:
+        """The token ranges of unit ``u`` that a take of ``n`` tokens removes."""
+        s, e = self.start[u], self.end[u]
+        if self.zig[u]:
+            front = (n + 1) // 2
+            return (s, s + front), (e - (n - front), e)
+        return ((e - n, e),) if from_hi else ((s, s + n),)
 
-    def prefix_work(self, u: int, a: int) -> float:
-        return self.pairs(u, self.start[u], self.start[u] + a) + (self.overhead if a else 0.0)
+    def take_work(self, u: int, n: int, from_hi: bool) -> float:
+        """Work of taking ``n`` tokens of unit ``u`` from the given end of the order."""
+        s, e = self.start[u], self.end[u]
+        if self.zig[u]:
+            front = (n + 1) // 2
+            return self._work(u, s, s + front) + self._work(u, e - (n - front), e)
+        return self._work(u, e - n, e) if from_hi else self._work(u, s, s + n)
 
-    def suffix_work(self, u: int, b: int) -> float:
-        return self.pairs(u, self.end[u] - b, self.end[u]) + (self.overhead if b else 0.0)
-
-    def take_prefix(self, u: int, a: int) -> tuple[int, int, int, float]:
-        """Remove ``a`` tokens from the front of unit ``u``; return ``(doc, start, end, work)``."""
-        s = self.start[u]
-        work = self.prefix_work(u, a)
-        self.start[u] = s + a
-        self._account(u, work)
-        return self.doc[u], s, s + a, work
-
-    def take_suffix(self, u: int, b: int) -> tuple[int, int, int, float]:
-        """Remove ``b`` tokens from the back of unit ``u``; return ``(doc, start, end, work)``."""
-        e = self.end[u]
-        work = self.suffix_work(u, b)
-        self.end[u] = e - b
-        self._account(u, work)
-        return self.doc[u], e - b, e, work
-
-    def _account(self, u: int, work: float) -> None:
-        self.work -= work
+    def take(self, u: int, n: int, from_hi: bool) -> list[Piece]:
+        """Remove ``n`` tokens of unit ``u`` and return them as pieces."""
+        pieces = [(self.doc[u], s, e, self._work(u, s, e)) for s, e in self._ranges(u, n, from_hi) if e > s]
+        self.work -= self.unit_work(u)
+        if self.zig[u] or not from_hi:
+            self.start[u] += (n + 1) // 2 if self.zig[u] else n
+        if self.zig[u] or from_hi:
+            self.end[u] -= n // 2 if self.zig[u] else n
+        self.work += self.unit_work(u)  # the remainder is a piece of its own
         if self.start[u] < self.end[u]:
-            self.work += self.overhead  # the remainder is a piece of its own
             self.cut.add(u)
-        elif u == self.lo:
-            self.lo += 1
-        else:
-            self.hi -= 1
+        return pieces
 
     def walk(self, from_hi: bool, limit: int) -> tuple[list[int], list[int], list[float]]:
         """Units from one end until ``limit`` tokens: their indices, and tokens and work before each one."""
         idx, tokens, work = [], [0], [0.0]
         u, step = (self.hi, -1) if from_hi else (self.lo, 1)
         while tokens[-1] < limit and self.lo <= u <= self.hi:
-            idx.append(u)
-            tokens.append(tokens[-1] + self.size(u))
-            work.append(work[-1] + self.unit_work(u))
+            if self.size(u):
+                idx.append(u)
+                tokens.append(tokens[-1] + self.size(u))
+                work.append(work[-1] + self.unit_work(u))
             u += step
         return idx, tokens, work
 
     def settle(self) -> None:
-        """Move the end units cut for the last rank to where their new density belongs (order stays sorted)."""
-        cut = sorted((u for u in self.cut if self.lo <= u <= self.hi), reverse=True)
+        """Drop used-up units at the ends; move cut units to where their new density belongs (order stays sorted).
+
+        Units used up in the middle of the order stay as empty entries that every walk skips.
+        """
+        while self.lo <= self.hi and not self.size(self.lo):
+            self.lo += 1
+        while self.hi >= self.lo and not self.size(self.hi):
+            self.hi -= 1
+        cut = sorted((u for u in self.cut if self.lo <= u <= self.hi and self.size(u)), reverse=True)
         self.cut = set()
         if self.hi <= self.lo:
             return
@@ -139,21 +161,48 @@ class _Pool:
             self.hi += 1
 
     def _columns(self) -> tuple[list, ...]:
-        return self.doc, self.start, self.end, self.doc_len, self.dens
+        return self.doc, self.start, self.end, self.doc_len, self.zig, self.dens
 
     def _pop(self, u: int) -> tuple:
+        density = self.unit_work(u) / self.size(u)
         item = [column.pop(u) for column in self._columns()]
         self.hi -= 1
-        item[-1] = self._density_of(item)
+        item[-1] = density
         return tuple(item)
 
-    def _density_of(self, item: list) -> float:
-        doc, start, end, doc_len, _ = item
-        pairs = (end * (end + 1) - start * (start + 1)) / 2 if self.causal else (end - start) * doc_len
-        return (pairs + self.overhead) / (end - start)
+
+FULL_PIECE_FILL = 0.95
+"""A full-mask document too expensive for one rank is cut into equal pieces of at most this share of a rank's
+work, so each piece stays whole on its rank and leaves room for cheaper documents."""
 
 
-def plan_fcp(doc_lens, cp: int, tokens_per_rank: int, mask: str = "causal", options: FcpOptions | None = None) -> Plan:
+def initial_units(lens: np.ndarray, cp: int, tokens_per_rank: int, mask: str, zigzag: bool = True) -> np.ndarray:
+    """Units ``(doc, start, end, zigzag)`` the fill starts from.
+
+    Documents that fit one rank (in tokens and in work) are whole units. A causal document that does not is
+    one zigzag unit (taken from both ends). A full-mask document that does not is cut into the fewest equal
+    pieces that each fit: under a full mask every holder of a piece fetches the whole document, so the number
+    of holders is what communication costs.
+    """
+    docs = np.flatnonzero(lens > 0)
+    n = lens[docs]
+    work = q_pairs(0, n, n, mask).astype(np.float64)
+    too_big = (work > work.sum() / cp) | (n > tokens_per_rank)
+    num_pieces = np.ones_like(n)
+    if mask == "full":
+        by_work = np.ceil(work / (FULL_PIECE_FILL * work.sum() / cp)).astype(np.int64)
+        num_pieces = np.minimum(np.where(too_big, np.maximum(by_work, -(-n // tokens_per_rank)), 1), n)
+    rep = np.repeat(np.arange(docs.shape[0]), num_pieces)
+    k = np.arange(rep.shape[0]) - np.repeat(np.cumsum(num_pieces) - num_pieces, num_pieces)
+    start = k * n[rep] // num_pieces[rep]
+    end = (k + 1) * n[rep] // num_pieces[rep]
+    zig = too_big[rep] & (mask == "causal") & zigzag
+    return np.column_stack([docs[rep], start, end, zig.astype(np.int64)])
+
+
+def plan_fcp(
+    doc_lens, cp: int, tokens_per_rank: int, mask: str = "causal", options: FcpOptions | None = None
+) -> Plan:
     """Plan one micro-batch with FCP. ``doc_lens`` must hold at most ``cp * tokens_per_rank`` tokens."""
     options = options or FcpOptions()
     check_mask(mask)
@@ -161,12 +210,16 @@ def plan_fcp(doc_lens, cp: int, tokens_per_rank: int, mask: str = "causal", opti
     total = int(lens.sum())
     real_per_rank = np.full(cp, total // cp, np.int64)
     real_per_rank[: total % cp] += 1
-    pool = _Pool(lens, mask, options.tile**2 / 4)
+    units = initial_units(lens, cp, tokens_per_rank, mask, options.zigzag)
+    pool = _Pool(lens, units, mask, options.tile, options.edge_weight)
     rows: list[tuple[int, int, int, int]] = []
+    cut_work = 0.0  # edge work that cuts have added so far (the pool's work does not foresee it)
     for cp_rank in range(cp):
-        target = pool.work / (cp - cp_rank)
-        for doc, start, end, _ in _fill_rank(pool, int(real_per_rank[cp_rank]), target):
-            rows.append((cp_rank, doc, start, end))
+        before = pool.work
+        target = before / (cp - cp_rank) + cut_work / max(cp_rank, 1)
+        pieces = _fill_rank(pool, int(real_per_rank[cp_rank]), target)
+        cut_work += sum(p[3] for p in pieces) - (before - pool.work)
+        rows += [(cp_rank, doc, start, end) for doc, start, end, _ in pieces]
     q = merge_adjacent_q(np.asarray(rows, dtype=np.int64).reshape(-1, 4))
     return Plan(
         strategy="fcp",
@@ -181,7 +234,7 @@ def plan_fcp(doc_lens, cp: int, tokens_per_rank: int, mask: str = "causal", opti
     )
 
 
-def _fill_rank(pool: _Pool, num_tokens: int, target: float) -> list[tuple[int, int, int, float]]:
+def _fill_rank(pool: _Pool, num_tokens: int, target: float) -> list[Piece]:
     """Take exactly ``num_tokens`` tokens: the densest ``b`` from the dense end and the rest from the sparse end.
 
     Moving one token of the rank's share from the sparse end to the dense end raises its work by the
@@ -212,19 +265,16 @@ def _side_work(pool: _Pool, side, num_tokens: int, from_hi: bool) -> float:
     idx, tokens, work = side
     k = bisect.bisect_right(tokens, num_tokens) - 1
     rest = num_tokens - tokens[k]
-    if not rest:
-        return work[k]
-    return work[k] + (pool.suffix_work(idx[k], rest) if from_hi else pool.prefix_work(idx[k], rest))
+    return work[k] + (pool.take_work(idx[k], rest, from_hi) if rest else 0.0)
 
 
-def _take_side(pool: _Pool, side, num_tokens: int, from_hi: bool) -> list[tuple[int, int, int, float]]:
+def _take_side(pool: _Pool, side, num_tokens: int, from_hi: bool) -> list[Piece]:
     """Take the first ``num_tokens`` tokens of a walked side out of the pool."""
     idx, tokens, _ = side
-    take = pool.take_suffix if from_hi else pool.take_prefix
-    pieces = []
+    pieces: list[Piece] = []
     for k, u in enumerate(idx):
         n = min(tokens[k + 1], num_tokens) - tokens[k]
         if n <= 0:
             break
-        pieces.append(take(u, n))
+        pieces += pool.take(u, n, from_hi)
     return pieces

@@ -10,13 +10,16 @@ Every figure here is *modeled*, not measured. The model, per attention layer, fo
 - Key/value bytes are ``2 * kv_heads * head_dim * bytes_per_element`` per token. A transfer runs at NVLink
   speed between GPUs of one node and InfiniBand speed across nodes, plus a latency per peer.
 - ``p2p`` plans (FCP, MagiAttention-style, no CP): the rank computes against its own keys while remote keys
-  arrive, then against the remote keys: ``fwd = max(local, comm) + remote``. Backward computes the remote part
-  first, then sends key/value gradients back while it computes the local part: ``bwd = remote + max(local,
+  arrive, then against the remote keys in up to ``P2P_MAX_STAGES`` stages, each as soon as its sources'
+  key/values are in: ``fwd = max(local + remote, comm + remote / stages)``. Backward mirrors it, sending each
+  stage's key/value gradients back while it computes the next and the local part: ``bwd = max(remote + local,
+  remote / stages + comm)``. With one stage this is ``max(local, comm) + remote`` and ``remote + max(local,
   comm)``. A rank's communication waits for the slowest of its senders.
 - ``ring`` plans (Transformer Engine): ``cp`` lockstep steps; each step overlaps one ring transfer with one
   step of compute, and the slowest rank and the slowest link set every step. Backward moves key/values and
   their gradients.
-- ``group_ring`` plans (Megatron hybrid CP): a ring per document inside its group, documents one after another.
+- ``group_ring`` plans (Megatron hybrid CP): a ring per document inside its group, documents one after another;
+  groups larger than a node step at InfiniBand speed.
 """
 
 from __future__ import annotations
@@ -183,13 +186,28 @@ def _p2p_cost(plan: Plan, hw: HardwareProfile) -> tuple[np.ndarray, np.ndarray]:
     n_q = q[:, 3] - q[:, 2]
     eff_local = np.bincount(q[:, 0], weights=_eff_pairs(local, n_q, local_keys, tile), minlength=cp)
     eff_remote = np.bincount(q[:, 0], weights=_eff_pairs(remote, n_q, remote_keys, tile), minlength=cp)
-    launch = hw.kernel_launch_us * 1e-6
-    has_remote = eff_remote > 0
-    loc_f, rem_f = hw.seconds_fwd(eff_local) + launch, hw.seconds_fwd(eff_remote) + launch * has_remote
-    loc_b, rem_b = hw.seconds_bwd(eff_local) + launch, hw.seconds_bwd(eff_remote) + launch * has_remote
+    stages = _remote_stages(plan)
+    launches = hw.kernel_launch_us * 1e-6 * (1 + stages)
+    loc_f, rem_f = hw.seconds_fwd(eff_local), hw.seconds_fwd(eff_remote)
+    loc_b, rem_b = hw.seconds_bwd(eff_local), hw.seconds_bwd(eff_remote)
     comm = _p2p_comm_seconds(plan, hw)
-    step = np.maximum(loc_f, comm) + rem_f + rem_b + np.maximum(loc_b, comm)
-    return loc_f + rem_f + loc_b + rem_b, step
+    last = np.maximum(stages, 1)
+    fwd = np.maximum(loc_f + rem_f, comm + rem_f / last)
+    bwd = np.maximum(rem_b + loc_b, rem_b / last + comm)
+    compute = loc_f + rem_f + loc_b + rem_b
+    return compute + 2 * launches, fwd + bwd + 2 * launches
+
+
+P2P_MAX_STAGES = 4
+"""Remote key/values are computed in at most this many stages, in order of arrival (grouped by source)."""
+
+
+def _remote_stages(plan: Plan) -> np.ndarray:
+    """Per rank: how many stages its remote part runs in (``min(source peers, P2P_MAX_STAGES)``)."""
+    if plan.kv.shape[0] == 0:
+        return np.zeros(plan.cp)
+    pairs = np.unique(plan.kv[:, :2], axis=0)
+    return np.minimum(np.bincount(pairs[:, 0], minlength=plan.cp), P2P_MAX_STAGES).astype(np.float64)
 
 
 def _p2p_comm_seconds(plan: Plan, hw: HardwareProfile) -> np.ndarray:
@@ -252,7 +270,8 @@ def _group_ring_cost(plan: Plan, hw: HardwareProfile) -> tuple[np.ndarray, np.nd
     eff = np.bincount(row_group.ravel(), weights=pairs + _ring_overheads(plan, group, hw.tile_size))
     g = group[rank_doc[:, 1]].astype(np.float64)
     chunk_bytes = np.ceil(lens[rank_doc[:, 1]] / g) * hw.kv_bytes_per_token
-    comm = hw.seconds_transfer(chunk_bytes, False) + hw.p2p_latency_us * 1e-6 * (g > 1)
+    comm = np.where(g > hw.gpus_per_node, hw.seconds_transfer(chunk_bytes, True),
+                    hw.seconds_transfer(chunk_bytes, False)) + hw.p2p_latency_us * 1e-6 * (g > 1)
     launch = hw.kernel_launch_us * 1e-6
     per_f = hw.seconds_fwd(eff) / g + launch
     per_b = hw.seconds_bwd(eff) / g + launch

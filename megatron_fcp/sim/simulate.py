@@ -22,7 +22,7 @@ from megatron_fcp.sim.lengths import load_distribution, pack_batches
 from megatron_fcp.sim.model import HardwareProfile, PlanCost, evaluate, mfu
 
 METRICS = ("imb_time", "imb_pairs", "imb_tokens", "pad_frac", "recv_mean_mb", "recv_max_mb", "comm_vs_ring",
-           "step_ms", "speedup_vs_ring", "mfu", "plan_ms")
+           "step_ms", "speedup_vs_ring", "step_vs_fcp", "mfu", "plan_ms")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -82,13 +82,17 @@ class Cell:
     """Mean modeled attention milliseconds per step (one layer, forward + backward)."""
     speedup_vs_ring: float
     """Mean over batches of ring's modeled step time divided by this strategy's."""
+    step_vs_fcp: float
+    """Mean over the batches this strategy planned of its modeled step time divided by FCP's on the same batch
+    (above 1: FCP is faster). The fair comparison where a strategy (``nocp``) skips batches."""
     mfu: float
     """Mean modeled attention MFU."""
     plan_ms: float
     """Median measured planning milliseconds per micro-batch (this machine's CPU)."""
 
 
-def _batch_row(plan: Plan, cost: PlanCost, ring: PlanCost, hw: HardwareProfile, plan_s: float) -> dict:
+def _batch_row(plan: Plan, cost: PlanCost, ring: PlanCost, fcp: PlanCost, hw: HardwareProfile,
+               plan_s: float) -> dict:
     real = plan.num_real_tokens
     return {
         "imb_time": float(cost.compute_s.max() / cost.compute_s.mean()),
@@ -100,6 +104,7 @@ def _batch_row(plan: Plan, cost: PlanCost, ring: PlanCost, hw: HardwareProfile, 
         "comm_vs_ring": float(cost.recv_bytes.mean() / ring.recv_bytes.mean()) if plan.cp > 1 else 0.0,
         "step_ms": cost.step_time_s * 1e3,
         "speedup_vs_ring": ring.step_time_s / cost.step_time_s,
+        "step_vs_fcp": cost.step_time_s / fcp.step_time_s,
         "mfu": mfu(plan, hw, cost),
         "plan_ms": plan_s * 1e3,
     }
@@ -120,6 +125,7 @@ def _summarise(key: tuple, rows: list[dict]) -> Cell:
         comm_vs_ring=float(col["comm_vs_ring"].mean()),
         step_ms=float(col["step_ms"].mean()),
         speedup_vs_ring=float(col["speedup_vs_ring"].mean()),
+        step_vs_fcp=float(col["step_vs_fcp"].mean()),
         mfu=float(col["mfu"].mean()),
         plan_ms=float(np.median(col["plan_ms"])),
     )
@@ -130,15 +136,20 @@ def simulate_cell(batches: list[np.ndarray], lengths: str, cp: int, tokens_per_r
     """Plan and model every batch of one (distribution, cp, mask) with every strategy."""
     rows: dict[str, list[dict]] = {s: [] for s in strategies}
     for batch in batches:
-        ring = evaluate(make_plan(batch, cp, tokens_per_rank, mask, "ring"), hw)
-        for strategy in strategies:
+        planned = {}
+        for strategy in dict.fromkeys(("ring", "fcp", *strategies)):
             start = time.perf_counter()
             try:
                 plan = make_plan(batch, cp, tokens_per_rank, mask, strategy)
             except InputError:
                 continue  # nocp where a document does not fit one rank
             plan_s = time.perf_counter() - start
-            rows[strategy].append(_batch_row(plan, evaluate(plan, hw), ring, hw, plan_s))
+            planned[strategy] = (plan, evaluate(plan, hw), plan_s)
+        ring, fcp = planned["ring"][1], planned["fcp"][1]
+        for strategy in strategies:
+            if strategy in planned:
+                plan, cost, plan_s = planned[strategy]
+                rows[strategy].append(_batch_row(plan, cost, ring, fcp, hw, plan_s))
     return [_summarise((lengths, cp, mask, s), rows[s]) for s in strategies]
 
 
@@ -167,7 +178,7 @@ def cells_to_json(cells: list[Cell], config: SimConfig, hw: HardwareProfile) -> 
 def format_table(cells: list[Cell]) -> str:
     """A terminal table: one block per (distribution, mask), one row per (cp, strategy)."""
     head = (f"{'cp':>4} {'strategy':<8} {'imb_time':>8} {'imb_pair':>8} {'imb_tok':>7} {'pad%':>6} "
-            f"{'recv_MB':>8} {'vs_ring':>7} {'step_ms':>9} {'speedup':>7} {'MFU%':>6} {'plan_ms':>7}")
+            f"{'recv_MB':>8} {'vs_ring':>7} {'step_ms':>9} {'speedup':>7} {'vs_fcp':>6} {'MFU%':>6} {'plan_ms':>7}")
     lines = []
     for (lengths, mask) in dict.fromkeys((c.lengths, c.mask) for c in cells):
         lines += ["", f"{lengths}, {mask} mask (modeled, per layer fwd+bwd; imbalance p95 over batches)", head]
@@ -178,6 +189,6 @@ def format_table(cells: list[Cell]) -> str:
             lines.append(
                 f"{c.cp:>4} {c.strategy:<8} {c.imb_time:>8.3f} {c.imb_pairs:>8.3f} {c.imb_tokens:>7.3f} "
                 f"{c.pad_frac * 100:>6.2f} {c.recv_mean_mb:>8.1f} {c.comm_vs_ring:>7.3f} {c.step_ms:>9.2f} "
-                f"{c.speedup_vs_ring:>7.2f} {c.mfu * 100:>6.1f} {c.plan_ms:>7.1f}"
+                f"{c.speedup_vs_ring:>7.2f} {c.step_vs_fcp:>6.2f} {c.mfu * 100:>6.1f} {c.plan_ms:>7.1f}"
             )
     return "\n".join(lines)

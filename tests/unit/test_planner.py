@@ -300,12 +300,11 @@ def test_fcp_splits_a_causal_document_into_equal_work_halves():
     assert plan.num_tokens.tolist() == [4096, 4096]
 
 
-def test_fcp_cuts_a_tiny_document_once():
-    """Below one kernel tile a second cut costs more (a tile of overhead) than it balances, so [0, 8) on two
-    ranks of 4 tokens is cut once, into [0, 4) and [4, 8) (10 and 26 pairs), not zigzag."""
+def test_fcp_splits_a_document_that_needs_two_ranks_zigzag():
+    """[0, 8) on two ranks of 4 tokens: rank 0 owns [0, 2) and [6, 8), rank 1 owns [2, 6): 18 pairs each."""
     plan = make_plan([8], 2, 4, "causal")
-    assert sorted(rank_pairs(plan).tolist()) == [10, 26]
-    assert plan.q.shape[0] == 2
+    assert rank_pairs(plan).tolist() == [18, 18]
+    assert sorted(map(tuple, plan.q[:, 1:].tolist())) == [(0, 0, 2), (0, 2, 6), (0, 6, 8)]
 
 
 def test_fcp_receives_exactly_the_causal_prefix_each_piece_needs():
