@@ -81,6 +81,7 @@ class _Pool:
         self.lo, self.hi = 0, len(self.doc) - 1
         self.work = float(sum(self.unit_work(u) for u in range(len(self.doc))))
         self.cut: set[int] = set()  # units cut while filling the current rank, to be re-sorted
+        self.spread: set[int] = set()  # documents too large or expensive for one rank
 
     def size(self, u: int) -> int:
         return self.end[u] - self.start[u]
@@ -212,6 +213,8 @@ def plan_fcp(
     real_per_rank[: total % cp] += 1
     units = initial_units(lens, cp, tokens_per_rank, mask, options.zigzag)
     pool = _Pool(lens, units, mask, options.tile, options.edge_weight)
+    pieces_per_doc = np.bincount(units[:, 0], minlength=lens.shape[0])
+    pool.spread = set(np.flatnonzero(pieces_per_doc > 1).tolist()) | set(units[units[:, 3] == 1, 0].tolist())
     rows: list[tuple[int, int, int, int]] = []
     cut_work = 0.0  # edge work that cuts have added so far (the pool's work does not foresee it)
     for cp_rank in range(cp):
@@ -255,9 +258,81 @@ def _fill_rank(pool: _Pool, num_tokens: int, target: float) -> list[Piece]:
             mid = (left + right) // 2
             left, right = (mid, right) if work(mid) < target else (left, mid)
         left = left if target - work(left) <= work(right) - target else right
-    pieces = _take_side(pool, dense, left, True) + _take_side(pool, sparse, num_tokens - left, False)
+    pieces = _one_spread_document(pool, dense, left, num_tokens, target)
+    if pieces is None:
+        pieces = _take_side(pool, dense, left, True) + _take_side(pool, sparse, num_tokens - left, False)
     pool.settle()
     return pieces
+
+
+def _one_spread_document(pool: _Pool, dense, b: int, num_tokens: int, target: float) -> list[Piece] | None:
+    """Keep a rank from holding parts of two documents that each span several ranks.
+
+    Every holder of part of such a document fetches most of it (all of it under a full mask), so a rank that
+    holds the tail of one and the start of the next receives twice as much as any other. When the dense side
+    would reach into a second spread document, it stops at the first one, and the rest of the rank is a window
+    of whole units from the middle of the density order whose work makes up the difference. Returns the
+    pieces, or None when the two-ended fill should be used (no second document, or no window within
+    ``WINDOW_SLACK`` of the target).
+    """
+    idx, tokens, cum = dense
+    first, k = None, 0
+    while k < len(idx) and tokens[k] < b:
+        doc = pool.doc[idx[k]]
+        if doc in pool.spread and first is not None and doc != first:
+            break
+        if doc in pool.spread:
+            first = doc
+        k += 1
+    if k == len(idx) or tokens[k] >= b or first is None:
+        return None
+    window = _middle_window(pool, num_tokens - tokens[k], target - cum[k], idx[k - 1] if k else pool.hi + 1)
+    if window is None or abs(cum[k] + window[1] - target) > WINDOW_SLACK * target:
+        return None
+    pieces = _take_side(pool, dense, tokens[k], True)
+    for u, n in window[0]:
+        pieces += pool.take(u, n, False)
+    return pieces
+
+
+WINDOW_SLACK = 0.02
+"""Work deviation (fraction of the rank's target) accepted to keep a rank to one spread document."""
+
+
+def _middle_window(pool: _Pool, num_tokens: int, need: float, stop: int):
+    """Consecutive units of the density order (before index ``stop``) holding ``num_tokens`` tokens, the last
+    cut to a prefix, with work closest to ``need``: ``([(unit, tokens), ...], work)``, or None if none fits.
+
+    A window's work grows with its first unit, so the first unit is found by bisection over the order.
+    """
+    if num_tokens == 0:
+        return [], 0.0
+    left, right = pool.lo, stop - 1
+    first = _window(pool, left, num_tokens, stop)
+    if first is None or first[1] >= need:
+        return first
+    while right - left > 1:  # invariant: window(left) < need; window(right) >= need or does not fit
+        mid = (left + right) // 2
+        window = _window(pool, mid, num_tokens, stop)
+        if window is not None and window[1] < need:
+            left = mid
+        else:
+            right = mid
+    candidates = [w for w in (_window(pool, left, num_tokens, stop), _window(pool, right, num_tokens, stop)) if w]
+    return min(candidates, key=lambda w: abs(w[1] - need))
+
+
+def _window(pool: _Pool, first: int, num_tokens: int, stop: int):
+    """Whole units from index ``first`` on, then a prefix, holding ``num_tokens`` tokens (None if too few)."""
+    taken, work, u = [], 0.0, first
+    while num_tokens and u < stop:
+        n = min(pool.size(u), num_tokens)
+        if n:
+            taken.append((u, n))
+            work += pool.take_work(u, n, False) if n < pool.size(u) else pool.unit_work(u)
+            num_tokens -= n
+        u += 1
+    return (taken, work) if not num_tokens else None
 
 
 def _side_work(pool: _Pool, side, num_tokens: int, from_hi: bool) -> float:
