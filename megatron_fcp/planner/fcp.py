@@ -28,6 +28,7 @@ rest is padding, spread as evenly as the count allows and reported.
 from __future__ import annotations
 
 import bisect
+import heapq
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,6 +49,8 @@ class FcpOptions:
     edge_weight: float = 0.5
     """Share of the kernel edge work counted. 1 balances modeled kernel time alone, 0 exact pairs alone; both
     are reported, and 0.5 keeps the worse of the two lowest on the shipped distributions."""
+    small_tokens: int = 512
+    """Documents of at most this many tokens are dealt evenly over the ranks before the fill (0: never)."""
     zigzag: bool = True
     """Split causal documents that need several ranks zigzag (early and late blocks together)."""
 
@@ -215,14 +218,17 @@ def plan_fcp(
     pool = _Pool(lens, units, mask, options.tile, options.edge_weight)
     pieces_per_doc = np.bincount(units[:, 0], minlength=lens.shape[0])
     pool.spread = set(np.flatnonzero(pieces_per_doc > 1).tolist()) | set(units[units[:, 3] == 1, 0].tolist())
+    placed = _deal_small_units(pool, cp, real_per_rank, options.small_tokens)
+    placed_work = [sum(p[3] for p in pieces) for pieces in placed]
     rows: list[tuple[int, int, int, int]] = []
     cut_work = 0.0  # edge work that cuts have added so far (the pool's work does not foresee it)
     for cp_rank in range(cp):
         before = pool.work
-        target = before / (cp - cp_rank) + cut_work / max(cp_rank, 1)
-        pieces = _fill_rank(pool, int(real_per_rank[cp_rank]), target)
+        target = (before + sum(placed_work[cp_rank:])) / (cp - cp_rank) + cut_work / max(cp_rank, 1)
+        room = int(real_per_rank[cp_rank]) - sum(p[2] - p[1] for p in placed[cp_rank])
+        pieces = _fill_rank(pool, room, target - placed_work[cp_rank])
         cut_work += sum(p[3] for p in pieces) - (before - pool.work)
-        rows += [(cp_rank, doc, start, end) for doc, start, end, _ in pieces]
+        rows += [(cp_rank, doc, start, end) for doc, start, end, _ in placed[cp_rank] + pieces]
     q = merge_adjacent_q(np.asarray(rows, dtype=np.int64).reshape(-1, 4))
     return Plan(
         strategy="fcp",
@@ -235,6 +241,34 @@ def plan_fcp(
         exchange="p2p",
         notes=(("tile", str(options.tile)),),
     )
+
+
+def _deal_small_units(pool: _Pool, cp: int, real_per_rank: np.ndarray, small_tokens: int) -> list[list[Piece]]:
+    """Deal whole units of at most ``small_tokens`` tokens over the ranks before the fill, evenly in count and
+    tokens (largest first, each to the rank with the fewest small tokens so far).
+
+    Small documents cost more per pair (partly filled kernel tiles), so a rank made of many of them is slower
+    than one with the same pairs in a few long pieces. Dealt evenly, they give every rank the same share of
+    that overhead, and the fill balances the rest. Dealing stops at half of each rank's tokens or work.
+    """
+    placed: list[list[Piece]] = [[] for _ in range(cp)]
+    small = [u for u in range(pool.lo, pool.hi + 1) if 0 < pool.size(u) <= small_tokens]
+    if len(small) < cp or small_tokens <= 0:
+        return placed  # too few to matter: the fill places them where balance needs them
+    heap = [(0, r) for r in range(cp)]
+    limit, work_limit = (real_per_rank // 2).tolist(), pool.work / cp / 2
+    dealt_work = [0.0] * cp
+    for u in sorted(small, key=pool.size, reverse=True):
+        tokens, rank = heapq.heappop(heap)
+        size, work = pool.size(u), pool.unit_work(u)
+        if tokens + size > limit[rank] or dealt_work[rank] + work > work_limit:
+            heapq.heappush(heap, (tokens, rank))
+            continue
+        placed[rank] += pool.take(u, size, False)
+        dealt_work[rank] += work
+        heapq.heappush(heap, (tokens + size, rank))
+    pool.settle()
+    return placed
 
 
 def _fill_rank(pool: _Pool, num_tokens: int, target: float) -> list[Piece]:

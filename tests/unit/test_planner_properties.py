@@ -1,16 +1,14 @@
 """Planner invariants on random and adversarial batches, checked by a brute-force per-token oracle."""
 
-import json
-import time
-
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from megatron_fcp.errors import InputError
-from megatron_fcp.planner.api import STRATEGIES, check_batch, make_plan
+from megatron_fcp.planner.api import STRATEGIES, make_plan
 from megatron_fcp.planner.checks import plan_problems
+from megatron_fcp.planner.fcp import FcpOptions, plan_fcp
 from megatron_fcp.planner.pairs import q_pairs
 from megatron_fcp.planner.plan import Plan
 from megatron_fcp.sim.lengths import load_distribution, pack_batches
@@ -120,66 +118,13 @@ def test_fcp_balances_real_batches(name, mask):
         assert plan_problems(plan) == []
 
 
-def test_one_document_filling_the_batch_is_balanced_causal():
-    plan = make_plan([8 * 4096], 8, 4096, "causal", "fcp")
-    pairs = np.bincount(plan.q[:, 0], weights=q_pairs(plan.q[:, 2], plan.q[:, 3], 8 * 4096, "causal"))
-    assert pairs.max() / pairs.mean() <= 1.02
-
-
-def test_short_documents_need_little_communication():
-    lens = [256] * 64
-    fcp = make_plan(lens, 4, 4096, "causal", "fcp")
-    ring = make_plan(lens, 4, 4096, "causal", "ring")
-    assert fcp.recv_tokens.sum() < 0.05 * ring.recv_tokens.sum()
-
-
-def test_plan_is_a_value():
-    lens = [5000, 10, 3000, 8374]
-    a, b = make_plan(lens, 4, 4096, "causal"), make_plan(lens, 4, 4096, "causal")
-    assert a == b and hash(a) == hash(b)
-    data = json.loads(a.to_json())
-    assert {"cp", "mask", "docs", "ranks", "metrics"} <= set(data)
-    assert Plan.from_dict(data) == a
-    with pytest.raises(ValueError):
-        a.q[0, 0] = 1
-    for r in range(4):
-        for dst, d, s, e in a.for_rank(r).kv_send:
-            assert (r, d, s, e) in a.for_rank(dst).kv_recv
-
-
-@pytest.mark.parametrize(
-    ("args", "message"),
-    [
-        (([1, -2], 2, 4), "must be >= 0"),
-        (([1.5, 2], 2, 4), "must be integers"),
-        ((["a"], 2, 4), "must be integers"),
-        (([], 2, 4), "no documents"),
-        (([1], 0, 4), "cp must be an integer >= 1"),
-        (([1], 1.5, 4), "cp must be an integer >= 1"),
-        (([1], 2, 0), "tokens_per_rank must be an integer >= 1"),
-        (([5, 6], 2, 4), "hold 11 tokens but cp x tokens_per_rank = 2 x 4 = 8"),
-    ],
-)
-def test_bad_input_is_named(args, message):
-    with pytest.raises(InputError, match=message):
-        make_plan(*args)
-
-
-def test_unknown_strategy_and_mask_and_exact_sum():
-    with pytest.raises(InputError, match="unknown strategy"):
-        make_plan([4], 1, 4, "causal", "zigzag")
-    with pytest.raises(InputError, match="mask"):
-        make_plan([4], 1, 4, "sliding")
-    with pytest.raises(InputError, match="fill the CP group exactly"):
-        check_batch([3], 1, 4, exact=True)
-
-
-def test_planning_cp256_is_fast():
-    for name in ["spamassassin", "linux_files", "linux_dirs", "magi_hist"]:
-        lens = pack_batches(load_distribution(name), 256 * 16384, 1, seed=0)[0]
-        times = []
-        for _ in range(5):
-            start = time.perf_counter()
-            make_plan(lens, 256, 16384, "causal", "fcp")
-            times.append(time.perf_counter() - start)
-        assert np.median(times) < 0.150  # target 50 ms; loose here for noisy CI machines
+def test_zigzag_spreads_the_sends_of_a_long_causal_document():
+    """A causal document spanning many ranks: with zigzag units its early key/values are owned by many ranks,
+    so the busiest sender moves less than half of what it moves with contiguous pieces."""
+    cp, tokens = 16, 16384
+    lens = [120_000] + [1000] * ((cp * tokens - 120_000) // 1000)
+    lens = np.array(lens + [cp * tokens - sum(lens)])
+    zig = plan_fcp(lens, cp, tokens, "causal", FcpOptions(zigzag=True))
+    flat = plan_fcp(lens, cp, tokens, "causal", FcpOptions(zigzag=False))
+    assert plan_problems(zig) == [] and plan_problems(flat) == []
+    assert zig.send_tokens.max() < 0.5 * flat.send_tokens.max()
