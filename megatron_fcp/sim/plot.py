@@ -40,7 +40,7 @@ def _rank_bars(ax, batch, cp, tokens_per_rank, strategies, hw) -> None:
         except ValueError:
             continue
         label = f"{strategy} ({cost.step_time_s * 1e3:.1f} ms)"
-        ax.bar(np.arange(cp) + k * width, cost.step_s * 1e3, width, label=label)
+        ax.bar(np.arange(cp) + k * width, cost.step_s * 1e3, width, label=label, color=f"C{k}")
     ax.set_xlabel("CP rank")
     ax.set_ylabel("modeled attention ms (fwd+bwd, one layer)")
     ax.set_title(f"per-rank load, one micro-batch, cp={cp}, causal")
@@ -48,11 +48,12 @@ def _rank_bars(ax, batch, cp, tokens_per_rank, strategies, hw) -> None:
 
 
 def _scaling(ax, cells, strategies) -> None:
-    for strategy in strategies:
+    for k, strategy in enumerate(strategies):
         for mask, style in (("causal", "-o"), ("full", "--s")):
             sel = [c for c in cells if c.strategy == strategy and c.mask == mask and c.num_batches]
             if sel:
-                ax.plot([c.cp for c in sel], [c.mfu * 100 for c in sel], style, label=f"{strategy} {mask}")
+                ax.plot([c.cp for c in sel], [c.mfu * 100 for c in sel], style, color=f"C{k}",
+                        label=f"{strategy} {mask}")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("CP size")
     ax.set_ylabel("modeled attention MFU %")
