@@ -18,7 +18,10 @@ How it works (all integers, no device, no communication):
    the sparse end, whole units first, cutting only the two boundary units; ``b`` is found by bisection so that
    the work hits the target. Short documents therefore stay whole but for at most two cuts per rank. A
    full-mask document too expensive for one rank is first cut into the fewest equal pieces that fit.
-4. Key/value exchange follows from ownership: a rank receives exactly the keys its queries need that it does
+4. Before the fill, documents of at most ``small_tokens`` tokens are dealt evenly over the ranks, so each
+   rank carries the same share of the overhead of small kernels; and a rank does not take parts of two
+   documents that span ranks where a window of middle-density units can make up its work instead.
+5. Key/value exchange follows from ownership: a rank receives exactly the keys its queries need that it does
    not own, once, from their owner (:func:`megatron_fcp.planner.plan.derive_kv`).
 
 Every rank gets the same number of token slots; when the documents do not fill ``cp * tokens_per_rank`` the
@@ -59,6 +62,8 @@ class FcpOptions:
             raise ValueError(f"tile must be a positive integer, got {self.tile!r}")
         if not 0.0 <= self.edge_weight <= 1.0:
             raise ValueError(f"edge_weight must lie in [0, 1], got {self.edge_weight!r}")
+        if int(self.small_tokens) != self.small_tokens or self.small_tokens < 0:
+            raise ValueError(f"small_tokens must be an integer >= 0, got {self.small_tokens!r}")
 
 
 class _Pool:
