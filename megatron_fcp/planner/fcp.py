@@ -89,7 +89,9 @@ class _Pool:
         self.lo, self.hi = 0, len(self.doc) - 1
         self.work = float(sum(self.unit_work(u) for u in range(len(self.doc))))
         self.cut: set[int] = set()  # units cut while filling the current rank, to be re-sorted
-        self.spread: set[int] = set()  # documents too large or expensive for one rank
+        split = np.bincount(doc, minlength=lens.shape[0]) > 1
+        self.spread = set(np.flatnonzero(split).tolist()) | set(doc[zig == 1].tolist())
+        """Documents too large or expensive for one rank (cut into pieces up front, or zigzag units)."""
 
     def size(self, u: int) -> int:
         return self.end[u] - self.start[u]
@@ -119,11 +121,9 @@ class _Pool:
 
     def take_work(self, u: int, n: int, from_hi: bool) -> float:
         """Work of taking ``n`` tokens of unit ``u`` from the given end of the order."""
-        s, e = self.start[u], self.end[u]
-        if self.zig[u]:
-            front = (n + 1) // 2
-            return self._work(u, s, s + front) + self._work(u, e - (n - front), e)
-        return self._work(u, e - n, e) if from_hi else self._work(u, s, s + n)
+        ranges = self._ranges(u, n, from_hi)
+        work = self._work(u, *ranges[0])
+        return work + self._work(u, *ranges[1]) if len(ranges) > 1 else work
 
     def take(self, u: int, n: int, from_hi: bool) -> list[Piece]:
         """Remove ``n`` tokens of unit ``u`` and return them as pieces."""
@@ -221,8 +221,6 @@ def plan_fcp(
     real_per_rank[: total % cp] += 1
     units = initial_units(lens, cp, tokens_per_rank, mask, options.zigzag)
     pool = _Pool(lens, units, mask, options.tile, options.edge_weight)
-    pieces_per_doc = np.bincount(units[:, 0], minlength=lens.shape[0])
-    pool.spread = set(np.flatnonzero(pieces_per_doc > 1).tolist()) | set(units[units[:, 3] == 1, 0].tolist())
     placed = _deal_small_units(pool, cp, real_per_rank, options.small_tokens)
     placed_work = [sum(p[3] for p in pieces) for pieces in placed]
     rows: list[tuple[int, int, int, int]] = []

@@ -186,11 +186,12 @@ def _p2p_cost(plan: Plan, hw: HardwareProfile) -> tuple[np.ndarray, np.ndarray]:
     n_q = q[:, 3] - q[:, 2]
     eff_local = np.bincount(q[:, 0], weights=_eff_pairs(local, n_q, local_keys, tile), minlength=cp)
     eff_remote = np.bincount(q[:, 0], weights=_eff_pairs(remote, n_q, remote_keys, tile), minlength=cp)
-    stages = _remote_stages(plan)
+    peers_in, peers_out = _peer_counts(plan)
+    stages = np.minimum(peers_in, P2P_MAX_STAGES).astype(np.float64)
     launches = hw.kernel_launch_us * 1e-6 * (1 + stages)
     loc_f, rem_f = hw.seconds_fwd(eff_local), hw.seconds_fwd(eff_remote)
     loc_b, rem_b = hw.seconds_bwd(eff_local), hw.seconds_bwd(eff_remote)
-    comm = _p2p_comm_seconds(plan, hw)
+    comm = _p2p_comm_seconds(plan, hw, peers_in, peers_out)
     last = np.maximum(stages, 1)
     fwd = np.maximum(loc_f + rem_f, comm + rem_f / last)
     bwd = np.maximum(rem_b + loc_b, rem_b / last + comm)
@@ -202,15 +203,13 @@ P2P_MAX_STAGES = 4
 """Remote key/values are computed in at most this many stages, in order of arrival (grouped by source)."""
 
 
-def _remote_stages(plan: Plan) -> np.ndarray:
-    """Per rank: how many stages its remote part runs in (``min(source peers, P2P_MAX_STAGES)``)."""
-    if plan.kv.shape[0] == 0:
-        return np.zeros(plan.cp)
+def _peer_counts(plan: Plan) -> tuple[np.ndarray, np.ndarray]:
+    """Per rank: how many distinct peers it receives from, and sends to."""
     pairs = np.unique(plan.kv[:, :2], axis=0)
-    return np.minimum(np.bincount(pairs[:, 0], minlength=plan.cp), P2P_MAX_STAGES).astype(np.float64)
+    return np.bincount(pairs[:, 0], minlength=plan.cp), np.bincount(pairs[:, 1], minlength=plan.cp)
 
 
-def _p2p_comm_seconds(plan: Plan, hw: HardwareProfile) -> np.ndarray:
+def _p2p_comm_seconds(plan: Plan, hw: HardwareProfile, peers_in: np.ndarray, peers_out: np.ndarray) -> np.ndarray:
     """Per rank: time until all its key/values have arrived (its receives and its senders' sends)."""
     kv, cp = plan.kv, plan.cp
     if kv.shape[0] == 0:
@@ -218,9 +217,6 @@ def _p2p_comm_seconds(plan: Plan, hw: HardwareProfile) -> np.ndarray:
     nbytes = (kv[:, 4] - kv[:, 3]) * hw.kv_bytes_per_token
     inter = (kv[:, 0] // hw.gpus_per_node) != (kv[:, 1] // hw.gpus_per_node)
     latency = hw.p2p_latency_us * 1e-6
-    pairs = np.unique(kv[:, :2], axis=0)
-    peers_in = np.bincount(pairs[:, 0], minlength=cp)
-    peers_out = np.bincount(pairs[:, 1], minlength=cp)
 
     def link_time(rank_col: int, peers: np.ndarray) -> np.ndarray:
         t_ib = hw.seconds_transfer(np.bincount(kv[:, rank_col], weights=nbytes * inter, minlength=cp), True)
