@@ -34,6 +34,10 @@ class RankPlan:
     """What one CP rank computes, receives and sends. Tuples of ``(doc, start, end)`` style rows."""
 
     cp_rank: int
+    cp: int
+    """Context-parallel size of the plan this view belongs to."""
+    mask: str
+    """``causal`` or ``full``."""
     q: tuple[tuple[int, int, int], ...]
     """Owned query (and key/value) ranges ``(doc, start, end)`` in local token order."""
     kv_recv: tuple[tuple[int, int, int, int], ...]
@@ -129,6 +133,8 @@ class Plan:
         send = kv[kv[:, 1] == cp_rank][:, [0, 2, 3, 4]]
         return RankPlan(
             cp_rank=cp_rank,
+            cp=self.cp,
+            mask=self.mask,
             q=tuple(map(tuple, own.tolist())),
             kv_recv=tuple(map(tuple, recv.tolist())),
             kv_send=tuple(map(tuple, send.tolist())),

@@ -1,0 +1,100 @@
+"""The kernel interface every attention backend implements.
+
+A backend runs *varlen* attention: queries and keys come packed as ``[tokens, heads, head_dim]`` tensors cut
+into segments by cumulative lengths, and segment ``i`` of the queries attends to segment ``i`` of the keys only.
+The engine only ever asks for two kinds of segment pair, so no backend depends on how a kernel aligns a causal
+mask when query and key lengths differ:
+
+- ``causal=True``: a diagonal block, query and key segments of equal length covering the same positions
+  (query ``t`` sees keys ``0..t`` of its segment);
+- ``causal=False``: every query sees every key of its segment.
+
+Forward returns the output (query dtype) and the natural-log log-sum-exp of each query row over its keys,
+``[tokens, heads]`` in float32 (float64 for float64 inputs). Backward takes the output and log-sum-exp of the
+*whole* attention (after merging every partial result), so the gradients it returns are the exact
+contributions of this call; it returns ``dq, dk, dv`` shaped like ``q, k, v`` (any float dtype; the engine
+accumulates them in float32 or wider).
+
+Grouped-query attention: ``k`` and ``v`` may have fewer heads than ``q``; ``q`` heads ``[g * j, g * (j + 1))``
+use key/value head ``j`` with ``g = q_heads // kv_heads``. Every segment holds at least one query and one key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+class BackendUnavailable(RuntimeError):
+    """A backend cannot be loaded here or cannot serve a case; the message says why."""
+
+
+@dataclass(frozen=True, eq=False)
+class VarlenCall:
+    """Segments of one kernel call. ``cu_q``/``cu_k`` are int32 on the tensors' device."""
+
+    q_lens: tuple[int, ...]
+    """Query tokens per segment (host copy)."""
+    k_lens: tuple[int, ...]
+    """Key tokens per segment (host copy)."""
+    cu_q: torch.Tensor
+    """``[num_segments + 1]`` int32 cumulative query lengths, starting at 0."""
+    cu_k: torch.Tensor
+    """``[num_segments + 1]`` int32 cumulative key lengths, starting at 0."""
+    causal: bool
+    """Diagonal blocks (equal lengths, causal inside) if True, else full blocks."""
+
+    @property
+    def max_q(self) -> int:
+        return max(self.q_lens, default=0)
+
+    @property
+    def max_k(self) -> int:
+        return max(self.k_lens, default=0)
+
+    @property
+    def num_q(self) -> int:
+        return sum(self.q_lens)
+
+    @property
+    def num_k(self) -> int:
+        return sum(self.k_lens)
+
+    @staticmethod
+    def make(q_lens, k_lens, causal: bool, device: torch.device | str = "cpu") -> VarlenCall:
+        q_lens, k_lens = tuple(int(n) for n in q_lens), tuple(int(n) for n in k_lens)
+        if len(q_lens) != len(k_lens):
+            raise ValueError(f"{len(q_lens)} query segments but {len(k_lens)} key segments")
+        if any(n < 1 for n in q_lens + k_lens):
+            raise ValueError("every segment needs at least one query and one key")
+        if causal and q_lens != k_lens:
+            raise ValueError("causal segments must have equal query and key lengths (diagonal blocks)")
+
+        def cu(lens):
+            return torch.tensor([0, *torch.tensor(lens, dtype=torch.int64).cumsum(0).tolist()], dtype=torch.int32,
+                                device=device)
+
+        return VarlenCall(q_lens=q_lens, k_lens=k_lens, cu_q=cu(q_lens), cu_k=cu(k_lens), causal=causal)
+
+
+class Backend:
+    """Interface of an attention kernel backend (see the module docstring for the contract)."""
+
+    name: str = "base"
+
+    def check(self, q: torch.Tensor, k: torch.Tensor) -> None:
+        """Raise :class:`BackendUnavailable` naming the reason if this backend cannot serve these tensors."""
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: VarlenCall,
+                scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def backward(self, dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                 lse: torch.Tensor, call: VarlenCall, scale: float) -> tuple[torch.Tensor, ...]:
+        raise NotImplementedError
+
+
+def lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype of log-sum-exp and of accumulation for inputs of ``dtype``: float64 stays float64, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
