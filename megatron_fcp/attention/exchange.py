@@ -16,7 +16,11 @@ import torch
 import torch.distributed as dist
 
 
-class ExchangeTimeout(RuntimeError):
+class ExchangeError(RuntimeError):
+    """A message to or from a peer failed; the message names the peer."""
+
+
+class ExchangeTimeout(ExchangeError):
     """A peer did not answer in time; the message names it."""
 
 
@@ -47,12 +51,13 @@ class Pending:
             try:
                 work.wait(timeout=datetime.timedelta(seconds=self.timeout_s))
             except RuntimeError as err:
-                if "timed out" not in str(err).lower() and "timeout" not in str(err).lower():
-                    raise
-                raise ExchangeTimeout(
-                    f"FCP {self.phase} exchange: CP rank {self.cp_rank} waited {self.timeout_s:g} s to {kind} "
-                    f"CP rank {peer} and gave up. Rank {peer} is not running the same plan step (crashed, hung, "
-                    "or got a different plan); check its log.") from err
+                if "timed out" in str(err).lower():
+                    raise ExchangeTimeout(
+                        f"FCP {self.phase} exchange: CP rank {self.cp_rank} waited {self.timeout_s:g} s to {kind} "
+                        f"CP rank {peer} and gave up. Rank {peer} is not running the same plan step (hung, slow, "
+                        "or given a different plan); check its log.") from err
+                raise ExchangeError(f"FCP {self.phase} exchange: CP rank {self.cp_rank} failed to {kind} CP rank "
+                                    f"{peer} ({err}); check rank {peer}'s log.") from err
         self.works = []
 
 

@@ -9,11 +9,11 @@ mask when query and key lengths differ:
   (query ``t`` sees keys ``0..t`` of its segment);
 - ``causal=False``: every query sees every key of its segment.
 
-Forward returns the output (query dtype) and the natural-log log-sum-exp of each query row over its keys,
-``[tokens, heads]`` in float32 (float64 for float64 inputs). Backward takes the output and log-sum-exp of the
-*whole* attention (after merging every partial result), so the gradients it returns are the exact
-contributions of this call; it returns ``dq, dk, dv`` shaped like ``q, k, v`` (any float dtype; the engine
-accumulates them in float32 or wider).
+Forward returns the output (query dtype, or float32 for 16-bit queries where the kernel computes in
+float32) and the natural-log log-sum-exp of each query row over its keys, ``[tokens, heads]`` in float32
+(float64 for float64 inputs). Backward takes the output and log-sum-exp of the *whole* attention (after merging
+every partial result), so the gradients it returns are the exact contributions of this call; it returns
+``dq, dk, dv`` shaped like ``q, k, v`` (any float dtype; the engine accumulates them in float32 or wider).
 
 Grouped-query attention: ``k`` and ``v`` may have fewer heads than ``q``; ``q`` heads ``[g * j, g * (j + 1))``
 use key/value head ``j`` with ``g = q_heads // kv_heads``. Every segment holds at least one query and one key.

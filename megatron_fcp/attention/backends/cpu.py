@@ -1,7 +1,9 @@
 """CPU backends: PyTorch's CPU flash kernel (``cpu``) and a plain math implementation (``reference``).
 
 ``cpu`` calls ``aten::_scaled_dot_product_flash_attention_for_cpu`` and its backward once per segment. The
-kernel is deterministic, returns the log-sum-exp and accepts float16, bfloat16, float32 and float64. It
+kernel is deterministic, returns the log-sum-exp and accepts float16, bfloat16, float32 and float64. 16-bit
+inputs are computed in float32 (as GPU flash kernels accumulate in float32; on CPU it is also several times
+faster) and their outputs and gradients are returned in float32, so nothing is rounded before the merge. It
 reports ``lse = 0`` rather than ``-inf`` for a row that sees no key; the varlen contract (every segment has a
 key, a causal row sees itself) means no such row is ever asked for. Grouped-query attention expands the key
 and value heads for the kernel and sums their gradients back.
@@ -35,6 +37,10 @@ def _segments(call: VarlenCall):
         qs, ks = qs + nq, ks + nk
 
 
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 class CpuFlashBackend(Backend):
     name = "cpu"
 
@@ -48,6 +54,7 @@ class CpuFlashBackend(Backend):
 
     def forward(self, q, k, v, call, scale):
         groups = q.shape[1] // k.shape[1]
+        q, k, v = _wide(q), _wide(k), _wide(v)
         out = torch.empty_like(q)
         lse = torch.empty(q.shape[:2], dtype=lse_dtype(q.dtype))
         for qs, qe, ks, ke in _segments(call):
@@ -60,6 +67,7 @@ class CpuFlashBackend(Backend):
 
     def backward(self, dout, q, k, v, out, lse, call, scale):
         groups = q.shape[1] // k.shape[1]
+        dout, q, k, v, out = _wide(dout), _wide(q), _wide(k), _wide(v), _wide(out)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         for qs, qe, ks, ke in _segments(call):
             g = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(

@@ -1,0 +1,93 @@
+"""``te``: Transformer Engine's fused attention (cuDNN "F16_arbitrary_seqlen" backend) on THD tensors.
+
+Wraps ``transformer_engine.pytorch.cpp_extensions.fused_attn.fused_attn_fwd`` / ``fused_attn_bwd``, called with
+keyword arguments only (their positional order changed between releases). Written against Transformer Engine
+2.17.1; every keyword used here exists from 2.15 to 2.18. Transformer Engine is imported when the backend is
+constructed, never at module import. Calls use ``qkv_layout="thd_thd_thd"``, ``o_format``/``do_format="thd"``,
+``attn_mask_type="padding_causal"`` (top-left diagonal, exact for the equal-length causal blocks of
+:mod:`.base`) or ``"padding"``, and ``cu_seqlens_*_padded`` equal to the real cumulative lengths (no gaps).
+
+``fused_attn_fwd(is_training=True, ...)`` returns ``(out, [stats, rng_state])``. ``stats`` is the natural-log
+log-sum-exp of the scaled scores in float32 (Transformer Engine's own context parallelism merges it with
+flash-attn's LSE), laid out as ``[total_q, heads, 1]`` when the cuDNN runtime is 9.6 or newer and the GPU is
+not sm120, and as padded ``[batch, heads, max_seqlen_q, 1]`` otherwise (the rule of TE's ``context_parallel.py``
+and ``fused_attn_f16_arbitrary_seqlen.cu``). Both layouts are converted to and from ``[tokens, heads]``.
+``fused_attn_bwd`` takes ``aux_ctx_tensors=[stats, rng_state]`` and returns ``dq, dk, dv, ...``.
+Untested on GPU in this repository unless a test says otherwise (see tests/unit/test_gpu_backends.py).
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from megatron_fcp.attention.backends.base import Backend, BackendUnavailable, VarlenCall
+from megatron_fcp.attention.backends.torch_flash import check_gpu_inputs
+
+MISSING = ("Transformer Engine is not usable here: pip install transformer-engine[pytorch] (needs CUDA) or use "
+           "backend 'torch-flash'")
+
+
+class TransformerEngineBackend(Backend):
+    name = "te"
+
+    def __init__(self) -> None:
+        try:
+            import transformer_engine
+            from transformer_engine.pytorch import utils
+            from transformer_engine.pytorch.cpp_extensions import fused_attn
+        except (ImportError, OSError, RuntimeError) as exc:
+            raise BackendUnavailable(f"{MISSING} ({exc})") from exc
+        version = tuple(int(x) for x in re.findall(r"\d+", transformer_engine.__version__)[:2])
+        if version < (2, 15):
+            raise BackendUnavailable(f"Transformer Engine {transformer_engine.__version__} is too old: backend 'te' "
+                                     "needs 2.15 or newer (fused_attn_fwd/bwd keywords o_format, do_format)")
+        self._fa, self._utils = fused_attn, utils
+
+    def _packed_stats(self) -> bool:
+        """True if stats come as ``[total_q, heads, 1]``, False if padded ``[batch, heads, max_q, 1]``."""
+        return self._utils.get_cudnn_version() >= (9, 6, 0) and self._utils.get_device_compute_capability() != (12, 0)
+
+    def check(self, q: torch.Tensor, k: torch.Tensor) -> None:
+        check_gpu_inputs(q, k, self.name)
+
+    def _common(self, call: VarlenCall, scale: float) -> dict:
+        return dict(max_seqlen_q=call.max_q, max_seqlen_kv=call.max_k, cu_seqlens_q=call.cu_q,
+                    cu_seqlens_kv=call.cu_k, cu_seqlens_q_padded=call.cu_q, cu_seqlens_kv_padded=call.cu_k,
+                    fused_attention_backend=self._fa.FusedAttnBackend["F16_arbitrary_seqlen"], attn_scale=scale,
+                    dropout=0.0, qkv_layout="thd_thd_thd", o_format="thd", attn_bias_type="no_bias",
+                    attn_mask_type="padding_causal" if call.causal else "padding")
+
+    @staticmethod
+    def _token_index(call: VarlenCall) -> tuple[torch.Tensor, torch.Tensor]:
+        """Segment and position in segment of every query token (to index padded ``[batch, heads, max_q]``)."""
+        lens = torch.tensor(call.q_lens, device=call.cu_q.device)
+        seg = torch.repeat_interleave(torch.arange(len(call.q_lens), device=lens.device), lens)
+        return seg, torch.arange(call.num_q, device=lens.device) - call.cu_q[seg].long()
+
+    def forward(self, q, k, v, call, scale):
+        out, aux = self._fa.fused_attn_fwd(is_training=True, q=q.contiguous(), k=k.contiguous(), v=v.contiguous(),
+                                           fake_dtype=q.dtype, **self._common(call, scale))
+        stats = aux[0]
+        if self._packed_stats():
+            lse = stats.view(call.num_q, q.shape[1])
+        else:
+            seg, pos = self._token_index(call)
+            lse = stats.view(len(call.q_lens), q.shape[1], call.max_q)[seg, :, pos]
+        return out, lse.float().contiguous()
+
+    def backward(self, dout, q, k, v, out, lse, call, scale):
+        lse = lse.to(torch.float32)
+        if self._packed_stats():
+            stats = lse.contiguous().unsqueeze(-1)
+        else:
+            seg, pos = self._token_index(call)
+            stats = lse.new_zeros(len(call.q_lens), q.shape[1], call.max_q, 1)
+            stats[seg, :, pos, 0] = lse
+        rng_state = torch.zeros(2, dtype=torch.int64, device=q.device)  # unused without dropout
+        dq, dk, dv, *_ = self._fa.fused_attn_bwd(
+            q=q.contiguous(), k=k.contiguous(), v=v.contiguous(), o=out.to(q.dtype).contiguous(),
+            d_o=dout.to(q.dtype).contiguous(), fake_dtype=q.dtype, aux_ctx_tensors=[stats, rng_state],
+            do_format="thd", dqkv_layout="thd_thd_thd", deterministic=False, **self._common(call, scale))
+        return dq, dk, dv

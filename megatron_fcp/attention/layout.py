@@ -1,0 +1,38 @@
+"""Moving packed tensors between the batch's document order and each rank's plan order."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from megatron_fcp.planner.plan import Plan
+
+
+def rank_token_index(plan: Plan, cp_rank: int) -> np.ndarray:
+    """For each real local token of ``cp_rank`` (in plan order), its index in the packed batch."""
+    offsets = np.concatenate([[0], np.cumsum(plan.doc_lens)])
+    rows = plan.for_rank(cp_rank).q
+    if not rows:
+        return np.zeros(0, np.int64)
+    return np.concatenate([np.arange(offsets[d] + s, offsets[d] + e) for d, s, e in rows]).astype(np.int64)
+
+
+def split_to_ranks(plan: Plan, x: torch.Tensor) -> list[torch.Tensor]:
+    """Cut a packed ``[total_tokens, ...]`` tensor into per-rank ``[num_tokens, ...]`` tensors (padding zero)."""
+    out = []
+    for r in range(plan.cp):
+        index = torch.from_numpy(rank_token_index(plan, r)).to(x.device)
+        local = x.new_zeros((int(plan.num_tokens[r]), *x.shape[1:]))
+        local[: index.shape[0]] = x.index_select(0, index)
+        out.append(local)
+    return out
+
+
+def join_from_ranks(plan: Plan, parts: list[torch.Tensor]) -> torch.Tensor:
+    """Inverse of :func:`split_to_ranks`: the packed tensor in document order (padding dropped)."""
+    total = int(np.sum(plan.doc_lens))
+    out = parts[0].new_zeros((total, *parts[0].shape[1:]))
+    for r, part in enumerate(parts):
+        index = torch.from_numpy(rank_token_index(plan, r)).to(part.device)
+        out[index] = part[: index.shape[0]]
+    return out

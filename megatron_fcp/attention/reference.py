@@ -1,0 +1,36 @@
+"""Dense single-process attention over a whole packed batch: the reference every distributed path is tested
+against (run it in float64)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+
+def document_mask(doc_lens, mask: str, device=None) -> torch.Tensor:
+    """``[total, total]`` bool: query i may see key j (same document; causal: j's position <= i's)."""
+    lens = np.asarray(doc_lens, dtype=np.int64)
+    doc = torch.from_numpy(np.repeat(np.arange(lens.shape[0]), lens)).to(device)
+    pos = torch.from_numpy(np.concatenate([np.arange(n) for n in lens]) if lens.size else np.zeros(0, np.int64))
+    pos = pos.to(device)
+    allow = doc[:, None] == doc[None, :]
+    if mask == "causal":
+        allow &= pos[None, :] <= pos[:, None]
+    return allow
+
+
+def dense_attention(doc_lens, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: str,
+                    softmax_scale: float | None = None) -> torch.Tensor:
+    """Attention of packed ``[total, heads, dim]`` tensors with document masking, explicit softmax, autograd-able.
+
+    Computes in the inputs' dtype (so a bfloat16 call is the "plain bf16 PyTorch implementation" that accuracy is
+    compared with). Grouped-query attention repeats key/value heads.
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else softmax_scale
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+    scores = torch.einsum("qhd,khd->hqk", q, k) * scale
+    scores = scores.masked_fill(~document_mask(doc_lens, mask, q.device), -math.inf)
+    return torch.einsum("hqk,khd->qhd", torch.softmax(scores, dim=-1), v)

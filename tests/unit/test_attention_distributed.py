@@ -1,0 +1,144 @@
+"""FCP attention across 2 and 4 gloo processes: equal to the float64 dense reference, bit-identical to the
+in-process executor, moving exactly the plan's bytes; bad input fails on every rank; a silent peer times out.
+
+Each world size starts its processes once and runs every case inside them (process start-up dominates).
+"""
+
+import os
+import tempfile
+import time
+import traceback
+import zlib
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from attn_cases import Case, batch, rel_err
+
+from megatron_fcp.attention import ExchangeTimeout, fcp_attention, get_exchange, run_in_process
+from megatron_fcp.attention.layout import join_from_ranks
+from megatron_fcp.errors import InputError
+
+pytestmark = pytest.mark.distributed
+
+CASES = {
+    2: [("linux_files", "causal", torch.float32), ("spamassassin", "full", torch.float32),
+        ("spanning", "causal", torch.float32), ("ones", "full", torch.float32),
+        ("linux_files", "full", torch.bfloat16)],
+    4: [("linux_files", "causal", torch.float32), ("magi_hist", "full", torch.float32),
+        ("spanning", "full", torch.float32), ("tiny_rank", "causal", torch.float32),
+        ("ones", "causal", torch.float32), ("spamassassin", "causal", torch.bfloat16)],
+}
+TOKENS_PER_RANK = 192
+
+
+def _run_case(rank, world, name, mask, dtype, group=None, cp=None, strategy="fcp"):
+    cp = cp or world
+    group_rank = dist.get_rank(group)
+    case = Case(batch(name, cp, TOKENS_PER_RANK), cp, TOKENS_PER_RANK, mask, strategy=strategy,
+                seed=zlib.crc32(name.encode()) % 1000)
+    q, k, v, dout = case.inputs(dtype)
+    mine = [x[group_rank].clone().requires_grad_() for x in (q, k, v)]
+    exchange = get_exchange(group, timeout_s=60)
+    exchange.counter.reset()
+    out = fcp_attention(*mine, case.plan.for_rank(group_rank), group, case.scale, backend="cpu", exchange=exchange)
+    out.backward(dout[group_rank])
+    local = run_in_process(case.plan, q, k, v, dout, backend="cpu", softmax_scale=case.scale)
+    got = {"out": out.detach(), "dq": mine[0].grad, "dk": mine[1].grad, "dv": mine[2].grad}
+    want = {"out": local.out, "dq": local.dq, "dk": local.dk, "dv": local.dv}
+    for key, tensor in got.items():
+        assert torch.equal(tensor, want[key][group_rank]), f"{name}/{mask}/{dtype}: {key} differs from executor"
+    bar = case.plain(torch.bfloat16) if dtype == torch.bfloat16 else dict.fromkeys(want, 0.5e-5)
+    for key, parts in want.items():
+        err = rel_err(join_from_ranks(case.plan, parts), case.ref[key])
+        assert err <= 2 * bar[key], f"{name}/{mask}/{dtype}: {key} relative error {err:.2e} > {2 * bar[key]:.2e}"
+    row_bytes = 2 * k[0].shape[1] * k[0].shape[2] * torch.empty(0, dtype=dtype).element_size()  # k and v
+    recv = int(case.plan.recv_tokens[group_rank]) * row_bytes
+    send = int(case.plan.send_tokens[group_rank]) * row_bytes
+    c = exchange.counter
+    assert (c.received["forward"], c.sent["forward"]) == (recv, send), f"{name}: forward bytes {c} vs plan"
+    assert (c.received["backward"], c.sent["backward"]) == (send, recv), f"{name}: backward bytes {c} vs plan"
+
+
+def _expect_input_error(fn, match):
+    try:
+        fn()
+    except InputError as err:
+        assert match in str(err), f"message {err} lacks {match!r}"
+        return
+    raise AssertionError(f"no InputError for {match!r}")
+
+
+def _bad_inputs(rank, world):
+    case = Case(batch("linux_files", world, TOKENS_PER_RANK), world, TOKENS_PER_RANK, "causal")
+    q, k, v, _ = (x[rank] for x in case.inputs(torch.float32))
+    view = case.plan.for_rank(rank)
+    _expect_input_error(lambda: fcp_attention(q[:-1], k, v, view), "tokens but the plan gives this rank")
+    _expect_input_error(lambda: fcp_attention(q[:, :3].contiguous(), k, v, view), "not a multiple of 2 key/value heads")
+    _expect_input_error(lambda: fcp_attention(q[None], k, v, view), "must be [tokens, heads, head_dim]")
+    _expect_input_error(lambda: fcp_attention(q[:, :, ::2], k[:, :, ::2], v[:, :, ::2], view), "not contiguous")
+    _expect_input_error(lambda: fcp_attention(q.int(), k.int(), v.int(), view), "dtype torch.int32")
+    other = Case(batch("linux_files", 2 * world, 64), 2 * world, 64, "causal").plan.for_rank(rank)
+    _expect_input_error(lambda: fcp_attention(q, k, v, other), f"process group has {world} ranks")
+    _expect_input_error(lambda: fcp_attention(q, k, v, case.plan.for_rank((rank + 1) % world)), "plan.for_rank")
+
+
+def _silent_peer(rank, world):
+    """Rank 1 never joins the step: rank 0 must time out naming it, not hang."""
+    case = Case(batch("spanning", 2, TOKENS_PER_RANK), 2, TOKENS_PER_RANK, "full")
+    q, k, v, _ = (x[rank] for x in case.inputs(torch.float32))
+    if rank == 0:
+        start = time.monotonic()
+        try:
+            fcp_attention(q, k, v, case.plan.for_rank(0), timeout_s=1.0)
+        except ExchangeTimeout as err:
+            assert "CP rank 1" in str(err) and time.monotonic() - start < 20, str(err)
+        else:
+            raise AssertionError("no ExchangeTimeout")
+    else:
+        time.sleep(4)  # alive but silent until rank 0 has given up
+
+
+def _worker(rank, world, store_path, result_dir):
+    torch.set_num_threads(1)
+    status = "ok"
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world)
+        for name, mask, dtype in CASES[world]:
+            _run_case(rank, world, name, mask, dtype)
+        if world == 4:  # two CP groups of 2 inside the world: group ranks differ from global ranks
+            groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+            _run_case(rank, world, "linux_files", "causal", torch.float32, group=groups[rank // 2], cp=2)
+            _run_case(rank, world, "linux_files", "full", torch.float32, strategy="ring")
+        _bad_inputs(rank, world)
+        dist.barrier()
+        if world == 2:
+            _silent_peer(rank, world)
+    except BaseException:
+        status = traceback.format_exc()
+    with open(os.path.join(result_dir, f"rank{rank}"), "w") as f:
+        f.write(status)
+    os._exit(0)  # skip process-group teardown (the silent-peer case leaves a receive posted)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_fcp_attention_across_processes(world):
+    with tempfile.TemporaryDirectory() as tmp:
+        ctx = mp.get_context("spawn")
+        procs = [ctx.Process(target=_worker, args=(r, world, os.path.join(tmp, "store"), tmp)) for r in range(world)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(timeout=600)
+        results = {}
+        for r in range(world):
+            path = os.path.join(tmp, f"rank{r}")
+            results[r] = open(path).read() if os.path.exists(path) else "no result (crashed or hung)"
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+    failed = {r: msg for r, msg in results.items() if msg != "ok"}
+    assert not failed, "\n".join(f"rank {r}:\n{msg}" for r, msg in failed.items())
+    assert np.all([p.exitcode == 0 for p in procs])

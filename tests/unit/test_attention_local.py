@@ -1,0 +1,118 @@
+"""Attention pieces in one process: the LSE merge, the CPU kernels, and the in-process executor of every rank
+against a float64 dense reference over the whole packed batch."""
+
+import math
+
+import pytest
+import torch
+from attn_cases import Case, batch, rel_err
+
+from megatron_fcp.attention.backends import BackendUnavailable, VarlenCall, get_backend
+from megatron_fcp.attention.executor import run_in_process
+from megatron_fcp.attention.layout import join_from_ranks, split_to_ranks
+from megatron_fcp.attention.merge import merge_partials
+
+
+def _attend(q, k, v, allow):
+    """float64 attention of q [n,h,d] over keys with bool mask [n, m]; returns out, lse (-inf for no keys)."""
+    s = torch.einsum("qhd,khd->hqk", q, k).masked_fill(~allow, -math.inf)
+    lse = torch.logsumexp(s, -1)
+    p = torch.where(torch.isneginf(lse)[..., None], torch.zeros_like(s), torch.exp(s - lse[..., None]))
+    return torch.einsum("hqk,khd->qhd", p, v), lse.T
+
+
+def test_merge_equals_attention_over_the_union_float64():
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(40, 3, 8, generator=gen, dtype=torch.float64) for _ in range(3))
+    part = torch.randint(0, 3, (40, 40), generator=gen)  # each (query, key) pair in one of three parts
+    part[0] = 0  # row 0 sees keys in part 0 only: the others contribute lse = -inf
+    want_out, want_lse = _attend(q, k, v, torch.ones(40, 40, dtype=torch.bool))
+    out, lse = _attend(q, k, v, part == 0)
+    for p in (2, 1):
+        out, lse = merge_partials(out, lse, *_attend(q, k, v, part == p))
+    assert torch.isfinite(lse).all()
+    assert torch.allclose(out, want_out, rtol=0, atol=1e-13)
+    assert torch.allclose(lse, want_lse, rtol=0, atol=1e-13)
+
+
+def test_merge_of_rows_without_keys_stays_empty():
+    out = torch.randn(2, 1, 4, dtype=torch.float64)
+    empty = torch.full((2, 1), -math.inf, dtype=torch.float64)
+    merged, lse = merge_partials(out, empty, out * 2, empty)
+    assert torch.isneginf(lse).all() and (merged == 0).all()
+
+
+SEGMENTS = [((5, 130, 1, 64), (5, 130, 1, 64), True), ((4, 9, 130, 1), (7, 3, 200, 1), False)]
+
+
+@pytest.mark.parametrize("name", ["cpu", "reference"])
+@pytest.mark.parametrize("q_lens,k_lens,causal", SEGMENTS)
+def test_cpu_backends_match_float64_per_segment(name, q_lens, k_lens, causal):
+    backend = get_backend(name)
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randn(sum(q_lens), 4, 16, generator=gen, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(sum(k_lens), 2, 16, generator=gen, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(sum(k_lens), 2, 16, generator=gen, dtype=torch.float64, requires_grad=True)
+    allow = torch.zeros(sum(q_lens), sum(k_lens), dtype=torch.bool)
+    qs = ks = 0
+    for nq, nk in zip(q_lens, k_lens, strict=True):
+        allow[qs:qs + nq, ks:ks + nk] = torch.ones(nq, nk).tril().bool() if causal else True
+        qs, ks = qs + nq, ks + nk
+    want_out, want_lse = _attend(q * 0.25, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), allow)
+    dout = torch.randn_like(want_out)
+    want_out.backward(dout)
+    call = VarlenCall.make(q_lens, k_lens, causal)
+    out, lse = backend.forward(q.detach(), k.detach(), v.detach(), call, 0.25)
+    assert rel_err(out, want_out.detach()) < 1e-12 and rel_err(lse, want_lse.detach()) < 1e-12
+    grads = backend.backward(dout, q.detach(), k.detach(), v.detach(), out, lse, call, 0.25)
+    for got, x in zip(grads, (q, k, v), strict=True):
+        assert got.shape == x.shape and rel_err(got, x.grad) < 1e-12
+
+
+def test_backend_errors_are_clear():
+    with pytest.raises(ValueError, match="unknown attention backend 'nope'"):
+        get_backend("nope")
+    with pytest.raises(ValueError, match="causal segments must have equal"):
+        VarlenCall.make((2,), (3,), True)
+    if not torch.cuda.is_available():
+        with pytest.raises(BackendUnavailable, match="CUDA"):
+            get_backend("torch-flash").check(torch.zeros(1, 1, 8), torch.zeros(1, 1, 8))
+
+
+def test_layout_round_trip():
+    case = Case(batch("linux_files", 4, 256), 4, 256, "causal")
+    assert torch.equal(join_from_ranks(case.plan, split_to_ranks(case.plan, case.q)), case.q)
+
+
+BATCHES = ["linux_files", "spamassassin", "magi_hist", "spanning", "tiny_rank", "ones"]
+
+
+def _check_executor(case: Case, dtype, bound):
+    q, k, v, dout = case.inputs(dtype)
+    res = run_in_process(case.plan, q, k, v, dout, backend="cpu", softmax_scale=case.scale)
+    for name, parts in (("out", res.out), ("dq", res.dq), ("dk", res.dk), ("dv", res.dv)):
+        for r, part in enumerate(parts):
+            assert not part[case.plan.num_tokens[r] - case.plan.num_pad_tokens[r]:].any(), "padding rows not zero"
+        err = rel_err(join_from_ranks(case.plan, parts), case.ref[name])
+        assert err <= bound[name], f"{name}: relative error {err:.2e} > {bound[name]:.2e}"
+
+
+@pytest.mark.parametrize("mask", ["causal", "full"])
+@pytest.mark.parametrize("name", BATCHES)
+def test_executor_fp32_matches_float64_dense(name, mask):
+    case = Case(batch(name, 4, 256), 4, 256, mask, seed=len(name))
+    _check_executor(case, torch.float32, dict.fromkeys(("out", "dq", "dk", "dv"), 1e-5))
+
+
+@pytest.mark.parametrize("strategy", ["ring", "magi", "hybrid"])
+@pytest.mark.parametrize("mask", ["causal", "full"])
+def test_executor_runs_baseline_placements_exactly(strategy, mask):
+    case = Case(batch("linux_files", 4, 256), 4, 256, mask, strategy=strategy, heads=(2, 2))
+    _check_executor(case, torch.float32, dict.fromkeys(("out", "dq", "dk", "dv"), 1e-5))
+
+
+@pytest.mark.parametrize("mask", ["causal", "full"])
+@pytest.mark.parametrize("name", ["linux_files", "spanning"])
+def test_executor_bf16_within_twice_plain_bf16_error(name, mask):
+    case = Case(batch(name, 2, 256), 2, 256, mask)
+    _check_executor(case, torch.bfloat16, {n: 2 * e for n, e in case.plain(torch.bfloat16).items()})

@@ -1,0 +1,108 @@
+"""GPU attention backends (torch-flash, flash-attn, te) against a float64 reference.
+
+The GPU tests skip without CUDA and skip a backend whose package is missing. The CPU test checks that every GPU
+backend refuses CPU tensors, and a missing package, with :class:`BackendUnavailable` and a reason.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import pytest
+import torch
+
+from megatron_fcp.attention.backends.base import BackendUnavailable, VarlenCall
+from megatron_fcp.attention.backends.flash_attn import FlashAttnBackend
+from megatron_fcp.attention.backends.te import TransformerEngineBackend
+from megatron_fcp.attention.backends.torch_flash import TorchFlashBackend
+
+BACKENDS = [TorchFlashBackend, FlashAttnBackend, TransformerEngineBackend]
+HQ, HKV, D, SCALE = 4, 2, 64, 0.2
+TOL = {torch.bfloat16: 2e-2, torch.float16: 5e-3}
+CASES = {
+    "causal": ((5, 130, 1, 64), (5, 130, 1, 64), True),
+    "full": ((5, 130, 1, 64), (7, 3, 200, 1), False),
+    "full-single-queries": ((1, 1, 1), (7, 300, 2), False),
+}
+
+
+def reference(q, k, v, call: VarlenCall, scale: float):
+    """Per-segment float64 attention: output and natural-log LSE ``[tokens, heads]``."""
+    g = q.shape[1] // k.shape[1]
+    outs, lses, qs, ks = [], [], 0, 0
+    for nq, nk in zip(call.q_lens, call.k_lens, strict=True):
+        kk, vv = (x[ks:ks + nk].repeat_interleave(g, dim=1) for x in (k, v))
+        s = torch.einsum("qhd,khd->hqk", q[qs:qs + nq], kk) * scale
+        if call.causal:
+            s = s.masked_fill(torch.ones(nq, nk, dtype=torch.bool, device=q.device).triu(1), -math.inf)
+        lse = torch.logsumexp(s, dim=-1)
+        outs.append(torch.einsum("hqk,khd->qhd", torch.exp(s - lse[..., None]), vv))
+        lses.append(lse.T)
+        qs, ks = qs + nq, ks + nk
+    return torch.cat(outs), torch.cat(lses)
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: float, what: str) -> None:
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    err = (actual.double() - expected).abs().max().item()
+    bound = tol * expected.abs().max().item()
+    assert err <= bound, f"{what}: max abs error {err:.3g} > {bound:.3g}"
+
+
+def make_backend(cls):
+    try:
+        return cls()
+    except BackendUnavailable as exc:
+        pytest.skip(str(exc))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("cls", BACKENDS, ids=[c.name for c in BACKENDS])
+def test_gpu_backend_matches_float64_reference(cls, dtype, case):
+    backend = make_backend(cls)
+    q_lens, k_lens, causal = CASES[case]
+    call = VarlenCall.make(q_lens, k_lens, causal, device="cuda")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+
+    def rand(n, h):
+        return torch.randn(n, h, D, generator=gen, device="cuda").to(dtype)
+
+    q, k, v, dout = rand(call.num_q, HQ), rand(call.num_k, HKV), rand(call.num_k, HKV), rand(call.num_q, HQ)
+    try:
+        backend.check(q, k)
+    except BackendUnavailable as exc:
+        pytest.skip(str(exc))
+
+    out, lse = backend.forward(q, k, v, call, SCALE)
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    dq, dk, dv = backend.backward(dout, q, k, v, out, lse, call, SCALE)
+
+    q64, k64, v64 = (x.double().requires_grad_() for x in (q, k, v))
+    ref_out, ref_lse = reference(q64, k64, v64, call, SCALE)
+    ref_out.backward(dout.double())
+    tol = TOL[dtype]
+    assert_close(out, ref_out.detach(), tol, "out")
+    assert_close(lse, ref_lse.detach(), tol, "lse")
+    for name, got, want in (("dq", dq, q64.grad), ("dk", dk, k64.grad), ("dv", dv, v64.grad)):
+        assert_close(got, want, tol, name)
+
+
+@pytest.mark.parametrize("cls", BACKENDS, ids=[c.name for c in BACKENDS])
+def test_gpu_backends_refuse_cpu_tensors_and_missing_packages(cls, monkeypatch):
+    q, k = torch.zeros(4, HQ, D, dtype=torch.bfloat16), torch.zeros(4, HKV, D, dtype=torch.bfloat16)
+    try:
+        backend = cls()
+    except BackendUnavailable as exc:
+        assert str(exc)
+    else:
+        with pytest.raises(BackendUnavailable, match="CUDA"):
+            backend.check(q, k)
+    package = {FlashAttnBackend: "flash_attn", TransformerEngineBackend: "transformer_engine"}.get(cls)
+    if package is not None:
+        monkeypatch.setitem(sys.modules, package, None)  # makes `import package` raise ImportError
+        with pytest.raises(BackendUnavailable, match="pip install"):
+            cls()
