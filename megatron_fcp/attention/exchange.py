@@ -43,8 +43,9 @@ class ByteCounter:
 class Pending:
     """Messages in flight; :meth:`wait` returns once all arrived or raises :class:`ExchangeTimeout`."""
 
-    def __init__(self, works, peers, phase: str, cp_rank: int, timeout_s: float):
+    def __init__(self, works, peers, phase: str, cp_rank: int, timeout_s: float, buffers=()):
         self.works, self.peers, self.phase, self.cp_rank, self.timeout_s = works, peers, phase, cp_rank, timeout_s
+        self.buffers = buffers  # keeps the send and receive buffers alive until the messages are done
 
     def wait(self) -> None:
         for work, (kind, peer) in zip(self.works, self.peers, strict=True):
@@ -58,7 +59,7 @@ class Pending:
                         "or given a different plan); check its log.") from err
                 raise ExchangeError(f"FCP {self.phase} exchange: CP rank {self.cp_rank} failed to {kind} CP rank "
                                     f"{peer} ({err}); check rank {peer}'s log.") from err
-        self.works = []
+        self.works, self.buffers = [], ()
 
 
 class P2PExchange:
@@ -89,4 +90,4 @@ class P2PExchange:
         if len(works) != len(ops):  # coalesced backends (NCCL) return one work for the batch
             peers = [("exchange with", "any of " + ", ".join(str(p) for _, p in peers))] * len(works)
         self.counter.add(phase, sent, received)
-        return Pending(works, peers, phase, self.cp_rank, self.timeout_s)
+        return Pending(works, peers, phase, self.cp_rank, self.timeout_s, (send, recv))

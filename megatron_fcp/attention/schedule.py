@@ -116,7 +116,8 @@ def visible_call(name: str, q_rows, key_rows, mask: str, device, skip_self: bool
                     q_index=_index(_aranges(q_parts), device), k_index=_index(_aranges(k_parts), device))
 
 
-def _with_offsets(rows) -> list[tuple[int, int, int, int]]:
+def offset_rows(rows) -> list[tuple[int, int, int, int]]:
+    """``(doc, start, end, offset)`` for rows ending in ``(doc, start, end)``, laid out one after another."""
     out, off = [], 0
     for row in rows:
         out.append((*row[-3:], off))
@@ -127,7 +128,7 @@ def _with_offsets(rows) -> list[tuple[int, int, int, int]]:
 def build_schedule(rank_plan: RankPlan, device: torch.device | str = "cpu") -> RankSchedule:
     """Kernel calls and exchange lists of one rank (see the module docstring)."""
     device = torch.device(device)
-    own = _with_offsets(rank_plan.q)
+    own = offset_rows(rank_plan.q)
     num_real = sum(e - s for _, s, e, _ in own)
     local_calls = []
     if own:
@@ -140,7 +141,7 @@ def build_schedule(rank_plan: RankPlan, device: torch.device | str = "cpu") -> R
         else:
             local_calls.append(visible_call("own", own, own, "full", device))
     recv = sorted(rank_plan.kv_recv)
-    recv_rows = _with_offsets(recv)
+    recv_rows = offset_rows(recv)
     remote = visible_call("remote", own, recv_rows, rank_plan.mask, device)
     # exchange lists: per peer, rows sorted by (doc, start) -- the same order on both ends
     recv_splits, start = [], 0

@@ -19,6 +19,7 @@ from attn_cases import Case, batch, rel_err
 
 from megatron_fcp.attention import ExchangeTimeout, fcp_attention, get_exchange, run_in_process
 from megatron_fcp.attention.layout import join_from_ranks
+from megatron_fcp.attention.ring import ring_attention
 from megatron_fcp.errors import InputError
 
 pytestmark = pytest.mark.distributed
@@ -60,6 +61,21 @@ def _run_case(rank, world, name, mask, dtype, group=None, cp=None, strategy="fcp
     c = exchange.counter
     assert (c.received["forward"], c.sent["forward"]) == (recv, send), f"{name}: forward bytes {c} vs plan"
     assert (c.received["backward"], c.sent["backward"]) == (send, recv), f"{name}: backward bytes {c} vs plan"
+
+
+def _ring_case(rank, world, name, mask):
+    """The ring baseline, stepped over the same engine, also equals the float64 reference."""
+    case = Case(batch(name, world, TOKENS_PER_RANK), world, TOKENS_PER_RANK, mask, strategy="ring")
+    q, k, v, dout = case.inputs(torch.float32)
+    mine = [x[rank].clone().requires_grad_() for x in (q, k, v)]
+    out = ring_attention(*mine, case.plan, get_exchange(None, timeout_s=60), case.scale, backend="cpu")
+    out.backward(dout[rank])
+    got = {"out": out.detach(), "dq": mine[0].grad, "dk": mine[1].grad, "dv": mine[2].grad}
+    for key, tensor in got.items():
+        parts = [torch.zeros_like(tensor) for _ in range(world)]
+        dist.all_gather(parts, tensor)
+        err = rel_err(join_from_ranks(case.plan, parts), case.ref[key])
+        assert err <= 1e-5, f"ring {name}/{mask}: {key} relative error {err:.2e}"
 
 
 def _expect_input_error(fn, match):
@@ -112,6 +128,8 @@ def _worker(rank, world, store_path, result_dir):
             groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
             _run_case(rank, world, "linux_files", "causal", torch.float32, group=groups[rank // 2], cp=2)
             _run_case(rank, world, "linux_files", "full", torch.float32, strategy="ring")
+            _ring_case(rank, world, "linux_files", "causal")
+            _ring_case(rank, world, "spanning", "full")
         _bad_inputs(rank, world)
         dist.barrier()
         if world == 2:
