@@ -32,13 +32,13 @@ CASES = {
         ("spanning", "full", torch.float32), ("tiny_rank", "causal", torch.float32),
         ("ones", "causal", torch.float32), ("spamassassin", "causal", torch.bfloat16)],
 }
-TOKENS_PER_RANK = 192
+BATCH_TOKENS = 2048
 
 
 def _run_case(rank, world, name, mask, dtype, group=None, cp=None, strategy="fcp"):
     cp = cp or world
     group_rank = dist.get_rank(group)
-    case = Case(batch(name, cp, TOKENS_PER_RANK), cp, TOKENS_PER_RANK, mask, strategy=strategy,
+    case = Case(batch(name, cp, BATCH_TOKENS // cp), cp, BATCH_TOKENS // cp, mask, strategy=strategy,
                 seed=zlib.crc32(name.encode()) % 1000)
     q, k, v, dout = case.inputs(dtype)
     mine = [x[group_rank].clone().requires_grad_() for x in (q, k, v)]
@@ -56,8 +56,12 @@ def _run_case(rank, world, name, mask, dtype, group=None, cp=None, strategy="fcp
         err = rel_err(join_from_ranks(case.plan, parts), case.ref[key])
         assert err <= 2 * bar[key], f"{name}/{mask}/{dtype}: {key} relative error {err:.2e} > {2 * bar[key]:.2e}"
     row_bytes = 2 * k[0].shape[1] * k[0].shape[2] * torch.empty(0, dtype=dtype).element_size()  # k and v
-    recv = int(case.plan.recv_tokens[group_rank]) * row_bytes
-    send = int(case.plan.send_tokens[group_rank]) * row_bytes
+    view = case.plan.for_rank(group_rank)
+    recv = sum(e - s for _, _, s, e in view.kv_recv) * row_bytes  # the ranges the plan lists, nothing else
+    send = sum(e - s for _, _, s, e in view.kv_send) * row_bytes
+    if strategy == "fcp":  # the plan's own volume figures (ring plans count ring traffic there)
+        assert (recv, send) == (case.plan.recv_tokens[group_rank] * row_bytes,
+                                case.plan.send_tokens[group_rank] * row_bytes)
     c = exchange.counter
     assert (c.received["forward"], c.sent["forward"]) == (recv, send), f"{name}: forward bytes {c} vs plan"
     assert (c.received["backward"], c.sent["backward"]) == (send, recv), f"{name}: backward bytes {c} vs plan"
@@ -65,7 +69,7 @@ def _run_case(rank, world, name, mask, dtype, group=None, cp=None, strategy="fcp
 
 def _ring_case(rank, world, name, mask):
     """The ring baseline, stepped over the same engine, also equals the float64 reference."""
-    case = Case(batch(name, world, TOKENS_PER_RANK), world, TOKENS_PER_RANK, mask, strategy="ring")
+    case = Case(batch(name, world, BATCH_TOKENS // world), world, BATCH_TOKENS // world, mask, strategy="ring")
     q, k, v, dout = case.inputs(torch.float32)
     mine = [x[rank].clone().requires_grad_() for x in (q, k, v)]
     out = ring_attention(*mine, case.plan, get_exchange(None, timeout_s=60), case.scale, backend="cpu")
@@ -88,7 +92,7 @@ def _expect_input_error(fn, match):
 
 
 def _bad_inputs(rank, world):
-    case = Case(batch("linux_files", world, TOKENS_PER_RANK), world, TOKENS_PER_RANK, "causal")
+    case = Case(batch("linux_files", world, BATCH_TOKENS // world), world, BATCH_TOKENS // world, "causal")
     q, k, v, _ = (x[rank] for x in case.inputs(torch.float32))
     view = case.plan.for_rank(rank)
     _expect_input_error(lambda: fcp_attention(q[:-1], k, v, view), "tokens but the plan gives this rank")
@@ -103,7 +107,7 @@ def _bad_inputs(rank, world):
 
 def _silent_peer(rank, world):
     """Rank 1 never joins the step: rank 0 must time out naming it, not hang."""
-    case = Case(batch("spanning", 2, TOKENS_PER_RANK), 2, TOKENS_PER_RANK, "full")
+    case = Case(batch("spanning", 2, BATCH_TOKENS // world), 2, BATCH_TOKENS // world, "full")
     q, k, v, _ = (x[rank] for x in case.inputs(torch.float32))
     if rank == 0:
         start = time.monotonic()

@@ -100,19 +100,19 @@ def _check_executor(case: Case, dtype, bound):
 @pytest.mark.parametrize("mask", ["causal", "full"])
 @pytest.mark.parametrize("name", BATCHES)
 def test_executor_fp32_matches_float64_dense(name, mask):
-    case = Case(batch(name, 4, 256), 4, 256, mask, seed=len(name))
+    case = Case(batch(name, 4, 512), 4, 512, mask, seed=len(name))
     _check_executor(case, torch.float32, dict.fromkeys(("out", "dq", "dk", "dv"), 1e-5))
 
 
 @pytest.mark.parametrize("strategy", ["ring", "magi", "hybrid"])
 @pytest.mark.parametrize("mask", ["causal", "full"])
 def test_executor_runs_baseline_placements_exactly(strategy, mask):
-    case = Case(batch("linux_files", 4, 256), 4, 256, mask, strategy=strategy, heads=(2, 2))
+    case = Case(batch("magi_hist", 4, 512), 4, 512, mask, strategy=strategy, heads=(2, 2))
     _check_executor(case, torch.float32, dict.fromkeys(("out", "dq", "dk", "dv"), 1e-5))
 
 
 @pytest.mark.parametrize("mask", ["causal", "full"])
-@pytest.mark.parametrize("name", ["linux_files", "spanning"])
+@pytest.mark.parametrize("name", ["magi_hist", "spanning"])
 def test_executor_bf16_within_twice_plain_bf16_error(name, mask):
-    case = Case(batch(name, 2, 256), 2, 256, mask)
+    case = Case(batch(name, 2, 1024), 2, 1024, mask)
     _check_executor(case, torch.bfloat16, {n: 2 * e for n, e in case.plain(torch.bfloat16).items()})
