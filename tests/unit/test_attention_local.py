@@ -111,8 +111,9 @@ def test_executor_runs_baseline_placements_exactly(strategy, mask):
     _check_executor(case, torch.float32, dict.fromkeys(("out", "dq", "dk", "dv"), 1e-5))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("mask", ["causal", "full"])
 @pytest.mark.parametrize("name", ["magi_hist", "spanning"])
-def test_executor_bf16_within_twice_plain_bf16_error(name, mask):
+def test_executor_16bit_within_twice_plain_16bit_error(name, mask, dtype):
     case = Case(batch(name, 2, 1024), 2, 1024, mask)
-    _check_executor(case, torch.bfloat16, {n: 2 * e for n, e in case.plain(torch.bfloat16).items()})
+    _check_executor(case, dtype, {n: 2 * e for n, e in case.plain(dtype).items()})
