@@ -40,11 +40,11 @@ def pack_send(sched: RankSchedule, k: torch.Tensor, v: torch.Tensor) -> torch.Te
     return torch.stack((k.index_select(0, sched.send_index), v.index_select(0, sched.send_index)), dim=1)
 
 
-def new_forward_state(sched: RankSchedule, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def new_forward_state(num_real: int, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Accumulators: output ``[num_real, heads, head_dim]`` (zeros) and log-sum-exp ``[num_real, heads]`` (-inf)."""
     acc = lse_dtype(q.dtype)
-    out = torch.zeros((sched.num_real, *q.shape[1:]), dtype=acc, device=q.device)
-    lse = torch.full((sched.num_real, q.shape[1]), -math.inf, dtype=acc, device=q.device)
+    out = torch.zeros((num_real, *q.shape[1:]), dtype=acc, device=q.device)
+    lse = torch.full((num_real, q.shape[1]), -math.inf, dtype=acc, device=q.device)
     return out, lse
 
 
@@ -57,10 +57,10 @@ def forward_calls(calls: tuple[CallPlan, ...], q, k_src, v_src, backend: Backend
         merge_into(out, lse, part_out, part_lse, plan.q_index)
 
 
-def finish_forward(sched: RankSchedule, q: torch.Tensor, out_acc: torch.Tensor) -> torch.Tensor:
-    """Output ``[num_tokens, heads, head_dim]`` in the query dtype; padding rows are zero."""
+def finish_forward(q: torch.Tensor, out_acc: torch.Tensor) -> torch.Tensor:
+    """Output ``[num_tokens, heads, head_dim]`` in the query dtype; padding rows (after the real ones) are zero."""
     out = torch.zeros_like(q)
-    out[: sched.num_real] = out_acc.to(q.dtype)
+    out[: out_acc.shape[0]] = out_acc.to(q.dtype)
     return out
 
 
@@ -98,11 +98,11 @@ class _FcpAttentionFunction(torch.autograd.Function):
         send = pack_send(sched, k, v)
         recv = k.new_empty((sched.num_recv, 2, *k.shape[1:]))
         pending = exchange.start("forward", send, sched.send_splits, recv, sched.recv_splits)
-        out_acc, lse = new_forward_state(sched, q)
+        out_acc, lse = new_forward_state(sched.num_real, q)
         forward_calls(sched.local_calls, q, k, v, backend, scale, out_acc, lse)
         pending.wait()
         forward_calls(sched.remote_calls, q, recv[:, 0], recv[:, 1], backend, scale, out_acc, lse)
-        out = finish_forward(sched, q, out_acc)
+        out = finish_forward(q, out_acc)
         ctx.save_for_backward(q, k, v, recv, out, lse)
         ctx.fcp = (sched, exchange, backend, scale)
         return out

@@ -60,10 +60,10 @@ def run_in_process(plan: Plan, q: list[torch.Tensor], k: list[torch.Tensor], v: 
     recv = _route(scheds, [pack_send(s, k[r], v[r]) for r, s in enumerate(scheds)], "send_splits", "recv_splits")
     outs, lses = [], []
     for r, sched in enumerate(scheds):
-        out_acc, lse = new_forward_state(sched, q[r])
+        out_acc, lse = new_forward_state(sched.num_real, q[r])
         forward_calls(sched.local_calls, q[r], k[r], v[r], kernels, scale, out_acc, lse)
         forward_calls(sched.remote_calls, q[r], recv[r][:, 0], recv[r][:, 1], kernels, scale, out_acc, lse)
-        outs.append(finish_forward(sched, q[r], out_acc))
+        outs.append(finish_forward(q[r], out_acc))
         lses.append(lse)
     if dout is None:
         return InProcessResult(outs, None, None, None)

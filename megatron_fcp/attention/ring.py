@@ -36,8 +36,7 @@ class _RingAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, steps, exchange: P2PExchange, backend: Backend, scale: float, num_real: int):
         r, cp = exchange.cp_rank, exchange.cp
         ahead, behind = [((r + 1) % cp, 0, k.shape[0])], [((r - 1) % cp, 0, k.shape[0])]
-        sched = _Real(num_real)
-        out_acc, lse = new_forward_state(sched, q)
+        out_acc, lse = new_forward_state(num_real, q)
         cur = torch.stack((k, v), dim=1)
         for s in range(cp):
             if s + 1 < cp:
@@ -47,7 +46,7 @@ class _RingAttention(torch.autograd.Function):
             if s + 1 < cp:
                 pending.wait()
                 cur = nxt
-        out = finish_forward(sched, q, out_acc)
+        out = finish_forward(q, out_acc)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.ring = (steps, exchange, backend, scale, num_real)
         return out
@@ -59,13 +58,13 @@ class _RingAttention(torch.autograd.Function):
         r, cp = exchange.cp_rank, exchange.cp
         ahead, behind = [((r + 1) % cp, 0, k.shape[0])], [((r - 1) % cp, 0, k.shape[0])]
         dout = dout.contiguous()
-        dq = torch.zeros((num_real, *q.shape[1:]), dtype=lse.dtype)
+        dq = torch.zeros((num_real, *q.shape[1:]), dtype=lse.dtype, device=q.device)
         cur, incoming, grad_pending = torch.stack((k, v), dim=1), None, None
         for s in range(cp):
             if s + 1 < cp:
                 nxt = torch.empty_like(cur)
                 kv_pending = exchange.start("backward", cur, ahead, nxt, behind)
-            grad = torch.zeros(cur.shape, dtype=lse.dtype)
+            grad = torch.zeros(cur.shape, dtype=lse.dtype, device=q.device)
             backward_calls(steps[s], dout, q, cur[:, 0], cur[:, 1], out, lse, backend, scale, dq, grad[:, 0],
                            grad[:, 1])
             if grad_pending is not None:  # what the previous holders of this buffer added
@@ -84,11 +83,6 @@ class _RingAttention(torch.autograd.Function):
         dq_full = torch.zeros_like(q)
         dq_full[:num_real] = dq.to(q.dtype)
         return dq_full, incoming[:, 0].clone(), incoming[:, 1].clone(), None, None, None, None, None
-
-
-class _Real:
-    def __init__(self, num_real: int):
-        self.num_real = num_real
 
 
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan, exchange: P2PExchange,
