@@ -57,10 +57,10 @@ def forward_calls(calls: tuple[CallPlan, ...], q, k_src, v_src, backend: Backend
         merge_into(out, lse, part_out, part_lse, plan.q_index)
 
 
-def finish_forward(q: torch.Tensor, out_acc: torch.Tensor) -> torch.Tensor:
-    """Output ``[num_tokens, heads, head_dim]`` in the query dtype; padding rows (after the real ones) are zero."""
-    out = torch.zeros_like(q)
-    out[: out_acc.shape[0]] = out_acc.to(q.dtype)
+def to_local(like: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Accumulated rows of the real tokens as a tensor shaped and typed like ``like``; padding rows are zero."""
+    out = torch.zeros_like(like)
+    out[: rows.shape[0]] = rows.to(like.dtype)
     return out
 
 
@@ -85,6 +85,42 @@ def add_returned_grads(sched: RankSchedule, dk_acc, dv_acc, returned: torch.Tens
         dv_acc.index_add_(0, sched.send_index, returned[:, 1].to(dv_acc.dtype))
 
 
+def forward_local(sched: RankSchedule, q, k, v, backend: Backend, scale: float):
+    """Stage 1 of forward: the blocks of owned key/values. Returns the accumulators ``(out, lse)``."""
+    out_acc, lse = new_forward_state(sched.num_real, q)
+    forward_calls(sched.local_calls, q, k, v, backend, scale, out_acc, lse)
+    return out_acc, lse
+
+
+def forward_remote(sched: RankSchedule, q, recv, backend: Backend, scale: float, out_acc, lse) -> torch.Tensor:
+    """Stage 2 of forward: the blocks of received key/values (``[num_recv, 2, ...]``); returns the output."""
+    forward_calls(sched.remote_calls, q, recv[:, 0], recv[:, 1], backend, scale, out_acc, lse)
+    return to_local(q, out_acc)
+
+
+def backward_remote(sched: RankSchedule, dout, q, k, recv, out, lse, backend: Backend, scale: float):
+    """Stage 1 of backward: gradients of the remote blocks. Returns the dq accumulator and the received
+    key/values' gradients to send back to their owners (``[num_recv, 2, ...]`` in ``k``'s dtype)."""
+    dq = torch.zeros((sched.num_real, *q.shape[1:]), dtype=lse.dtype, device=q.device)
+    d_recv = torch.zeros(recv.shape, dtype=lse.dtype, device=q.device)
+    backward_calls(sched.remote_calls, dout, q, recv[:, 0], recv[:, 1], out, lse, backend, scale, dq,
+                   d_recv[:, 0], d_recv[:, 1])
+    return dq, d_recv.to(k.dtype)
+
+
+def backward_local(sched: RankSchedule, dout, q, k, v, out, lse, backend: Backend, scale: float, dq):
+    """Stage 2 of backward (while the gradients travel): the local blocks. Returns the dk, dv accumulators."""
+    dk, dv = torch.zeros_like(k, dtype=lse.dtype), torch.zeros_like(v, dtype=lse.dtype)
+    backward_calls(sched.local_calls, dout, q, k, v, out, lse, backend, scale, dq, dk, dv)
+    return dk, dv
+
+
+def finish_backward(sched: RankSchedule, q, k, v, dq, dk, dv, returned):
+    """Stage 3 of backward: add the gradients sent back by the destinations; ``dq, dk, dv`` like ``q, k, v``."""
+    add_returned_grads(sched, dk, dv, returned)
+    return to_local(q, dq), dk.to(k.dtype), dv.to(v.dtype)
+
+
 class _NoExchange:
     """Stand-in for CP size 1: nothing to send or receive."""
 
@@ -95,14 +131,11 @@ class _NoExchange:
 class _FcpAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, sched: RankSchedule, exchange, backend: Backend, scale: float):
-        send = pack_send(sched, k, v)
         recv = k.new_empty((sched.num_recv, 2, *k.shape[1:]))
-        pending = exchange.start("forward", send, sched.send_splits, recv, sched.recv_splits)
-        out_acc, lse = new_forward_state(sched.num_real, q)
-        forward_calls(sched.local_calls, q, k, v, backend, scale, out_acc, lse)
+        pending = exchange.start("forward", pack_send(sched, k, v), sched.send_splits, recv, sched.recv_splits)
+        out_acc, lse = forward_local(sched, q, k, v, backend, scale)
         pending.wait()
-        forward_calls(sched.remote_calls, q, recv[:, 0], recv[:, 1], backend, scale, out_acc, lse)
-        out = finish_forward(q, out_acc)
+        out = forward_remote(sched, q, recv, backend, scale, out_acc, lse)
         ctx.save_for_backward(q, k, v, recv, out, lse)
         ctx.fcp = (sched, exchange, backend, scale)
         return out
@@ -112,20 +145,12 @@ class _FcpAttentionFunction(torch.autograd.Function):
         q, k, v, recv, out, lse = ctx.saved_tensors
         sched, exchange, backend, scale = ctx.fcp
         dout = dout.contiguous()
-        acc = lse.dtype
-        dq = torch.zeros((sched.num_real, *q.shape[1:]), dtype=acc, device=q.device)
-        dk, dv = torch.zeros_like(k, dtype=acc), torch.zeros_like(v, dtype=acc)
-        d_remote = torch.zeros(recv.shape, dtype=acc, device=q.device)
-        backward_calls(sched.remote_calls, dout, q, recv[:, 0], recv[:, 1], out, lse, backend, scale,
-                       dq, d_remote[:, 0], d_remote[:, 1])
+        dq, d_recv = backward_remote(sched, dout, q, k, recv, out, lse, backend, scale)
         returned = k.new_empty((sched.num_send, 2, *k.shape[1:]))
-        pending = exchange.start("backward", d_remote.to(k.dtype), sched.recv_splits, returned, sched.send_splits)
-        backward_calls(sched.local_calls, dout, q, k, v, out, lse, backend, scale, dq, dk, dv)
+        pending = exchange.start("backward", d_recv, sched.recv_splits, returned, sched.send_splits)
+        dk, dv = backward_local(sched, dout, q, k, v, out, lse, backend, scale, dq)
         pending.wait()
-        add_returned_grads(sched, dk, dv, returned)
-        dq_full = torch.zeros_like(q)
-        dq_full[: sched.num_real] = dq.to(q.dtype)
-        return dq_full, dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
+        return (*finish_backward(sched, q, k, v, dq, dk, dv, returned), None, None, None, None)
 
 
 def check_inputs(q, k, v, rank_plan: RankPlan | RankSchedule, group_rank: int, group_size: int) -> None:

@@ -14,11 +14,11 @@ import torch
 
 from megatron_fcp.attention.backends import Backend, get_backend
 from megatron_fcp.attention.engine import (
-    add_returned_grads,
-    backward_calls,
-    finish_forward,
-    forward_calls,
-    new_forward_state,
+    backward_local,
+    backward_remote,
+    finish_backward,
+    forward_local,
+    forward_remote,
     pack_send,
 )
 from megatron_fcp.attention.schedule import RankSchedule, build_schedule
@@ -60,33 +60,17 @@ def run_in_process(plan: Plan, q: list[torch.Tensor], k: list[torch.Tensor], v: 
     recv = _route(scheds, [pack_send(s, k[r], v[r]) for r, s in enumerate(scheds)], "send_splits", "recv_splits")
     outs, lses = [], []
     for r, sched in enumerate(scheds):
-        out_acc, lse = new_forward_state(sched.num_real, q[r])
-        forward_calls(sched.local_calls, q[r], k[r], v[r], kernels, scale, out_acc, lse)
-        forward_calls(sched.remote_calls, q[r], recv[r][:, 0], recv[r][:, 1], kernels, scale, out_acc, lse)
-        outs.append(finish_forward(q[r], out_acc))
+        out_acc, lse = forward_local(sched, q[r], k[r], v[r], kernels, scale)
+        outs.append(forward_remote(sched, q[r], recv[r], kernels, scale, out_acc, lse))
         lses.append(lse)
     if dout is None:
         return InProcessResult(outs, None, None, None)
-    grads, d_remote = [], []
+    dout = [d.contiguous() for d in dout]
+    dqs, d_recv = zip(*(backward_remote(sched, dout[r], q[r], k[r], recv[r], outs[r], lses[r], kernels, scale)
+                        for r, sched in enumerate(scheds)), strict=True)
+    returned = _route(scheds, list(d_recv), "recv_splits", "send_splits")
+    grads = []
     for r, sched in enumerate(scheds):
-        acc = lses[r].dtype
-        dq = torch.zeros((sched.num_real, *q[r].shape[1:]), dtype=acc, device=q[r].device)
-        dk, dv = torch.zeros_like(k[r], dtype=acc), torch.zeros_like(v[r], dtype=acc)
-        dr = torch.zeros(recv[r].shape, dtype=acc, device=q[r].device)
-        backward_calls(sched.remote_calls, dout[r].contiguous(), q[r], recv[r][:, 0], recv[r][:, 1], outs[r],
-                       lses[r], kernels, scale, dq, dr[:, 0], dr[:, 1])
-        grads.append((dq, dk, dv))
-        d_remote.append(dr.to(k[r].dtype))
-    returned = _route(scheds, d_remote, "recv_splits", "send_splits")
-    dqs, dks, dvs = [], [], []
-    for r, sched in enumerate(scheds):
-        dq, dk, dv = grads[r]
-        backward_calls(sched.local_calls, dout[r].contiguous(), q[r], k[r], v[r], outs[r], lses[r], kernels,
-                       scale, dq, dk, dv)
-        add_returned_grads(sched, dk, dv, returned[r])
-        dq_full = torch.zeros_like(q[r])
-        dq_full[: sched.num_real] = dq.to(q[r].dtype)
-        dqs.append(dq_full)
-        dks.append(dk.to(k[r].dtype))
-        dvs.append(dv.to(v[r].dtype))
-    return InProcessResult(outs, dqs, dks, dvs)
+        dk, dv = backward_local(sched, dout[r], q[r], k[r], v[r], outs[r], lses[r], kernels, scale, dqs[r])
+        grads.append(finish_backward(sched, q[r], k[r], v[r], dqs[r], dk, dv, returned[r]))
+    return InProcessResult(outs, *(list(g) for g in zip(*grads, strict=True)))

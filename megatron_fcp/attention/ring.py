@@ -14,7 +14,7 @@ import math
 import torch
 
 from megatron_fcp.attention.backends import Backend, get_backend
-from megatron_fcp.attention.engine import backward_calls, finish_forward, forward_calls, new_forward_state
+from megatron_fcp.attention.engine import backward_calls, forward_calls, new_forward_state, to_local
 from megatron_fcp.attention.exchange import P2PExchange
 from megatron_fcp.attention.schedule import CallPlan, build_schedule, offset_rows, visible_call
 from megatron_fcp.planner.plan import Plan
@@ -46,7 +46,7 @@ class _RingAttention(torch.autograd.Function):
             if s + 1 < cp:
                 pending.wait()
                 cur = nxt
-        out = finish_forward(q, out_acc)
+        out = to_local(q, out_acc)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.ring = (steps, exchange, backend, scale, num_real)
         return out
@@ -80,9 +80,7 @@ class _RingAttention(torch.autograd.Function):
                 cur = nxt
         if grad_pending is not None:
             grad_pending.wait()  # after the last step every buffer's gradient has reached its owner
-        dq_full = torch.zeros_like(q)
-        dq_full[:num_real] = dq.to(q.dtype)
-        return dq_full, incoming[:, 0].clone(), incoming[:, 1].clone(), None, None, None, None, None
+        return to_local(q, dq), incoming[:, 0].clone(), incoming[:, 1].clone(), None, None, None, None, None
 
 
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan, exchange: P2PExchange,
