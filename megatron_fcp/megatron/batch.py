@@ -1,0 +1,228 @@
+"""Data-loader hooks: packed variable-length micro-batches, planned and cut per CP rank inside the data loader.
+
+A packed micro-batch is one sample of ``seq_length`` tokens holding several documents, as Megatron's GPTDataset
+makes with ``--reset-position-ids`` (each document's positions restart at 0). :class:`FcpBatchDataset` wraps
+such a dataset. For every sample it
+
+1. reads the document lengths from the position ids (a document starts where its position is 0),
+2. plans the micro-batch for the CP group (deterministic: every CP rank computes the same plan on its own, so
+   the ranks need no communication to agree), and
+3. returns only this rank's tokens, labels, loss mask and per-token positions, in the plan's order with the
+   padding slots last (loss mask 0), plus the rank's plan view packed into an int64 array.
+
+It runs in the data loader's worker processes, so planning happens ahead of the step, off its critical path.
+The time it took travels with the sample (``fcp_stats``) so the step can report it.
+
+:class:`MockDocumentDataset` makes packed samples whose document lengths follow a length file (the shipped
+real distributions), for runs without a tokenized corpus.
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+from collections.abc import Sequence
+
+import numpy as np
+
+from megatron_fcp.errors import InputError
+from megatron_fcp.megatron.config import FcpConfig
+from megatron_fcp.planner.api import check_batch, make_plan
+from megatron_fcp.planner.checks import assert_plan_ok
+from megatron_fcp.planner.fcp import FcpOptions, plan_fcp
+from megatron_fcp.planner.pairs import MASKS, q_pairs
+from megatron_fcp.planner.plan import Plan, RankPlan
+from megatron_fcp.sim.lengths import LengthDistribution, load_distribution
+
+SAMPLE_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
+STATS = ("plan_seconds", "pairs_imbalance", "comm_vs_ring", "num_docs", "pad_tokens")
+"""Fields of ``fcp_stats``: planner wall time, max/mean exact attention pairs over ranks, mean received
+key/value tokens per rank over ring CP's, documents in the micro-batch, padding slots on this rank."""
+
+
+# -- document boundaries ------------------------------------------------------------------------------
+def doc_lengths_from_positions(position_ids) -> np.ndarray:
+    """Document lengths of one packed sample from its position ids (a document starts at position 0).
+
+    Raises :class:`InputError` unless positions count 0, 1, 2, ... inside every document.
+    """
+    pos = np.asarray(position_ids, dtype=np.int64).reshape(-1)
+    if pos.size == 0:
+        return np.zeros(0, np.int64)
+    starts = np.flatnonzero(pos == 0)
+    if starts.size == 0 or starts[0] != 0:
+        starts = np.concatenate([[0], starts])
+    lens = np.diff(np.append(starts, pos.size))
+    expected = np.arange(pos.size) - np.repeat(starts, lens) + pos[0] * (np.arange(pos.size) < lens[0])
+    if not np.array_equal(pos, expected):
+        bad = int(np.flatnonzero(pos != expected)[0])
+        raise InputError(f"position ids are not per-document counters (0, 1, 2, ... after each document start) at "
+                         f"token {bad}: the dataset must reset positions per document (--reset-position-ids)")
+    return lens.astype(np.int64)
+
+
+# -- planning -----------------------------------------------------------------------------------------
+def plan_micro_batch(doc_lens, cfg: FcpConfig) -> Plan:
+    """The plan of one micro-batch of ``cfg.seq_length`` tokens over ``cfg.cp_size`` ranks."""
+    lens = check_batch(doc_lens, cfg.cp_size, cfg.tokens_per_rank, cfg.mask)
+    if cfg.scheduler == "fcp":
+        plan = plan_fcp(lens, cfg.cp_size, cfg.tokens_per_rank, cfg.mask, FcpOptions(tile=cfg.block_size))
+    else:
+        plan = make_plan(lens, cfg.cp_size, cfg.tokens_per_rank, cfg.mask, strategy=cfg.scheduler)
+    if cfg.debug_checks:
+        assert_plan_ok(plan)
+    return plan
+
+
+def plan_figures(plan: Plan) -> tuple[float, float]:
+    """(max/mean exact attention pairs over ranks, mean received key/value tokens per rank / ring CP's)."""
+    q = plan.q
+    pairs = np.bincount(q[:, 0], weights=q_pairs(q[:, 2], q[:, 3], plan.doc_lens[q[:, 1]], plan.mask),
+                        minlength=plan.cp)
+    imbalance = float(pairs.max() / pairs.mean()) if pairs.sum() > 0 else 1.0
+    ring = (plan.cp - 1) * float(plan.num_tokens.max(initial=0))
+    comm = float(plan.recv_tokens.mean() / ring) if ring > 0 else 0.0
+    return imbalance, comm
+
+
+# -- the rank's plan view as one int64 array (data loaders collate tensors, not objects) -------------------
+def encode_rank_plan(view: RankPlan) -> np.ndarray:
+    """``view`` as int64 ``[8 + 3*num_q + 4*num_recv + 4*num_send]`` (see :func:`decode_rank_plan`)."""
+    head = [view.cp, view.cp_rank, MASKS.index(view.mask), view.num_tokens, view.num_pad_tokens,
+            len(view.q), len(view.kv_recv), len(view.kv_send)]
+    body = [x for rows in (view.q, view.kv_recv, view.kv_send) for row in rows for x in row]
+    return np.asarray(head + body, dtype=np.int64)
+
+
+def decode_rank_plan(data) -> RankPlan:
+    """Inverse of :func:`encode_rank_plan` (accepts a numpy array, a tensor or a list)."""
+    values = [int(x) for x in (data.tolist() if hasattr(data, "tolist") else data)]
+    cp, cp_rank, mask, num_tokens, num_pad, nq, nrecv, nsend = values[:8]
+    if len(values) != 8 + 3 * nq + 4 * (nrecv + nsend):
+        raise InputError(f"encoded rank plan has {len(values)} values, its header says "
+                         f"{8 + 3 * nq + 4 * (nrecv + nsend)}: the batch was not made by FcpBatchDataset")
+    pos = 8
+
+    def rows(n, width):
+        nonlocal pos
+        out = tuple(tuple(values[pos + i * width: pos + (i + 1) * width]) for i in range(n))
+        pos += n * width
+        return out
+
+    q, recv, send = rows(nq, 3), rows(nrecv, 4), rows(nsend, 4)
+    return RankPlan(cp_rank=cp_rank, cp=cp, mask=MASKS[mask], q=q, kv_recv=recv, kv_send=send,
+                    num_tokens=num_tokens, num_pad_tokens=num_pad)
+
+
+# -- the per-rank dataset ------------------------------------------------------------------------------
+def _as_numpy(x) -> np.ndarray:
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def rank_sample(sample: dict, cfg: FcpConfig, cp_rank: int) -> dict:
+    """This CP rank's share of one packed sample (see module docstring)."""
+    missing = [k for k in SAMPLE_KEYS if k not in sample]
+    if missing:
+        raise InputError(f"FCP samples need {', '.join(SAMPLE_KEYS)}; this dataset gives no {', '.join(missing)}")
+    arrays = {k: _as_numpy(sample[k]).reshape(-1) for k in SAMPLE_KEYS}
+    if arrays["tokens"].shape[0] != cfg.seq_length:
+        raise InputError(f"a sample holds {arrays['tokens'].shape[0]} tokens but --seq-length is {cfg.seq_length}")
+    lens = doc_lengths_from_positions(arrays["position_ids"])
+    start = time.perf_counter()
+    plan = plan_micro_batch(lens, cfg)
+    view = plan.for_rank(cp_rank)
+    plan_seconds = time.perf_counter() - start
+    offsets = np.concatenate([[0], np.cumsum(lens)])
+    index = np.concatenate([np.arange(offsets[d] + s, offsets[d] + e) for d, s, e in view.q] or [np.zeros(0, int)])
+    n, real = view.num_tokens, index.shape[0]
+    out = {}
+    for key in ("tokens", "labels", "loss_mask"):
+        local = np.zeros(n, dtype=arrays[key].dtype)
+        local[:real] = arrays[key][index]
+        out[key] = local
+    out["position_ids"] = np.zeros(n, np.int64)
+    out["position_ids"][:real] = arrays["position_ids"][index]
+    out["fcp_plan"] = encode_rank_plan(view)
+    imbalance, comm = plan_figures(plan)
+    out["fcp_stats"] = np.asarray([plan_seconds, imbalance, comm, lens.shape[0], view.num_pad_tokens], np.float64)
+    return out
+
+
+class FcpBatchDataset:
+    """Wraps a packed-sample dataset; item ``i`` is CP rank ``cp_rank``'s share of sample ``i``."""
+
+    def __init__(self, inner, cfg: FcpConfig, cp_rank: int):
+        if not 0 <= cp_rank < cfg.cp_size:
+            raise InputError(f"cp_rank {cp_rank} is outside the CP group of {cfg.cp_size}")
+        self.inner, self.cfg, self.cp_rank = inner, cfg, cp_rank
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __getitem__(self, index: int) -> dict:
+        return rank_sample(self.inner[index], self.cfg, self.cp_rank)
+
+
+# -- mock data with real document lengths ---------------------------------------------------------------
+class MockDocumentDataset:
+    """Packed samples of ``seq_length`` tokens whose documents have lengths drawn from a length distribution.
+
+    Each document repeats a short random motif (so a model can learn it by attending within the document);
+    ``labels`` are the next tokens and the loss mask is 0 on each document's last token (its next token belongs
+    to another document), like Megatron's GPTDataset with ``--eod-mask-loss``. Sample ``i`` depends only on
+    ``(seed, i)``: every rank and every data-loader worker builds the same one.
+    """
+
+    def __init__(self, num_samples: int, seq_length: int, lengths: LengthDistribution | str, vocab_size: int,
+                 seed: int = 1234, motif: int = 8):
+        if seq_length < 1 or num_samples < 0 or vocab_size < 2:
+            raise InputError(f"MockDocumentDataset needs seq_length >= 1, num_samples >= 0 and vocab_size >= 2; "
+                             f"got {seq_length}, {num_samples}, {vocab_size}")
+        self.lengths = load_distribution(lengths) if isinstance(lengths, str) else lengths
+        self.num_samples, self.seq_length, self.vocab_size = num_samples, seq_length, vocab_size
+        self.seed, self.motif = seed, motif
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def doc_lens(self, index: int) -> np.ndarray:
+        rng = np.random.default_rng([zlib.crc32(b"fcp-mock"), self.seed, index])
+        drawn, total = [], 0
+        for chunk in self.lengths.chunks(rng):
+            chunk = chunk[chunk > 0]
+            drawn.append(chunk)
+            total += int(chunk.sum())
+            if total >= self.seq_length:
+                break
+        lens = np.concatenate(drawn)
+        ends = np.cumsum(lens)
+        keep = int(np.searchsorted(ends, self.seq_length)) + 1
+        lens = lens[:keep].copy()
+        lens[-1] -= int(ends[keep - 1]) - self.seq_length
+        return lens.astype(np.int64)
+
+    def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < self.num_samples:
+            raise IndexError(index)
+        lens = self.doc_lens(index)
+        rng = np.random.default_rng([self.seed, index])
+        pieces, labels, mask, pos = [], [], [], []
+        for n in lens.tolist():
+            motif = rng.integers(0, self.vocab_size, size=self.motif)
+            seq = motif[np.arange(n + 1) % self.motif]
+            pieces.append(seq[:-1])
+            labels.append(seq[1:])
+            m = np.ones(n, np.float32)
+            m[-1] = 0.0
+            mask.append(m)
+            pos.append(np.arange(n))
+        return {"tokens": np.concatenate(pieces).astype(np.int64), "labels": np.concatenate(labels).astype(np.int64),
+                "loss_mask": np.concatenate(mask), "position_ids": np.concatenate(pos).astype(np.int64)}
+
+
+def stats_summary(stats: Sequence[Sequence[float]]) -> dict:
+    """Mean of each ``fcp_stats`` field over several samples, by name."""
+    arr = np.asarray(stats, dtype=np.float64).reshape(-1, len(STATS))
+    return {name: float(arr[:, i].mean()) for i, name in enumerate(STATS)}
