@@ -130,6 +130,10 @@ def check_fcp_args(args, world_size: int) -> None:
         if heads % tp or groups % tp:
             raise InputError(f"--num-attention-heads {heads} and --num-query-groups {groups} must both divide by "
                              f"--tensor-model-parallel-size {tp} (each TP rank holds whole heads)")
+    dropout = float(_get(args, "attention_dropout", 0.0) or 0.0)
+    if dropout:
+        raise InputError(f"FCP attention kernels have no attention dropout (--attention-dropout {dropout}); pass "
+                         "--attention-dropout 0")
     pos = _get(args, "position_embedding_type", "learned_absolute")
     if pos not in ("rope", "none"):
         raise InputError(f"FCP places blocks anywhere and applies rotary embeddings from per-token positions; "
@@ -165,3 +169,14 @@ def fcp_config_from_args(args) -> FcpConfig:
         debug_checks=bool(args.fcp_debug_checks),
         exchange_timeout_s=float(args.fcp_exchange_timeout),
     )
+
+
+def with_fcp_args(provider=None):
+    """An ``extra_args_provider`` that adds FCP's flags after ``provider``'s (for Megatron-LM's own scripts)."""
+
+    def extra_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        if provider is not None:
+            parser = provider(parser)
+        return add_fcp_args(parser)
+
+    return extra_args

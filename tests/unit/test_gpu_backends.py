@@ -106,3 +106,24 @@ def test_gpu_backends_refuse_cpu_tensors_and_missing_packages(cls, monkeypatch):
         monkeypatch.setitem(sys.modules, package, None)  # makes `import package` raise ImportError
         with pytest.raises(BackendUnavailable, match="pip install"):
             cls()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("mask", ["causal", "full"])
+@pytest.mark.parametrize("name", ["magi_hist", "linux_files", "spanning"])
+def test_gpu_executor_bf16_within_twice_plain_bf16_error(name, mask):
+    """All four ranks' FCP attention (forward and backward) on the GPU with torch-flash, in bf16."""
+    from attn_cases import Case, batch, rel_err
+
+    from megatron_fcp.attention.executor import run_in_process
+    from megatron_fcp.attention.layout import join_from_ranks
+
+    case = Case(batch(name, 4, 1024), 4, 1024, mask, head_dim=64)
+    bar = {n: 2 * e for n, e in case.plain(torch.bfloat16).items()}
+    q, k, v, dout = ([t.cuda() for t in ts] for ts in case.inputs(torch.bfloat16))
+    res = run_in_process(case.plan, q, k, v, dout, backend="torch-flash", softmax_scale=case.scale)
+    for field, parts in (("out", res.out), ("dq", res.dq), ("dk", res.dk), ("dv", res.dv)):
+        err = rel_err(join_from_ranks(case.plan, [p.cpu() for p in parts]), case.ref[field])
+        print(f"{name} {mask} {field}: FCP bf16 {err:.2e}, plain bf16 {bar[field] / 2:.2e}")
+        assert err <= bar[field], f"{field}: {err:.2e} > 2 x plain bf16 {bar[field] / 2:.2e}"
