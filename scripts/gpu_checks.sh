@@ -22,7 +22,7 @@ run() {  # name, timeout, command...
 }
 
 # 1. Attention kernels and the four-rank FCP attention step on the GPU (torch-flash; te/flash-attn skip if absent).
-run gpu_tests 240 python3 -m pytest -q -s -p no:cacheprovider -m gpu tests/unit/test_gpu_backends.py
+[ "${SKIP_GPU_TESTS:-0}" = 1 ] || run gpu_tests 240 python3 -m pytest -q -s -p no:cacheprovider -m gpu tests/unit/test_gpu_backends.py
 
 # 2. The training entry point, single GPU, CP=1 with the FCP spec (local spec: no Transformer Engine there).
 MODEL="--num-layers 4 --hidden-size 512 --num-attention-heads 8 --group-query-attention --num-query-groups 4
@@ -31,7 +31,7 @@ MODEL="--num-layers 4 --hidden-size 512 --num-attention-heads 8 --group-query-at
   --micro-batch-size 1 --global-batch-size 4 --train-iters 30 --lr 3e-4 --min-lr 3e-5 --lr-decay-style cosine
   --lr-warmup-iters 3 --weight-decay 0.1 --clip-grad 1.0 --tokenizer-type NullTokenizer --vocab-size 4096
   --mock-data --eval-iters 0 --eval-interval 1000 --log-interval 5 --calculate-per-token-loss
-  --no-gradient-accumulation-fusion --no-masked-softmax-fusion --seed 1234"
+  --no-gradient-accumulation-fusion --no-masked-softmax-fusion --no-persist-layer-norm --seed 1234"
 run smoke_fcp 200 torchrun --nproc-per-node 1 -m megatron_fcp.megatron.pretrain_gpt $MODEL \
   --context-parallel-mode fcp --context-parallel-size 1 --fcp-mock-doclens linux_files --fcp-planning-workers 2
 

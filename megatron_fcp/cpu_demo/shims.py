@@ -3,7 +3,8 @@
 megatron-core assumes CUDA in a few places that a tiny model on gloo reaches:
 
 - ``torch.cuda.current_device()`` names the device of new buffers (rotary tables, loss helpers);
-- the model-parallel RNG tracker stores and restores CUDA generator states around initialisation and dropout.
+- the model-parallel RNG tracker stores and restores CUDA generator states around initialisation and dropout;
+- distributed checkpointing synchronizes the CUDA device before writing.
 
 :func:`install_cpu_shims` points both at the CPU. It refuses to run when CUDA is available, so it can never
 change a GPU run.
@@ -26,6 +27,7 @@ def install_cpu_shims() -> None:
     from megatron.core.tensor_parallel import random as mcore_random
 
     torch.cuda.current_device = lambda: "cpu"
+    torch.cuda.synchronize = lambda *args, **kwargs: None
     torch.cuda.get_rng_state = lambda *args, **kwargs: torch.get_rng_state()
     torch.cuda.set_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
     torch.cuda.manual_seed = lambda seed: torch.manual_seed(seed)

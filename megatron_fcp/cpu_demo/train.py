@@ -15,6 +15,7 @@ import json
 import os
 import time
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +43,7 @@ class RunConfig:
     num_query_groups: int = 2
     ffn_hidden_size: int = 256
     vocab_size: int = 256
-    lr: float = 1e-3
+    lr: float = 3e-3
     seed: int = 1234
     sequence_parallel: bool = False
     planning_workers: int = 1
@@ -179,7 +180,7 @@ def _train(rank: int, run: RunConfig, out_path: str, quiet: bool) -> None:
                 STEP_STATS.add(time.perf_counter() - wait_start, [0.0, 1.0, 0.0, docs, 0.0])
                 output = model(b["tokens"], b["position_ids"], b["attention_mask"], labels=b["labels"],
                                loss_mask=b["loss_mask"])
-                loss_fn = lambda out, mask=b["loss_mask"].float(): per_token_loss(mask, out)  # noqa: E731
+                loss_fn = partial(per_token_loss, b["loss_mask"].float())
             loss, num_tokens, _ = loss_fn(output)
             loss.backward()
             totals += torch.stack([loss.detach().double(), num_tokens.double()])

@@ -32,6 +32,25 @@ def wants_fcp(argv: list[str]) -> bool:
     return False
 
 
+def use_prebuilt_dataset_helpers() -> None:
+    """Skip megatron.training's rebuild of the dataset helpers when the installed ones are already compiled.
+
+    The megatron-core wheel ships ``megatron/core/datasets/helpers_cpp`` compiled but not the Makefile that builds
+    it, while ``initialize_megatron`` always runs ``make`` there and exits when that fails. Where the compiled
+    module imports and no Makefile exists, there is nothing to build, so the rebuild becomes a no-op.
+    """
+    from pathlib import Path
+
+    try:
+        import megatron.core.datasets.helpers_cpp  # noqa: F401
+    except ImportError:
+        return
+    from megatron.core.datasets import utils
+
+    if not (Path(utils.__file__).parent / "Makefile").exists():
+        utils.compile_helpers = lambda: None
+
+
 def parse_checked_args():
     """Megatron's arguments plus FCP's; FCP's start-up checks run before Megatron's validation."""
     from megatron.training.arguments import parse_args, validate_args
@@ -149,6 +168,7 @@ def main() -> None:
     from megatron_fcp.megatron.model import fcp_model_config
 
     args = parse_checked_args()
+    use_prebuilt_dataset_helpers()
     model_cfg = gpt_config_from_args(args)
     if args.context_parallel_mode == "fcp":
         model_cfg = fcp_model_config(model_cfg, fcp_config_from_args(args))

@@ -1,0 +1,123 @@
+"""FCP's Megatron options, start-up checks and data hooks (no megatron-core needed)."""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import pytest
+
+from megatron_fcp.errors import InputError
+from megatron_fcp.megatron.batch import (
+    MockDocumentDataset,
+    decode_rank_plan,
+    doc_lengths_from_positions,
+    encode_rank_plan,
+    plan_micro_batch,
+    rank_sample,
+)
+from megatron_fcp.megatron.config import FcpConfig, add_fcp_args, check_fcp_args
+
+GOOD = dict(context_parallel_mode="fcp", context_parallel_size=4, tensor_model_parallel_size=2,
+            pipeline_model_parallel_size=1, seq_length=4096, micro_batch_size=1, calculate_per_token_loss=True,
+            num_attention_heads=8, group_query_attention=True, num_query_groups=4, position_embedding_type="rope",
+            attention_dropout=0.0, attention_backend="auto", mock_data=False, reset_position_ids=True,
+            sequence_parallel=True, fcp_block_size="auto", fcp_planning_workers=2, fcp_exchange_timeout=600.0)
+
+
+def args(**changes):
+    return argparse.Namespace(**{**GOOD, **changes})
+
+
+def test_good_configuration_passes_and_ring_mode_is_left_to_megatron():
+    check_fcp_args(args(), world_size=16)
+    check_fcp_args(args(context_parallel_mode="ring", calculate_per_token_loss=False), world_size=3)
+
+
+@pytest.mark.parametrize("changes, world, needle", [
+    ({}, 12, "does not divide the 12 launched processes"),
+    ({"pipeline_model_parallel_size": 2}, 16, "pipeline parallelism"),
+    ({"calculate_per_token_loss": False}, 16, "--calculate-per-token-loss"),
+    ({"micro_batch_size": 2}, 16, "--micro-batch-size 1"),
+    ({"seq_length": 4098}, 16, "not a multiple of --context-parallel-size"),
+    ({"seq_length": 4100, "context_parallel_size": 2, "tensor_model_parallel_size": 8}, 16,
+     "split evenly over --tensor-model-parallel-size"),
+    ({"fcp_block_size": "8192"}, 16, "larger than the sequence"),
+    ({"fcp_block_size": "big"}, 16, "positive integer or 'auto'"),
+    ({"num_query_groups": 3}, 16, "not a multiple of --num-query-groups 3"),
+    ({"num_query_groups": 1}, 16, "must both divide by --tensor-model-parallel-size 2"),
+    ({"attention_dropout": 0.1}, 16, "--attention-dropout 0"),
+    ({"position_embedding_type": "learned_absolute"}, 16, "rope or none"),
+    ({"reset_position_ids": False}, 16, "document boundaries"),
+    ({"mock_data": True, "fcp_mock_doclens": None}, 16, "--fcp-mock-doclens"),
+    ({"attention_backend": "AttnBackend.local"}, 16, "--attention-backend local"),
+])
+def test_misconfigurations_get_one_line_naming_the_fix(changes, world, needle):
+    with pytest.raises(InputError) as err:
+        check_fcp_args(args(**changes), world_size=world)
+    assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_flags_parse_through_the_extra_args_hook():
+    parser = add_fcp_args(argparse.ArgumentParser())
+    ns = parser.parse_args(["--context-parallel-mode", "fcp", "--fcp-scheduler", "magi", "--fcp-block-size", "256"])
+    assert (ns.context_parallel_mode, ns.fcp_scheduler, ns.fcp_block_size) == ("fcp", "magi", "256")
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--context-parallel-mode", "zigzag"])
+
+
+def test_doc_lengths_from_positions():
+    assert doc_lengths_from_positions([0, 1, 2, 0, 1, 0]).tolist() == [3, 2, 1]
+    assert doc_lengths_from_positions([5, 6, 0, 1]).tolist() == [2, 2]  # a document continued from before
+    with pytest.raises(InputError, match="per-document counters"):
+        doc_lengths_from_positions([0, 1, 3, 4])
+
+
+@pytest.mark.parametrize("scheduler", ["fcp", "ring", "magi", "hybrid"])
+def test_rank_samples_cover_every_token_once_with_its_label_and_position(scheduler):
+    cfg = FcpConfig(cp_size=4, seq_length=2048, scheduler=scheduler, debug_checks=True)
+    sample = MockDocumentDataset(3, 2048, "magi_hist", vocab_size=1000, seed=7)[2]
+    seen = np.zeros(2048, int)
+    # the global token index of each local token, recovered from (tokens, labels, positions) by the plan
+    for r in range(4):
+        part = rank_sample(sample, cfg, r)
+        view = decode_rank_plan(part["fcp_plan"])
+        assert view.cp_rank == r and part["tokens"].shape == (view.num_tokens,)
+        if scheduler == "fcp":
+            assert view.num_tokens == cfg.tokens_per_rank
+        lens = doc_lengths_from_positions(sample["position_ids"])
+        offsets = np.concatenate([[0], np.cumsum(lens)])
+        index = np.concatenate([np.arange(offsets[d] + s, offsets[d] + e) for d, s, e in view.q])
+        real = index.shape[0]
+        seen[index] += 1
+        for key in ("tokens", "labels", "loss_mask", "position_ids"):
+            assert np.array_equal(part[key][:real], sample[key][index]), key
+        assert not part["loss_mask"][real:].any(), "padding slots must not count in the loss"
+        assert part["fcp_stats"].shape == (5,) and part["fcp_stats"][0] >= 0
+    assert (seen == 1).all()
+
+
+def test_every_rank_plans_the_same_micro_batch_without_talking():
+    cfg = FcpConfig(cp_size=8, seq_length=8192)
+    data = MockDocumentDataset(2, 8192, "linux_files", vocab_size=100, seed=3)
+    again = MockDocumentDataset(2, 8192, "linux_files", vocab_size=100, seed=3)
+    lens = doc_lengths_from_positions(data[1]["position_ids"])
+    assert np.array_equal(lens, doc_lengths_from_positions(again[1]["position_ids"]))
+    assert plan_micro_batch(lens, cfg) == plan_micro_batch(lens.copy(), cfg)
+
+
+def test_rank_plan_round_trips_through_its_int64_encoding():
+    plan = plan_micro_batch([3000, 500, 12, 1, 0, 583], FcpConfig(cp_size=4, seq_length=4096))
+    for r in range(4):
+        assert decode_rank_plan(encode_rank_plan(plan.for_rank(r))) == plan.for_rank(r)
+    with pytest.raises(InputError, match="not made by FcpBatchDataset"):
+        decode_rank_plan(encode_rank_plan(plan.for_rank(0))[:-1])
+
+
+def test_bad_samples_are_named():
+    cfg = FcpConfig(cp_size=2, seq_length=16)
+    with pytest.raises(InputError, match="no position_ids"):
+        rank_sample({"tokens": np.zeros(16), "labels": np.zeros(16), "loss_mask": np.ones(16)}, cfg, 0)
+    sample = MockDocumentDataset(1, 8, "spamassassin", vocab_size=10)[0]
+    with pytest.raises(InputError, match="--seq-length is 16"):
+        rank_sample(sample, cfg, 0)
