@@ -43,10 +43,14 @@ def main(argv: list[str] | None = None) -> int:
     step_s = np.median([s["step_s"] for s in steady])
     plan_s = np.median([s["plan_s"] for s in steady])
     wait_s = np.median([s["loader_wait_s"] for s in steady])
+    worst_wait = max(s["loader_wait_s"] / s["step_s"] for s in steady)
+    worst_plan = max(s["plan_s"] / s["step_s"] for s in steady)
     print(f"\nlargest relative loss difference over {len(fcp)} steps: {worst:.1e}")
     print(f"median per step (steps 3+): step {1e3 * step_s:.1f} ms | planning {1e3 * plan_s:.2f} ms "
           f"({100 * plan_s / step_s:.1f}% of the step, done ahead in data-loader workers) | data-loader wait "
           f"{1e3 * wait_s:.2f} ms ({100 * wait_s / step_s:.1f}% of the step)")
+    print(f"largest share of a step (steps 3+): planning {100 * worst_plan:.1f}%, data-loader wait "
+          f"{100 * worst_wait:.1f}%")
     print(f"FCP plan figures, mean over steps: attention-pairs imbalance "
           f"{np.mean([s['pairs_imbalance'] for s in fcp]):.3f}, key/value traffic "
           f"{100 * np.mean([s['comm_vs_ring'] for s in fcp]):.1f}% of ring CP's, "

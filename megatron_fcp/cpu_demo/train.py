@@ -211,7 +211,8 @@ def _train(rank: int, run: RunConfig, out_path: str, quiet: bool) -> None:
             extra = (f" | plan {1e3 * rec['plan_s']:6.2f} ms (loader workers)  imbalance {rec['pairs_imbalance']:.3f}"
                      f"  kv comm {100 * rec['comm_vs_ring']:5.1f}% of ring" if run.mode == "fcp" else "")
             print(f"[{run.mode} cp={cp} tp={run.tp} dp={run.dp}] step {step:3d}  loss {rec['loss']:.6f}  "
-                  f"step {1e3 * step_s:7.1f} ms  loader wait {1e3 * rec['loader_wait_s']:5.2f} ms"
+                  f"step {1e3 * step_s:7.1f} ms  loader wait {1e3 * rec['loader_wait_s']:5.2f} ms "
+                  f"({100 * rec['loader_wait_s'] / step_s:3.1f}%)"
                   f"  docs {rec['docs']:.0f}{extra}", flush=True)
         if run.save_dir and step == run.save_after_step:
             dist_checkpointing.save(model.sharded_state_dict(), run.save_dir)

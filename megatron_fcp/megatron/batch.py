@@ -169,20 +169,21 @@ class FcpBatchDataset:
 class MockDocumentDataset:
     """Packed samples of ``seq_length`` tokens whose documents have lengths drawn from a length distribution.
 
-    Each document repeats a short random motif (so a model can learn it by attending within the document);
-    ``labels`` are the next tokens and the loss mask is 0 on each document's last token (its next token belongs
+    Each document counts up from a random token with a random stride of 1, 2 or 3 (modulo the vocabulary), so a
+    model can learn it, the stride only from earlier tokens of the same document; ``labels`` are the next tokens
+    and the loss mask is 0 on each document's last token (its next token belongs
     to another document), like Megatron's GPTDataset with ``--eod-mask-loss``. Sample ``i`` depends only on
     ``(seed, i)``: every rank and every data-loader worker builds the same one.
     """
 
     def __init__(self, num_samples: int, seq_length: int, lengths: LengthDistribution | str, vocab_size: int,
-                 seed: int = 1234, motif: int = 8):
+                 seed: int = 1234):
         if seq_length < 1 or num_samples < 0 or vocab_size < 2:
             raise InputError(f"MockDocumentDataset needs seq_length >= 1, num_samples >= 0 and vocab_size >= 2; "
                              f"got {seq_length}, {num_samples}, {vocab_size}")
         self.lengths = load_distribution(lengths) if isinstance(lengths, str) else lengths
         self.num_samples, self.seq_length, self.vocab_size = num_samples, seq_length, vocab_size
-        self.seed, self.motif = seed, motif
+        self.seed = seed
 
     def __len__(self) -> int:
         return self.num_samples
@@ -210,8 +211,8 @@ class MockDocumentDataset:
         rng = np.random.default_rng([self.seed, index])
         pieces, labels, mask, pos = [], [], [], []
         for n in lens.tolist():
-            motif = rng.integers(0, self.vocab_size, size=self.motif)
-            seq = motif[np.arange(n + 1) % self.motif]
+            start, stride = rng.integers(0, self.vocab_size), rng.integers(1, 4)
+            seq = (start + stride * np.arange(n + 1)) % self.vocab_size
             pieces.append(seq[:-1])
             labels.append(seq[1:])
             m = np.ones(n, np.float32)
