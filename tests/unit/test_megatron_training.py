@@ -49,6 +49,7 @@ LAYOUTS = {
     "cp4": dict(cp=4),
     "tp2_cp2": dict(cp=2, tp=2),
     "dp2_cp2": dict(cp=2, dp=2),
+    "dp2_cp2_tp2": dict(cp=2, dp=2, tp=2),
 }
 
 
