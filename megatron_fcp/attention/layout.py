@@ -10,11 +10,7 @@ from megatron_fcp.planner.plan import Plan
 
 def rank_token_index(plan: Plan, cp_rank: int) -> np.ndarray:
     """For each real local token of ``cp_rank`` (in plan order), its index in the packed batch."""
-    offsets = np.concatenate([[0], np.cumsum(plan.doc_lens)])
-    rows = plan.for_rank(cp_rank).q
-    if not rows:
-        return np.zeros(0, np.int64)
-    return np.concatenate([np.arange(offsets[d] + s, offsets[d] + e) for d, s, e in rows]).astype(np.int64)
+    return plan.token_index(cp_rank)
 
 
 def split_to_ranks(plan: Plan, x: torch.Tensor) -> list[torch.Tensor]:

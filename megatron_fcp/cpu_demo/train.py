@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_fcp.attention.reference import document_mask
 from megatron_fcp.megatron.batch import FcpBatchDataset, MockDocumentDataset, doc_lengths_from_positions
 from megatron_fcp.megatron.config import FcpConfig
 
@@ -99,10 +100,7 @@ class _DenseBatches:
 
     def __getitem__(self, index):
         sample = self.inner[index]
-        lens = doc_lengths_from_positions(sample["position_ids"])
-        doc = np.repeat(np.arange(lens.shape[0]), lens)
-        pos = sample["position_ids"]
-        visible = (doc[:, None] == doc[None, :]) & (pos[None, :] <= pos[:, None])
+        visible = document_mask(doc_lengths_from_positions(sample["position_ids"]), "causal")
         return {**sample, "attention_mask": ~visible[None]}
 
 

@@ -21,18 +21,18 @@ from __future__ import annotations
 
 import time
 import zlib
-from collections.abc import Sequence
 
 import numpy as np
 
 from megatron_fcp.errors import InputError
 from megatron_fcp.megatron.config import FcpConfig
-from megatron_fcp.planner.api import check_batch, make_plan
+from megatron_fcp.planner.api import make_plan
 from megatron_fcp.planner.checks import assert_plan_ok
-from megatron_fcp.planner.fcp import FcpOptions, plan_fcp
-from megatron_fcp.planner.pairs import MASKS, q_pairs
+from megatron_fcp.planner.fcp import FcpOptions
+from megatron_fcp.planner.pairs import MASKS
 from megatron_fcp.planner.plan import Plan, RankPlan
 from megatron_fcp.sim.lengths import LengthDistribution, load_distribution
+from megatron_fcp.sim.model import rank_pairs
 
 SAMPLE_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
 STATS = ("plan_seconds", "pairs_imbalance", "comm_vs_ring", "num_docs", "pad_tokens")
@@ -64,11 +64,8 @@ def doc_lengths_from_positions(position_ids) -> np.ndarray:
 # -- planning -----------------------------------------------------------------------------------------
 def plan_micro_batch(doc_lens, cfg: FcpConfig) -> Plan:
     """The plan of one micro-batch of ``cfg.seq_length`` tokens over ``cfg.cp_size`` ranks."""
-    lens = check_batch(doc_lens, cfg.cp_size, cfg.tokens_per_rank, cfg.mask)
-    if cfg.scheduler == "fcp":
-        plan = plan_fcp(lens, cfg.cp_size, cfg.tokens_per_rank, cfg.mask, FcpOptions(tile=cfg.block_size))
-    else:
-        plan = make_plan(lens, cfg.cp_size, cfg.tokens_per_rank, cfg.mask, strategy=cfg.scheduler)
+    options = FcpOptions(tile=cfg.block_size) if cfg.scheduler == "fcp" else None
+    plan = make_plan(doc_lens, cfg.cp_size, cfg.tokens_per_rank, cfg.mask, strategy=cfg.scheduler, options=options)
     if cfg.debug_checks:
         assert_plan_ok(plan)
     return plan
@@ -76,9 +73,7 @@ def plan_micro_batch(doc_lens, cfg: FcpConfig) -> Plan:
 
 def plan_figures(plan: Plan) -> tuple[float, float]:
     """(max/mean exact attention pairs over ranks, mean received key/value tokens per rank / ring CP's)."""
-    q = plan.q
-    pairs = np.bincount(q[:, 0], weights=q_pairs(q[:, 2], q[:, 3], plan.doc_lens[q[:, 1]], plan.mask),
-                        minlength=plan.cp)
+    pairs = rank_pairs(plan)
     imbalance = float(pairs.max() / pairs.mean()) if pairs.sum() > 0 else 1.0
     ring = (plan.cp - 1) * float(plan.num_tokens.max(initial=0))
     comm = float(plan.recv_tokens.mean() / ring) if ring > 0 else 0.0
@@ -134,8 +129,7 @@ def rank_sample(sample: dict, cfg: FcpConfig, cp_rank: int) -> dict:
     plan = plan_micro_batch(lens, cfg)
     view = plan.for_rank(cp_rank)
     plan_seconds = time.perf_counter() - start
-    offsets = np.concatenate([[0], np.cumsum(lens)])
-    index = np.concatenate([np.arange(offsets[d] + s, offsets[d] + e) for d, s, e in view.q] or [np.zeros(0, int)])
+    index = plan.token_index(cp_rank)
     n, real = view.num_tokens, index.shape[0]
     out = {}
     for key in ("tokens", "labels", "loss_mask"):
@@ -221,9 +215,3 @@ class MockDocumentDataset:
             pos.append(np.arange(n))
         return {"tokens": np.concatenate(pieces).astype(np.int64), "labels": np.concatenate(labels).astype(np.int64),
                 "loss_mask": np.concatenate(mask), "position_ids": np.concatenate(pos).astype(np.int64)}
-
-
-def stats_summary(stats: Sequence[Sequence[float]]) -> dict:
-    """Mean of each ``fcp_stats`` field over several samples, by name."""
-    arr = np.asarray(stats, dtype=np.float64).reshape(-1, len(STATS))
-    return {name: float(arr[:, i].mean()) for i, name in enumerate(STATS)}

@@ -44,6 +44,8 @@ class FcpPackedSeqParams(PackedSeqParams):
     """This rank's view of the micro-batch plan (its token order is the order of q, k and v)."""
     fcp_position_ids: torch.Tensor | None = None
     """int64 ``[num_tokens]``: each local token's position in its document (padding: 0)."""
+    fcp_max_position: int = 0
+    """The largest of ``fcp_position_ids``, known on the host (sizes the rotary table without a device sync)."""
 
 
 @dataclass(frozen=True)
@@ -91,12 +93,14 @@ class FcpCoreAttention(MegatronModule):
                 use_cpu_initialization=config.use_cpu_initialization)
         self._table: torch.Tensor | None = None
 
-    def _rope(self, t: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Rotary embedding of ``t`` ``[tokens, heads, dim]`` at per-token ``positions``."""
-        need = max(int(self.fcp.seq_length), int(positions.max().item()) + 1 if positions.numel() else 1)
-        if self._table is None or self._table.shape[0] < need or self._table.device != t.device:
-            self._table = self.rotary.get_emb(need).to(t.device)  # [need, 1, 1, dim]
-        freqs = self._table.index_select(0, positions)
+    def _freqs(self, params: FcpPackedSeqParams, device) -> torch.Tensor:
+        """Rotary frequencies ``[tokens, 1, 1, dim]`` at the micro-batch's per-token positions."""
+        need = max(int(self.fcp.seq_length), params.fcp_max_position + 1)
+        if self._table is None or self._table.shape[0] < need or self._table.device != device:
+            self._table = self.rotary.get_emb(need).to(device)  # [need, 1, 1, dim]
+        return self._table.index_select(0, params.fcp_position_ids)
+
+    def _rope(self, t: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
         return apply_rotary_pos_emb(t.unsqueeze(1), freqs, config=self.config).squeeze(1)
 
     def forward(self, query, key, value, attention_mask=None, attn_mask_type=None, attention_bias=None,
@@ -109,8 +113,8 @@ class FcpCoreAttention(MegatronModule):
             raise InputError("FCP attention does not take an attention bias")
         plan = packed_seq_params.rank_plan
         if self.rotary is not None:
-            positions = packed_seq_params.fcp_position_ids
-            query, key = self._rope(query, positions), self._rope(key, positions)
+            freqs = self._freqs(packed_seq_params, query.device)
+            query, key = self._rope(query, freqs), self._rope(key, freqs)
         group = self.cp_group if plan.cp > 1 else None
         out = fcp_attention(query.contiguous(), key.contiguous(), value.contiguous(), plan, group,
                             self.softmax_scale, backend=self.fcp.backend, timeout_s=self.fcp.exchange_timeout_s)

@@ -60,11 +60,13 @@ def get_fcp_batch(data_iterator, device: torch.device | str):
     tokens = sample["tokens"].to(device, non_blocking=True).long()
     labels = sample["labels"].to(device, non_blocking=True).long()
     loss_mask = sample["loss_mask"].to(device, non_blocking=True).float()
+    max_position = int(sample["position_ids"].max()) if sample["position_ids"].numel() else 0  # on the host
     position_ids = sample["position_ids"].to(device, non_blocking=True).long()
     n = tokens.shape[1]
     cu = torch.tensor([0, n], dtype=torch.int32, device=device)
     params = FcpPackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=n,
-                                max_seqlen_kv=n, rank_plan=view, fcp_position_ids=position_ids[0])
+                                max_seqlen_kv=n, rank_plan=view, fcp_position_ids=position_ids[0],
+                                fcp_max_position=max_position)
     return tokens, labels, loss_mask, position_ids, params
 
 

@@ -9,7 +9,7 @@ import numpy as np
 
 from megatron_fcp.errors import InputError
 from megatron_fcp.planner.baselines import plan_hybrid, plan_magi, plan_nocp, plan_ring
-from megatron_fcp.planner.fcp import plan_fcp
+from megatron_fcp.planner.fcp import FcpOptions, plan_fcp
 from megatron_fcp.planner.pairs import MASKS
 from megatron_fcp.planner.plan import Plan
 
@@ -54,11 +54,19 @@ def check_batch(doc_lens, cp, tokens_per_rank, mask: str = "causal", exact: bool
     return lens
 
 
-def make_plan(doc_lens, cp: int, tokens_per_rank: int, mask: str = "causal", strategy: str = "fcp") -> Plan:
-    """Plan one micro-batch of documents ``doc_lens`` on ``cp`` ranks of ``tokens_per_rank`` token slots."""
+def make_plan(doc_lens, cp: int, tokens_per_rank: int, mask: str = "causal", strategy: str = "fcp",
+              options: FcpOptions | None = None) -> Plan:
+    """Plan one micro-batch of documents ``doc_lens`` on ``cp`` ranks of ``tokens_per_rank`` token slots.
+
+    ``options`` tunes the ``fcp`` strategy (the baselines take none).
+    """
     if strategy not in STRATEGIES:
         raise InputError(f"unknown strategy {strategy!r}; choose one of: {', '.join(STRATEGIES)}")
+    if options is not None and strategy != "fcp":
+        raise InputError(f"planner options apply to the fcp strategy only, not to {strategy!r}")
     lens = check_batch(doc_lens, cp, tokens_per_rank, mask)
+    if options is not None:
+        return plan_fcp(lens, int(cp), int(tokens_per_rank), mask, options)
     return STRATEGIES[strategy](lens, int(cp), int(tokens_per_rank), mask)
 
 

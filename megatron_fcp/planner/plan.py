@@ -123,6 +123,15 @@ class Plan:
         return np.bincount(self.kv[:, 1], weights=self.kv[:, 4] - self.kv[:, 3], minlength=self.cp).astype(np.int64)
 
     # -- views ------------------------------------------------------------------------------------
+    def token_index(self, cp_rank: int) -> np.ndarray:
+        """int64: for each real local token of ``cp_rank`` (in plan order), its index in the packed batch."""
+        rows = self.q[self.q[:, 0] == cp_rank]
+        if rows.shape[0] == 0:
+            return np.zeros(0, np.int64)
+        starts = np.concatenate([[0], np.cumsum(self.doc_lens)])[rows[:, 1]]
+        return np.concatenate([np.arange(b + s, b + e) for b, s, e in zip(starts, rows[:, 2], rows[:, 3], strict=True)
+                               ]).astype(np.int64)
+
     def for_rank(self, cp_rank: int) -> RankPlan:
         """The view of one rank: exactly what it computes, receives and sends."""
         if not 0 <= cp_rank < self.cp:

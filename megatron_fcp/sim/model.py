@@ -123,7 +123,7 @@ class PlanCost:
 
 def evaluate(plan: Plan, hw: HardwareProfile) -> PlanCost:
     """Model one plan on ``hw``."""
-    pairs = _rank_pairs(plan)
+    pairs = rank_pairs(plan)
     if plan.exchange == "ring":
         compute, step = _ring_cost(plan, hw, pairs)
     elif plan.exchange == "group_ring":
@@ -136,7 +136,7 @@ def evaluate(plan: Plan, hw: HardwareProfile) -> PlanCost:
 
 def useful_flops(plan: Plan, hw: HardwareProfile) -> float:
     """FLOPs of the exact attention pairs, forward plus backward (the numerator of MFU)."""
-    return float(_rank_pairs(plan).sum()) * hw.fwd_flops_per_pair * (1.0 + hw.bwd_flops_factor)
+    return float(rank_pairs(plan).sum()) * hw.fwd_flops_per_pair * (1.0 + hw.bwd_flops_factor)
 
 
 def mfu(plan: Plan, hw: HardwareProfile, cost: PlanCost) -> float:
@@ -144,7 +144,8 @@ def mfu(plan: Plan, hw: HardwareProfile, cost: PlanCost) -> float:
     return useful_flops(plan, hw) / (plan.cp * hw.peak_bf16_dense_tflops * 1e12 * cost.step_time_s)
 
 
-def _rank_pairs(plan: Plan) -> np.ndarray:
+def rank_pairs(plan: Plan) -> np.ndarray:
+    """float64 ``[cp]``: exact attention pairs (query-key pairs the mask allows) each rank computes."""
     q = plan.q
     pairs = q_pairs(q[:, 2], q[:, 3], plan.doc_lens[q[:, 1]], plan.mask)
     return np.bincount(q[:, 0], weights=pairs, minlength=plan.cp)
