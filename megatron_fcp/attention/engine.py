@@ -48,19 +48,23 @@ def new_forward_state(num_real: int, q: torch.Tensor) -> tuple[torch.Tensor, tor
     return out, lse
 
 
+def _forward_call(plan: CallPlan, q, k_src, v_src, backend: Backend, scale: float):
+    n_q, n_k = plan.call.num_q, plan.call.num_k
+    return backend.forward(_rows(q, plan.q_index, n_q), _rows(k_src, plan.k_index, n_k),
+                           _rows(v_src, plan.k_index, n_k), plan.call, scale)
+
+
 def forward_calls(calls: tuple[CallPlan, ...], q, k_src, v_src, backend: Backend, scale: float, out, lse) -> None:
     """Run kernel calls and merge each partial result into ``out``/``lse``."""
     for plan in calls:
-        n_q, n_k = plan.call.num_q, plan.call.num_k
-        part_out, part_lse = backend.forward(_rows(q, plan.q_index, n_q), _rows(k_src, plan.k_index, n_k),
-                                             _rows(v_src, plan.k_index, n_k), plan.call, scale)
-        merge_into(out, lse, part_out, part_lse, plan.q_index)
+        merge_into(out, lse, *_forward_call(plan, q, k_src, v_src, backend, scale), plan.q_index)
 
 
 def to_local(like: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """Accumulated rows of the real tokens as a tensor shaped and typed like ``like``; padding rows are zero."""
-    out = torch.zeros_like(like)
-    out[: rows.shape[0]] = rows.to(like.dtype)
+    out = like.new_empty(like.shape)
+    out[: rows.shape[0]] = rows
+    out[rows.shape[0]:] = 0
     return out
 
 
@@ -86,9 +90,20 @@ def add_returned_grads(sched: RankSchedule, dk_acc, dv_acc, returned: torch.Tens
 
 
 def forward_local(sched: RankSchedule, q, k, v, backend: Backend, scale: float):
-    """Stage 1 of forward: the blocks of owned key/values. Returns the accumulators ``(out, lse)``."""
-    out_acc, lse = new_forward_state(sched.num_real, q)
-    forward_calls(sched.local_calls, q, k, v, backend, scale, out_acc, lse)
+    """Stage 1 of forward: the blocks of owned key/values. Returns the accumulators ``(out, lse)``.
+
+    The first local call covers every owned row in order (the schedule builds it so), and merging into empty
+    accumulators is the identity, so its result becomes the accumulators as it is.
+    """
+    calls = sched.local_calls
+    if not calls or calls[0].q_index is not None or calls[0].call.num_q != sched.num_real:
+        out_acc, lse = new_forward_state(sched.num_real, q)
+        forward_calls(calls, q, k, v, backend, scale, out_acc, lse)
+        return out_acc, lse
+    acc = lse_dtype(q.dtype)
+    part_out, part_lse = _forward_call(calls[0], q, k, v, backend, scale)
+    out_acc, lse = part_out.to(acc), part_lse.to(acc)
+    forward_calls(calls[1:], q, k, v, backend, scale, out_acc, lse)
     return out_acc, lse
 
 

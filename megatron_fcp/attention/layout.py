@@ -8,16 +8,11 @@ import torch
 from megatron_fcp.planner.plan import Plan
 
 
-def rank_token_index(plan: Plan, cp_rank: int) -> np.ndarray:
-    """For each real local token of ``cp_rank`` (in plan order), its index in the packed batch."""
-    return plan.token_index(cp_rank)
-
-
 def split_to_ranks(plan: Plan, x: torch.Tensor) -> list[torch.Tensor]:
     """Cut a packed ``[total_tokens, ...]`` tensor into per-rank ``[num_tokens, ...]`` tensors (padding zero)."""
     out = []
     for r in range(plan.cp):
-        index = torch.from_numpy(rank_token_index(plan, r)).to(x.device)
+        index = torch.from_numpy(plan.token_index(r)).to(x.device)
         local = x.new_zeros((int(plan.num_tokens[r]), *x.shape[1:]))
         local[: index.shape[0]] = x.index_select(0, index)
         out.append(local)
@@ -29,6 +24,6 @@ def join_from_ranks(plan: Plan, parts: list[torch.Tensor]) -> torch.Tensor:
     total = int(np.sum(plan.doc_lens))
     out = parts[0].new_zeros((total, *parts[0].shape[1:]))
     for r, part in enumerate(parts):
-        index = torch.from_numpy(rank_token_index(plan, r)).to(part.device)
+        index = torch.from_numpy(plan.token_index(r)).to(part.device)
         out[index] = part[: index.shape[0]]
     return out

@@ -89,5 +89,5 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan
     kernels = get_backend(backend, q.device)
     steps = steps or ring_steps(plan, exchange.cp_rank, q.device)
     scale = 1.0 / math.sqrt(q.shape[2]) if softmax_scale is None else float(softmax_scale)
-    num_real = int(plan.num_tokens[exchange.cp_rank] - plan.num_pad_tokens[exchange.cp_rank])
+    num_real = int(plan.num_real_tokens[exchange.cp_rank])
     return _RingAttention.apply(q, k, v, steps, exchange, kernels, scale, num_real)

@@ -50,7 +50,6 @@ class RankSchedule:
 
     cp_rank: int
     cp: int
-    mask: str
     num_tokens: int
     num_real: int
     local_calls: tuple[CallPlan, ...]
@@ -165,7 +164,7 @@ def build_schedule(rank_plan: RankPlan, device: torch.device | str = "cpu") -> R
     send_index = torch.from_numpy(_aranges(send_parts)).to(device)
     if send_index.shape[0] != start:
         raise ValueError(f"rank {rank_plan.cp_rank} is asked to send key/values it does not own")
-    return RankSchedule(cp_rank=rank_plan.cp_rank, cp=rank_plan.cp, mask=rank_plan.mask,
+    return RankSchedule(cp_rank=rank_plan.cp_rank, cp=rank_plan.cp,
                         num_tokens=rank_plan.num_tokens, num_real=num_real, local_calls=tuple(local_calls),
                         remote_calls=(remote,) if remote else (), send_index=send_index,
                         send_splits=tuple(map(tuple, send_splits)), recv_splits=tuple(recv_splits))

@@ -73,7 +73,7 @@ class CpuFlashBackend(Backend):
             g = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
                 self._bhsd(dout[qs:qe]), self._bhsd(q[qs:qe]), self._bhsd(_expand_kv(k[ks:ke], groups)),
                 self._bhsd(_expand_kv(v[ks:ke], groups)), self._bhsd(out[qs:qe]),
-                lse[qs:qe].to(torch.float32 if q.dtype != torch.float64 else q.dtype).T.unsqueeze(0).contiguous(),
+                lse[qs:qe].T.unsqueeze(0).contiguous(),
                 0.0, call.causal, scale=scale)
             dq[qs:qe] = g[0][0].transpose(0, 1)
             dk[ks:ke] = _reduce_kv(g[1][0].transpose(0, 1), groups)

@@ -62,9 +62,10 @@ class TransformerEngineBackend(Backend):
     @staticmethod
     def _token_index(call: VarlenCall) -> tuple[torch.Tensor, torch.Tensor]:
         """Segment and position in segment of every query token (to index padded ``[batch, heads, max_q]``)."""
-        lens = torch.tensor(call.q_lens, device=call.cu_q.device)
-        seg = torch.repeat_interleave(torch.arange(len(call.q_lens), device=lens.device), lens)
-        return seg, torch.arange(call.num_q, device=lens.device) - call.cu_q[seg].long()
+        device = call.cu_q.device  # lengths from the device copy, output size given: no host sync
+        seg = torch.repeat_interleave(torch.arange(len(call.q_lens), device=device), call.cu_q.diff(),
+                                      output_size=call.num_q)
+        return seg, torch.arange(call.num_q, device=device) - call.cu_q[seg].long()
 
     def forward(self, q, k, v, call, scale):
         out, aux = self._fa.fused_attn_fwd(is_training=True, q=q.contiguous(), k=k.contiguous(), v=v.contiguous(),
