@@ -20,7 +20,7 @@ import heapq
 import numpy as np
 
 from megatron_fcp.errors import InputError
-from megatron_fcp.planner.pairs import q_pairs
+from megatron_fcp.planner.pairs import arange_within, q_pairs
 from megatron_fcp.planner.plan import Plan, derive_kv, merge_adjacent_q
 
 MAGI_CHUNK = 2048
@@ -40,7 +40,7 @@ def _zigzag_rows(lens: np.ndarray, group_size: np.ndarray, first_rank: np.ndarra
     padded[docs] = chunk * 2 * g
     num = 2 * g
     rep = np.repeat(np.arange(docs.shape[0]), num)
-    k = np.arange(rep.shape[0]) - np.repeat(np.cumsum(num) - num, num)  # chunk index within its document
+    k = arange_within(num)  # chunk index within its document
     gg = g[rep]
     member = np.where(k < gg, k, 2 * gg - 1 - k)
     start = np.minimum(k * chunk[rep], lens[docs][rep])
@@ -137,7 +137,7 @@ def _chunk_pieces(lens: np.ndarray, bounds: np.ndarray, chunk: int, num_chunks: 
     last = (bounds[docs + 1] - 1) // chunk
     num = last - first + 1
     rep = np.repeat(np.arange(docs.shape[0]), num)
-    cid = first[rep] + np.arange(rep.shape[0]) - np.repeat(np.cumsum(num) - num, num)
+    cid = first[rep] + arange_within(num)
     start = np.maximum(cid * chunk, bounds[docs][rep]) - bounds[docs][rep]
     end = np.minimum((cid + 1) * chunk, bounds[docs + 1][rep]) - bounds[docs][rep]
     assert cid.max(initial=0) < num_chunks

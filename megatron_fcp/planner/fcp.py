@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from megatron_fcp.planner.pairs import check_mask, q_pairs
+from megatron_fcp.planner.pairs import arange_within, check_mask, needed_kv_end, q_pairs
 from megatron_fcp.planner.plan import Plan, derive_kv, merge_adjacent_q
 
 Piece = tuple[int, int, int, float]
@@ -76,8 +76,8 @@ class _Pool:
     def __init__(self, lens: np.ndarray, units: np.ndarray, mask: str, tile: int, edge_weight: float):
         doc, start, end, zig = units.T
         self.overhead, self.edge = edge_weight * tile * tile / 4, edge_weight * tile / 2
-        keys = end if mask == "causal" else lens[doc]
-        dens = (q_pairs(start, end, lens[doc], mask) + self.overhead + self.edge * keys) / (end - start)
+        work = q_pairs(start, end, lens[doc], mask) + self.overhead + self.edge * needed_kv_end(end, lens[doc], mask)
+        dens = work / (end - start)
         order = np.argsort(dens, kind="stable")
         self.doc = doc[order].tolist()
         self.start = start[order].tolist()
@@ -87,7 +87,7 @@ class _Pool:
         self.dens = dens[order].tolist()
         self.causal = mask == "causal"
         self.lo, self.hi = 0, len(self.doc) - 1
-        self.work = float(sum(self.unit_work(u) for u in range(len(self.doc))))
+        self.work = float(work.sum())
         self.cut: set[int] = set()  # units cut while filling the current rank, to be re-sorted
         split = np.bincount(doc, minlength=lens.shape[0]) > 1
         self.spread = set(np.flatnonzero(split).tolist()) | set(doc[zig == 1].tolist())
@@ -127,12 +127,13 @@ class _Pool:
 
     def take(self, u: int, n: int, from_hi: bool) -> list[Piece]:
         """Remove ``n`` tokens of unit ``u`` and return them as pieces."""
-        pieces = [(self.doc[u], s, e, self._work(u, s, e)) for s, e in self._ranges(u, n, from_hi) if e > s]
+        ranges = self._ranges(u, n, from_hi)
+        pieces = [(self.doc[u], s, e, self._work(u, s, e)) for s, e in ranges if e > s]
         self.work -= self.unit_work(u)
         if self.zig[u] or not from_hi:
-            self.start[u] += (n + 1) // 2 if self.zig[u] else n
+            self.start[u] = ranges[0][1]
         if self.zig[u] or from_hi:
-            self.end[u] -= n // 2 if self.zig[u] else n
+            self.end[u] = ranges[-1][0]
         self.work += self.unit_work(u)  # the remainder is a piece of its own
         if self.start[u] < self.end[u]:
             self.cut.add(u)
@@ -202,7 +203,7 @@ def initial_units(lens: np.ndarray, cp: int, tokens_per_rank: int, mask: str, zi
         by_work = np.ceil(work / (FULL_PIECE_FILL * work.sum() / cp)).astype(np.int64)
         num_pieces = np.minimum(np.where(too_big, np.maximum(by_work, -(-n // tokens_per_rank)), 1), n)
     rep = np.repeat(np.arange(docs.shape[0]), num_pieces)
-    k = np.arange(rep.shape[0]) - np.repeat(np.cumsum(num_pieces) - num_pieces, num_pieces)
+    k = arange_within(num_pieces)
     start = k * n[rep] // num_pieces[rep]
     end = (k + 1) * n[rep] // num_pieces[rep]
     zig = too_big[rep] & (mask == "causal") & zigzag

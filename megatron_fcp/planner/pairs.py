@@ -41,6 +41,12 @@ def block_pairs(q_start, q_end, k_start, k_end, mask: str):
     return _causal_prefix(q_end, k_start, k_end) - _causal_prefix(q_start, k_start, k_end)
 
 
+def arange_within(counts) -> np.ndarray:
+    """For groups of ``counts`` elements laid end to end, each element's position inside its group."""
+    counts = np.asarray(counts, dtype=np.int64)
+    return np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+
+
 def needed_kv_end(q_end, doc_len, mask: str):
     """End of the key range ``[0, end)`` that queries ending at ``q_end`` need (causal) or the document (full)."""
     if mask == "causal":

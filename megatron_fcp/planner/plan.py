@@ -22,7 +22,7 @@ from functools import cached_property
 
 import numpy as np
 
-from megatron_fcp.planner.pairs import check_mask, needed_kv_end
+from megatron_fcp.planner.pairs import arange_within, check_mask, needed_kv_end
 
 EXCHANGES = ("p2p", "ring", "group_ring")
 Q_COLS = ("cp_rank", "doc", "start", "end")
@@ -136,10 +136,12 @@ class Plan:
         """The view of one rank: exactly what it computes, receives and sends."""
         if not 0 <= cp_rank < self.cp:
             raise ValueError(f"cp_rank {cp_rank} out of range for cp={self.cp}")
-        kv = self.kv_explicit
         own = self.q[self.q[:, 0] == cp_rank, 1:]
-        recv = kv[kv[:, 0] == cp_rank, 1:]
-        send = kv[kv[:, 1] == cp_rank][:, [0, 2, 3, 4]]
+        if self.exchange == "ring":  # one rank's share of ring_kv_rows, without expanding every rank's
+            recv, send = _ring_rank_rows(self.q, self.cp, cp_rank)
+        else:
+            recv = self.kv[self.kv[:, 0] == cp_rank, 1:]
+            send = self.kv[self.kv[:, 1] == cp_rank][:, [0, 2, 3, 4]]
         return RankPlan(
             cp_rank=cp_rank,
             cp=self.cp,
@@ -256,15 +258,21 @@ def ring_kv_rows(q: np.ndarray, cp: int) -> np.ndarray:
     return out[order]
 
 
+def _ring_rank_rows(q: np.ndarray, cp: int, cp_rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of :func:`ring_kv_rows` that ``cp_rank`` receives ``(src, doc, start, end)`` and sends
+    ``(dst, doc, start, end)``, in the same order."""
+    others = q[q[:, 0] != cp_rank]
+    recv = others[np.lexsort((others[:, 3], others[:, 2], others[:, 1], others[:, 0]))]
+    own = q[q[:, 0] == cp_rank, 1:]
+    own = own[np.lexsort((own[:, 2], own[:, 1], own[:, 0]))]
+    dst = np.delete(np.arange(cp, dtype=np.int64), cp_rank)
+    send = np.column_stack([np.repeat(dst, own.shape[0]), np.tile(own, (dst.shape[0], 1))])
+    return recv, send.reshape(-1, 4)
+
+
 def merge_adjacent_q(rows: np.ndarray) -> np.ndarray:
     """Sort q rows ``(cp_rank, doc, start, end)`` by rank, doc and start; merge ranges that continue each other."""
-    if rows.shape[0] == 0:
-        return rows.reshape(0, 4)
-    rows = rows[np.lexsort((rows[:, 2], rows[:, 1], rows[:, 0]))]
-    cont = (rows[1:, 0] == rows[:-1, 0]) & (rows[1:, 1] == rows[:-1, 1]) & (rows[1:, 2] == rows[:-1, 3])
-    out = rows[np.concatenate([[True], ~cont])].copy()
-    out[:, 3] = rows[np.concatenate([~cont, [True]]), 3]
-    return out
+    return _merge_runs(rows, 2)
 
 
 def derive_kv(q: np.ndarray, doc_lens: np.ndarray, cp: int, mask: str) -> np.ndarray:
@@ -301,7 +309,7 @@ def _needed_rows(pieces: np.ndarray, holders: np.ndarray, need_end: np.ndarray, 
     first_piece = np.searchsorted(docs_sorted, holders[:, 1])
     num_pieces = counts[holders[:, 1]]
     rep = np.repeat(np.arange(holders.shape[0]), num_pieces)
-    offset = np.arange(rep.shape[0]) - np.repeat(np.cumsum(num_pieces) - num_pieces, num_pieces)
+    offset = arange_within(num_pieces)
     cand = pieces[first_piece[rep] + offset]
     end = need_end[rep]
     keep = (cand[:, 0] != holders[rep, 0]) & (cand[:, 2] < end)
@@ -313,14 +321,16 @@ def _needed_rows(pieces: np.ndarray, holders: np.ndarray, need_end: np.ndarray, 
 
 def _merge_adjacent(rows: np.ndarray) -> np.ndarray:
     """Merge rows ``(rank, src, doc, start, end)`` that continue one another from the same source."""
+    return _merge_runs(rows, 3)
+
+
+def _merge_runs(rows: np.ndarray, nkey: int) -> np.ndarray:
+    """Rows of ``nkey`` key columns then ``start, end``, sorted by keys and start, with each run of ranges that
+    continue one another (same keys, start == previous end) merged into one."""
     if rows.shape[0] == 0:
-        return rows.reshape(0, 5)
-    rows = rows[np.lexsort((rows[:, 3], rows[:, 2], rows[:, 1], rows[:, 0]))]
-    same = np.all(rows[1:, :3] == rows[:-1, :3], axis=1) & (rows[1:, 3] == rows[:-1, 4])
-    starts = np.concatenate([[True], ~same])
-    group = np.cumsum(starts) - 1
-    out = rows[starts].copy()
-    last = np.zeros(out.shape[0], np.int64)
-    np.maximum.at(last, group, rows[:, 4])
-    out[:, 4] = last
+        return rows.reshape(0, nkey + 2)
+    rows = rows[np.lexsort(tuple(rows[:, c] for c in range(nkey, -1, -1)))]
+    cont = np.all(rows[1:, :nkey] == rows[:-1, :nkey], axis=1) & (rows[1:, nkey] == rows[:-1, nkey + 1])
+    out = rows[np.concatenate([[True], ~cont])].copy()
+    out[:, nkey + 1] = rows[np.concatenate([~cont, [True]]), nkey + 1]
     return out

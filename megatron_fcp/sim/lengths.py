@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from megatron_fcp.errors import InputError
+from megatron_fcp.planner.pairs import arange_within
 
 SHIPPED = {
     "linux_files": "linux-6.1.192_files_cl100k.txt",
@@ -226,7 +227,7 @@ def _cut_at_boundaries(docs: np.ndarray, num_tokens: int, num_batches: int) -> l
     last_batch = np.where(docs > 0, (ends - 1) // num_tokens, first_batch)
     num_pieces = last_batch - first_batch + 1
     doc_of_piece = np.repeat(np.arange(len(docs)), num_pieces)
-    piece_in_doc = np.arange(len(doc_of_piece)) - np.repeat(np.cumsum(num_pieces) - num_pieces, num_pieces)
+    piece_in_doc = arange_within(num_pieces)
     batch_of_piece = first_batch[doc_of_piece] + piece_in_doc
     piece_starts = np.maximum(starts[doc_of_piece], batch_of_piece * num_tokens)
     piece_ends = np.minimum(ends[doc_of_piece], (batch_of_piece + 1) * num_tokens)

@@ -32,7 +32,7 @@ import numpy as np
 import yaml
 
 from megatron_fcp.errors import InputError
-from megatron_fcp.planner.pairs import block_pairs, q_pairs
+from megatron_fcp.planner.pairs import arange_within, block_pairs, needed_kv_end, q_pairs
 from megatron_fcp.planner.plan import Plan
 
 
@@ -134,14 +134,16 @@ def evaluate(plan: Plan, hw: HardwareProfile) -> PlanCost:
     return PlanCost(pairs=pairs, compute_s=compute, recv_bytes=recv.astype(np.float64), step_s=step)
 
 
-def useful_flops(plan: Plan, hw: HardwareProfile) -> float:
-    """FLOPs of the exact attention pairs, forward plus backward (the numerator of MFU)."""
-    return float(rank_pairs(plan).sum()) * hw.fwd_flops_per_pair * (1.0 + hw.bwd_flops_factor)
+def useful_flops(plan: Plan, hw: HardwareProfile, pairs: np.ndarray | None = None) -> float:
+    """FLOPs of the exact attention pairs (``rank_pairs(plan)`` unless given), forward plus backward (the
+    numerator of MFU)."""
+    pairs = rank_pairs(plan) if pairs is None else pairs
+    return float(pairs.sum()) * hw.fwd_flops_per_pair * (1.0 + hw.bwd_flops_factor)
 
 
 def mfu(plan: Plan, hw: HardwareProfile, cost: PlanCost) -> float:
     """Modeled attention MFU: useful FLOPs over ``cp`` GPUs' peak during the modeled step."""
-    return useful_flops(plan, hw) / (plan.cp * hw.peak_bf16_dense_tflops * 1e12 * cost.step_time_s)
+    return useful_flops(plan, hw, cost.pairs) / (plan.cp * hw.peak_bf16_dense_tflops * 1e12 * cost.step_time_s)
 
 
 def rank_pairs(plan: Plan) -> np.ndarray:
@@ -170,7 +172,7 @@ def _local_split(plan: Plan) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     size = np.bincount(group_id)
     reps = size[group_id]
     i = np.repeat(order, reps)
-    j = order[np.repeat(first[group_id], reps) + (np.arange(i.shape[0]) - np.repeat(np.cumsum(reps) - reps, reps))]
+    j = order[np.repeat(first[group_id], reps) + arange_within(reps)]
     pair_ij = block_pairs(q[i, 2], q[i, 3], q[j, 2], q[j, 3], plan.mask)
     local = np.bincount(i, weights=pair_ij, minlength=q.shape[0])
     seen = np.where(pair_ij > 0, q[j, 3] - q[j, 2], 0)
@@ -182,7 +184,7 @@ def _p2p_cost(plan: Plan, hw: HardwareProfile) -> tuple[np.ndarray, np.ndarray]:
     q, cp, tile = plan.q, plan.cp, hw.tile_size
     local, local_keys, total = _local_split(plan)
     remote = total - local
-    need = q[:, 3] if plan.mask == "causal" else plan.doc_lens[q[:, 1]]
+    need = needed_kv_end(q[:, 3], plan.doc_lens[q[:, 1]], plan.mask)
     remote_keys = np.maximum(need - local_keys, 0)
     n_q = q[:, 3] - q[:, 2]
     eff_local = np.bincount(q[:, 0], weights=_eff_pairs(local, n_q, local_keys, tile), minlength=cp)
