@@ -13,22 +13,19 @@ from pathlib import Path
 
 import torch
 
-from megatron_fcp.cpu_demo.train import RunConfig, baseline_of, launch
-
-LAYOUTS = {"CP=2": dict(cp=2), "CP=4": dict(cp=4), "TP=2 x CP=2": dict(cp=2, tp=2),
-           "DP=2 x CP=2": dict(cp=2, dp=2), "DP=2 x CP=2 x TP=2": dict(cp=2, dp=2, tp=2)}
+from megatron_fcp.cpu_demo.train import EQUIVALENCE_BASE, EQUIVALENCE_LAYOUTS, baseline_of, launch
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--steps", type=int, default=EQUIVALENCE_BASE.steps)
     a = p.parse_args()
-    base = RunConfig(steps=a.steps, seq_length=1024, doclens="magi_hist", lr=3e-3)
+    base = replace(EQUIVALENCE_BASE, steps=a.steps)
     tmp = Path(tempfile.mkdtemp(prefix="fcp-equiv-"))
     refs = {}
     print("layout               | step-1 loss rel. diff | step-1 grads rel. diff (worst parameter) | "
           f"max loss rel. diff, steps 1-{a.steps}")
-    for name, layout in LAYOUTS.items():
+    for name, layout in EQUIVALENCE_LAYOUTS.items():
         run = replace(base, **layout, grads_out=str(tmp / f"{len(refs)}-{layout}.pt"))
         ref = baseline_of(run)
         if ref.dp not in refs:

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_fcp.attention.reference import document_mask
-from megatron_fcp.megatron.batch import FcpBatchDataset, MockDocumentDataset, doc_lengths_from_positions
+from megatron_fcp.megatron.batch import STATS, FcpBatchDataset, MockDocumentDataset, doc_lengths_from_positions
 from megatron_fcp.megatron.config import FcpConfig
 
 
@@ -46,7 +46,6 @@ class RunConfig:
     vocab_size: int = 256
     lr: float = 3e-3
     seed: int = 1234
-    sequence_parallel: bool = False
     planning_workers: int = 0
     """Data-loader worker processes (0: plan in the training process; on 2 CPU cores, worker processes only add
     contention; the entry point plans in workers, ``--fcp-planning-workers``)."""
@@ -78,7 +77,7 @@ def _model(run: RunConfig, pg_collection):
         num_layers=run.num_layers, hidden_size=run.hidden_size, num_attention_heads=run.num_heads,
         num_query_groups=run.num_query_groups, ffn_hidden_size=run.ffn_hidden_size,
         tensor_model_parallel_size=run.tp, context_parallel_size=run.cp if run.mode == "fcp" else 1,
-        sequence_parallel=run.sequence_parallel, hidden_dropout=0.0, attention_dropout=0.0,
+        hidden_dropout=0.0, attention_dropout=0.0,
         use_cpu_initialization=True, params_dtype=torch.float32, transformer_impl="local",
         apply_rope_fusion=False, bias_dropout_fusion=False, masked_softmax_fusion=False,
         gradient_accumulation_fusion=False, calculate_per_token_loss=True)
@@ -100,8 +99,10 @@ class _DenseBatches:
 
     def __getitem__(self, index):
         sample = self.inner[index]
-        visible = document_mask(doc_lengths_from_positions(sample["position_ids"]), "causal")
-        return {**sample, "attention_mask": ~visible[None]}
+        lens = doc_lengths_from_positions(sample["position_ids"])
+        stats = {**dict.fromkeys(STATS, 0.0), "pairs_imbalance": 1.0, "num_docs": float(len(lens))}
+        return {**sample, "attention_mask": ~document_mask(lens, "causal")[None],
+                "fcp_stats": np.asarray([stats[name] for name in STATS], np.float64)}
 
 
 def _loader(dataset, indices, workers: int):
@@ -176,8 +177,7 @@ def _train(rank: int, run: RunConfig, out_path: str, quiet: bool) -> None:
             else:
                 wait_start = time.perf_counter()
                 b = next(data)
-                docs = len(doc_lengths_from_positions(b["position_ids"][0]))
-                STEP_STATS.add(time.perf_counter() - wait_start, [0.0, 1.0, 0.0, docs, 0.0])
+                STEP_STATS.add(time.perf_counter() - wait_start, b["fcp_stats"][0].tolist())
                 output = model(b["tokens"], b["position_ids"], b["attention_mask"], labels=b["labels"],
                                loss_mask=b["loss_mask"])
                 loss_fn = partial(per_token_loss, b["loss_mask"].float())
@@ -189,8 +189,6 @@ def _train(rank: int, run: RunConfig, out_path: str, quiet: bool) -> None:
             if param.grad is None:
                 continue
             dist.all_reduce(param.grad, group=dp_cp_group)
-            if run.sequence_parallel and getattr(param, "sequence_parallel", False):
-                dist.all_reduce(param.grad, group=tp_group)
             param.grad /= totals[1].item()
         if step == run.first_step and run.grads_out:
             grads = {n: _gather_tp(p, p.grad, tp_group).clone() for n, p in model.named_parameters()}
@@ -199,13 +197,10 @@ def _train(rank: int, run: RunConfig, out_path: str, quiet: bool) -> None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step_s = time.perf_counter() - start
-        waits, samples = STEP_STATS.take()
+        s = STEP_STATS.take_summary()
         rec = {"step": step, "loss": (totals[0] / totals[1]).item(), "tokens": int(totals[1].item()),
-               "step_s": step_s, "loader_wait_s": float(sum(waits)),
-               "plan_s": float(sum(s["plan_seconds"] for s in samples)),
-               "pairs_imbalance": float(np.mean([s["pairs_imbalance"] for s in samples])),
-               "comm_vs_ring": float(np.mean([s["comm_vs_ring"] for s in samples])),
-               "docs": float(np.mean([s["num_docs"] for s in samples]))}
+               "step_s": step_s, "loader_wait_s": s["loader_wait_s"], "plan_s": s["plan_s"],
+               "pairs_imbalance": s["pairs_imbalance"], "comm_vs_ring": s["comm_vs_ring"], "docs": s["num_docs"]}
         records.append(rec)
         if rank == 0 and not quiet:
             extra = (f" | plan {1e3 * rec['plan_s']:6.2f} ms  imbalance {rec['pairs_imbalance']:.3f}"
@@ -242,7 +237,14 @@ def launch(run: RunConfig, out_path: str | Path, quiet: bool = False) -> dict:
     return json.loads(Path(out_path).read_text())
 
 
+EQUIVALENCE_BASE = RunConfig(steps=20, seq_length=1024, doclens="magi_hist", planning_workers=0, lr=3e-3)
+"""The run the FCP-vs-no-CP equivalence is measured on (tests and ``scripts/megatron_equivalence.py``)."""
+EQUIVALENCE_LAYOUTS = {"cp2": dict(cp=2), "cp4": dict(cp=4), "tp2_cp2": dict(cp=2, tp=2), "dp2_cp2": dict(cp=2, dp=2),
+                       "dp2_cp2_tp2": dict(cp=2, dp=2, tp=2)}
+"""Parallel layouts of the equivalence runs, by name."""
+
+
 def baseline_of(run: RunConfig) -> RunConfig:
     """The same run without context or tensor parallelism (one process per data-parallel replica)."""
-    return replace(run, mode="nocp", cp=1, tp=1, sequence_parallel=False,
+    return replace(run, mode="nocp", cp=1, tp=1,
                    grads_out=run.grads_out and run.grads_out + ".nocp")

@@ -8,6 +8,7 @@ knows into one :class:`InputError` line, raised before Megatron's own validation
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import dataclass
 
 from megatron_fcp.errors import InputError
@@ -16,6 +17,8 @@ from megatron_fcp.planner.api import STRATEGIES
 CP_MODES = ("ring", "fcp")
 SCHEDULERS = tuple(s for s in STRATEGIES if s != "nocp")
 BACKENDS = ("auto", "cpu", "reference", "torch-flash", "flash-attn", "te")
+"""Attention backend names (``megatron_fcp.attention.backends.BACKENDS``, repeated here to keep this module free
+of torch; a test keeps the two equal)."""
 AUTO_BLOCK_SIZE = 128
 """The block size ``auto`` picks: the attention kernels' tile (flash-attn and cuDNN work in 128-token tiles)."""
 
@@ -56,7 +59,7 @@ def add_fcp_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                        help="data-loader worker processes that plan micro-batches ahead of the step (raises "
                             "--num-workers to this if lower; 0 plans in the training process)")
     group.add_argument("--fcp-attention-backend", choices=BACKENDS, default="auto",
-                       help="attention kernels: auto picks te, then flash-attn, then torch-flash on GPU, cpu on CPU")
+                       help="attention kernels: auto picks torch-flash on GPU and cpu on CPU")
     group.add_argument("--fcp-debug-checks", action="store_true",
                        help="check every plan (ownership, delivery, token counts) and every attention input; slow")
     group.add_argument("--fcp-exchange-timeout", type=float, default=600.0,
@@ -111,12 +114,15 @@ def check_fcp_args(args, world_size: int) -> None:
                          "via --global-batch-size")
     if seq is None or seq < 1:
         raise InputError("FCP needs --seq-length (tokens of one packed micro-batch over the whole CP group)")
-    if seq % cp:
-        raise InputError(f"--seq-length {seq} is not a multiple of --context-parallel-size {cp}; every CP rank "
-                         f"holds seq_length / cp tokens (try --seq-length {seq - seq % cp + cp})")
+    unit = 2 * cp if cp > 1 else 1  # Megatron's own rule for CP > 1 (validate_args); FCP needs seq_length / cp
+    if seq % unit:
+        raise InputError(f"--seq-length {seq} is not a multiple of --context-parallel-size {cp}"
+                         f"{' x 2, which Megatron requires with CP' if cp > 1 else ''} "
+                         f"(try --seq-length {seq - seq % unit + unit})")
     if bool(_get(args, "sequence_parallel", False)) and (seq // cp) % tp:
         raise InputError(f"with --sequence-parallel each CP rank's {seq // cp} tokens must split evenly over "
-                         f"--tensor-model-parallel-size {tp}; pick --seq-length a multiple of {cp * tp}")
+                         f"--tensor-model-parallel-size {tp}; pick --seq-length a multiple of "
+                         f"{math.lcm(unit, cp * tp)}")
     block = parse_block_size(_get(args, "fcp_block_size", "auto"))
     if block > seq:
         raise InputError(f"--fcp-block-size {block} is larger than the sequence (--seq-length {seq}); use a block "

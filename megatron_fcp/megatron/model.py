@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -46,6 +46,8 @@ class FcpPackedSeqParams(PackedSeqParams):
     """int64 ``[num_tokens]``: each local token's position in its document (padding: 0)."""
     fcp_max_position: int = 0
     """The largest of ``fcp_position_ids``, known on the host (sizes the rotary table without a device sync)."""
+    fcp_freqs: torch.Tensor | None = field(default=None, repr=False, compare=False)
+    """Rotary frequencies at ``fcp_position_ids``: gathered by the first layer, reused by the others."""
 
 
 @dataclass(frozen=True)
@@ -94,11 +96,14 @@ class FcpCoreAttention(MegatronModule):
         self._table: torch.Tensor | None = None
 
     def _freqs(self, params: FcpPackedSeqParams, device) -> torch.Tensor:
-        """Rotary frequencies ``[tokens, 1, 1, dim]`` at the micro-batch's per-token positions."""
-        need = max(int(self.fcp.seq_length), params.fcp_max_position + 1)
-        if self._table is None or self._table.shape[0] < need or self._table.device != device:
-            self._table = self.rotary.get_emb(need).to(device)  # [need, 1, 1, dim]
-        return self._table.index_select(0, params.fcp_position_ids)
+        """Rotary frequencies ``[tokens, 1, 1, dim]`` at the micro-batch's per-token positions, gathered once per
+        micro-batch (every layer has the same rotary embedding), so only the first layer keeps a table."""
+        if params.fcp_freqs is None:
+            need = max(int(self.fcp.seq_length), params.fcp_max_position + 1)
+            if self._table is None or self._table.shape[0] < need or self._table.device != device:
+                self._table = self.rotary.get_emb(need).to(device)  # [need, 1, 1, dim]
+            params.fcp_freqs = self._table.index_select(0, params.fcp_position_ids)
+        return params.fcp_freqs
 
     def _rope(self, t: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
         return apply_rotary_pos_emb(t.unsqueeze(1), freqs, config=self.config).squeeze(1)

@@ -146,17 +146,15 @@ class FcpForwardStep:
 
         out = fcp_forward_step(data_iterator, model)
         if len(STEP_STATS.samples) >= self.log_interval:
-            waits, samples = STEP_STATS.take()
-            now, n = time.perf_counter(), len(samples)
+            s = STEP_STATS.take_summary()
+            now, n = time.perf_counter(), s["micro_batches"]
             per_mb = (now - self.last) / n
             self.last = now
-            plan_ms = 1e3 * sum(s["plan_seconds"] for s in samples) / n
             print_rank_0(
-                f" fcp | per micro-batch: {1e3 * per_mb:.1f} ms wall, planning {plan_ms:.2f} ms "
-                f"(in data-loader workers), data-loader wait {1e3 * sum(waits) / n:.2f} ms | attention pairs "
-                f"imbalance {sum(s['pairs_imbalance'] for s in samples) / n:.3f}, key/value traffic "
-                f"{100 * sum(s['comm_vs_ring'] for s in samples) / n:.1f}% of ring's | "
-                f"{sum(s['num_docs'] for s in samples) / n:.1f} documents per micro-batch")
+                f" fcp | per micro-batch: {1e3 * per_mb:.1f} ms wall, planning {1e3 * s['plan_s'] / n:.2f} ms "
+                f"(in data-loader workers), data-loader wait {1e3 * s['loader_wait_s'] / n:.2f} ms | attention "
+                f"pairs imbalance {s['pairs_imbalance']:.3f}, key/value traffic {100 * s['comm_vs_ring']:.1f}% of "
+                f"ring's | {s['num_docs']:.1f} documents per micro-batch")
         return out
 
 

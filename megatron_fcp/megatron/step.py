@@ -39,6 +39,15 @@ class StepStats:
         self.loader_wait_s, self.samples = [], []
         return out
 
+    def take_summary(self) -> dict:
+        """The records since the last call (forgotten): their count, total data-loader wait and planning seconds,
+        and mean pairs imbalance, key/value traffic as a fraction of ring's and documents per micro-batch."""
+        waits, samples = self.take()
+        n = max(len(samples), 1)
+        return {"micro_batches": len(samples), "loader_wait_s": float(sum(waits)),
+                "plan_s": float(sum(s["plan_seconds"] for s in samples)),
+                **{name: sum(s[name] for s in samples) / n for name in ("pairs_imbalance", "comm_vs_ring", "num_docs")}}
+
 
 STEP_STATS = StepStats()
 

@@ -121,3 +121,10 @@ def test_bad_samples_are_named():
     sample = MockDocumentDataset(1, 8, "spamassassin", vocab_size=10)[0]
     with pytest.raises(InputError, match="--seq-length is 16"):
         rank_sample(sample, cfg, 0)
+
+
+def test_backend_choices_are_the_attention_backends():
+    from megatron_fcp.attention.backends import BACKENDS
+    from megatron_fcp.megatron.config import BACKENDS as FLAG_CHOICES
+
+    assert FLAG_CHOICES == BACKENDS

@@ -18,10 +18,11 @@ import torch
 pytest.importorskip("megatron.core")
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
+from megatron_fcp.cpu_demo import train  # noqa: E402
 from megatron_fcp.cpu_demo.train import RunConfig, baseline_of, launch  # noqa: E402
 
-STEPS = 20
-BASE = RunConfig(steps=STEPS, seq_length=1024, doclens="magi_hist", planning_workers=0, lr=3e-3)
+BASE, LAYOUTS = train.EQUIVALENCE_BASE, train.EQUIVALENCE_LAYOUTS
+STEPS = BASE.steps
 
 
 def _rel(a: float, b: float) -> float:
@@ -42,15 +43,6 @@ def runs(tmp_path_factory):
         return cache[name]
 
     return get
-
-
-LAYOUTS = {
-    "cp2": dict(cp=2),
-    "cp4": dict(cp=4),
-    "tp2_cp2": dict(cp=2, tp=2),
-    "dp2_cp2": dict(cp=2, dp=2),
-    "dp2_cp2_tp2": dict(cp=2, dp=2, tp=2),
-}
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
