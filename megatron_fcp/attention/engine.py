@@ -1,27 +1,45 @@
-"""The FCP attention step of one rank: local blocks while key/values travel, remote blocks when they arrive.
+"""The FCP attention step of one rank: local blocks while the first stage of received key/values travels, then
+each stage while the next one travels.
 
 The stages are plain functions over a :class:`~megatron_fcp.attention.schedule.RankSchedule`, shared by the
 distributed autograd function (:func:`fcp_attention`) and the in-process executor
-(:mod:`megatron_fcp.attention.executor`), so both run the same kernels and the same merge in the same order.
+(:mod:`megatron_fcp.attention.executor`), so both run the same kernels and the same merges in the same order.
 Partial outputs are merged in float32 (float64 for float64 inputs); key/value gradients are accumulated in
-float32 (float64) on their owner and travel back in the input dtype.
+float32 (float64) and travel back to their owners in the input dtype.
+
+Every rank posts its messages in the same order of rounds, so that messages between two ranks match in order
+(NCCL matches point-to-point messages by order only): forward rounds ``0, 1, ...``; in backward the key/values
+of round 1, then for ``t = 0, 1, ...`` the gradients of round ``t`` (sent back, and received as their owner)
+and the key/values of round ``t + 2``. A rank with nothing to move in a round skips it.
+
+Memory (per layer): at most two stage buffers are alive at once (the one computed and the next one arriving),
+forward and backward; the last stage is saved for backward and freed as soon as backward has used it; sends
+are slices of ``k`` and ``v`` (no copy). In backward, the gradients of one stage (float32 accumulator, then the
+copy that travels) and the gradients coming back to this rank in one round are alive at a time (meter kinds
+``kv``, ``grad``, ``returned``).
 """
 
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 import torch.distributed as dist
 
 from megatron_fcp.attention.backends import Backend, get_backend, lse_dtype
-from megatron_fcp.attention.exchange import P2PExchange, Pending
+from megatron_fcp.attention.exchange import ExchangeError, MemoryMeter, P2PExchange, Pending
 from megatron_fcp.attention.merge import merge_into
-from megatron_fcp.attention.schedule import CallPlan, RankSchedule, cached_schedule
+from megatron_fcp.attention.schedule import CallPlan, Message, RankSchedule, Stage, cached_schedule
 from megatron_fcp.errors import InputError
 from megatron_fcp.planner.plan import RankPlan
+from megatron_fcp.planner.stages import DEFAULT_KV_BUDGET, parse_kv_budget
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class PlanMismatchError(ExchangeError):
+    """CP ranks hold different plans (or budgets) for one step; raised on every rank before anything moves."""
 
 
 def _rows(x: torch.Tensor, index: torch.Tensor | None, n: int) -> torch.Tensor:
@@ -33,11 +51,6 @@ def _add_rows(acc: torch.Tensor, index: torch.Tensor | None, value: torch.Tensor
         acc[: value.shape[0]] += value.to(acc.dtype)
     else:
         acc.index_add_(0, index, value.to(acc.dtype))
-
-
-def pack_send(sched: RankSchedule, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Send buffer ``[num_send, 2, kv_heads, head_dim]``: the owned key/values each destination needs."""
-    return torch.stack((k.index_select(0, sched.send_index), v.index_select(0, sched.send_index)), dim=1)
 
 
 def new_forward_state(num_real: int, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,15 +95,9 @@ def backward_calls(calls: tuple[CallPlan, ...], dout, q, k_src, v_src, out, lse,
         _add_rows(dv_acc, plan.k_index, dv)
 
 
-def add_returned_grads(sched: RankSchedule, dk_acc, dv_acc, returned: torch.Tensor) -> None:
-    """Add the key/value gradients the destinations sent back (``[num_send, 2, ...]``) to the owned rows."""
-    if sched.num_send:
-        dk_acc.index_add_(0, sched.send_index, returned[:, 0].to(dk_acc.dtype))
-        dv_acc.index_add_(0, sched.send_index, returned[:, 1].to(dv_acc.dtype))
-
-
+# -- the stages of one rank ------------------------------------------------------------------------------------
 def forward_local(sched: RankSchedule, q, k, v, backend: Backend, scale: float):
-    """Stage 1 of forward: the blocks of owned key/values. Returns the accumulators ``(out, lse)``.
+    """The blocks of owned key/values. Returns the accumulators ``(out, lse)``.
 
     The first local call covers every owned row in order (the schedule builds it so), and merging into empty
     accumulators is the identity, so its result becomes the accumulators as it is.
@@ -107,68 +114,181 @@ def forward_local(sched: RankSchedule, q, k, v, backend: Backend, scale: float):
     return out_acc, lse
 
 
-def forward_remote(sched: RankSchedule, q, recv, backend: Backend, scale: float, out_acc, lse) -> torch.Tensor:
-    """Stage 2 of forward: the blocks of received key/values (``[num_recv, 2, ...]``); returns the output."""
-    forward_calls(sched.remote_calls, q, recv[:, 0], recv[:, 1], backend, scale, out_acc, lse)
-    return to_local(q, out_acc)
+def stage_buffer(stage: Stage | None, like: torch.Tensor, meter: MemoryMeter | None = None) -> torch.Tensor | None:
+    """An empty stage buffer ``[2, stage.num_tokens, kv_heads, head_dim]`` (keys, values) like ``like``."""
+    if stage is None:
+        return None
+    buf = like.new_empty((2, stage.num_tokens, *like.shape[1:]))
+    if meter is not None:
+        meter.track("kv", buf)
+    return buf
 
 
-def backward_remote(sched: RankSchedule, dout, q, k, recv, out, lse, backend: Backend, scale: float):
-    """Stage 1 of backward: gradients of the remote blocks. Returns the dq accumulator and the received
-    key/values' gradients to send back to their owners (``[num_recv, 2, ...]`` in ``k``'s dtype)."""
-    dq = torch.zeros((sched.num_real, *q.shape[1:]), dtype=lse.dtype, device=q.device)
-    d_recv = torch.zeros(recv.shape, dtype=lse.dtype, device=q.device)
-    backward_calls(sched.remote_calls, dout, q, recv[:, 0], recv[:, 1], out, lse, backend, scale, dq,
-                   d_recv[:, 0], d_recv[:, 1])
-    return dq, d_recv.to(k.dtype)
+def forward_stage(stage: Stage, q, buf: torch.Tensor, backend: Backend, scale: float, out_acc, lse) -> None:
+    """The blocks of one stage of received key/values (``buf``), merged into the accumulators."""
+    if stage.call is not None:
+        forward_calls((stage.call,), q, buf[0], buf[1], backend, scale, out_acc, lse)
 
 
-def backward_local(sched: RankSchedule, dout, q, k, v, out, lse, backend: Backend, scale: float, dq):
-    """Stage 2 of backward (while the gradients travel): the local blocks. Returns the dk, dv accumulators."""
-    dk, dv = torch.zeros_like(k, dtype=lse.dtype), torch.zeros_like(v, dtype=lse.dtype)
+def new_grad_state(num_real: int, q: torch.Tensor, k: torch.Tensor):
+    """Accumulators ``dq`` (real rows), ``dk``, ``dv`` (every own row), zero, in float32 (float64)."""
+    acc = lse_dtype(q.dtype)
+    dq = torch.zeros((num_real, *q.shape[1:]), dtype=acc, device=q.device)
+    return dq, torch.zeros(k.shape, dtype=acc, device=k.device), torch.zeros(k.shape, dtype=acc, device=k.device)
+
+
+def backward_stage(stage: Stage, dout, q, buf: torch.Tensor, out, lse, backend: Backend, scale: float, dq,
+                   meter: MemoryMeter | None = None) -> torch.Tensor:
+    """Gradients of one stage: adds into ``dq``, returns the stage's key/value gradients ``[2, n, ...]`` in the
+    key/values' dtype, to send back to their owners."""
+    grads = torch.zeros(buf.shape, dtype=lse.dtype, device=buf.device)
+    if meter is not None:
+        meter.track("grad", grads)
+    if stage.call is not None:
+        backward_calls((stage.call,), dout, q, buf[0], buf[1], out, lse, backend, scale, dq, grads[0], grads[1])
+    grads = grads.to(buf.dtype)
+    if meter is not None:
+        meter.track("grad", grads)
+    return grads
+
+
+def backward_local(sched: RankSchedule, dout, q, k, v, out, lse, backend: Backend, scale: float, dq, dk, dv):
+    """The gradients of the local blocks, added into the accumulators."""
     backward_calls(sched.local_calls, dout, q, k, v, out, lse, backend, scale, dq, dk, dv)
-    return dk, dv
 
 
-def finish_backward(sched: RankSchedule, q, k, v, dq, dk, dv, returned):
-    """Stage 3 of backward: add the gradients sent back by the destinations; ``dq, dk, dv`` like ``q, k, v``."""
-    add_returned_grads(sched, dk, dv, returned)
+def add_returned(dk, dv, messages: tuple[Message, ...], returned: torch.Tensor) -> None:
+    """Add key/value gradients that came back (``[2, rows, ...]``, the messages' rows end to end) to own rows."""
+    offset = 0
+    for _, a, b in messages:
+        dk[a:b] += returned[0, offset:offset + b - a].to(dk.dtype)
+        dv[a:b] += returned[1, offset:offset + b - a].to(dv.dtype)
+        offset += b - a
+
+
+def finish_backward(q, k, v, dq, dk, dv):
+    """``dq, dk, dv`` from the accumulators, shaped and typed like ``q, k, v`` (padding rows of ``dq`` zero)."""
     return to_local(q, dq), dk.to(k.dtype), dv.to(v.dtype)
+
+
+# -- the distributed rounds ------------------------------------------------------------------------------------
+def _kv_messages(messages: tuple[Message, ...], k, v) -> list[tuple[int, torch.Tensor]]:
+    return [m for peer, a, b in messages for m in ((peer, k[a:b]), (peer, v[a:b]))]
+
+
+def _stage_messages(stage: Stage | None, buf) -> list[tuple[int, torch.Tensor]]:
+    if stage is None:
+        return []
+    return [m for src, a, b, _ in stage.recv for m in ((src, buf[0, a:b]), (src, buf[1, a:b]))]
+
+
+class _Rounds:
+    """One rank's rounds on the exchange (see the module docstring for their order)."""
+
+    def __init__(self, sched: RankSchedule, exchange, k: torch.Tensor, v: torch.Tensor):
+        self.sched, self.exchange, self.k, self.v = sched, exchange, k, v
+        self.meter = exchange.memory
+
+    def stage_at(self, round_: int, backward: bool) -> Stage | None:
+        n = len(self.sched.stages)
+        j = n - 1 - round_ if backward else round_
+        return self.sched.stages[j] if 0 <= j < n else None
+
+    def post_kv(self, round_: int, backward: bool) -> Pending:
+        """Receive this rank's stage of the round (a new buffer, ``Pending.result``) and send the round's rows."""
+        stage = self.stage_at(round_, backward)
+        buf = stage_buffer(stage, self.k, self.meter)
+        sends = (self.sched.refetch_rounds if backward else self.sched.send_rounds)[round_]
+        pending = self.exchange.post("backward_kv" if backward else "forward", _kv_messages(sends, self.k, self.v),
+                                     _stage_messages(stage, buf))
+        pending.result = buf
+        return pending
+
+    def post_grads(self, round_: int, grads: torch.Tensor | None) -> Pending:
+        """Send a stage's key/value gradients to their owners and receive, into one buffer (``Pending.result``),
+        the gradients of this rank's key/values that come back in the round."""
+        stage = self.stage_at(round_, True) if grads is not None else None
+        messages = self.sched.return_rounds[round_]
+        returned = self.k.new_empty((2, sum(b - a for _, a, b in messages), *self.k.shape[1:]))
+        self.meter.track("returned", returned)
+        recvs, offset = [], 0
+        for peer, a, b in messages:
+            recvs += [(peer, returned[0, offset:offset + b - a]), (peer, returned[1, offset:offset + b - a])]
+            offset += b - a
+        pending = self.exchange.post("backward_grad", _stage_messages(stage, grads), recvs)
+        pending.result = returned
+        return pending
 
 
 class _NoExchange:
     """Stand-in for CP size 1: nothing to send or receive."""
 
-    def start(self, *args) -> Pending:
+    def __init__(self):
+        self.memory = MemoryMeter()
+
+    def post(self, *args) -> Pending:
         return Pending([], [], "", 0, 0.0)
+
+
+def _free(t: torch.Tensor) -> None:
+    """Release a tensor's memory now, even while autograd still holds it (the saved last stage)."""
+    t.untyped_storage().resize_(0)
 
 
 class _FcpAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, sched: RankSchedule, exchange, backend: Backend, scale: float):
-        recv = k.new_empty((sched.num_recv, 2, *k.shape[1:]))
-        pending = exchange.start("forward", pack_send(sched, k, v), sched.send_splits, recv, sched.recv_splits)
+        rounds, stages = _Rounds(sched, exchange, k, v), sched.stages
+        pending = rounds.post_kv(0, backward=False) if sched.num_rounds else None
         out_acc, lse = forward_local(sched, q, k, v, backend, scale)
-        pending.wait()
-        out = forward_remote(sched, q, recv, backend, scale, out_acc, lse)
-        ctx.save_for_backward(q, k, v, recv, out, lse)
+        kept = None
+        for j in range(sched.num_rounds):
+            buf = pending.wait()
+            if j + 1 < sched.num_rounds:
+                pending = rounds.post_kv(j + 1, backward=False)
+            if buf is not None:
+                forward_stage(stages[j], q, buf, backend, scale, out_acc, lse)
+                kept = buf if j == len(stages) - 1 else None
+            buf = None
+        out = to_local(q, out_acc)
+        ctx.save_for_backward(q, k, v, out, lse, kept)
         ctx.fcp = (sched, exchange, backend, scale)
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, recv, out, lse = ctx.saved_tensors
+        q, k, v, out, lse, kept = ctx.saved_tensors
         sched, exchange, backend, scale = ctx.fcp
+        if kept is not None and kept.numel() and kept.untyped_storage().nbytes() == 0:
+            raise RuntimeError("FCP attention frees its saved key/values during backward, so its backward cannot run "
+                               "twice (retain_graph=True); run the forward again instead")
         dout = dout.contiguous()
-        dq, d_recv = backward_remote(sched, dout, q, k, recv, out, lse, backend, scale)
-        returned = k.new_empty((sched.num_send, 2, *k.shape[1:]))
-        pending = exchange.start("backward", d_recv, sched.recv_splits, returned, sched.send_splits)
-        dk, dv = backward_local(sched, dout, q, k, v, out, lse, backend, scale, dq)
-        pending.wait()
-        return (*finish_backward(sched, q, k, v, dq, dk, dv, returned), None, None, None, None)
+        rounds = _Rounds(sched, exchange, k, v)
+        dq, dk, dv = new_grad_state(sched.num_real, q, k)
+        pending_kv = rounds.post_kv(1, backward=True) if sched.num_rounds > 1 else None
+        pending_grad = None
+        for t in range(sched.num_rounds):
+            buf = kept if t == 0 else pending_kv.wait()
+            kept = None
+            if pending_grad is not None:
+                add_returned(dk, dv, sched.return_rounds[t - 1], pending_grad.wait())
+            if t >= 1 and t + 1 < sched.num_rounds:
+                pending_kv = rounds.post_kv(t + 1, backward=True)
+            stage, grads = rounds.stage_at(t, backward=True), None
+            if stage is not None:
+                grads = backward_stage(stage, dout, q, buf, out, lse, backend, scale, dq, exchange.memory)
+                if t == 0:
+                    _free(buf)
+            buf = None
+            pending_grad = rounds.post_grads(t, grads)
+            grads = None
+        backward_local(sched, dout, q, k, v, out, lse, backend, scale, dq, dk, dv)
+        if pending_grad is not None:
+            add_returned(dk, dv, sched.return_rounds[-1], pending_grad.wait())
+        return (*finish_backward(q, k, v, dq, dk, dv), None, None, None, None)
 
 
-def check_inputs(q, k, v, rank_plan: RankPlan | RankSchedule, group_rank: int, group_size: int) -> None:
+def check_inputs(q, k, v, rank_plan: RankPlan, group_rank: int, group_size: int) -> None:
     """Raise :class:`InputError` naming the problem unless q/k/v and the plan fit together."""
     where = f"fcp_attention on CP rank {group_rank}"
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -205,17 +325,56 @@ _exchanges: dict = {}
 
 
 def get_exchange(group=None, timeout_s: float = 600.0) -> P2PExchange:
-    """The exchange (and its byte counter) of a process group, created on first use."""
-    key = (id(group), timeout_s)
+    """The exchange (and its byte counter and memory meter) of a process group, created on first use."""
+    key = (group if group is not None else dist.group.WORLD, timeout_s)
     if key not in _exchanges:
         _exchanges[key] = P2PExchange(group, timeout_s)
     return _exchanges[key]
 
 
-def fcp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rank_plan: RankPlan | RankSchedule,
+def _budget_code(budget: int | None) -> int:
+    return -1 if budget is None else int(budget)
+
+
+def check_plan_agreement(rank_plan: RankPlan, sched: RankSchedule, exchange: P2PExchange, device) -> float:
+    """Check that every CP rank holds the same plan and budget before anything moves; returns the seconds it took.
+
+    One all-gather of three int64 per rank (plan digest, budget, CP rank). On a mismatch every rank raises the same
+    one-line :class:`PlanMismatchError` naming the ranks that disagree.
+    """
+    start = time.perf_counter()
+    mine = torch.tensor([rank_plan.plan_digest, _budget_code(sched.kv_budget_tokens), exchange.cp_rank],
+                        dtype=torch.int64, device=device)
+    gathered = [torch.empty_like(mine) for _ in range(exchange.cp)]
+    dist.all_gather(gathered, mine, group=exchange.group)
+    rows = [tuple(int(x) for x in t.tolist()) for t in gathered]
+    for column, what, fix in ((0, "plans", "every CP rank must plan the same micro-batch: make the dataset return "
+                               "the same sample for an index on every rank and give every rank the same planner "
+                               "options"),
+                              (1, "key/value budgets", "pass the same kv_budget_tokens on every rank")):
+        groups: dict[int, list[int]] = {}
+        for rank, row in enumerate(rows):
+            groups.setdefault(row[column], []).append(rank)
+        if len(groups) > 1:
+            ordered = sorted(groups.items(), key=lambda item: (-len(item[1]), item[1][0]))
+            parts = [f"CP rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))} "
+                     f"{'hold' if len(ranks) > 1 else 'holds'} {_label(column, value)}" for value, ranks in ordered]
+            raise PlanMismatchError(f"FCP {what} differ across the CP group ({'; '.join(parts)}); nothing was "
+                                    f"exchanged: {fix}")
+    return time.perf_counter() - start
+
+
+def _label(column: int, value: int) -> str:
+    if column == 0:
+        return f"plan {value:015x}"
+    return "no budget" if value < 0 else f"budget {value}"
+
+
+def fcp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rank_plan: RankPlan,
                   group: dist.ProcessGroup | None = None, softmax_scale: float | None = None, *,
                   backend: str | Backend = "auto", exchange: P2PExchange | None = None,
-                  timeout_s: float = 600.0) -> torch.Tensor:
+                  timeout_s: float = 600.0, kv_budget_tokens: int | str | None = DEFAULT_KV_BUDGET,
+                  verify_plan: bool = True) -> torch.Tensor:
     """FCP attention of this CP rank's tokens; differentiable in ``q``, ``k`` and ``v``.
 
     Args:
@@ -223,17 +382,26 @@ def fcp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rank_plan: 
             in packed THD layout, in the plan's token order (its ``q`` rows one after another, padding last).
         k, v: ``[num_tokens, kv_heads, head_dim]``, same dtype and device as ``q``; ``q_heads`` must be a
             multiple of ``kv_heads`` (grouped-query attention).
-        rank_plan: ``plan.for_rank(cp_rank)`` (or its prebuilt schedule); its mask (causal or full) applies.
+        rank_plan: ``plan.for_rank(cp_rank)``; its mask (causal or full) applies.
         group: the CP process group (default: the world group); its size must equal the plan's CP size.
         softmax_scale: defaults to ``1 / sqrt(head_dim)``.
         backend: kernel backend name (``auto``, ``cpu``, ``reference``, ``torch-flash``, ``flash-attn``, ``te``)
             or instance.
-        exchange: the :class:`P2PExchange` to use (default: one per group, whose ``counter`` counts bytes).
+        exchange: the :class:`P2PExchange` to use (default: one per group, whose ``counter`` counts bytes and whose
+            ``memory`` meter measures the received buffers).
         timeout_s: how long to wait for a peer before raising :class:`ExchangeTimeout` naming it.
+        kv_budget_tokens: key/value tokens received per stage (:mod:`megatron_fcp.planner.stages`): a positive
+            integer, ``"auto"`` (default: the rank's own token count, so at most twice its own key/values from
+            other ranks are held at once and at most once its own are kept for backward) or ``None`` (one stage:
+            everything received is held and kept). Every rank must pass the same value.
+        verify_plan: first check, with one small all-gather, that every CP rank holds the same plan and budget;
+            raises :class:`PlanMismatchError` on every rank otherwise. Once per micro-batch is enough (layers of
+            one micro-batch share the plan).
 
     Returns:
         ``[num_tokens, q_heads, head_dim]`` in ``q``'s dtype; padding rows are zero.
     """
+    kv_budget_tokens = parse_kv_budget(kv_budget_tokens)
     cp = rank_plan.cp
     if cp == 1 and (group is None or not dist.is_initialized()):
         group_rank, group_size, exchange = 0, 1, _NoExchange()
@@ -246,6 +414,9 @@ def fcp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rank_plan: 
     check_inputs(q, k, v, rank_plan, group_rank, group_size)
     kernels = get_backend(backend, q.device)
     kernels.check(q, k)
-    sched = rank_plan if isinstance(rank_plan, RankSchedule) else cached_schedule(rank_plan, str(q.device))
+    sched = cached_schedule(rank_plan, str(q.device), kv_budget_tokens)
+    if verify_plan and group_size > 1:
+        check_plan_agreement(rank_plan, sched, exchange, q.device)
     scale = 1.0 / math.sqrt(q.shape[2]) if softmax_scale is None else float(softmax_scale)
     return _FcpAttentionFunction.apply(q, k, v, sched, exchange, kernels, scale)
+

@@ -1,15 +1,18 @@
-"""Peer-to-peer key/value exchange over torch.distributed, with byte counters and named-peer timeouts.
+"""Peer-to-peer key/value exchange over torch.distributed, with byte counters, a memory meter and named-peer
+timeouts.
 
-One exchange posts every send and receive of a phase at once with ``batch_isend_irecv`` (arbitrary peers of
-the CP group, group ranks translated to global ranks, one contiguous slice per peer, never a self-send) and
-returns a handle; the caller computes while the messages are in flight and waits when it needs them. Forward
-moves key/values from owners to the ranks that need them; backward moves the partial key/value gradients
-back along the same lists, reversed.
+One call posts every send and receive of a round at once with ``batch_isend_irecv`` (arbitrary peers of the CP
+group, group ranks translated to global ranks, contiguous tensors, never a self-send) and returns a handle; the
+caller computes while the messages are in flight and waits when it needs them. Messages between two ranks are
+matched in the order they are posted, so every rank posts its rounds in the same order (see
+:mod:`megatron_fcp.attention.engine`). Forward moves key/values from owners to the ranks that need them;
+backward fetches again what was not kept and moves the key/value gradients back to their owners.
 """
 
 from __future__ import annotations
 
 import datetime
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -40,14 +43,47 @@ class ByteCounter:
         self.received.clear()
 
 
+class MemoryMeter:
+    """Bytes of tracked buffers alive now and at most, per kind (``kv``: received key/values; ``grad``: key/value
+    gradients of received rows and gradients coming back), measured from the buffers' storages.
+
+    A tracked storage counts while anything holds it (a view, a message in flight, autograd) and at its current
+    size (a storage resized to 0 counts 0). Memory only grows when a buffer is created, so sampling at each
+    :meth:`track` call finds the exact peak.
+    """
+
+    def __init__(self):
+        self._live: dict[str, list[weakref.ref]] = {}
+        self.peak: dict[str, int] = {}
+
+    def track(self, kind: str, *tensors: torch.Tensor) -> None:
+        refs = self._live.setdefault(kind, [])
+        for t in tensors:
+            if t is not None:
+                refs.append(weakref.ref(t.untyped_storage()))
+        self.peak[kind] = max(self.peak.get(kind, 0), self.current(kind))
+
+    def current(self, kind: str) -> int:
+        """Bytes of ``kind`` buffers alive now."""
+        alive = [r for r in self._live.get(kind, []) if r() is not None]
+        self._live[kind] = alive
+        return sum(r().nbytes() for r in alive if r() is not None)
+
+    def reset_peak(self) -> None:
+        """Start a new peak measurement from what is alive now."""
+        self.peak = {kind: self.current(kind) for kind in self._live}
+
+
 class Pending:
     """Messages in flight; :meth:`wait` returns once all arrived or raises :class:`ExchangeTimeout`."""
 
     def __init__(self, works, peers, phase: str, cp_rank: int, timeout_s: float, buffers=()):
         self.works, self.peers, self.phase, self.cp_rank, self.timeout_s = works, peers, phase, cp_rank, timeout_s
         self.buffers = buffers  # keeps the send and receive buffers alive until the messages are done
+        self.result = None
 
-    def wait(self) -> None:
+    def wait(self):
+        """Wait for every message; returns (and forgets) :attr:`result`, the receive buffer it was posted with."""
         for work, (kind, peer) in zip(self.works, self.peers, strict=True):
             try:
                 work.wait(timeout=datetime.timedelta(seconds=self.timeout_s))
@@ -60,6 +96,8 @@ class Pending:
                 raise ExchangeError(f"FCP {self.phase} exchange: CP rank {self.cp_rank} failed to {kind} CP rank "
                                     f"{peer} ({err}); check rank {peer}'s log.") from err
         self.works, self.buffers = [], ()
+        result, self.result = self.result, None
+        return result
 
 
 class P2PExchange:
@@ -71,23 +109,32 @@ class P2PExchange:
         self.cp = dist.get_world_size(self.group)
         self.timeout_s = timeout_s
         self.counter = ByteCounter()
+        self.memory = MemoryMeter()
         self._global = [dist.get_global_rank(self.group, r) for r in range(self.cp)]
+
+    def post(self, phase: str, sends, recvs) -> Pending:
+        """Post ``(peer, tensor)`` sends and receives (contiguous tensors, peers as CP group ranks), in order."""
+        ops, peers, sent, received = [], [], 0, 0
+        for peer, t in recvs:
+            if peer != self.cp_rank and t.numel():
+                ops.append(dist.P2POp(dist.irecv, t, self._global[peer], self.group))
+                peers.append(("receive from", peer))
+                received += t.numel() * t.element_size()
+        for peer, t in sends:
+            if peer != self.cp_rank and t.numel():
+                ops.append(dist.P2POp(dist.isend, t, self._global[peer], self.group))
+                peers.append(("send to", peer))
+                sent += t.numel() * t.element_size()
+        return self._launch(phase, ops, peers, sent, received, (sends, recvs))
 
     def start(self, phase: str, send: torch.Tensor, send_splits, recv: torch.Tensor, recv_splits) -> Pending:
         """Post the sends of ``send[a:b]`` to each ``(peer, a, b)`` and the receives into ``recv[a:b]``."""
-        ops, peers, sent, received = [], [], 0, 0
-        for peer, a, b in recv_splits:
-            if peer != self.cp_rank and b > a:
-                ops.append(dist.P2POp(dist.irecv, recv[a:b], self._global[peer], self.group))
-                peers.append(("receive from", peer))
-                received += recv[a:b].numel() * recv.element_size()
-        for peer, a, b in send_splits:
-            if peer != self.cp_rank and b > a:
-                ops.append(dist.P2POp(dist.isend, send[a:b], self._global[peer], self.group))
-                peers.append(("send to", peer))
-                sent += send[a:b].numel() * send.element_size()
+        return self.post(phase, [(peer, send[a:b]) for peer, a, b in send_splits if b > a],
+                         [(peer, recv[a:b]) for peer, a, b in recv_splits if b > a])
+
+    def _launch(self, phase, ops, peers, sent, received, buffers) -> Pending:
         works = dist.batch_isend_irecv(ops) if ops else []
         if len(works) != len(ops):  # coalesced backends (NCCL) return one work for the batch
             peers = [("exchange with", "any of " + ", ".join(str(p) for _, p in peers))] * len(works)
         self.counter.add(phase, sent, received)
-        return Pending(works, peers, phase, self.cp_rank, self.timeout_s, (send, recv))
+        return Pending(works, peers, phase, self.cp_rank, self.timeout_s, buffers)

@@ -1,8 +1,11 @@
-"""Run every rank of a plan in one process, with the same stages, kernels and merge as the distributed path.
+"""Run every rank of a plan in one process, with the same stages, kernels and merges as the distributed path.
 
-No process group: what a rank would receive is cut from its peers' send buffers directly. This lets one GPU
-(or a unit test) run and check each rank's work, and it agrees bit for bit with the multi-process run because
-every rank executes the same operations in the same order.
+No process group: what a rank would receive is copied from its peers' tensors directly, stage by stage, with the
+same buffers and lifetimes as the distributed step (the next stage is filled while the current one is computed,
+the last one is kept for backward). This lets one GPU (or a unit test) run and check each rank's work, and it
+agrees bit for bit with the multi-process run because every rank executes the same operations in the same order.
+Per rank it counts the bytes the distributed step would move (:class:`ByteCounter`) and measures the received
+key/value buffers it holds (:class:`MemoryMeter`, kind ``kv``).
 """
 
 from __future__ import annotations
@@ -14,31 +17,21 @@ import torch
 
 from megatron_fcp.attention.backends import Backend, get_backend
 from megatron_fcp.attention.engine import (
+    _free,
+    add_returned,
     backward_local,
-    backward_remote,
+    backward_stage,
     finish_backward,
     forward_local,
-    forward_remote,
-    pack_send,
+    forward_stage,
+    new_grad_state,
+    stage_buffer,
+    to_local,
 )
-from megatron_fcp.attention.schedule import RankSchedule, build_schedule
+from megatron_fcp.attention.exchange import ByteCounter, MemoryMeter
+from megatron_fcp.attention.schedule import RankSchedule, Stage, build_schedule
 from megatron_fcp.planner.plan import Plan
-
-
-def _route(scheds: list[RankSchedule], buffers: list[torch.Tensor], out_splits: str, in_splits: str):
-    """What each rank receives: for every ``(peer, a, b)`` of its ``in_splits``, the peer's slice addressed to it."""
-    received = []
-    for sched in scheds:
-        parts = []
-        for peer, a, b in getattr(sched, in_splits):
-            rows = {p: (x, y) for p, x, y in getattr(scheds[peer], out_splits)}
-            x, y = rows[sched.cp_rank]
-            if y - x != b - a:
-                raise AssertionError(f"rank {peer} sends {y - x} rows to rank {sched.cp_rank}, which expects {b - a}")
-            parts.append(buffers[peer][x:y])
-        shape = (0, *buffers[sched.cp_rank].shape[1:])
-        received.append(torch.cat(parts) if parts else buffers[sched.cp_rank].new_empty(shape))
-    return received
+from megatron_fcp.planner.stages import DEFAULT_KV_BUDGET
 
 
 @dataclass
@@ -48,29 +41,120 @@ class InProcessResult:
     dq: list[torch.Tensor] | None
     dk: list[torch.Tensor] | None
     dv: list[torch.Tensor] | None
+    counters: list[ByteCounter]
+    """Per rank: bytes the distributed step sends and receives, by phase (``forward``, ``backward_kv``,
+    ``backward_grad``)."""
+    memory: list[MemoryMeter]
+    """Per rank: received key/value buffers (kind ``kv``), peak over the step."""
+    saved_kv_bytes: list[int]
+    """Per rank: received key/value bytes alive after forward (kept for backward)."""
+
+
+class _Ranks:
+    """Every rank's schedule and tensors, and the copies that stand in for messages."""
+
+    def __init__(self, scheds: list[RankSchedule], k, v):
+        self.scheds, self.k, self.v = scheds, k, v
+        self.counters = [ByteCounter() for _ in scheds]
+        self.memory = [MemoryMeter() for _ in scheds]
+
+    def fill(self, r: int, stage: Stage | None, phase: str) -> torch.Tensor | None:
+        """Rank ``r``'s buffer of ``stage``, copied from the owners' key/values."""
+        buf = stage_buffer(stage, self.k[r], self.memory[r])
+        if stage is None:
+            return None
+        for src, a, b, offset in stage.recv:
+            buf[0, a:b] = self.k[src][offset:offset + b - a]
+            buf[1, a:b] = self.v[src][offset:offset + b - a]
+            self._count(phase, src, r, buf[:, a:b])
+        return buf
+
+    def _count(self, phase: str, sender: int, receiver: int, rows: torch.Tensor) -> None:
+        nbytes = rows.numel() * rows.element_size()
+        self.counters[sender].add(phase, nbytes, 0)
+        self.counters[receiver].add(phase, 0, nbytes)
+
+
+def _forward(ranks: _Ranks, r: int, q, backend: Backend, scale: float):
+    sched, k, v = ranks.scheds[r], ranks.k[r], ranks.v[r]
+    stages = sched.stages
+    nxt = ranks.fill(r, stages[0], "forward") if stages else None
+    out_acc, lse = forward_local(sched, q, k, v, backend, scale)
+    kept = None
+    for j, stage in enumerate(stages):
+        buf = nxt
+        nxt = ranks.fill(r, stages[j + 1], "forward") if j + 1 < len(stages) else None
+        forward_stage(stage, q, buf, backend, scale, out_acc, lse)
+        kept = buf if j == len(stages) - 1 else None
+        buf = None
+    return to_local(q, out_acc), lse, kept
+
+
+def _backward_stages(ranks: _Ranks, r: int, dout, q, out, lse, kept, backend: Backend, scale: float):
+    """The received stages of rank ``r`` in backward order: ``dq`` accumulator and each stage's gradients."""
+    sched = ranks.scheds[r]
+    stages, n = sched.stages, len(sched.stages)
+    dq, dk, dv = new_grad_state(sched.num_real, q, ranks.k[r])
+    grads = {}
+    nxt = ranks.fill(r, stages[n - 2], "backward_kv") if n >= 2 else None
+    for t in range(n):
+        buf = kept if t == 0 else nxt
+        kept = None
+        if t >= 1:
+            nxt = ranks.fill(r, stages[n - 2 - t], "backward_kv") if n - 2 - t >= 0 else None
+        stage = stages[n - 1 - t]
+        grads[stage.index] = backward_stage(stage, dout, q, buf, out, lse, backend, scale, dq)
+        if t == 0:
+            _free(buf)
+        buf = None
+    return (dq, dk, dv), grads
+
+
+def _returned(ranks: _Ranks, owner: int, messages, grads, where) -> torch.Tensor:
+    """What comes back to ``owner`` in one round: the receivers' gradient rows, end to end."""
+    parts = []
+    for dst, a, _ in messages:
+        j, start, end = where[(dst, owner, a)]
+        part = grads[dst][j][:, start:end]
+        ranks._count("backward_grad", dst, owner, part)
+        parts.append(part)
+    k = ranks.k[owner]
+    return torch.cat(parts, dim=1) if parts else k.new_empty((2, 0, *k.shape[1:]))
 
 
 def run_in_process(plan: Plan, q: list[torch.Tensor], k: list[torch.Tensor], v: list[torch.Tensor],
                    dout: list[torch.Tensor] | None = None, *, backend: str | Backend = "auto",
-                   softmax_scale: float | None = None) -> InProcessResult:
+                   softmax_scale: float | None = None,
+                   kv_budget_tokens: int | str | None = DEFAULT_KV_BUDGET) -> InProcessResult:
     """Forward (and backward, if ``dout`` is given) of every rank; tensors per rank as for ``fcp_attention``."""
     kernels = get_backend(backend, q[0].device)
     scale = 1.0 / math.sqrt(q[0].shape[2]) if softmax_scale is None else float(softmax_scale)
-    scheds = [build_schedule(plan.for_rank(r), q[0].device) for r in range(plan.cp)]
-    recv = _route(scheds, [pack_send(s, k[r], v[r]) for r, s in enumerate(scheds)], "send_splits", "recv_splits")
-    outs, lses = [], []
-    for r, sched in enumerate(scheds):
-        out_acc, lse = forward_local(sched, q[r], k[r], v[r], kernels, scale)
-        outs.append(forward_remote(sched, q[r], recv[r], kernels, scale, out_acc, lse))
-        lses.append(lse)
+    scheds = [build_schedule(plan.for_rank(r), q[0].device, kv_budget_tokens) for r in range(plan.cp)]
+    ranks = _Ranks(scheds, k, v)
+    forwards = [_forward(ranks, r, q[r], kernels, scale) for r in range(plan.cp)]
+    saved = [ranks.memory[r].current("kv") for r in range(plan.cp)]
+    outs = [f[0] for f in forwards]
     if dout is None:
-        return InProcessResult(outs, None, None, None)
+        return InProcessResult(outs, None, None, None, ranks.counters, ranks.memory, saved)
     dout = [d.contiguous() for d in dout]
-    dqs, d_recv = zip(*(backward_remote(sched, dout[r], q[r], k[r], recv[r], outs[r], lses[r], kernels, scale)
-                        for r, sched in enumerate(scheds)), strict=True)
-    returned = _route(scheds, list(d_recv), "recv_splits", "send_splits")
-    grads = []
+    accs, grads = [], []
+    for r, (out, lse, kept) in enumerate(forwards):
+        acc, stage_grads = _backward_stages(ranks, r, dout[r], q[r], out, lse, kept, kernels, scale)
+        accs.append(acc)
+        grads.append(stage_grads)
+    lses = [f[1] for f in forwards]
+    forwards = None
+    where = {(dst, src, offset): (stage.index, a, b)
+             for dst, sched in enumerate(scheds) for stage in sched.stages for src, a, b, offset in stage.recv}
+    results = []
     for r, sched in enumerate(scheds):
-        dk, dv = backward_local(sched, dout[r], q[r], k[r], v[r], outs[r], lses[r], kernels, scale, dqs[r])
-        grads.append(finish_backward(sched, q[r], k[r], v[r], dqs[r], dk, dv, returned[r]))
-    return InProcessResult(outs, *(list(g) for g in zip(*grads, strict=True)))
+        dq, dk, dv = accs[r]
+        # the distributed order: what comes back in rounds 0 .. R-2, the local blocks, then round R-1
+        rounds = sched.return_rounds or ((),)
+        for t, messages in enumerate(rounds):
+            if t == len(rounds) - 1:
+                backward_local(sched, dout[r], q[r], k[r], v[r], outs[r], lses[r], kernels, scale, dq, dk, dv)
+            add_returned(dk, dv, messages, _returned(ranks, r, messages, grads, where))
+        results.append(finish_backward(q[r], k[r], v[r], dq, dk, dv))
+    dqs, dks, dvs = (list(g) for g in zip(*results, strict=True))
+    return InProcessResult(outs, dqs, dks, dvs, ranks.counters, ranks.memory, saved)

@@ -1,9 +1,15 @@
-"""A rank's plan turned into kernel calls and exchange index lists, built once per micro-batch.
+"""A rank's plan turned into kernel calls and exchange messages, built once per micro-batch (and budget).
 
-Local token order is the order of the rank's ``q`` rows (the plan's order), then padding. Received key/values
-sit in one buffer ``[num_recv, 2, kv_heads, head_dim]``, grouped by source rank (ascending) and sorted by
-``(doc, start)`` inside a source; the sender packs its ``kv_send`` rows to each destination in the same order,
-so no offsets travel.
+Local token order is the order of the rank's ``q`` rows (the plan's order), then padding.
+
+Received key/values travel in **stages** of at most ``kv_budget_tokens`` tokens
+(:mod:`megatron_fcp.planner.stages`): stage ``j`` arrives in forward round ``j`` into its own buffer
+``[2, stage_tokens, kv_heads, head_dim]`` (keys, then values), grouped by source rank (ascending) and, inside a
+source, in the source's local token order. A run of pieces that is contiguous on the source is one message (one
+for keys, one for values): the source sends a slice of its own ``k``/``v`` with no copy, and the receiver
+receives into a slice of the stage buffer. Both ends cut stages and merge runs from the same pieces, so no sizes
+or offsets travel. The last stage is kept for backward; backward round ``t`` fetches the receiver's stage
+``n - 1 - t`` again (``t >= 1``) and returns the key/value gradients of that stage to their owners.
 
 The attention of one query row ``[s, e)`` of document ``d`` splits into blocks by where its keys live:
 
@@ -11,12 +17,13 @@ The attention of one query row ``[s, e)`` of document ``d`` splits into blocks b
   against every key the rank owns of ``d`` (no mask);
 - ``earlier`` (causal only): the row against the rank's own rows of ``d`` that end at or before ``s`` (no mask:
   every such key is visible) -- the late half of a zigzag pair sees its early half here;
-- ``remote``: the row against the received ranges of ``d`` it may see (causal: ending at or before ``s``;
-  full: all of them), no mask.
+- ``stage{j}``: the row against the received ranges of ``d`` in stage ``j`` that it may see (causal: ending at or
+  before ``s``; full: all of them), no mask.
 
 Own and received ranges never straddle a query row's start (they are disjoint from the rank's own rows), so
 every block is either fully visible, diagonal, or invisible; no kernel needs a causal mask with unequal query
-and key lengths. The first two calls run while the key/values are in flight; the third when they arrive.
+and key lengths. The local calls run while the first stage is in flight; stage ``j``'s call runs while stage
+``j + 1`` is in flight.
 """
 
 from __future__ import annotations
@@ -30,6 +37,10 @@ import torch
 
 from megatron_fcp.attention.backends.base import VarlenCall
 from megatron_fcp.planner.plan import RankPlan
+from megatron_fcp.planner.stages import DEFAULT_KV_BUDGET, resolve_kv_budget, split_stages
+
+Message = tuple[int, int, int]
+"""``(peer, start, end)``: rows ``[start, end)`` of a buffer that travel to or from ``peer`` (CP group rank)."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -45,29 +56,52 @@ class CallPlan:
 
 
 @dataclass(frozen=True, eq=False)
+class Stage:
+    """Received key/values that travel and are computed together."""
+
+    index: int
+    """Forward round in which the stage arrives (its position in the rank's stages)."""
+    num_tokens: int
+    """Rows of the stage buffer."""
+    recv: tuple[tuple[int, int, int, int], ...]
+    """``(src, start, end, src_offset)``: buffer rows ``[start, end)`` come from the source's local rows
+    ``[src_offset, src_offset + end - start)``, one message (keys and values) each."""
+    call: CallPlan | None
+    """The kernel call of the rank's queries against the stage (None if no query sees it)."""
+
+
+@dataclass(frozen=True, eq=False)
 class RankSchedule:
-    """Everything the engine needs for one rank of one plan (see the module docstring)."""
+    """Everything the engine needs for one rank of one plan under one budget (see the module docstring)."""
 
     cp_rank: int
     cp: int
     num_tokens: int
     num_real: int
+    kv_budget_tokens: int | None
+    """Tokens per stage (resolved; None: one stage)."""
     local_calls: tuple[CallPlan, ...]
-    remote_calls: tuple[CallPlan, ...]
-    send_index: torch.Tensor
-    """Local token indices packed into the send buffer, destination by destination."""
-    send_splits: tuple[tuple[int, int, int], ...]
-    """``(dst_rank, start, end)`` rows of the send buffer."""
-    recv_splits: tuple[tuple[int, int, int], ...]
-    """``(src_rank, start, end)`` rows of the receive buffer."""
+    stages: tuple[Stage, ...]
+    """In forward order; the last one is kept for backward."""
+    send_rounds: tuple[tuple[Message, ...], ...]
+    """Per forward round: the own rows sent to each destination (sliced from ``k`` and ``v``, no copy)."""
+    refetch_rounds: tuple[tuple[Message, ...], ...]
+    """Per backward round: own rows sent again to destinations that did not keep them (round 0 is empty)."""
+    return_rounds: tuple[tuple[Message, ...], ...]
+    """Per backward round: own rows whose key/value gradients come back from each destination."""
 
     @property
-    def num_send(self) -> int:
-        return int(self.send_index.shape[0])
+    def num_rounds(self) -> int:
+        """Rounds this rank takes part in, forward and backward alike (receiving, sending or both)."""
+        return len(self.send_rounds)
 
     @property
     def num_recv(self) -> int:
-        return self.recv_splits[-1][2] if self.recv_splits else 0
+        return sum(stage.num_tokens for stage in self.stages)
+
+    @property
+    def num_send(self) -> int:
+        return sum(b - a for messages in self.send_rounds for _, a, b in messages)
 
 
 def _aranges(rows) -> np.ndarray:
@@ -124,9 +158,64 @@ def offset_rows(rows) -> list[tuple[int, int, int, int]]:
     return out
 
 
-def build_schedule(rank_plan: RankPlan, device: torch.device | str = "cpu") -> RankSchedule:
-    """Kernel calls and exchange lists of one rank (see the module docstring)."""
+def _merge_messages(rows: np.ndarray) -> list[tuple[int, int, int, int]]:
+    """Rows ``(peer, offset, length, buffer_start)`` sorted by peer then offset -> messages
+    ``(peer, buffer_start, buffer_end, offset)``: runs contiguous in both memories merged."""
+    out: list[list[int]] = []
+    for peer, off, n, buf in rows.tolist():
+        last = out[-1] if out else None
+        if last and last[0] == peer and last[3] + last[2] - last[1] == off and last[2] == buf:
+            last[2] += n
+        else:
+            out.append([peer, buf, buf + n, off])
+    return [tuple(m) for m in out]
+
+
+def _stages(rank_plan: RankPlan, own, budget: int | None, device) -> tuple[Stage, ...]:
+    pieces = np.asarray(rank_plan.recv_pieces, dtype=np.int64).reshape(-1, 6)  # src, doc, start, end, src_off, pos
+    if pieces.shape[0] == 0:
+        return ()
+    lens = pieces[:, 3] - pieces[:, 2]
+    index, offset, length, stage, _ = split_stages(pieces[:, 5], lens, np.full(lens.shape, int(lens.sum())), budget)
+    src, doc = pieces[index, 0], pieces[index, 1]
+    start, src_offset = pieces[index, 2] + offset, pieces[index, 4] + offset
+    stages = []
+    for j in range(int(stage.max()) + 1):
+        sel = np.flatnonzero(stage == j)
+        sel = sel[np.lexsort((src_offset[sel], src[sel]))]  # by source, then the source's local order
+        buf = np.cumsum(length[sel]) - length[sel]
+        messages = _merge_messages(np.column_stack([src[sel], src_offset[sel], length[sel], buf]))
+        rows = [(int(d), int(s), int(s + n), int(b)) for d, s, n, b in
+                zip(doc[sel], start[sel], length[sel], buf, strict=True)]
+        call = visible_call(f"stage{j}", own, rows, rank_plan.mask, device)
+        stages.append(Stage(index=j, num_tokens=int(length[sel].sum()), recv=tuple(messages), call=call))
+    return tuple(stages)
+
+
+def _send_messages(rank_plan: RankPlan, budget: int | None) -> list[tuple[int, int, int, int, int]]:
+    """``(dst, start, end, forward_round, backward_round)`` of the own rows this rank sends."""
+    pieces = np.asarray(rank_plan.send_pieces, dtype=np.int64).reshape(-1, 7)  # dst, doc, s, e, off, pos, total
+    if pieces.shape[0] == 0:
+        return []
+    index, offset, length, stage, n = split_stages(pieces[:, 5], pieces[:, 3] - pieces[:, 2], pieces[:, 6], budget)
+    dst, own_offset = pieces[index, 0], pieces[index, 4] + offset
+    order = np.lexsort((own_offset, dst, stage))
+    out: list[list[int]] = []
+    for d, a, m, j, num in zip(dst[order].tolist(), own_offset[order].tolist(), length[order].tolist(),
+                               stage[order].tolist(), n[order].tolist(), strict=True):
+        last = out[-1] if out else None
+        if last and last[0] == d and last[3] == j and last[2] == a:
+            last[2] += m
+        else:
+            out.append([d, a, a + m, j, num - 1 - j])
+    return [tuple(m) for m in out]
+
+
+def build_schedule(rank_plan: RankPlan, device: torch.device | str = "cpu",
+                   kv_budget_tokens: int | str | None = DEFAULT_KV_BUDGET) -> RankSchedule:
+    """Kernel calls and exchange messages of one rank under a key/value budget (see the module docstring)."""
     device = torch.device(device)
+    budget = resolve_kv_budget(kv_budget_tokens, rank_plan.num_tokens)
     own = offset_rows(rank_plan.q)
     num_real = sum(e - s for _, s, e, _ in own)
     local_calls = []
@@ -139,38 +228,21 @@ def build_schedule(rank_plan: RankPlan, device: torch.device | str = "cpu") -> R
             local_calls += [earlier] if earlier else []
         else:
             local_calls.append(visible_call("own", own, own, "full", device))
-    recv = sorted(rank_plan.kv_recv)
-    recv_rows = offset_rows(recv)
-    remote = visible_call("remote", own, recv_rows, rank_plan.mask, device)
-    # exchange lists: per peer, rows sorted by (doc, start) -- the same order on both ends
-    recv_splits, start = [], 0
-    for src in sorted({r[0] for r in recv}):
-        n = sum(e - s for p, _, s, e in recv if p == src)
-        recv_splits.append((src, start, start + n))
-        start += n
-    own_by_doc = defaultdict(list)
-    for doc, s, e, off in own:
-        own_by_doc[doc].append((s, e, off))
-    send_parts, send_splits, start = [], [], 0
-    for dst, doc, s, e in sorted(rank_plan.kv_send):
-        if not send_splits or send_splits[-1][0] != dst:
-            send_splits.append([dst, start, start])
-        for os_, oe, off in own_by_doc[doc]:
-            a, b = max(s, os_), min(e, oe)
-            if a < b:
-                send_parts.append((off + a - os_, off + b - os_))
-        start += e - s
-        send_splits[-1][2] = start
-    send_index = torch.from_numpy(_aranges(send_parts)).to(device)
-    if send_index.shape[0] != start:
+    stages = _stages(rank_plan, own, budget, device)
+    sends = _send_messages(rank_plan, budget)
+    if any(b > num_real for _, _, b, _, _ in sends):
         raise ValueError(f"rank {rank_plan.cp_rank} is asked to send key/values it does not own")
-    return RankSchedule(cp_rank=rank_plan.cp_rank, cp=rank_plan.cp,
-                        num_tokens=rank_plan.num_tokens, num_real=num_real, local_calls=tuple(local_calls),
-                        remote_calls=(remote,) if remote else (), send_index=send_index,
-                        send_splits=tuple(map(tuple, send_splits)), recv_splits=tuple(recv_splits))
+    num_rounds = max([len(stages)] + [max(j, t) + 1 for *_, j, t in sends])
+    send_rounds = tuple(tuple((d, a, b) for d, a, b, j, _ in sends if j == r) for r in range(num_rounds))
+    return_rounds = tuple(tuple((d, a, b) for d, a, b, _, t in sends if t == r) for r in range(num_rounds))
+    refetch_rounds = tuple(messages if r else () for r, messages in enumerate(return_rounds))
+    return RankSchedule(cp_rank=rank_plan.cp_rank, cp=rank_plan.cp, num_tokens=rank_plan.num_tokens,
+                        num_real=num_real, kv_budget_tokens=budget, local_calls=tuple(local_calls), stages=stages,
+                        send_rounds=send_rounds, refetch_rounds=refetch_rounds, return_rounds=return_rounds)
 
 
 @lru_cache(maxsize=16)
-def cached_schedule(rank_plan: RankPlan, device: str) -> RankSchedule:
-    """:func:`build_schedule`, memoised per plan view and device (layers of one micro-batch share it)."""
-    return build_schedule(rank_plan, device)
+def cached_schedule(rank_plan: RankPlan, device: str, kv_budget_tokens: int | str | None = DEFAULT_KV_BUDGET
+                    ) -> RankSchedule:
+    """:func:`build_schedule`, memoised per plan view, device and budget (layers of one micro-batch share it)."""
+    return build_schedule(rank_plan, device, kv_budget_tokens)

@@ -81,22 +81,34 @@ def plan_figures(plan: Plan) -> tuple[float, float]:
 
 
 # -- the rank's plan view as one int64 array (data loaders collate tensors, not objects) -------------------
+_WIDTHS = (3, 4, 4, 6, 7)
+"""Values per row of ``q``, ``kv_recv``, ``kv_send``, ``recv_pieces``, ``send_pieces``."""
+_HEAD = 6 + len(_WIDTHS)
+"""Header values: CP size, rank, mask, token slots, padding, plan digest, then the row count of each list."""
+
+
 def encode_rank_plan(view: RankPlan) -> np.ndarray:
-    """``view`` as int64 ``[8 + 3*num_q + 4*num_recv + 4*num_send]`` (see :func:`decode_rank_plan`)."""
-    head = [view.cp, view.cp_rank, MASKS.index(view.mask), view.num_tokens, view.num_pad_tokens,
-            len(view.q), len(view.kv_recv), len(view.kv_send)]
-    body = [x for rows in (view.q, view.kv_recv, view.kv_send) for row in rows for x in row]
+    """``view`` as one int64 array: a header (CP size, rank, mask, token slots, padding, plan digest and the row
+    count of each list), then the rows of ``q``, ``kv_recv``, ``kv_send``, ``recv_pieces``, ``send_pieces``."""
+    lists = (view.q, view.kv_recv, view.kv_send, view.recv_pieces, view.send_pieces)
+    head = [view.cp, view.cp_rank, MASKS.index(view.mask), view.num_tokens, view.num_pad_tokens, view.plan_digest,
+            *(len(rows) for rows in lists)]
+    body = [x for rows in lists for row in rows for x in row]
     return np.asarray(head + body, dtype=np.int64)
 
 
 def decode_rank_plan(data) -> RankPlan:
     """Inverse of :func:`encode_rank_plan` (accepts a numpy array, a tensor or a list)."""
     values = [int(x) for x in (data.tolist() if hasattr(data, "tolist") else data)]
-    cp, cp_rank, mask, num_tokens, num_pad, nq, nrecv, nsend = values[:8]
-    if len(values) != 8 + 3 * nq + 4 * (nrecv + nsend):
-        raise InputError(f"encoded rank plan has {len(values)} values, its header says "
-                         f"{8 + 3 * nq + 4 * (nrecv + nsend)}: the batch was not made by FcpBatchDataset")
-    pos = 8
+    if len(values) < _HEAD:
+        raise InputError(f"encoded rank plan has {len(values)} values, fewer than its header: the batch was not made "
+                         "by FcpBatchDataset")
+    cp, cp_rank, mask, num_tokens, num_pad, digest, *counts = values[:_HEAD]
+    expected = _HEAD + sum(n * w for n, w in zip(counts, _WIDTHS, strict=True))
+    if len(values) != expected:
+        raise InputError(f"encoded rank plan has {len(values)} values, its header says {expected}: the batch was "
+                         "not made by FcpBatchDataset")
+    pos = _HEAD
 
     def rows(n, width):
         nonlocal pos
@@ -104,9 +116,10 @@ def decode_rank_plan(data) -> RankPlan:
         pos += n * width
         return out
 
-    q, recv, send = rows(nq, 3), rows(nrecv, 4), rows(nsend, 4)
+    q, recv, send, recv_pieces, send_pieces = (rows(n, w) for n, w in zip(counts, _WIDTHS, strict=True))
     return RankPlan(cp_rank=cp_rank, cp=cp, mask=MASKS[mask], q=q, kv_recv=recv, kv_send=send,
-                    num_tokens=num_tokens, num_pad_tokens=num_pad)
+                    num_tokens=num_tokens, num_pad_tokens=num_pad, recv_pieces=recv_pieces,
+                    send_pieces=send_pieces, plan_digest=digest)
 
 
 # -- the per-rank dataset ------------------------------------------------------------------------------

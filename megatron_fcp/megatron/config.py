@@ -37,6 +37,8 @@ class FcpConfig:
     backend: str = "auto"
     debug_checks: bool = False
     exchange_timeout_s: float = 600.0
+    kv_budget_tokens: int | str | None = "auto"
+    """Key/value tokens received per stage of the exchange (``auto``: a rank's own tokens; None: one stage)."""
 
     @property
     def tokens_per_rank(self) -> int:

@@ -48,6 +48,9 @@ class FcpPackedSeqParams(PackedSeqParams):
     """The largest of ``fcp_position_ids``, known on the host (sizes the rotary table without a device sync)."""
     fcp_freqs: torch.Tensor | None = field(default=None, repr=False, compare=False)
     """Rotary frequencies at ``fcp_position_ids``: gathered by the first layer, reused by the others."""
+    fcp_plan_verified: bool = field(default=False, repr=False, compare=False)
+    """Set once the CP ranks have confirmed they hold the same plan (by the first layer's attention); every rank
+    runs the layers in the same order, so every rank skips the check from then on, recomputation included."""
 
 
 @dataclass(frozen=True)
@@ -122,7 +125,10 @@ class FcpCoreAttention(MegatronModule):
             query, key = self._rope(query, freqs), self._rope(key, freqs)
         group = self.cp_group if plan.cp > 1 else None
         out = fcp_attention(query.contiguous(), key.contiguous(), value.contiguous(), plan, group,
-                            self.softmax_scale, backend=self.fcp.backend, timeout_s=self.fcp.exchange_timeout_s)
+                            self.softmax_scale, backend=self.fcp.backend, timeout_s=self.fcp.exchange_timeout_s,
+                            kv_budget_tokens=self.fcp.kv_budget_tokens,
+                            verify_plan=not packed_seq_params.fcp_plan_verified)
+        packed_seq_params.fcp_plan_verified = True
         return out.reshape(out.shape[0], -1)
 
 

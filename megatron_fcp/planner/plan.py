@@ -23,6 +23,7 @@ from functools import cached_property
 import numpy as np
 
 from megatron_fcp.planner.pairs import arange_within, check_mask, needed_kv_end
+from megatron_fcp.planner.stages import first_own_starts, local_offsets, plan_pieces, with_positions
 
 EXCHANGES = ("p2p", "ring", "group_ring")
 Q_COLS = ("cp_rank", "doc", "start", "end")
@@ -48,6 +49,20 @@ class RankPlan:
     """Token slots on this rank, real plus padding (equal on every rank)."""
     num_pad_tokens: int
     """Padding tokens among ``num_tokens``."""
+    recv_pieces: tuple[tuple[int, int, int, int, int, int], ...]
+    """``(src, doc, start, end, src_offset, pos)``: ``kv_recv`` cut where the owner's rows end, sorted by ``pos``
+    (see :mod:`megatron_fcp.planner.stages`); the stage split and the receive buffers follow from these."""
+    send_pieces: tuple[tuple[int, int, int, int, int, int, int], ...]
+    """``(dst, doc, start, end, offset, dst_pos, dst_total)``: the same pieces seen from this rank as their owner;
+    ``offset`` is the local token index of ``start`` here, ``dst_pos``/``dst_total`` place the piece in the
+    receiver's staging order, so both ends cut stages at the same tokens."""
+    plan_digest: int
+    """63-bit fingerprint of the whole plan: ranks that hold the same plan hold the same digest."""
+
+    @property
+    def num_recv(self) -> int:
+        """Key/value tokens this rank receives (the sum of its pieces)."""
+        return sum(p[3] - p[2] for p in self.recv_pieces)
 
 
 def _readonly(array: np.ndarray, ncols: int) -> np.ndarray:
@@ -139,9 +154,13 @@ class Plan:
         own = self.q[self.q[:, 0] == cp_rank, 1:]
         if self.exchange == "ring":  # one rank's share of ring_kv_rows, without expanding every rank's
             recv, send = _ring_rank_rows(self.q, self.cp, cp_rank)
+            recv_pieces, send_pieces = _ring_rank_pieces(self.q, self.doc_lens, self.cp, cp_rank, self.mask)
         else:
             recv = self.kv[self.kv[:, 0] == cp_rank, 1:]
             send = self.kv[self.kv[:, 1] == cp_rank][:, [0, 2, 3, 4]]
+            pieces = self.pieces
+            recv_pieces = pieces[pieces[:, 0] == cp_rank][:, [1, 2, 3, 4, 5, 6]]
+            send_pieces = pieces[pieces[:, 1] == cp_rank][:, [0, 2, 3, 4, 5, 6, 7]]
         return RankPlan(
             cp_rank=cp_rank,
             cp=self.cp,
@@ -151,7 +170,16 @@ class Plan:
             kv_send=tuple(map(tuple, send.tolist())),
             num_tokens=int(self.num_tokens[cp_rank]),
             num_pad_tokens=int(self.num_pad_tokens[cp_rank]),
+            recv_pieces=tuple(map(tuple, recv_pieces.tolist())),
+            send_pieces=tuple(map(tuple, send_pieces.tolist())),
+            plan_digest=self.digest,
         )
+
+    @cached_property
+    def pieces(self) -> np.ndarray:
+        """int64 ``[num_pieces, 8]``: every received key/value piece (columns ``stages.PIECE_COLS``), sorted by
+        receiver and staging position; contiguous in the owner's and in the receiver's memory."""
+        return plan_pieces(self.q, self.kv_explicit, self.doc_lens, self.mask)
 
     def to_dict(self, metrics: dict | None = None) -> dict:
         """The plan in the project's JSON format (see README: "Plan JSON")."""
@@ -212,6 +240,11 @@ class Plan:
             h.update(b"|")
         return h.hexdigest()
 
+    @cached_property
+    def digest(self) -> int:
+        """63-bit fingerprint of the plan (from the same hash as equality): equal plans, equal digests."""
+        return int(self._digest[:15], 16)
+
     def __eq__(self, other):
         return isinstance(other, Plan) and self._digest == other._digest
 
@@ -268,6 +301,44 @@ def _ring_rank_rows(q: np.ndarray, cp: int, cp_rank: int) -> tuple[np.ndarray, n
     dst = np.delete(np.arange(cp, dtype=np.int64), cp_rank)
     send = np.column_stack([np.repeat(dst, own.shape[0]), np.tile(own, (dst.shape[0], 1))])
     return recv, send.reshape(-1, 4)
+
+
+def _ring_rank_pieces(q: np.ndarray, doc_lens: np.ndarray, cp: int, cp_rank: int, mask: str):
+    """:attr:`RankPlan.recv_pieces` and ``send_pieces`` of a ring plan, for one rank without expanding every
+    rank's rows: every rank receives every other rank's rows whole, so a piece is an owner's q row, and a
+    receiver's staging position of a row is computed directly (see :mod:`megatron_fcp.planner.stages`)."""
+    offsets = local_offsets(q)
+    lens = q[:, 3] - q[:, 2]
+    num_docs = doc_lens.shape[0]
+    others = np.flatnonzero(q[:, 0] != cp_rank)
+    rows = np.column_stack([np.full(others.shape[0], cp_rank), q[others, :4], offsets[others]])
+    recv = with_positions(rows, q, doc_lens, mask)[:, [1, 2, 3, 4, 5, 6]]
+    mine = np.flatnonzero(q[:, 0] == cp_rank)
+    owned = np.bincount(q[:, 0], weights=lens, minlength=cp).astype(np.int64)
+    total = int(lens.sum())
+    keys, first = first_own_starts(q, num_docs) if mask == "full" else (None, None)
+    send = []
+    for dst in range(cp):
+        if dst == cp_rank or mine.shape[0] == 0:
+            continue
+        theirs = np.flatnonzero(q[:, 0] == dst)
+        own_per_doc = np.bincount(q[theirs, 1], weights=lens[theirs], minlength=num_docs).astype(np.int64)
+        base = np.concatenate([[0], np.cumsum(doc_lens - own_per_doc)])  # received tokens of earlier documents
+        anchor = np.zeros(num_docs, np.int64)
+        if mask == "full":
+            sel = (keys // num_docs) == dst
+            anchor[keys[sel] % num_docs] = first[sel]
+        size = np.maximum(doc_lens, 1)
+        u_mine = (q[mine, 2] - anchor[q[mine, 1]]) % size[q[mine, 1]]
+        u_theirs = (q[theirs, 2] - anchor[q[theirs, 1]]) % size[q[theirs, 1]]
+        # their own tokens of the same document that come before each of my rows in their staging order
+        same = q[theirs, 1][None, :] == q[mine, 1][:, None]
+        before = (same & (u_theirs[None, :] < u_mine[:, None])) @ lens[theirs]
+        dst_pos = base[q[mine, 1]] + u_mine - before
+        send.append(np.column_stack([np.full(mine.shape[0], dst), q[mine, 1:4], offsets[mine], dst_pos,
+                                     np.full(mine.shape[0], total - owned[dst])]))
+    send = np.concatenate(send) if send else np.zeros((0, 7), np.int64)
+    return recv, send
 
 
 def merge_adjacent_q(rows: np.ndarray) -> np.ndarray:

@@ -1,0 +1,247 @@
+"""The staged key/value exchange: what a rank receives cut into pieces, pieces into stages under a token budget,
+and the memory and traffic that follow. Pure integers (numpy): no device, no communication.
+
+Vocabulary (every range half-open ``[start, end)`` in token positions of one document):
+
+- A **piece** is a key/value range that one rank (``dst``) receives from its owner (``src``) and that is
+  contiguous in both ranks' memory: a plan ``kv`` row cut where the owner's ``q`` rows end. Columns
+  (:data:`PIECE_COLS`): ``dst, src, doc, start, end``; ``src_offset``, the owner's local token index of
+  ``start``; ``pos``, where the piece starts in the receiver's *staging order*; ``total``, the tokens the
+  receiver receives in all.
+- The **staging order** of a receiver lays its pieces end to end by document, and inside a document by start
+  (causal mask) or, under a full mask, by start rotated to begin at the receiver's own first token of the
+  document. The rotation matters for the gradients that come back: every holder of a long full-mask document
+  fetches all of it, and without it they would all fetch (and return gradients to) its first owner in the
+  same round.
+- Under a budget of ``B`` tokens, a receiver of ``R`` tokens cuts its staging order into ``n = ceil(R / B)``
+  **stages** (one stage when ``R <= B`` or without a budget): the first holds the remainder
+  ``R - (n - 1) * B``, every later stage exactly ``B``. Stage ``j`` travels in forward round ``j``; the last
+  stage is kept for backward, and stage ``j < n - 1`` is fetched again in backward round ``n - 1 - j``.
+  Sender and receiver both derive the split from ``(pos, total, B)``, so they agree without a message.
+
+Memory per rank and attention layer, in key/value tokens (a token is one K row and one V row; bytes = tokens x
+``2 * kv_heads * head_dim * bytes_per_element``). The next stage arrives while the current one is computed, so at
+most two stages are alive at once, in forward and in backward alike:
+
+- remote key/values held at once (peak): ``min(R, 2B)``;
+- remote key/values kept from forward to backward: ``min(R, B)``;
+- key/values fetched again in backward: ``max(R - B, 0)``.
+
+Without a budget (``None``) there is one stage: all ``R`` tokens are held and kept and nothing is fetched again.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+
+from megatron_fcp.errors import InputError
+from megatron_fcp.planner.pairs import arange_within
+
+PIECE_COLS = ("dst", "src", "doc", "start", "end", "src_offset", "pos", "total")
+DEFAULT_KV_BUDGET = "auto"
+"""``auto``: a stage holds at most as many key/value tokens as the rank owns (its token slots), so a rank never
+holds more than twice its own key/values from other ranks and keeps at most once its own for backward."""
+
+
+# -- the budget -------------------------------------------------------------------------------------------------
+def parse_kv_budget(value, flag: str = "kv_budget_tokens") -> int | str | None:
+    """A budget setting: a positive integer (tokens per stage), ``"auto"`` or ``None``/``"none"`` (one stage).
+
+    Raises :class:`InputError` naming ``flag`` and values that work for anything else.
+    """
+    if value is None or (isinstance(value, str) and value.strip().lower() == "none"):
+        return None
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    if isinstance(value, str):
+        try:
+            value = int(value.strip())
+        except ValueError:
+            raise InputError(f"{flag} must be a whole number of key/value tokens per stage, 'auto' (the rank's "
+                             f"own token count) or 'none' (one unbounded stage); got {value!r} (try auto or 4096)"
+                             ) from None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise InputError(f"{flag} must be a whole number of key/value tokens per stage, 'auto' or 'none'; got "
+                         f"{value!r} (try auto or 4096)")
+    if value < 1:
+        raise InputError(f"{flag} {value} is below one key/value token, the least one kernel call needs; use a "
+                         "positive number of tokens per stage (e.g. 4096), 'auto' or 'none'")
+    return int(value)
+
+
+def resolve_kv_budget(budget, num_tokens: int) -> int | None:
+    """Tokens per stage for a rank of ``num_tokens`` token slots: ``auto`` is ``num_tokens``; ``None`` unbounded."""
+    budget = parse_kv_budget(budget)
+    if budget == "auto":
+        return max(int(num_tokens), 1)
+    return budget
+
+
+# -- memory and traffic ----------------------------------------------------------------------------------------
+def num_stages(total, budget: int | None) -> np.ndarray:
+    """int64: stages of receivers of ``total`` tokens (0 for a receiver of nothing)."""
+    total = np.asarray(total, dtype=np.int64)
+    if budget is None:
+        return (total > 0).astype(np.int64)
+    return -(-total // budget)
+
+
+def stage_memory(total, budget: int | None) -> dict[str, np.ndarray]:
+    """Per receiver of ``total`` tokens (int64 arrays): ``stages``, ``peak`` remote key/values held at once,
+    ``saved`` for backward, ``refetch`` (fetched again in backward); see the module docstring."""
+    total = np.asarray(total, dtype=np.int64)
+    if budget is None:
+        return {"stages": num_stages(total, None), "peak": total.copy(), "saved": total.copy(),
+                "refetch": np.zeros_like(total)}
+    return {"stages": num_stages(total, budget), "peak": np.minimum(total, 2 * budget),
+            "saved": np.minimum(total, budget), "refetch": np.maximum(total - budget, 0)}
+
+
+# -- stages ------------------------------------------------------------------------------------------------
+def split_stages(pos, length, total, budget: int | None):
+    """Cut ranges ``[pos, pos + length)`` of receivers' staging orders (of ``total`` tokens) at stage boundaries.
+
+    Returns int64 arrays, one entry per sub-range: ``index`` (the range it comes from), ``offset`` (its start
+    inside that range), ``length``, ``stage`` (its stage, = forward round) and ``num_stages`` (of its receiver).
+    """
+    pos, length, total = (np.asarray(x, dtype=np.int64).reshape(-1) for x in (pos, length, total))
+    n = num_stages(total, budget)
+    if budget is None:
+        index = np.arange(pos.shape[0], dtype=np.int64)
+        return index, np.zeros_like(pos), length.copy(), np.zeros_like(pos), n
+    first = total - (n - 1) * budget  # the first stage holds the remainder, so the kept last one is full
+
+    def stage_of(p):
+        return np.where(p < first, 0, 1 + (p - first) // budget)
+
+    lo, hi = stage_of(pos), stage_of(pos + length - 1)
+    counts = hi - lo + 1
+    index = np.repeat(np.arange(pos.shape[0], dtype=np.int64), counts)
+    stage = lo[index] + arange_within(counts)
+    stage_start = np.where(stage == 0, 0, first[index] + (stage - 1) * budget)
+    stage_end = first[index] + stage * budget
+    a = np.maximum(pos[index], stage_start)
+    b = np.minimum(pos[index] + length[index], stage_end)
+    return index, a - pos[index], b - a, stage, n[index]
+
+
+# -- pieces ------------------------------------------------------------------------------------------------
+def local_offsets(q: np.ndarray) -> np.ndarray:
+    """int64 per q row ``(rank, doc, start, end)``: local token index of its start on its rank (rows of a rank
+    are laid out in the order they appear)."""
+    lens = q[:, 3] - q[:, 2]
+    order = np.argsort(q[:, 0], kind="stable")
+    csum = np.cumsum(lens[order]) - lens[order]
+    ranks = q[order, 0]
+    first = np.concatenate([[True], ranks[1:] != ranks[:-1]]) if ranks.shape[0] else np.zeros(0, bool)
+    group_start = csum[np.flatnonzero(first)][np.cumsum(first) - 1]
+    out = np.empty_like(lens)
+    out[order] = csum - group_start
+    return out
+
+
+def _lookup(keys: np.ndarray, values: np.ndarray, wanted: np.ndarray, default: int = 0) -> np.ndarray:
+    """``values`` at ``wanted`` keys (``keys`` sorted and unique), ``default`` where absent."""
+    at = np.minimum(np.searchsorted(keys, wanted), max(keys.shape[0] - 1, 0))
+    found = keys.shape[0] > 0 and (keys[at] == wanted)
+    return np.where(found, values[at] if keys.shape[0] else default, default)
+
+
+def first_own_starts(q: np.ndarray, num_docs: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted keys ``rank * num_docs + doc`` and the first start each rank owns of each document it holds."""
+    key = q[:, 0] * num_docs + q[:, 1]
+    uniq, inv = np.unique(key, return_inverse=True)
+    first = np.full(uniq.shape[0], np.iinfo(np.int64).max, np.int64)
+    np.minimum.at(first, inv.reshape(-1), q[:, 2])
+    return uniq, first
+
+
+def staging_key(rows: np.ndarray, q: np.ndarray, doc_lens: np.ndarray, mask: str) -> np.ndarray:
+    """Per row ``(dst, src, doc, start, ...)``: its start in the receiver's staging order inside the document
+    (the start itself, or under a full mask rotated to the receiver's first own token of the document)."""
+    if mask != "full" or rows.shape[0] == 0:
+        return rows[:, 3].copy()
+    keys, first = first_own_starts(q, doc_lens.shape[0])
+    anchor = _lookup(keys, first, rows[:, 0] * doc_lens.shape[0] + rows[:, 2])
+    return (rows[:, 3] - anchor) % np.maximum(doc_lens[rows[:, 2]], 1)
+
+
+def cut_at_owners(q: np.ndarray, kv: np.ndarray, num_docs: int) -> np.ndarray:
+    """Rows ``(dst, src, doc, start, end, src_offset)``: ``kv`` rows ``(dst, src, doc, start, end)`` cut where the
+    owner's ``q`` rows end, so each is contiguous in the owner's memory."""
+    if kv.shape[0] == 0:
+        return np.zeros((0, 6), np.int64)
+    offsets = local_offsets(q)
+    order = np.lexsort((q[:, 2], q[:, 1], q[:, 0]))
+    qs, qoff = q[order], offsets[order]
+    key_q = qs[:, 0] * num_docs + qs[:, 1]
+    key_kv = kv[:, 1] * num_docs + kv[:, 2]
+    lo = np.searchsorted(key_q, key_kv, "left")
+    counts = np.searchsorted(key_q, key_kv, "right") - lo
+    rep = np.repeat(np.arange(kv.shape[0]), counts)
+    cand = lo[rep] + arange_within(counts)
+    start = np.maximum(kv[rep, 3], qs[cand, 2])
+    end = np.minimum(kv[rep, 4], qs[cand, 3])
+    keep = start < end
+    rows = np.column_stack([kv[rep, 0], kv[rep, 1], kv[rep, 2], start, end, qoff[cand] + start - qs[cand, 2]])
+    return rows[keep]
+
+
+def with_positions(rows: np.ndarray, q: np.ndarray, doc_lens: np.ndarray, mask: str) -> np.ndarray:
+    """Rows ``(dst, src, doc, start, end, src_offset)`` -> pieces (:data:`PIECE_COLS`) sorted by ``(dst, pos)``."""
+    if rows.shape[0] == 0:
+        return np.zeros((0, len(PIECE_COLS)), np.int64)
+    rows = rows[np.lexsort((staging_key(rows, q, doc_lens, mask), rows[:, 2], rows[:, 0]))]
+    lens = rows[:, 4] - rows[:, 3]
+    dst = rows[:, 0]
+    first = np.concatenate([[True], dst[1:] != dst[:-1]])
+    group = np.cumsum(first) - 1
+    csum = np.cumsum(lens) - lens
+    pos = csum - csum[np.flatnonzero(first)][group]
+    total = np.bincount(group, weights=lens).astype(np.int64)[group]
+    return np.column_stack([rows, pos, total])
+
+
+def plan_pieces(q: np.ndarray, kv: np.ndarray, doc_lens: np.ndarray, mask: str) -> np.ndarray:
+    """Every piece of a point-to-point plan (its ``q`` and ``kv`` arrays), sorted by ``(dst, pos)``."""
+    return with_positions(cut_at_owners(q, kv, doc_lens.shape[0]), q, doc_lens, mask)
+
+
+MEMORY_FIELDS = ("own_kv_tokens", "recv_kv_tokens", "num_stages", "peak_remote_kv_tokens", "saved_remote_kv_tokens",
+                 "refetch_kv_tokens", "peak_grad_tokens", "peak_returned_grad_tokens")
+
+
+def p2p_memory(num_tokens: np.ndarray, pieces: np.ndarray, budget) -> dict[str, np.ndarray]:
+    """Memory and traffic of the staged exchange per rank (int64 ``[cp]`` each; see the module docstring):
+
+    - ``own_kv_tokens``: the rank's key/value rows (its token slots);
+    - ``recv_kv_tokens``: key/values received in forward (``R``); ``num_stages``;
+    - ``peak_remote_kv_tokens`` (``min(R, 2B)``), ``saved_remote_kv_tokens`` (``min(R, B)``),
+      ``refetch_kv_tokens`` (``max(R - B, 0)``, fetched again in backward);
+    - ``peak_grad_tokens``: key/value gradient rows of the largest stage (computed, then sent back);
+    - ``peak_returned_grad_tokens``: the most gradient rows of its own key/values that come back to the rank in
+      one backward round.
+
+    ``pieces`` are the plan's (:data:`PIECE_COLS`); ``budget`` a setting as for :func:`parse_kv_budget` (``auto``
+    resolves to the ranks' token slots, equal on every rank).
+    """
+    num_tokens = np.asarray(num_tokens, dtype=np.int64)
+    cp = num_tokens.shape[0]
+    budget = resolve_kv_budget(budget, int(num_tokens.max(initial=1)))
+    recv = np.bincount(pieces[:, 0], weights=pieces[:, 4] - pieces[:, 3], minlength=cp).astype(np.int64)
+    mem = stage_memory(recv, budget)
+    peak_grad = np.zeros(cp, np.int64)
+    peak_returned = np.zeros(cp, np.int64)
+    if pieces.shape[0]:
+        index, _, length, stage, n = split_stages(pieces[:, 6], pieces[:, 4] - pieces[:, 3], pieces[:, 7], budget)
+        rounds = int(n.max())
+        per_stage = np.bincount(pieces[index, 0] * rounds + stage, weights=length, minlength=cp * rounds)
+        peak_grad = per_stage.reshape(cp, rounds).max(axis=1).astype(np.int64)
+        back = np.bincount(pieces[index, 1] * rounds + (n - 1 - stage), weights=length, minlength=cp * rounds)
+        peak_returned = back.reshape(cp, rounds).max(axis=1).astype(np.int64)
+    return {"own_kv_tokens": num_tokens.copy(), "recv_kv_tokens": recv, "num_stages": mem["stages"],
+            "peak_remote_kv_tokens": mem["peak"], "saved_remote_kv_tokens": mem["saved"],
+            "refetch_kv_tokens": mem["refetch"], "peak_grad_tokens": peak_grad,
+            "peak_returned_grad_tokens": peak_returned}
