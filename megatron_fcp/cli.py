@@ -11,6 +11,7 @@ from megatron_fcp.errors import InputError
 from megatron_fcp.planner.api import STRATEGIES, STRATEGY_HELP, check_batch, make_plan
 from megatron_fcp.planner.checks import plan_problems
 from megatron_fcp.planner.pairs import MASKS
+from megatron_fcp.planner.stages import DEFAULT_KV_BUDGET, MEMORY_FIELDS, parse_kv_budget
 from megatron_fcp.sim.lengths import SHIPPED, load_distribution, pack_batches, read_lengths, resolve_lengths_source
 from megatron_fcp.sim.model import HARDWARE, evaluate, load_hardware, mfu
 from megatron_fcp.sim.simulate import SimConfig, cells_to_json, format_table, simulate
@@ -42,6 +43,10 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     lengths_help = f"lengths file (one integer per line, '#' lines ignored) or a shipped name: {', '.join(SHIPPED)}"
     strategies = "; ".join(f"{k}: {v}" for k, v in STRATEGY_HELP.items())
+    budget_help = ("key/value tokens per stage of the staged exchange of point-to-point plans (fcp, magi): N, "
+                   "auto (the rank's token slots: at most 2x its own key/values held from other ranks, 1x kept for "
+                   "backward) or none (one stage, nothing fetched again); ring and hybrid are not staged "
+                   f"(default {DEFAULT_KV_BUDGET})")
 
     plan = sub.add_parser("plan", help="plan micro-batches and print each rank's share")
     plan.add_argument("--lengths", required=True, help=lengths_help)
@@ -56,6 +61,7 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--json", type=Path, help="write the plan(s) as JSON here")
     plan.add_argument("--hardware", default="h100_node", help=f"hardware profile: {', '.join(HARDWARE)} or a YAML")
     plan.add_argument("--ranks", type=int, default=8, help="ranks to print per plan")
+    plan.add_argument("--kv-budget-tokens", default=DEFAULT_KV_BUDGET, help=budget_help)
 
     sim = sub.add_parser("simulate", help="compare strategies over CP sizes on a length distribution")
     sim.add_argument("--lengths", required=True, type=lambda s: tuple(s.split(",")),
@@ -68,12 +74,28 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--seed", type=int, default=0)
     sim.add_argument("--hardware", default="h100_node", help=f"hardware profile: {', '.join(HARDWARE)} or a YAML")
     sim.add_argument("--json", type=Path, help="write all figures as JSON here")
-    sim.add_argument("--plot", type=Path, help="write a PNG: per-rank load of one batch and MFU vs CP")
+    sim.add_argument("--plot", type=Path, help="write a PNG: per-rank load of one batch and MFU vs CP; and next to "
+                     "it X_memory.png: peak remote key/values per rank vs CP")
+    sim.add_argument("--kv-budget-tokens", default=DEFAULT_KV_BUDGET, help=budget_help)
     sim.add_argument("--quiet", action="store_true", help="no progress lines")
     return parser
 
 
+def _memory_metrics(cost, hw) -> dict:
+    """``metrics.memory`` of the plan JSON: per-rank lists (tokens), the budget and bytes per token."""
+    out = {k: cost.memory[k].tolist() for k in MEMORY_FIELDS}
+    out["kv_budget_tokens"] = cost.kv_budget_tokens
+    out["kv_bytes_per_token"] = hw.kv_bytes_per_token
+    return out
+
+
+def _max_ratio(mem: dict, key: str) -> float:
+    own = [max(o, 1) for o in mem["own_kv_tokens"]]
+    return max((v / o for v, o in zip(mem[key], own, strict=True)), default=0.0)
+
+
 def _cmd_plan(args) -> int:
+    budget = parse_kv_budget(args.kv_budget_tokens, flag="--kv-budget-tokens")
     hw = load_hardware(args.hardware)
     if args.as_batch:
         batches = [check_batch(read_lengths(resolve_lengths_source(args.lengths)), args.cp, args.tokens_per_rank,
@@ -87,7 +109,8 @@ def _cmd_plan(args) -> int:
     for i, batch in enumerate(batches):
         plan = make_plan(batch, args.cp, args.tokens_per_rank, args.mask, args.strategy)
         problems = plan_problems(plan)
-        cost = evaluate(plan, hw)
+        cost = evaluate(plan, hw, budget)
+        memory = _memory_metrics(cost, hw)
         metrics = {
             "imbalance_time": float(cost.compute_s.max() / cost.compute_s.mean()),
             "imbalance_pairs": float(cost.pairs.max() / max(cost.pairs.mean(), 1.0)),
@@ -96,11 +119,19 @@ def _cmd_plan(args) -> int:
             "recv_kv_tokens_max": int(plan.recv_tokens.max()),
             "modeled_step_ms": cost.step_time_s * 1e3,
             "modeled_mfu": mfu(plan, hw, cost),
+            "peak_kv_x": _max_ratio(memory, "peak_remote_kv_tokens"),
+            "saved_kv_x": _max_ratio(memory, "saved_remote_kv_tokens"),
             "problems": problems,
         }
         print(f"batch {i}: {len(batch)} documents, longest {int(batch.max())}")
         print(plan.describe(args.ranks))
         print("  " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
+        staged = f"kv_budget_tokens={memory['kv_budget_tokens'] or 'none'}" if plan.exchange == "p2p" else \
+            f"{plan.exchange}, not staged"
+        print(f"  memory per rank ({staged}): remote key/values held at once max {metrics['peak_kv_x']:.2f}x own, "
+              f"kept for backward max {metrics['saved_kv_x']:.2f}x own, stages max {max(memory['num_stages'])}, "
+              f"{memory['kv_bytes_per_token']:.0f} bytes per key/value token")
+        metrics["memory"] = memory
         records.append(plan.to_dict(metrics))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -110,9 +141,11 @@ def _cmd_plan(args) -> int:
 
 
 def _cmd_simulate(args) -> int:
+    budget = parse_kv_budget(args.kv_budget_tokens, flag="--kv-budget-tokens")
     hw = load_hardware(args.hardware)
     config = SimConfig(lengths=args.lengths, cps=args.cp, tokens_per_rank=args.tokens_per_rank, masks=args.masks,
-                       strategies=args.strategies, num_batches=args.num_batches, seed=args.seed)
+                       strategies=args.strategies, num_batches=args.num_batches, seed=args.seed,
+                       kv_budget_tokens=budget)
     progress = None if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
     cells = simulate(config, hw, progress)
     print(format_table(cells))
@@ -126,13 +159,17 @@ def _cmd_simulate(args) -> int:
 
 
 def _write_plot(args, config: SimConfig, cells, hw) -> None:
-    from megatron_fcp.sim.plot import plot_simulation
+    from megatron_fcp.sim.plot import memory_plot_path, plot_memory, plot_simulation
 
     cp = min(config.cps, key=lambda c: abs(c - 16))
     batch = pack_batches(load_distribution(config.lengths[0]), cp * config.tokens_per_rank, 1, config.seed)[0]
     first = [c for c in cells if c.lengths == config.lengths[0]]
     title = f"{config.lengths[0]}, {config.tokens_per_rank} tokens/rank, {hw.name}"
-    print(f"wrote {plot_simulation(first, batch, cp, config.tokens_per_rank, hw, args.plot, title)}")
+    path = plot_simulation(first, batch, cp, config.tokens_per_rank, hw, args.plot, title, config.kv_budget_tokens)
+    print(f"wrote {path}")
+    budget = config.kv_budget_tokens if config.kv_budget_tokens is not None else "none"
+    title = f"{config.tokens_per_rank} tokens/rank, key/value budget {budget}"
+    print(f"wrote {plot_memory(cells, memory_plot_path(args.plot), title)}")
 
 
 def main(argv: list[str] | None = None) -> int:

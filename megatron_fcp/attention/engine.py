@@ -10,13 +10,15 @@ float32 (float64) and travel back to their owners in the input dtype.
 Every rank posts its messages in the same order of rounds, so that messages between two ranks match in order
 (NCCL matches point-to-point messages by order only): forward rounds ``0, 1, ...``; in backward the key/values
 of round 1, then for ``t = 0, 1, ...`` the gradients of round ``t`` (sent back, and received as their owner)
-and the key/values of round ``t + 2``. A rank with nothing to move in a round skips it.
+and the key/values of round ``t + 2``. A rank with nothing to move in a round skips it. Backward round ``t``
+waits for its refetched stage, posts the next refetch, computes the stage, then waits for the gradients of
+round ``t - 1`` (which travelled meanwhile) and posts its own.
 
 Memory (per layer): at most two stage buffers are alive at once (the one computed and the next one arriving),
 forward and backward; the last stage is saved for backward and freed as soon as backward has used it; sends
-are slices of ``k`` and ``v`` (no copy). In backward, the gradients of one stage (float32 accumulator, then the
-copy that travels) and the gradients coming back to this rank in one round are alive at a time (meter kinds
-``kv``, ``grad``, ``returned``).
+are slices of ``k`` and ``v`` (no copy). In backward, the gradients of at most two stages (the one computed,
+with its float32 accumulator, and the previous one travelling) and the gradients coming back to this rank in
+one round are alive at a time (meter kinds ``kv``, ``grad``, ``returned``).
 """
 
 from __future__ import annotations
@@ -270,8 +272,6 @@ class _FcpAttentionFunction(torch.autograd.Function):
         for t in range(sched.num_rounds):
             buf = kept if t == 0 else pending_kv.wait()
             kept = None
-            if pending_grad is not None:
-                add_returned(dk, dv, sched.return_rounds[t - 1], pending_grad.wait())
             if t >= 1 and t + 1 < sched.num_rounds:
                 pending_kv = rounds.post_kv(t + 1, backward=True)
             stage, grads = rounds.stage_at(t, backward=True), None
@@ -280,6 +280,8 @@ class _FcpAttentionFunction(torch.autograd.Function):
                 if t == 0:
                     _free(buf)
             buf = None
+            if pending_grad is not None:  # the previous round's gradients travelled while this stage computed
+                add_returned(dk, dv, sched.return_rounds[t - 1], pending_grad.wait())
             pending_grad = rounds.post_grads(t, grads)
             grads = None
         backward_local(sched, dout, q, k, v, out, lse, backend, scale, dq, dk, dv)
@@ -339,15 +341,13 @@ def _budget_code(budget: int | None) -> int:
 def check_plan_agreement(rank_plan: RankPlan, sched: RankSchedule, exchange: P2PExchange, device) -> float:
     """Check that every CP rank holds the same plan and budget before anything moves; returns the seconds it took.
 
-    One all-gather of three int64 per rank (plan digest, budget, CP rank). On a mismatch every rank raises the same
-    one-line :class:`PlanMismatchError` naming the ranks that disagree.
+    One all-gather of three int64 per rank (plan digest, budget, CP rank), waiting at most the exchange's timeout.
+    On a mismatch every rank raises the same one-line :class:`PlanMismatchError` naming the ranks that disagree.
     """
     start = time.perf_counter()
     mine = torch.tensor([rank_plan.plan_digest, _budget_code(sched.kv_budget_tokens), exchange.cp_rank],
                         dtype=torch.int64, device=device)
-    gathered = [torch.empty_like(mine) for _ in range(exchange.cp)]
-    dist.all_gather(gathered, mine, group=exchange.group)
-    rows = [tuple(int(x) for x in t.tolist()) for t in gathered]
+    rows = [tuple(int(x) for x in t.tolist()) for t in exchange.all_gather("plan check", mine)]
     for column, what, fix in ((0, "plans", "every CP rank must plan the same micro-batch: make the dataset return "
                                "the same sample for an index on every rank and give every rank the same planner "
                                "options"),

@@ -91,7 +91,7 @@ class Pending:
                 if "timed out" in str(err).lower():
                     raise ExchangeTimeout(
                         f"FCP {self.phase} exchange: CP rank {self.cp_rank} waited {self.timeout_s:g} s to {kind} "
-                        f"CP rank {peer} and gave up. Rank {peer} is not running the same plan step (hung, slow, "
+                        f"CP rank {peer} and gave up. CP rank {peer} is not running the same plan step (hung, slow, "
                         "or given a different plan); check its log.") from err
                 raise ExchangeError(f"FCP {self.phase} exchange: CP rank {self.cp_rank} failed to {kind} CP rank "
                                     f"{peer} ({err}); check rank {peer}'s log.") from err
@@ -126,6 +126,15 @@ class P2PExchange:
                 peers.append(("send to", peer))
                 sent += t.numel() * t.element_size()
         return self._launch(phase, ops, peers, sent, received, (sends, recvs))
+
+    def all_gather(self, phase: str, tensor: torch.Tensor) -> list[torch.Tensor]:
+        """Every CP rank's ``tensor`` (same shape everywhere), waiting at most ``timeout_s`` for the others."""
+        gathered = [torch.empty_like(tensor) for _ in range(self.cp)]
+        work = dist.all_gather(gathered, tensor, group=self.group, async_op=True)
+        others = [r for r in range(self.cp) if r != self.cp_rank]
+        names = ", ".join(map(str, others[:8])) + (f" and {len(others) - 8} more" if len(others) > 8 else "")
+        Pending([work], [("hear from", names)], phase, self.cp_rank, self.timeout_s).wait()
+        return gathered
 
     def start(self, phase: str, send: torch.Tensor, send_splits, recv: torch.Tensor, recv_splits) -> Pending:
         """Post the sends of ``send[a:b]`` to each ``(peer, a, b)`` and the receives into ``recv[a:b]``."""

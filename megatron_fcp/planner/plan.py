@@ -23,7 +23,7 @@ from functools import cached_property
 import numpy as np
 
 from megatron_fcp.planner.pairs import arange_within, check_mask, needed_kv_end
-from megatron_fcp.planner.stages import first_own_starts, local_offsets, plan_pieces, with_positions
+from megatron_fcp.planner.stages import local_offsets, plan_pieces, staging_anchor, with_positions
 
 EXCHANGES = ("p2p", "ring", "group_ring")
 Q_COLS = ("cp_rank", "doc", "start", "end")
@@ -316,7 +316,6 @@ def _ring_rank_pieces(q: np.ndarray, doc_lens: np.ndarray, cp: int, cp_rank: int
     mine = np.flatnonzero(q[:, 0] == cp_rank)
     owned = np.bincount(q[:, 0], weights=lens, minlength=cp).astype(np.int64)
     total = int(lens.sum())
-    keys, first = first_own_starts(q, num_docs) if mask == "full" else (None, None)
     send = []
     for dst in range(cp):
         if dst == cp_rank or mine.shape[0] == 0:
@@ -324,10 +323,8 @@ def _ring_rank_pieces(q: np.ndarray, doc_lens: np.ndarray, cp: int, cp_rank: int
         theirs = np.flatnonzero(q[:, 0] == dst)
         own_per_doc = np.bincount(q[theirs, 1], weights=lens[theirs], minlength=num_docs).astype(np.int64)
         base = np.concatenate([[0], np.cumsum(doc_lens - own_per_doc)])  # received tokens of earlier documents
-        anchor = np.zeros(num_docs, np.int64)
-        if mask == "full":
-            sel = (keys // num_docs) == dst
-            anchor[keys[sel] % num_docs] = first[sel]
+        docs = np.arange(num_docs)
+        anchor = staging_anchor(np.full(num_docs, dst), docs, q, doc_lens, mask)
         size = np.maximum(doc_lens, 1)
         u_mine = (q[mine, 2] - anchor[q[mine, 1]]) % size[q[mine, 1]]
         u_theirs = (q[theirs, 2] - anchor[q[theirs, 1]]) % size[q[theirs, 1]]

@@ -8,11 +8,12 @@ Vocabulary (every range half-open ``[start, end)`` in token positions of one doc
   (:data:`PIECE_COLS`): ``dst, src, doc, start, end``; ``src_offset``, the owner's local token index of
   ``start``; ``pos``, where the piece starts in the receiver's *staging order*; ``total``, the tokens the
   receiver receives in all.
-- The **staging order** of a receiver lays its pieces end to end by document, and inside a document by start
-  (causal mask) or, under a full mask, by start rotated to begin at the receiver's own first token of the
-  document. The rotation matters for the gradients that come back: every holder of a long full-mask document
-  fetches all of it, and without it they would all fetch (and return gradients to) its first owner in the
-  same round.
+- The **staging order** of a receiver lays its pieces end to end by document, and inside a document by start,
+  rotated to begin at an *anchor* token: under a full mask the receiver's first own token of the document,
+  under a causal mask a point before it that differs between receivers (a hash of the receiver's rank). The
+  rotation spreads the load over the owners: every holder of a long document fetches its early key/values,
+  and without it they would all fetch them from the same owner in the same round, which makes that round as
+  long as the owner's sends and brings all their gradients back to it at once in backward.
 - Under a budget of ``B`` tokens, a receiver of ``R`` tokens cuts its staging order into ``n = ceil(R / B)``
   **stages** (one stage when ``R <= B`` or without a budget): the first holds the remainder
   ``R - (n - 1) * B``, every later stage exactly ``B``. Stage ``j`` travels in forward round ``j``; the last
@@ -158,13 +159,33 @@ def first_own_starts(q: np.ndarray, num_docs: int) -> tuple[np.ndarray, np.ndarr
     return uniq, first
 
 
+_SPREAD = 2654435761
+"""Knuth's multiplicative hash constant: spreads receivers' causal starting points (integer arithmetic only, so
+every machine computes the same staging order)."""
+
+
+def staging_anchor(dst: np.ndarray, doc: np.ndarray, q: np.ndarray, doc_lens: np.ndarray, mask: str) -> np.ndarray:
+    """Per ``(dst, doc)``: the token of the document where the receiver's staging order starts (see the module
+    docstring). Full mask: the receiver's first own token. Causal: a point before it, spread over receivers by a
+    hash of ``dst`` and moved back to the start of the ``q`` row that holds it (so no piece straddles it)."""
+    num_docs = doc_lens.shape[0]
+    keys, first = first_own_starts(q, num_docs)
+    own_first = _lookup(keys, first, dst * num_docs + doc)
+    if mask == "full":
+        return own_first
+    target = (own_first * ((dst * _SPREAD) % (1 << 32))) >> 32
+    doc_start = np.concatenate([[0], np.cumsum(doc_lens)])
+    row_starts = np.sort(doc_start[q[:, 1]] + q[:, 2])
+    at = np.searchsorted(row_starts, doc_start[doc] + target, "right") - 1
+    return row_starts[np.maximum(at, 0)] - doc_start[doc]
+
+
 def staging_key(rows: np.ndarray, q: np.ndarray, doc_lens: np.ndarray, mask: str) -> np.ndarray:
-    """Per row ``(dst, src, doc, start, ...)``: its start in the receiver's staging order inside the document
-    (the start itself, or under a full mask rotated to the receiver's first own token of the document)."""
-    if mask != "full" or rows.shape[0] == 0:
+    """Per row ``(dst, src, doc, start, ...)``: its place in the receiver's staging order inside the document,
+    ``(start - anchor) mod doc_len`` (:func:`staging_anchor`)."""
+    if rows.shape[0] == 0:
         return rows[:, 3].copy()
-    keys, first = first_own_starts(q, doc_lens.shape[0])
-    anchor = _lookup(keys, first, rows[:, 0] * doc_lens.shape[0] + rows[:, 2])
+    anchor = staging_anchor(rows[:, 0], rows[:, 2], q, doc_lens, mask)
     return (rows[:, 3] - anchor) % np.maximum(doc_lens[rows[:, 2]], 1)
 
 

@@ -1,4 +1,4 @@
-"""Modeled attention cost of a plan on a hardware profile: compute, communication, overlap, MFU.
+"""Modeled attention cost of a plan on a hardware profile: compute, communication, overlap, memory, MFU.
 
 Every figure here is *modeled*, not measured. The model, per attention layer, forward plus backward:
 
@@ -7,24 +7,59 @@ Every figure here is *modeled*, not measured. The model, per attention layer, fo
   filled tiles at the edges, so tiny pieces cost more per pair than large ones (FlashAttention computes whole
   ``tile x tile`` blocks). Forward FLOPs per pair are ``4 * heads * head_dim``; backward does
   ``bwd_flops_factor`` times that; each runs at its modeled fraction of peak. Each kernel call adds a launch.
-- Key/value bytes are ``2 * kv_heads * head_dim * bytes_per_element`` per token. A transfer runs at NVLink
-  speed between GPUs of one node and InfiniBand speed across nodes, plus a latency per peer.
-- ``p2p`` plans (FCP, MagiAttention-style, no CP): the rank computes against its own keys while remote keys
-  arrive, then against the remote keys in up to ``P2P_MAX_STAGES`` stages, each as soon as its sources'
-  key/values are in: ``fwd = max(local + remote, comm + remote / stages)``. Backward mirrors it, sending each
-  stage's key/value gradients back while it computes the next and the local part: ``bwd = max(remote + local,
-  remote / stages + comm)``. With one stage this is ``max(local, comm) + remote`` and ``remote + max(local,
-  comm)``. A rank's communication waits for the slowest of its senders.
-- ``ring`` plans (Transformer Engine): ``cp`` lockstep steps; each step overlaps one ring transfer with one
-  step of compute, and the slowest rank and the slowest link set every step. Backward moves key/values and
-  their gradients.
-- ``group_ring`` plans (Megatron hybrid CP): a ring per document inside its group, documents one after another;
-  groups larger than a node step at InfiniBand speed.
+- Key/value bytes are ``2 * kv_heads * head_dim * bytes_per_element`` per token
+  (:attr:`HardwareProfile.kv_bytes_per_token`; key/value gradients travel in the same dtype, so the same bytes).
+  A transfer runs at NVLink speed between GPUs of one node and InfiniBand speed across nodes, plus a latency
+  per peer; a rank's NVLink and InfiniBand traffic of one round run at the same time (the slower one counts).
+
+``p2p`` plans (FCP, MagiAttention-style, no CP) follow the engine's staged exchange
+(:mod:`megatron_fcp.planner.stages`, :mod:`megatron_fcp.attention.engine`). A rank receiving ``R`` tokens under
+a budget of ``B`` tokens per stage has ``n = ceil(R / B)`` stages (one without a budget); forward round ``j``
+brings stage ``j``, the last stage is kept, backward round ``t`` fetches stage ``n - 1 - t`` again (``t >= 1``)
+and sends that stage's key/value gradients back to their owners. Per rank:
+
+- ``c_j`` / ``c'_j``: forward / backward seconds of stage ``j``, one kernel call: every query row of the rank
+  against the stage's keys of its document that it sees (causal: pieces ending at or before the row's start),
+  effective pairs per (row, stage), plus one launch. ``L`` / ``L'``: the local (own-key) calls, with their
+  launches (one, plus one under a causal mask where a row sees earlier own rows).
+- ``comm_j``: the slower of the rank's receive of stage ``j`` (NVLink and InfiniBand bytes, each at its rate)
+  and every sender's sends of round ``j`` (all its destinations), plus a latency per sender. Backward refetch
+  rounds the same for the stage fetched again. ``gcomm_t``: the slower of sending stage ``n - 1 - t``'s
+  gradients back and receiving the gradients of own key/values that come back in round ``t``, plus a latency
+  per peer.
+- forward: ``a_0 = comm_0; f = L``; for ``j = 0..n-1``: ``s = max(f, a_j); a_{j+1} = s + comm_{j+1};
+  f = s + c_j``; ``fwd = f``.
+- backward (stages ``n-1, ..., 0`` in rounds ``t = 0..n-1``): ``a_1 = refetch_1`` (posted at 0), ``f = g = 0``;
+  ``s = max(f, a_t)`` (``s = 0`` at ``t = 0``: the kept stage); ``a_{t+1} = s + refetch_{t+1}``;
+  ``f = max(s + c'_{n-1-t}, g)`` (the previous gradient round travels during the compute);
+  ``g = f + gcomm_t``; ``bwd = max(f + L', g)``.
+- With one stage this is ``fwd = max(L, comm) + c`` and ``bwd = c' + max(L', gcomm)``. A rank does not wait
+  for its senders' compute (only for their links).
+
+``ring`` plans (Transformer Engine): ``cp`` lockstep steps; each step overlaps one ring transfer with one step of
+compute, and the slowest rank and the slowest link set every step. Backward moves key/values and their
+gradients. ``group_ring`` plans (Megatron hybrid CP): a ring per document inside its group, documents one after
+another; groups larger than a node step at InfiniBand speed. Neither is staged by the budget.
+
+Memory (:func:`plan_memory`, per rank and layer, in key/value tokens; bytes = tokens x ``kv_bytes_per_token``;
+``own`` = the rank's token slots ``T``):
+
+- ``p2p``, receiving ``R``: peak remote key/values held at once ``min(R, 2B)``, kept for backward ``min(R, B)``,
+  fetched again in backward ``max(R - B, 0)``; gradients: the largest stage (computed, then sent back), and the
+  most own-key/value gradients returned in one round (:func:`megatron_fcp.planner.stages.p2p_memory`).
+- ``ring``: ``recv = refetch = (cp - 1) T``, ``peak = min(cp - 1, 2) T`` (two blocks in flight), kept ``0``,
+  gradient peak ``min(cp - 1, 2) T`` (dK/dV travel the ring with them), returned ``0``, ``cp - 1`` steps.
+- ``group_ring``: per document the rank holds with a group of ``g > 1`` ranks, ``chunk`` = its tokens of it:
+  ``peak = max_doc min(g - 1, 2) chunk`` (gradient peak the same), ``recv = refetch = sum_doc (g - 1) chunk``,
+  kept ``0``, returned ``0``, ``max(g - 1)`` steps.
+
+Bytes moved per rank and layer: forward receive + backward refetch + key/value gradients sent back (for ring
+``3 (cp - 1) T``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from importlib import resources
 from pathlib import Path
 
@@ -32,8 +67,15 @@ import numpy as np
 import yaml
 
 from megatron_fcp.errors import InputError
-from megatron_fcp.planner.pairs import arange_within, block_pairs, needed_kv_end, q_pairs
+from megatron_fcp.planner.pairs import arange_within, block_pairs, q_pairs
 from megatron_fcp.planner.plan import Plan
+from megatron_fcp.planner.stages import (
+    DEFAULT_KV_BUDGET,
+    MEMORY_FIELDS,
+    p2p_memory,
+    resolve_kv_budget,
+    split_stages,
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -64,6 +106,8 @@ class HardwareProfile:
 
     @property
     def kv_bytes_per_token(self) -> float:
+        """Bytes of one key/value token (one K row and one V row of every key/value head): ``2 * kv_heads *
+        head_dim * bytes_per_element``. Multiply any ``*_kv_tokens`` figure of :func:`plan_memory` by it."""
         return 2.0 * self.num_kv_heads * self.head_dim * self.bytes_per_element
 
     def seconds_fwd(self, eff_pairs):
@@ -110,28 +154,82 @@ class PlanCost:
     pairs: np.ndarray
     """Exact query-key pairs each rank computes."""
     compute_s: np.ndarray
-    """Modeled kernel seconds (forward + backward), communication excluded."""
+    """Modeled kernel seconds (forward + backward, launches included), communication excluded."""
     recv_bytes: np.ndarray
-    """Key/value bytes received in forward (the same volume of gradients travels back in backward)."""
+    """Key/value bytes received in forward."""
     step_s: np.ndarray
     """Modeled attention seconds per rank (forward + backward, with overlap)."""
+    bwd_bytes: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    """Key/value bytes moved in backward: fetched again plus key/value gradients sent back to their owners."""
+    memory: dict = field(default_factory=dict)
+    """Per-rank key/value memory in tokens (:func:`plan_memory`, keys ``MEMORY_FIELDS``)."""
+    kv_budget_tokens: int | None = None
+    """Tokens per stage the figures assume (resolved; None: one stage). Ring and hybrid are not staged."""
 
     @property
     def step_time_s(self) -> float:
         return float(self.step_s.max())
 
+    @property
+    def moved_bytes(self) -> np.ndarray:
+        """Key/value bytes each rank moves in forward and backward (receive, refetch, gradients sent back)."""
+        return self.recv_bytes + self.bwd_bytes
 
-def evaluate(plan: Plan, hw: HardwareProfile) -> PlanCost:
-    """Model one plan on ``hw``."""
+
+def evaluate(plan: Plan, hw: HardwareProfile, kv_budget_tokens=DEFAULT_KV_BUDGET) -> PlanCost:
+    """Model one plan on ``hw``; point-to-point plans under a key/value budget per stage (a setting as for
+    :func:`megatron_fcp.planner.stages.parse_kv_budget`: tokens, ``"auto"`` or None)."""
+    budget = resolve_kv_budget(kv_budget_tokens, int(plan.num_tokens.max(initial=1)))
     pairs = rank_pairs(plan)
     if plan.exchange == "ring":
         compute, step = _ring_cost(plan, hw, pairs)
     elif plan.exchange == "group_ring":
         compute, step = _group_ring_cost(plan, hw)
     else:
-        compute, step = _p2p_cost(plan, hw)
+        compute, step = _p2p_cost(plan, hw, budget)
+    memory = plan_memory(plan, budget)
     recv = plan.recv_tokens * hw.kv_bytes_per_token
-    return PlanCost(pairs=pairs, compute_s=compute, recv_bytes=recv.astype(np.float64), step_s=step)
+    bwd = (memory["refetch_kv_tokens"] + memory["recv_kv_tokens"]) * hw.kv_bytes_per_token
+    return PlanCost(pairs=pairs, compute_s=compute, recv_bytes=recv.astype(np.float64), step_s=step,
+                    bwd_bytes=bwd.astype(np.float64), memory=memory, kv_budget_tokens=budget)
+
+
+def plan_memory(plan: Plan, kv_budget_tokens=DEFAULT_KV_BUDGET) -> dict[str, np.ndarray]:
+    """Per-rank key/value memory and traffic of a plan in tokens (int64 ``[cp]`` per ``MEMORY_FIELDS`` name; see
+    the module docstring). The budget (tokens per stage, ``"auto"``: the rank's token slots, None: one stage)
+    stages point-to-point plans only; ring and hybrid keep their own schedules."""
+    cp, own = plan.cp, plan.num_tokens.astype(np.int64)
+    if plan.exchange == "p2p":
+        return p2p_memory(own, plan.pieces, kv_budget_tokens)
+    if plan.exchange == "ring":
+        steps = cp - 1
+        recv = steps * own
+        held = min(steps, 2) * own
+        zero = np.zeros(cp, np.int64)
+        out = {"own_kv_tokens": own.copy(), "recv_kv_tokens": recv, "num_stages": np.full(cp, steps, np.int64),
+               "peak_remote_kv_tokens": held, "saved_remote_kv_tokens": zero, "refetch_kv_tokens": recv.copy(),
+               "peak_grad_tokens": held.copy(), "peak_returned_grad_tokens": zero.copy()}
+        return {k: out[k] for k in MEMORY_FIELDS}
+    return _group_ring_memory(plan)
+
+
+def _group_ring_memory(plan: Plan) -> dict[str, np.ndarray]:
+    q, cp = plan.q, plan.cp
+    rank_doc, inv = np.unique(q[:, [0, 1]], axis=0, return_inverse=True)
+    chunk = np.bincount(inv.reshape(-1), weights=q[:, 3] - q[:, 2], minlength=rank_doc.shape[0]).astype(np.int64)
+    group = np.bincount(rank_doc[:, 1], minlength=plan.doc_lens.shape[0])[rank_doc[:, 1]]
+    ring = group > 1
+    rank = rank_doc[:, 0]
+    held = np.where(ring, np.minimum(group - 1, 2) * chunk, 0)
+    recv = np.bincount(rank, weights=np.where(ring, (group - 1) * chunk, 0), minlength=cp).astype(np.int64)
+    peak = np.zeros(cp, np.int64)
+    np.maximum.at(peak, rank, held)
+    steps = np.zeros(cp, np.int64)
+    np.maximum.at(steps, rank, np.where(ring, group - 1, 0))
+    zero = np.zeros(cp, np.int64)
+    return {"own_kv_tokens": plan.num_tokens.astype(np.int64), "recv_kv_tokens": recv, "num_stages": steps,
+            "peak_remote_kv_tokens": peak, "saved_remote_kv_tokens": zero, "refetch_kv_tokens": recv.copy(),
+            "peak_grad_tokens": peak.copy(), "peak_returned_grad_tokens": zero.copy()}
 
 
 def useful_flops(plan: Plan, hw: HardwareProfile, pairs: np.ndarray | None = None) -> float:
@@ -158,9 +256,10 @@ def _eff_pairs(pairs, q_tokens, k_tokens, tile: int):
     return np.where(pairs > 0, pairs + tile / 2 * (q_tokens + k_tokens) + tile * tile / 4, 0.0)
 
 
-# -- point-to-point (FCP, MagiAttention-style, no CP) -------------------------------------------------
-def _local_split(plan: Plan) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per q row: pairs against the rank's own keys, own key tokens it sees, and all pairs it computes."""
+# -- point-to-point (FCP, MagiAttention-style, no CP): the staged exchange ---------------------------------------
+def _local_split(plan: Plan) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per q row: pairs against the rank's own keys, own key tokens it sees, all pairs it computes, and the pairs
+    against the rank's *other* own rows of the document (under a causal mask the ``earlier`` kernel call)."""
     q = plan.q
     lens = plan.doc_lens[q[:, 1]]
     total = q_pairs(q[:, 2], q[:, 3], lens, plan.mask)
@@ -177,59 +276,158 @@ def _local_split(plan: Plan) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     local = np.bincount(i, weights=pair_ij, minlength=q.shape[0])
     seen = np.where(pair_ij > 0, q[j, 3] - q[j, 2], 0)
     local_keys = np.bincount(i, weights=seen, minlength=q.shape[0])
-    return local, local_keys, total
+    other = np.bincount(i, weights=np.where(i != j, pair_ij, 0), minlength=q.shape[0])
+    return local, local_keys, total, other
 
 
-def _p2p_cost(plan: Plan, hw: HardwareProfile) -> tuple[np.ndarray, np.ndarray]:
-    q, cp, tile = plan.q, plan.cp, hw.tile_size
-    local, local_keys, total = _local_split(plan)
-    remote = total - local
-    need = needed_kv_end(q[:, 3], plan.doc_lens[q[:, 1]], plan.mask)
-    remote_keys = np.maximum(need - local_keys, 0)
-    n_q = q[:, 3] - q[:, 2]
-    eff_local = np.bincount(q[:, 0], weights=_eff_pairs(local, n_q, local_keys, tile), minlength=cp)
-    eff_remote = np.bincount(q[:, 0], weights=_eff_pairs(remote, n_q, remote_keys, tile), minlength=cp)
-    peers_in, peers_out = _peer_counts(plan)
-    stages = np.minimum(peers_in, P2P_MAX_STAGES).astype(np.float64)
-    launches = hw.kernel_launch_us * 1e-6 * (1 + stages)
-    loc_f, rem_f = hw.seconds_fwd(eff_local), hw.seconds_fwd(eff_remote)
-    loc_b, rem_b = hw.seconds_bwd(eff_local), hw.seconds_bwd(eff_remote)
-    comm = _p2p_comm_seconds(plan, hw, peers_in, peers_out)
-    last = np.maximum(stages, 1)
-    fwd = np.maximum(loc_f + rem_f, comm + rem_f / last)
-    bwd = np.maximum(rem_b + loc_b, rem_b / last + comm)
-    compute = loc_f + rem_f + loc_b + rem_b
-    return compute + 2 * launches, fwd + bwd + 2 * launches
+@dataclass(frozen=True)
+class StagedExchange:
+    """What the staged exchange of a point-to-point plan computes and moves, per rank and round (arrays
+    ``[cp, rounds]``, ``rounds`` the most stages of any rank). Forward round ``j`` brings stage ``j``; backward
+    round ``t`` handles the rank's stage ``n - 1 - t``. Times exclude kernel launches."""
+
+    budget: int | None
+    """Tokens per stage (resolved; None: one stage)."""
+    num_stages: np.ndarray
+    """int64 ``[cp]``: stages of each rank."""
+    pairs: np.ndarray
+    """Exact pairs of the rank's queries against stage ``j``."""
+    eff_pairs: np.ndarray
+    """Effective pairs of stage ``j`` (edge tiles counted per query row and stage); one kernel call where > 0."""
+    fwd_comm_s: np.ndarray
+    """Forward round ``j``: from its post until stage ``j`` is in."""
+    refetch_comm_s: np.ndarray
+    """Backward round ``t``: from its post until stage ``n - 1 - t`` is in again (round 0: the kept stage, 0)."""
+    grad_comm_s: np.ndarray
+    """Backward round ``t``: sending stage ``n - 1 - t``'s key/value gradients to their owners and receiving the
+    gradients of own key/values that come back in the round."""
 
 
-P2P_MAX_STAGES = 4
-"""Remote key/values are computed in at most this many stages, in order of arrival (grouped by source)."""
+def _link_seconds(hw: HardwareProfile, slot: np.ndarray, nbytes: np.ndarray, inter: np.ndarray,
+                  size: int) -> np.ndarray:
+    """Seconds per slot: its bytes over NVLink and over InfiniBand at the same time (the slower of the two)."""
+    t_ib = hw.seconds_transfer(np.bincount(slot, weights=nbytes * inter, minlength=size), True)
+    t_nvl = hw.seconds_transfer(np.bincount(slot, weights=nbytes * ~inter, minlength=size), False)
+    return np.maximum(t_ib, t_nvl)
 
 
-def _peer_counts(plan: Plan) -> tuple[np.ndarray, np.ndarray]:
-    """Per rank: how many distinct peers it receives from, and sends to."""
-    pairs = np.unique(plan.kv[:, :2], axis=0)
-    return np.bincount(pairs[:, 0], minlength=plan.cp), np.bincount(pairs[:, 1], minlength=plan.cp)
+def _distinct_peers(slot: np.ndarray, peer: np.ndarray, size: int, cp: int) -> np.ndarray:
+    """How many distinct peers each slot talks to."""
+    return np.bincount(np.unique(slot * cp + peer) // cp, minlength=size)
 
 
-def _p2p_comm_seconds(plan: Plan, hw: HardwareProfile, peers_in: np.ndarray, peers_out: np.ndarray) -> np.ndarray:
-    """Per rank: time until all its key/values have arrived (its receives and its senders' sends)."""
-    kv, cp = plan.kv, plan.cp
-    if kv.shape[0] == 0:
-        return np.zeros(cp)
-    nbytes = (kv[:, 4] - kv[:, 3]) * hw.kv_bytes_per_token
-    inter = (kv[:, 0] // hw.gpus_per_node) != (kv[:, 1] // hw.gpus_per_node)
-    latency = hw.p2p_latency_us * 1e-6
-
-    def link_time(rank_col: int, peers: np.ndarray) -> np.ndarray:
-        t_ib = hw.seconds_transfer(np.bincount(kv[:, rank_col], weights=nbytes * inter, minlength=cp), True)
-        t_nvl = hw.seconds_transfer(np.bincount(kv[:, rank_col], weights=nbytes * ~inter, minlength=cp), False)
-        return np.maximum(t_ib, t_nvl) + latency * peers
-
-    recv, send = link_time(0, peers_in), link_time(1, peers_out)
+def _round_comm(hw: HardwareProfile, dst, src, rnd, nbytes, inter, cp: int, rounds: int) -> np.ndarray:
+    """``[cp, rounds]``: until a receiver's messages of a round are in: the slower of its own receive and the
+    sends of each of its senders in that round (all their destinations), plus a latency per sender."""
+    size = cp * rounds
+    into, out_of = dst * rounds + rnd, src * rounds + rnd
+    recv = _link_seconds(hw, into, nbytes, inter, size)
+    send = _link_seconds(hw, out_of, nbytes, inter, size)
     wait = recv.copy()
-    np.maximum.at(wait, kv[:, 0], send[kv[:, 1]])
-    return wait
+    np.maximum.at(wait, into, send[out_of])
+    wait += hw.p2p_latency_us * 1e-6 * _distinct_peers(into, src, size, cp)
+    return wait.reshape(cp, rounds)
+
+
+def staged_exchange(plan: Plan, hw: HardwareProfile, kv_budget_tokens=DEFAULT_KV_BUDGET) -> StagedExchange:
+    """Stage work and round communication of a point-to-point plan under a budget (see the module docstring)."""
+    cp, q, tile = plan.cp, plan.q, hw.tile_size
+    budget = resolve_kv_budget(kv_budget_tokens, int(plan.num_tokens.max(initial=1)))
+    pieces = plan.pieces
+    index, offset, length, stage, n = split_stages(pieces[:, 6], pieces[:, 4] - pieces[:, 3], pieces[:, 7], budget)
+    rounds = max(int(n.max(initial=0)), 1)
+    num_stages = np.zeros(cp, np.int64)
+    np.maximum.at(num_stages, pieces[index, 0], n)
+    dst, src, doc = pieces[index, 0], pieces[index, 1], pieces[index, 2]
+    end = pieces[index, 3] + offset + length
+
+    # compute: every query row of the receiver in the piece's document that sees it (causal: the piece ends at or
+    # before the row starts; received ranges never straddle a row's start), summed per (query row, stage)
+    num_docs = plan.doc_lens.shape[0]
+    order = np.lexsort((q[:, 1], q[:, 0]))
+    key_q = q[order, 0] * num_docs + q[order, 1]
+    key_p = dst * num_docs + doc
+    lo = np.searchsorted(key_q, key_p, "left")
+    counts = np.searchsorted(key_q, key_p, "right") - lo
+    rep = np.repeat(np.arange(key_p.shape[0]), counts)
+    row = order[lo[rep] + arange_within(counts)]
+    if plan.mask == "causal":
+        seen = end[rep] <= q[row, 2]
+        rep, row = rep[seen], row[seen]
+    q_len = q[row, 3] - q[row, 2]
+    group, inv = np.unique(row * rounds + stage[rep], return_inverse=True)
+    inv = inv.reshape(-1)
+    pairs = np.bincount(inv, weights=q_len * length[rep], minlength=group.shape[0])
+    keys = np.bincount(inv, weights=length[rep], minlength=group.shape[0])
+    g_row, g_stage = group // rounds, group % rounds
+    eff = _eff_pairs(pairs, q[g_row, 3] - q[g_row, 2], keys, tile)
+    slot = q[g_row, 0] * rounds + g_stage
+    stage_pairs = np.bincount(slot, weights=pairs, minlength=cp * rounds).reshape(cp, rounds)
+    stage_eff = np.bincount(slot, weights=eff, minlength=cp * rounds).reshape(cp, rounds)
+
+    # communication per round
+    nbytes = length * hw.kv_bytes_per_token
+    inter = (dst // hw.gpus_per_node) != (src // hw.gpus_per_node)
+    fwd = _round_comm(hw, dst, src, stage, nbytes, inter, cp, rounds)
+    back = n - 1 - stage  # the backward round of each sub-piece
+    again = back >= 1
+    refetch = _round_comm(hw, dst[again], src[again], back[again], nbytes[again], inter[again], cp, rounds)
+    size = cp * rounds
+    sent, returned = dst * rounds + back, src * rounds + back
+    grad = np.maximum(_link_seconds(hw, sent, nbytes, inter, size), _link_seconds(hw, returned, nbytes, inter, size))
+    peers = _distinct_peers(np.concatenate([sent, returned]), np.concatenate([src, dst]), size, cp)
+    grad = (grad + hw.p2p_latency_us * 1e-6 * peers).reshape(cp, rounds)
+    return StagedExchange(budget=budget, num_stages=num_stages, pairs=stage_pairs, eff_pairs=stage_eff,
+                          fwd_comm_s=fwd, refetch_comm_s=refetch, grad_comm_s=grad)
+
+
+def staged_times(x: StagedExchange, local_fwd_s: np.ndarray, local_bwd_s: np.ndarray, hw: HardwareProfile
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per rank: forward and backward seconds of the engine's rounds, and kernel seconds (local times include
+    their launches; every stage with work adds one kernel launch, forward and backward)."""
+    cp, rounds = x.eff_pairs.shape
+    launch = hw.kernel_launch_us * 1e-6 * (x.eff_pairs > 0)
+    c_fwd = hw.seconds_fwd(x.eff_pairs) + launch
+    c_bwd = hw.seconds_bwd(x.eff_pairs) + launch
+    # forward: local blocks while stage 0 travels; then wait stage j, post round j + 1, compute stage j
+    f, arrive = np.asarray(local_fwd_s, dtype=np.float64).copy(), x.fwd_comm_s[:, 0].copy()
+    for j in range(rounds):
+        s = np.maximum(f, arrive)
+        if j + 1 < rounds:
+            arrive = s + x.fwd_comm_s[:, j + 1]
+        f = s + c_fwd[:, j]
+    fwd = f
+    # backward round t computes stage n - 1 - t (the kept one at t = 0, no wait); refetch round 1 is posted at
+    # time 0; then wait the refetched stage, post the next refetch, compute, wait the previous gradient round
+    # (it travelled during the compute), post the stage's gradients; local blocks after the loop, then the last
+    # gradient round
+    j = x.num_stages[:, None] - 1 - np.arange(rounds)[None, :]
+    c_back = np.where(j >= 0, np.take_along_axis(c_bwd, np.maximum(j, 0), axis=1), 0.0)
+    f, arrive, g = np.zeros(cp), np.zeros(cp), np.zeros(cp)
+    for t in range(rounds):
+        s = np.maximum(f, arrive)
+        arrive = s + x.refetch_comm_s[:, t + 1] if t + 1 < rounds else np.zeros(cp)
+        f = np.maximum(s + c_back[:, t], g)
+        g = f + x.grad_comm_s[:, t]
+    bwd = np.maximum(f + local_bwd_s, g)
+    compute = local_fwd_s + local_bwd_s + c_fwd.sum(axis=1) + c_bwd.sum(axis=1)
+    return fwd, bwd, compute
+
+
+def _p2p_cost(plan: Plan, hw: HardwareProfile, kv_budget_tokens=DEFAULT_KV_BUDGET
+              ) -> tuple[np.ndarray, np.ndarray]:
+    q, cp = plan.q, plan.cp
+    local, local_keys, _, other = _local_split(plan)
+    n_q = q[:, 3] - q[:, 2]
+    eff_local = np.bincount(q[:, 0], weights=_eff_pairs(local, n_q, local_keys, hw.tile_size), minlength=cp)
+    calls = (np.bincount(q[:, 0], minlength=cp) > 0).astype(np.float64)  # own: diagonal (causal) or all own keys
+    if plan.mask == "causal":
+        calls += np.bincount(q[:, 0], weights=other, minlength=cp) > 0  # earlier: the rank's earlier own rows
+    launches = hw.kernel_launch_us * 1e-6 * calls
+    x = staged_exchange(plan, hw, kv_budget_tokens)
+    fwd, bwd, compute = staged_times(x, hw.seconds_fwd(eff_local) + launches, hw.seconds_bwd(eff_local) + launches,
+                                     hw)
+    return compute, fwd + bwd
 
 
 # -- ring (Transformer Engine) -----------------------------------------------------------------------

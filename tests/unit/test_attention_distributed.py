@@ -1,5 +1,8 @@
-"""FCP attention across 2 and 4 gloo processes: equal to the float64 dense reference, bit-identical to the
-in-process executor, moving exactly the plan's bytes; bad input fails on every rank; a silent peer times out.
+"""FCP attention across 2, 3 and 4 gloo processes: equal to the float64 dense reference, bit-identical to the
+in-process executor, moving exactly the plan's bytes in every phase and holding exactly the plan's key/value
+memory, with and without a key/value budget (down to a few dozen tokens, many stages); ranks holding different
+plans or budgets stop with one line before anything moves; bad input fails on every rank; a silent peer times
+out.
 
 Each world size starts its processes once and runs every case inside them (process start-up dominates).
 """
@@ -18,53 +21,92 @@ import torch.multiprocessing as mp
 from attn_cases import Case, batch, rel_err
 
 from megatron_fcp.attention import ExchangeTimeout, fcp_attention, get_exchange, run_in_process
+from megatron_fcp.attention.engine import PlanMismatchError
 from megatron_fcp.attention.layout import join_from_ranks
 from megatron_fcp.attention.ring import ring_attention
 from megatron_fcp.errors import InputError
+from megatron_fcp.planner.api import make_plan
+from megatron_fcp.planner.stages import p2p_memory
 
 pytestmark = pytest.mark.distributed
 
-CASES = {
-    2: [("linux_files", "causal", torch.float32), ("spamassassin", "full", torch.float32),
-        ("spanning", "causal", torch.float32), ("ones", "full", torch.float32),
-        ("tiny_rank", "full", torch.float32), ("linux_files", "full", torch.bfloat16)],
-    4: [("linux_files", "causal", torch.float32), ("magi_hist", "full", torch.float32),
-        ("spanning", "full", torch.float32), ("tiny_rank", "causal", torch.float32),
-        ("ones", "causal", torch.float32), ("spamassassin", "causal", torch.bfloat16)],
+CASES = {  # (batch, mask, dtype, key/value budget)
+    2: [("linux_files", "causal", torch.float32, "auto"), ("spamassassin", "full", torch.float32, None),
+        ("spanning", "causal", torch.float64, 24), ("ones", "full", torch.float32, "auto"),
+        ("tiny_rank", "full", torch.float32, 32), ("linux_files", "full", torch.bfloat16, "auto")],
+    3: [("magi_hist", "causal", torch.float64, None), ("spanning", "full", torch.float32, 40),
+        ("linux_files", "causal", torch.float32, 17), ("spamassassin", "full", torch.float64, "auto")],
+    4: [("linux_files", "causal", torch.float32, "auto"), ("magi_hist", "full", torch.float32, 48),
+        ("spanning", "full", torch.float64, None), ("tiny_rank", "causal", torch.float32, 20),
+        ("ones", "causal", torch.float32, None), ("spamassassin", "causal", torch.bfloat16, 64)],
 }
 BATCH_TOKENS = 2048
 
 
-def _run_case(rank, world, name, mask, dtype, group=None, cp=None, strategy="fcp"):
+def _saved_bytes(fn):
+    """Run ``fn`` and count the bytes autograd saves for backward (saved-tensor hooks)."""
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        result = fn()
+    return result, sum(saved)
+
+
+def _run_case(rank, world, name, mask, dtype, budget="auto", group=None, cp=None, strategy="fcp"):
     cp = cp or world
     group_rank = dist.get_rank(group)
     case = Case(batch(name, cp, BATCH_TOKENS // cp), cp, BATCH_TOKENS // cp, mask, strategy=strategy,
                 seed=zlib.crc32(name.encode()) % 1000)
+    where = f"{name}/{mask}/{dtype}/budget {budget}"
     q, k, v, dout = case.inputs(dtype)
     mine = [x[group_rank].clone().requires_grad_() for x in (q, k, v)]
     exchange = get_exchange(group, timeout_s=60)
     exchange.counter.reset()
-    out = fcp_attention(*mine, case.plan.for_rank(group_rank), group, case.scale, backend="cpu", exchange=exchange)
+    exchange.memory.reset_peak()
+    view = case.plan.for_rank(group_rank)
+    out, saved = _saved_bytes(lambda: fcp_attention(*mine, view, group, case.scale, backend="cpu",
+                                                    exchange=exchange, kv_budget_tokens=budget))
+    kept = exchange.memory.current("kv")
     out.backward(dout[group_rank])
-    local = run_in_process(case.plan, q, k, v, dout, backend="cpu", softmax_scale=case.scale)
+    local = run_in_process(case.plan, q, k, v, dout, backend="cpu", softmax_scale=case.scale,
+                           kv_budget_tokens=budget)
     got = {"out": out.detach(), "dq": mine[0].grad, "dk": mine[1].grad, "dv": mine[2].grad}
     want = {"out": local.out, "dq": local.dq, "dk": local.dk, "dv": local.dv}
     for key, tensor in got.items():
-        assert torch.equal(tensor, want[key][group_rank]), f"{name}/{mask}/{dtype}: {key} differs from executor"
-    bar = case.plain(torch.bfloat16) if dtype == torch.bfloat16 else dict.fromkeys(want, 0.5e-5)
+        assert torch.equal(tensor, want[key][group_rank]), f"{where}: {key} differs from executor"
+    bars = {torch.bfloat16: None, torch.float32: 1e-5, torch.float64: 1e-10}
+    bar = case.plain(torch.bfloat16) if dtype == torch.bfloat16 else dict.fromkeys(want, bars[dtype] / 2)
     for key, parts in want.items():
         err = rel_err(join_from_ranks(case.plan, parts), case.ref[key])
-        assert err <= 2 * bar[key], f"{name}/{mask}/{dtype}: {key} relative error {err:.2e} > {2 * bar[key]:.2e}"
+        assert err <= 2 * bar[key], f"{where}: {key} relative error {err:.2e} > {2 * bar[key]:.2e}"
+    # bytes: forward = the plan's key/value ranges; backward = what the stage split fetches again, and gradients
     row_bytes = 2 * k[0].shape[1] * k[0].shape[2] * torch.empty(0, dtype=dtype).element_size()  # k and v
-    view = case.plan.for_rank(group_rank)
     recv = sum(e - s for _, _, s, e in view.kv_recv) * row_bytes  # the ranges the plan lists, nothing else
     send = sum(e - s for _, _, s, e in view.kv_send) * row_bytes
     if strategy == "fcp":  # the plan's own volume figures (ring plans count ring traffic there)
         assert (recv, send) == (case.plan.recv_tokens[group_rank] * row_bytes,
                                 case.plan.send_tokens[group_rank] * row_bytes)
+    mem = {key: int(val[group_rank]) * row_bytes for key, val in
+           p2p_memory(case.plan.num_tokens, case.plan.pieces, budget).items()}
     c = exchange.counter
-    assert (c.received["forward"], c.sent["forward"]) == (recv, send), f"{name}: forward bytes {c} vs plan"
-    assert (c.received["backward"], c.sent["backward"]) == (send, recv), f"{name}: backward bytes {c} vs plan"
+    assert (c.received.get("forward", 0), c.sent.get("forward", 0)) == (recv, send), f"{where}: forward bytes {c} vs plan"
+    assert c.received.get("backward_kv", 0) == mem["refetch_kv_tokens"], f"{where}: refetched {c}"
+    assert c.sent.get("backward_kv", 0) == local.counters[group_rank].sent.get("backward_kv", 0)
+    assert (c.sent.get("backward_grad", 0), c.received.get("backward_grad", 0)) == (recv, send), where
+    # memory: received buffers held at once and kept for backward, as the plan says
+    assert exchange.memory.peak.get("kv", 0) == mem["peak_remote_kv_tokens"], f"{where}: peak {exchange.memory.peak}"
+    assert kept == mem["saved_remote_kv_tokens"], f"{where}: kept {kept} bytes"
+    own = sum(t.numel() * t.element_size() for t in (q[group_rank], k[group_rank], v[group_rank], out))
+    lse = view.num_tokens - view.num_pad_tokens
+    lse_bytes = lse * q[0].shape[1] * (8 if dtype == torch.float64 else 4)
+    assert saved == own + lse_bytes + kept, f"{where}: autograd saved {saved} bytes"
+    assert exchange.memory.current("kv") == 0, f"{where}: received key/values alive after backward"
+    if budget not in (None, "auto") and mem["recv_kv_tokens"] > 2 * budget * row_bytes:
+        assert mem["num_stages"] > 2
 
 
 def _ring_case(rank, world, name, mask):
@@ -103,6 +145,36 @@ def _bad_inputs(rank, world):
     other = Case(batch("linux_files", 2 * world, 64), 2 * world, 64, "causal").plan.for_rank(rank)
     _expect_input_error(lambda: fcp_attention(q, k, v, other), f"process group has {world} ranks")
     _expect_input_error(lambda: fcp_attention(q, k, v, case.plan.for_rank((rank + 1) % world)), "plan.for_rank")
+    _expect_input_error(lambda: fcp_attention(q, k, v, view, kv_budget_tokens=-3), "kv_budget_tokens -3")
+    _expect_input_error(lambda: fcp_attention(q, k, v, view, kv_budget_tokens=0), "below one key/value token")
+    _expect_input_error(lambda: fcp_attention(q, k, v, view, kv_budget_tokens="half"), "whole number")
+
+
+MISMATCHES = {  # world: (per-rank document lengths of one micro-batch, tokens per rank, the words every rank sees)
+    2: [([[300, 212], [212, 300]], 256, "CP rank 0 holds plan"), ([[100, 412], [400, 112]], 256, "CP rank 1 holds")],
+    4: [([[700, 324]] * 2 + [[324, 700]] + [[700, 324]], 256, "CP ranks 0, 1, 3 hold plan")],
+}
+
+
+def _plan_mismatch(rank, world):
+    """Ranks planning different micro-batches (or budgets) stop before anything moves, with the same one line."""
+    cases = [(lens[rank], tokens, words, "auto") for lens, tokens, words in MISMATCHES.get(world, [])]
+    budget = 64 if rank == world - 1 else "auto"
+    cases.append(([256 * world - 100, 100], 256, "budget 64", budget))
+    for lens, tokens, words, kv_budget in cases:
+        plan = make_plan(lens, world, tokens, "causal")
+        gen = torch.Generator().manual_seed(rank)
+        q, k, v = (torch.randn(tokens, 2, 8, generator=gen) for _ in range(3))
+        exchange = get_exchange(None, timeout_s=20)
+        exchange.counter.reset()
+        try:
+            fcp_attention(q, k, v, plan.for_rank(rank), None, backend="cpu", kv_budget_tokens=kv_budget)
+        except PlanMismatchError as err:
+            text = str(err)
+            assert words in text and "\n" not in text and "nothing was exchanged" in text, text
+            assert not exchange.counter.sent and not exchange.counter.received, "key/values moved"
+        else:
+            raise AssertionError(f"rank {rank}: no PlanMismatchError for {lens} / budget {kv_budget}")
 
 
 def _silent_peer(rank, world):
@@ -126,15 +198,16 @@ def _worker(rank, world, store_path, result_dir):
     status = "ok"
     try:
         dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world)
-        for name, mask, dtype in CASES[world]:
-            _run_case(rank, world, name, mask, dtype)
+        for name, mask, dtype, budget in CASES[world]:
+            _run_case(rank, world, name, mask, dtype, budget)
         if world == 4:  # two CP groups of 2 inside the world: group ranks differ from global ranks
             groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
-            _run_case(rank, world, "linux_files", "causal", torch.float32, group=groups[rank // 2], cp=2)
-            _run_case(rank, world, "linux_files", "full", torch.float32, strategy="ring")
+            _run_case(rank, world, "linux_files", "causal", torch.float32, 40, group=groups[rank // 2], cp=2)
+            _run_case(rank, world, "linux_files", "full", torch.float32, 96, strategy="ring")
             _ring_case(rank, world, "linux_files", "causal")
             _ring_case(rank, world, "spanning", "full")
         _bad_inputs(rank, world)
+        _plan_mismatch(rank, world)
         dist.barrier()
         if world == 2:
             _silent_peer(rank, world)
@@ -145,7 +218,7 @@ def _worker(rank, world, store_path, result_dir):
     os._exit(0)  # skip process-group teardown (the silent-peer case leaves a receive posted)
 
 
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("world", [2, 3, 4])
 def test_fcp_attention_across_processes(world):
     with tempfile.TemporaryDirectory() as tmp:
         ctx = mp.get_context("spawn")

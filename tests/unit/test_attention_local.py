@@ -3,6 +3,7 @@ against a float64 dense reference over the whole packed batch."""
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from attn_cases import Case, batch, rel_err
@@ -11,6 +12,7 @@ from megatron_fcp.attention.backends import BackendUnavailable, VarlenCall, get_
 from megatron_fcp.attention.executor import run_in_process
 from megatron_fcp.attention.layout import join_from_ranks, split_to_ranks
 from megatron_fcp.attention.merge import merge_partials
+from megatron_fcp.planner.stages import p2p_memory
 
 
 def _attend(q, k, v, allow):
@@ -87,14 +89,66 @@ def test_layout_round_trip():
 BATCHES = ["linux_files", "spamassassin", "magi_hist", "spanning", "tiny_rank", "ones"]
 
 
-def _check_executor(case: Case, dtype, bound):
+def _check_executor(case: Case, dtype, bound, kv_budget_tokens="auto"):
     q, k, v, dout = case.inputs(dtype)
-    res = run_in_process(case.plan, q, k, v, dout, backend="cpu", softmax_scale=case.scale)
+    res = run_in_process(case.plan, q, k, v, dout, backend="cpu", softmax_scale=case.scale,
+                         kv_budget_tokens=kv_budget_tokens)
     for name, parts in (("out", res.out), ("dq", res.dq), ("dk", res.dk), ("dv", res.dv)):
         for r, part in enumerate(parts):
             assert not part[case.plan.num_tokens[r] - case.plan.num_pad_tokens[r]:].any(), "padding rows not zero"
         err = rel_err(join_from_ranks(case.plan, parts), case.ref[name])
         assert err <= bound[name], f"{name}: relative error {err:.2e} > {bound[name]:.2e}"
+    return res
+
+
+def _check_staged_figures(case: Case, res, kv_budget_tokens, row_bytes: int) -> dict:
+    """The executor's bytes per phase and received key/value buffers equal the plan's staged figures."""
+    mem = p2p_memory(case.plan.num_tokens, case.plan.pieces, kv_budget_tokens)
+    for r in range(case.plan.cp):
+        got, c = res.memory[r], res.counters[r]
+        assert got.peak.get("kv", 0) == mem["peak_remote_kv_tokens"][r] * row_bytes, f"rank {r}: peak"
+        assert res.saved_kv_bytes[r] == mem["saved_remote_kv_tokens"][r] * row_bytes, f"rank {r}: kept"
+        assert c.received.get("forward", 0) == mem["recv_kv_tokens"][r] * row_bytes == \
+            case.plan.recv_tokens[r] * row_bytes, f"rank {r}: forward bytes"
+        assert c.received.get("backward_kv", 0) == mem["refetch_kv_tokens"][r] * row_bytes, f"rank {r}: refetch"
+        assert c.sent.get("backward_grad", 0) == mem["recv_kv_tokens"][r] * row_bytes, f"rank {r}: gradients"
+        assert c.received.get("backward_grad", 0) == case.plan.send_tokens[r] * row_bytes
+    return mem
+
+
+FP64 = dict.fromkeys(("out", "dq", "dk", "dv"), 1e-10)
+FP32 = dict.fromkeys(("out", "dq", "dk", "dv"), 1e-5)
+
+
+@pytest.mark.parametrize("budget", [None, "auto", 24, 7])
+@pytest.mark.parametrize("mask", ["causal", "full"])
+@pytest.mark.parametrize("name", ["linux_files", "spanning", "tiny_rank"])
+def test_executor_stages_match_float64_dense_and_the_plans_figures(name, mask, budget):
+    case = Case(batch(name, 4, 256), 4, 256, mask, seed=len(name))
+    for dtype, bound in ((torch.float64, FP64), (torch.float32, FP32)):
+        res = _check_executor(case, dtype, bound, budget)
+        mem = _check_staged_figures(case, res, budget, 2 * 2 * 16 * torch.empty(0, dtype=dtype).element_size())
+    if budget in (24, 7) and name != "tiny_rank":
+        assert mem["num_stages"].max() > 3, "the budget must force several stages"
+
+
+LONG_DOCUMENTS = {64: (32, [1500, 300, 120, 60, 30, 20, 18]), 256: (16, [1024, 512, 256] + [18] * 128)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("budget", ["auto", 5])
+@pytest.mark.parametrize("mask", ["causal", "full"])
+@pytest.mark.parametrize("cp", [64, 256])
+def test_executor_at_cp64_and_cp256_on_long_documents(cp, mask, budget):
+    if cp == 256 and budget == 5:
+        pytest.skip("many thousands of tiny kernel calls: the auto budget already stages every long-document rank")
+    tokens_per_rank, lens = LONG_DOCUMENTS[cp]
+    case = Case(lens, cp, tokens_per_rank, mask, heads=(2, 1), head_dim=8, seed=cp)
+    res = _check_executor(case, torch.float64, FP64, budget)
+    mem = _check_staged_figures(case, res, budget, 2 * 8 * 8)
+    assert case.plan.recv_tokens.max() > 20 * tokens_per_rank, "a long document must make some rank receive a lot"
+    assert np.all(mem["peak_remote_kv_tokens"] <= 2 * tokens_per_rank)
+    assert np.all(mem["saved_remote_kv_tokens"] <= tokens_per_rank)
 
 
 @pytest.mark.parametrize("mask", ["causal", "full"])
