@@ -1,10 +1,12 @@
 """CPU benchmark: FCP vs ring attention (forward + backward) on one batch, over several gloo processes.
 
 Both strategies run the same kernels (the ``cpu`` backend) and merge code; they differ in placement (the FCP
-planner vs the planner's ring placement) and exchange (planned peer-to-peer vs ring steps). Per rank it prints
-the time inside attention kernels, the time spent waiting for messages, the key/value (and gradient) bytes
-received, and the total time of the step, as medians over ``--iters`` timed steps after one warm-up step; then
-the FCP/ring ratio of the slowest rank's total. It measures and prints; it asserts nothing about speed.
+planner vs the planner's ring placement) and exchange (planned peer-to-peer in stages of at most
+``--kv-budget-tokens`` vs ring steps). Per rank it prints the time inside attention kernels, the time spent
+waiting for messages, the key/value (and gradient) bytes received, the total time of the step, and for FCP the
+time of the plan check (one all-gather confirming every rank holds the same plan, once per micro-batch), as
+medians over ``--iters`` timed steps after one warm-up step; then the FCP/ring ratio of the slowest rank's
+total. It measures and prints; it asserts nothing about speed.
 
 Each process uses one thread. On a machine with fewer cores than ranks the processes share cores, which
 inflates every figure alike; the ratio is the number to read.
@@ -28,10 +30,12 @@ import torch.multiprocessing as mp
 
 from megatron_fcp.attention import P2PExchange, fcp_attention
 from megatron_fcp.attention.backends import Backend, get_backend
+from megatron_fcp.attention.engine import check_plan_agreement
 from megatron_fcp.attention.layout import join_from_ranks, split_to_ranks
 from megatron_fcp.attention.ring import ring_attention, ring_steps
-from megatron_fcp.attention.schedule import build_schedule
+from megatron_fcp.attention.schedule import cached_schedule
 from megatron_fcp.planner.api import make_plan
+from megatron_fcp.planner.stages import parse_kv_budget
 from megatron_fcp.sim.lengths import load_distribution, pack_batches
 
 
@@ -59,14 +63,15 @@ class TimedExchange(P2PExchange):
 
     wait_s = 0.0
 
-    def start(self, *args):
-        pending = super().start(*args)
+    def post(self, *args):
+        pending = super().post(*args)
         wait = pending.wait
 
         def timed_wait():
             start = time.perf_counter()
-            wait()
+            result = wait()
             self.wait_s += time.perf_counter() - start
+            return result
 
         pending.wait = timed_wait
         return pending
@@ -87,11 +92,17 @@ def _worker(rank: int, args, store: str, result_path: str) -> None:
         plan = make_plan(lens, args.cp, args.tokens_per_rank, args.mask, strategy)
         mine = [split_to_ranks(plan, x)[rank].contiguous() for x in (q, *kv, dout)]
         backend, exchange = TimedBackend(get_backend("cpu")), TimedExchange(timeout_s=600)
+        check_s = []
         if strategy == "fcp":
-            sched = build_schedule(plan.for_rank(rank))
+            view = plan.for_rank(rank)
+            sched = cached_schedule(view, "cpu", args.kv_budget_tokens)
 
-            def step(x, sched=sched, backend=backend, exchange=exchange):
-                return fcp_attention(*x, sched, None, backend=backend, exchange=exchange)
+            def step(x, view=view, sched=sched, backend=backend, exchange=exchange, check_s=check_s):
+                start = time.perf_counter()
+                check_plan_agreement(view, sched, exchange, "cpu")
+                check_s.append(time.perf_counter() - start)
+                return fcp_attention(*x, view, None, backend=backend, exchange=exchange,
+                                     kv_budget_tokens=args.kv_budget_tokens, verify_plan=False)
         else:
             steps = ring_steps(plan, rank, "cpu")
 
@@ -117,7 +128,8 @@ def _worker(rank: int, args, store: str, result_path: str) -> None:
         rows[strategy] = {"total_s": statistics.median(s[0] for s in samples),
                           "kernel_s": statistics.median(s[1] for s in samples),
                           "wait_s": statistics.median(s[2] for s in samples),
-                          "recv_mb": samples[-1][3] / 1e6}
+                          "recv_mb": samples[-1][3] / 1e6,
+                          "check_ms": 1e3 * statistics.median(check_s[1:]) if check_s else 0.0}
     everything = [None] * args.cp
     dist.all_gather_object(everything, rows)
     if rank == 0:
@@ -138,10 +150,13 @@ def main() -> None:
     ap.add_argument("--kv-heads", type=int, default=2)
     ap.add_argument("--head-dim", type=int, default=64)
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    ap.add_argument("--kv-budget-tokens", default="auto",
+                    help="FCP key/value tokens per stage: a number, auto (the rank's own tokens) or none")
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="also write the figures here")
     args = ap.parse_args()
+    args.kv_budget_tokens = parse_kv_budget(args.kv_budget_tokens, "--kv-budget-tokens")
     with tempfile.TemporaryDirectory() as tmp:
         result = os.path.join(tmp, "result.json")
         mp.start_processes(_worker, args=(args, os.path.join(tmp, "store"), result), nprocs=args.cp,
@@ -150,17 +165,20 @@ def main() -> None:
     lens = np.array(data["lens"])
     print(f"{args.lengths}, {args.mask}, cp {args.cp} x {args.tokens_per_rank} tokens: {lens.size} documents "
           f"(longest {lens.max()}), {args.heads}/{args.kv_heads} heads x {args.head_dim}, {args.dtype}, "
-          f"forward+backward, median of {args.iters}")
-    print(f"{'strategy':>8} {'rank':>4} {'kernel_s':>9} {'wait_s':>8} {'recv_MB':>8} {'total_s':>8}")
+          f"forward+backward, median of {args.iters}; FCP key/value budget {args.kv_budget_tokens}")
+    print(f"{'strategy':>8} {'rank':>4} {'kernel_s':>9} {'wait_s':>8} {'recv_MB':>8} {'total_s':>8} {'check_ms':>8}")
     slowest = {}
     for strategy in ("fcp", "ring"):
         for r, rows in enumerate(data["ranks"]):
             row = rows[strategy]
             print(f"{strategy:>8} {r:>4} {row['kernel_s']:>9.3f} {row['wait_s']:>8.3f} {row['recv_mb']:>8.2f} "
-                  f"{row['total_s']:>8.3f}")
+                  f"{row['total_s']:>8.3f} {row['check_ms']:>8.2f}")
         slowest[strategy] = max(rows[strategy]["total_s"] for rows in data["ranks"])
+    check = max(rows["fcp"]["check_ms"] for rows in data["ranks"])
     print(f"slowest rank: fcp {slowest['fcp']:.3f} s, ring {slowest['ring']:.3f} s, "
-          f"fcp/ring = {slowest['fcp'] / slowest['ring']:.2f}; outputs agree to {data['max_abs_diff']:.1e}")
+          f"fcp/ring = {slowest['fcp'] / slowest['ring']:.2f}; outputs agree to {data['max_abs_diff']:.1e}; "
+          f"plan check at most {check:.2f} ms per micro-batch ({100 * check / 1e3 / slowest['fcp']:.2f}% of the "
+          "FCP attention step)")
     if args.json:
         data.update(args=vars(args), slowest=slowest)
         with open(args.json, "w") as f:

@@ -93,7 +93,7 @@ def _run_case(rank, world, name, mask, dtype, budget="auto", group=None, cp=None
     mem = {key: int(val[group_rank]) * row_bytes for key, val in
            p2p_memory(case.plan.num_tokens, case.plan.pieces, budget).items()}
     c = exchange.counter
-    assert (c.received.get("forward", 0), c.sent.get("forward", 0)) == (recv, send), f"{where}: forward bytes {c} vs plan"
+    assert (c.received.get("forward", 0), c.sent.get("forward", 0)) == (recv, send), f"{where}: forward {c}"
     assert c.received.get("backward_kv", 0) == mem["refetch_kv_tokens"], f"{where}: refetched {c}"
     assert c.sent.get("backward_kv", 0) == local.counters[group_rank].sent.get("backward_kv", 0)
     assert (c.sent.get("backward_grad", 0), c.received.get("backward_grad", 0)) == (recv, send), where

@@ -132,23 +132,23 @@ def test_executor_stages_match_float64_dense_and_the_plans_figures(name, mask, b
         assert mem["num_stages"].max() > 3, "the budget must force several stages"
 
 
-LONG_DOCUMENTS = {64: (32, [1500, 300, 120, 60, 30, 20, 18]), 256: (16, [1024, 512, 256] + [18] * 128)}
+LONG_DOCUMENTS = {64: (32, [1500, 300, 120, 60, 30, 20, 18]), 256: (16, [640, 256, 128] + [16] * 192)}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("budget", ["auto", 5])
+@pytest.mark.parametrize("budget", ["auto", None])
 @pytest.mark.parametrize("mask", ["causal", "full"])
 @pytest.mark.parametrize("cp", [64, 256])
 def test_executor_at_cp64_and_cp256_on_long_documents(cp, mask, budget):
-    if cp == 256 and budget == 5:
-        pytest.skip("many thousands of tiny kernel calls: the auto budget already stages every long-document rank")
     tokens_per_rank, lens = LONG_DOCUMENTS[cp]
     case = Case(lens, cp, tokens_per_rank, mask, heads=(2, 1), head_dim=8, seed=cp)
     res = _check_executor(case, torch.float64, FP64, budget)
     mem = _check_staged_figures(case, res, budget, 2 * 8 * 8)
     assert case.plan.recv_tokens.max() > 20 * tokens_per_rank, "a long document must make some rank receive a lot"
-    assert np.all(mem["peak_remote_kv_tokens"] <= 2 * tokens_per_rank)
-    assert np.all(mem["saved_remote_kv_tokens"] <= tokens_per_rank)
+    if budget == "auto":  # a budget of the rank's own tokens: many stages, memory bounded
+        assert mem["num_stages"].max() > 20
+        assert np.all(mem["peak_remote_kv_tokens"] <= 2 * tokens_per_rank)
+        assert np.all(mem["saved_remote_kv_tokens"] <= tokens_per_rank)
 
 
 @pytest.mark.parametrize("mask", ["causal", "full"])
