@@ -57,10 +57,14 @@ class MemoryMeter:
         self.peak: dict[str, int] = {}
 
     def track(self, kind: str, *tensors: torch.Tensor) -> None:
+        """Count the storages of ``tensors`` (once each, however often tracked) and update the peak."""
         refs = self._live.setdefault(kind, [])
         for t in tensors:
-            if t is not None:
-                refs.append(weakref.ref(t.untyped_storage()))
+            if t is None:
+                continue
+            storage = t.untyped_storage()
+            if not any(r() is storage for r in refs):
+                refs.append(weakref.ref(storage))
         self.peak[kind] = max(self.peak.get(kind, 0), self.current(kind))
 
     def current(self, kind: str) -> int:

@@ -9,7 +9,16 @@ from pathlib import Path
 
 import numpy as np
 
-from megatron_fcp.cpu_demo.train import RunConfig, baseline_of, launch
+from megatron_fcp.cpu_demo.train import MEMORY_FIGURES, RECOMPUTE, RunConfig, baseline_of, launch
+from megatron_fcp.errors import InputError
+from megatron_fcp.planner.stages import DEFAULT_KV_BUDGET, parse_kv_budget
+
+MEMORY_LABELS = {"kv_peak": "received key/values held at once, per layer",
+                 "kv_kept": "received key/values kept from a layer's forward to its backward",
+                 "grad_peak": "gradients of received key/values held at once, per layer",
+                 "returned_peak": "gradients of own key/values coming back held at once, per layer",
+                 "kv_kept_all_layers": "received key/values kept for backward by all layers together",
+                 "kv_held_all_layers": "received key/values held at once, all layers together"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,14 +32,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--planning-workers", type=int, default=0,
                    help="data-loader worker processes that plan ahead (default 0: plan in the training process, "
                         "which is cheaper than extra processes on a 2-core machine)")
+    p.add_argument("--kv-budget-tokens", default=DEFAULT_KV_BUDGET, metavar="N|auto|none",
+                   help="FCP's key/value exchange travels in stages of at most N tokens: at most 2 stages held at "
+                        "once and 1 kept for backward per layer (auto, default: the rank's own tokens; none: one "
+                        "unbounded stage)")
+    p.add_argument("--recompute", choices=RECOMPUTE, default="none",
+                   help="Megatron's activation recompute in the FCP run: selective recomputes core attention, full "
+                        "every whole layer (uniform, 1 layer per checkpoint)")
     p.add_argument("--out", default=None, help="folder for the per-step JSON records (default: a temp folder)")
     a = p.parse_args(argv)
+    try:
+        budget = parse_kv_budget(a.kv_budget_tokens, flag="--kv-budget-tokens")
+    except InputError as err:
+        p.error(str(err))
     run = RunConfig(cp=a.cp, steps=a.steps, seq_length=a.seq_length, doclens=a.doclens, scheduler=a.scheduler,
-                    planning_workers=a.planning_workers)
+                    planning_workers=a.planning_workers, kv_budget_tokens=budget, recompute=a.recompute)
     out = Path(a.out or tempfile.mkdtemp(prefix="fcp-demo-"))
     out.mkdir(parents=True, exist_ok=True)
     print(f"== FCP: tiny GPT (megatron-core, {run.num_layers} layers, hidden {run.hidden_size}), CP={run.cp} on "
-          f"{run.world_size} CPU processes (gloo), {run.seq_length}-token packed batches from '{run.doclens}'")
+          f"{run.world_size} CPU processes (gloo), {run.seq_length}-token packed batches from '{run.doclens}', "
+          f"key/value budget {budget if budget is not None else 'none'}"
+          f"{f' ({run.seq_length // run.cp} tokens)' if budget == 'auto' else ''}, recompute {run.recompute}")
     fcp = launch(run, out / "fcp.json")["steps"]
     print("== the same run without CP (1 process, Megatron's own attention with a document mask)")
     ref = launch(baseline_of(run), out / "nocp.json")["steps"]
@@ -59,8 +81,27 @@ def main(argv: list[str] | None = None) -> int:
           f"{np.mean([s['pairs_imbalance'] for s in fcp]):.3f}, key/value traffic "
           f"{100 * np.mean([s['comm_vs_ring'] for s in fcp]):.1f}% of ring CP's, "
           f"{np.mean([s['docs'] for s in fcp]):.1f} documents per micro-batch")
+    if fcp and "memory" in fcp[0]:
+        print_memory_summary(fcp)
     print(f"records: {out}")
     return 0
+
+
+def print_memory_summary(steps: list[dict]) -> None:
+    """The largest per-step attention memory figures of rank 0, measured and modeled, and whether they agree."""
+    own = steps[0]["own_kv_bytes"]
+    stages = max(s["memory_model"]["num_stages"] for s in steps)
+    print(f"attention memory on CP rank 0, largest over steps (own key/values of a layer: {own / 1024:.1f} KiB; "
+          f"up to {stages} stage{'s' if stages > 1 else ''} per layer):")
+    differ = []
+    for name in MEMORY_FIGURES:
+        got = max(s["memory"][name] for s in steps)
+        want = max(s["memory_model"][name] for s in steps)
+        print(f"  {MEMORY_LABELS[name]:<66s} {got / 1024:8.1f} KiB {got / own:5.2f}x own | model "
+              f"{want / 1024:8.1f} KiB {want / own:5.2f}x")
+        differ += [name] if any(s["memory"][name] != s["memory_model"][name] for s in steps) else []
+    print("measured and modeled agree at every step" if not differ else
+          f"measured and modeled differ at some step in: {', '.join(differ)}")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,11 @@ forward step (``FcpBatchDataset`` -> ``fcp_forward_step``), but drives the step 
 group, gradients summed over it and divided by the token count (what ``--calculate-per-token-loss`` and
 ``finalize_model_grads`` do), Adam. The no-CP run is plain Megatron: its local core attention with a
 document-causal mask and its own rotary embeddings.
+
+FCP runs take the key/value budget of the staged exchange (``kv_budget_tokens``) and Megatron's activation
+recompute (``recompute``: ``selective`` recomputes core attention, ``full`` whole layers), and rank 0 measures the
+exchange's buffers over each step (:class:`AttentionMemory`) next to the planner's model of them
+(:func:`modeled_memory`).
 """
 
 from __future__ import annotations
@@ -23,8 +28,16 @@ import torch
 import torch.distributed as dist
 
 from megatron_fcp.attention.reference import document_mask
+from megatron_fcp.errors import InputError
 from megatron_fcp.megatron.batch import STATS, FcpBatchDataset, MockDocumentDataset, doc_lengths_from_positions
 from megatron_fcp.megatron.config import FcpConfig
+from megatron_fcp.planner.plan import RankPlan
+from megatron_fcp.planner.stages import DEFAULT_KV_BUDGET, p2p_memory, parse_kv_budget
+
+RECOMPUTE = ("none", "selective", "full")
+"""Activation recompute choices: none; ``selective`` (Megatron's ``recompute_granularity="selective"`` with its
+default ``recompute_modules=["core_attn"]``: core attention, FCP's, is recomputed in backward); ``full``
+(``recompute_granularity="full"``, ``recompute_method="uniform"``, ``recompute_num_layers=1``: every layer)."""
 
 
 @dataclass(frozen=True)
@@ -56,6 +69,10 @@ class RunConfig:
     first_step: int = 1
     grads_out: str | None = None
     """If set, rank 0 writes the step-1 gradients (full, gathered over TP) here with torch.save."""
+    kv_budget_tokens: int | str | None = DEFAULT_KV_BUDGET
+    """Key/value tokens per stage of FCP's exchange (``auto``: the rank's own tokens; None: one stage)."""
+    recompute: str = "none"
+    """Activation recompute: one of :data:`RECOMPUTE`."""
 
     @property
     def world_size(self) -> int:
@@ -64,7 +81,19 @@ class RunConfig:
 
 def fcp_config(run: RunConfig) -> FcpConfig:
     return FcpConfig(cp_size=run.cp if run.mode == "fcp" else 1, seq_length=run.seq_length,
-                     scheduler=run.scheduler, backend="cpu", exchange_timeout_s=120.0)
+                     scheduler=run.scheduler, backend="cpu", exchange_timeout_s=120.0,
+                     kv_budget_tokens=parse_kv_budget(run.kv_budget_tokens))
+
+
+def recompute_settings(recompute: str) -> dict:
+    """The TransformerConfig fields of a :data:`RECOMPUTE` choice."""
+    if recompute == "none":
+        return {}
+    if recompute == "selective":
+        return {"recompute_granularity": "selective"}
+    if recompute == "full":
+        return {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
+    raise InputError(f"recompute must be one of {', '.join(RECOMPUTE)}, got {recompute!r}")
 
 
 def _model(run: RunConfig, pg_collection):
@@ -80,7 +109,7 @@ def _model(run: RunConfig, pg_collection):
         hidden_dropout=0.0, attention_dropout=0.0,
         use_cpu_initialization=True, params_dtype=torch.float32, transformer_impl="local",
         apply_rope_fusion=False, bias_dropout_fusion=False, masked_softmax_fusion=False,
-        gradient_accumulation_fusion=False, calculate_per_token_loss=True)
+        gradient_accumulation_fusion=False, calculate_per_token_loss=True, **recompute_settings(run.recompute))
     model_cfg = GPTModelConfig(transformer=transformer, vocab_size=run.vocab_size, seq_length=run.seq_length,
                                position_embedding_type="rope", share_embeddings_and_output_weights=True)
     if run.mode == "fcp":
@@ -119,16 +148,124 @@ def _gather_tp(param: torch.Tensor, grad: torch.Tensor, tp_group) -> torch.Tenso
     return torch.cat(parts, dim=param.partition_dim)
 
 
-def _worker(rank: int, run: RunConfig, port: int, out_path: str, quiet: bool) -> None:
+# -- attention memory: measured and modeled ------------------------------------------------------------------
+MEMORY_FIGURES = ("kv_peak", "kv_kept", "grad_peak", "returned_peak", "kv_kept_all_layers", "kv_held_all_layers")
+"""Bytes, per step on one rank. Per attention layer: ``kv_peak`` received key/values alive at once (forward or
+backward), ``kv_kept`` of them kept from the layer's forward (with recompute: its recomputed forward) to its
+backward, ``grad_peak`` gradients of received key/values alive at once, ``returned_peak`` gradients of own
+key/values coming back alive at once. Over all layers: ``kv_kept_all_layers`` received key/values alive when the
+model's forward has ended (kept for backward by every layer; 0 with recompute), ``kv_held_all_layers`` the most
+received key/values alive at any time (the layer at work plus what the others keep)."""
+
+
+class AttentionMemory:
+    """Measures the staged exchange's buffers on this rank with the exchange's own
+    :class:`~megatron_fcp.attention.exchange.MemoryMeter`, per attention layer.
+
+    Hooks on the FCP core attention modules open a window when a layer's forward starts and when its backward starts
+    (the gradient of its output arrives) and close it when the forward ends and when its backward ends (the
+    gradient of its query is complete); inside a window only that layer creates buffers, so its figures are the
+    window's peaks less the received key/values other layers keep meanwhile. Recompute runs a layer's forward again
+    inside backward; the hooks see it like any other forward. Figures: :data:`MEMORY_FIGURES`.
+    """
+
+    def __init__(self, meter, modules):
+        self.meter = meter
+        self._calls = {}  # module -> its forward now running
+        self.handles = [h for module in modules for h in (module.register_forward_pre_hook(self._forward_starts),
+                                                          module.register_forward_hook(self._forward_ends))]
+        self.start_step()
+
+    def start_step(self) -> None:
+        """Forget the figures and start measuring from what is alive now."""
+        self.meter.reset_peak()
+        self.figures = dict.fromkeys(MEMORY_FIGURES, 0)
+
+    def forward_done(self) -> None:
+        """Call when the model's forward of a micro-batch has ended, before its backward."""
+        self._max("kv_kept_all_layers", self.meter.current("kv"))
+
+    def _max(self, name: str, value: int) -> None:
+        self.figures[name] = max(self.figures[name], int(value))
+
+    def _open(self, other_kv: int) -> dict:
+        self.meter.reset_peak()
+        return {"other_kv": other_kv}
+
+    def _close(self, window: dict | None) -> None:
+        if window is None:
+            return
+        peak = self.meter.peak
+        self._max("kv_held_all_layers", peak.get("kv", 0))
+        self._max("kv_peak", peak.get("kv", 0) - window["other_kv"])
+        self._max("grad_peak", peak.get("grad", 0))
+        self._max("returned_peak", peak.get("returned", 0))
+
+    def _forward_starts(self, module, args) -> None:
+        call = self._calls[module] = {"forward": self._open(self.meter.current("kv"))}
+        query = args[0]
+        if torch.is_grad_enabled() and query.requires_grad:  # its gradient is complete once the layer's backward is
+            query.register_hook(lambda grad: self._close(call.get("backward")))
+
+    def _forward_ends(self, module, args, output) -> None:
+        call = self._calls.pop(module)
+        self._close(call["forward"])
+        if torch.is_grad_enabled() and output.requires_grad:  # kept for backward (without grad: nothing is)
+            kept = self.meter.current("kv") - call["forward"]["other_kv"]
+            self._max("kv_kept", kept)
+
+            def backward_starts(grad):
+                call["backward"] = self._open(self.meter.current("kv") - kept)
+
+            output.register_hook(backward_starts)
+
+
+def rank_pieces(view: RankPlan) -> np.ndarray:
+    """The pieces (``stages.PIECE_COLS``) that one rank receives or sends, from its plan view alone."""
+    r, total = view.cp_rank, view.num_recv
+    rows = [(r, src, doc, a, b, off, pos, total) for src, doc, a, b, off, pos in view.recv_pieces]
+    rows += [(dst, r, doc, a, b, off, pos, dst_total) for dst, doc, a, b, off, pos, dst_total in view.send_pieces]
+    return np.asarray(rows, np.int64).reshape(-1, 8)
+
+
+def modeled_memory(view: RankPlan, budget, bytes_per_token: int, num_layers: int, recompute: str) -> dict:
+    """The planner's model (``stages.p2p_memory``) of :data:`MEMORY_FIGURES` for one rank and micro-batch, in bytes,
+    plus ``num_stages``. Every layer has the same plan and budget; without recompute every layer keeps its last
+    stage until its backward, so the layer at work holds its own stages on top of what the others keep."""
+    mem = {k: int(v[view.cp_rank]) for k, v in
+           p2p_memory(np.full(view.cp, view.num_tokens), rank_pieces(view), budget).items()}
+    kept_all = 0 if recompute != "none" else num_layers * mem["saved_remote_kv_tokens"]
+    held_all = mem["peak_remote_kv_tokens"] + (0 if recompute != "none"
+                                               else (num_layers - 1) * mem["saved_remote_kv_tokens"])
+    tokens = {"kv_peak": mem["peak_remote_kv_tokens"], "kv_kept": mem["saved_remote_kv_tokens"],
+              "grad_peak": mem["peak_grad_tokens"], "returned_peak": mem["peak_returned_grad_tokens"],
+              "kv_kept_all_layers": kept_all, "kv_held_all_layers": held_all}
+    return {**{k: v * bytes_per_token for k, v in tokens.items()}, "num_stages": mem["num_stages"]}
+
+
+def kv_bytes_per_token(run: RunConfig) -> int:
+    """Bytes of one token's key and value on one TP rank (fp32)."""
+    return 2 * (run.num_query_groups // run.tp) * (run.hidden_size // run.num_heads) * 4
+
+
+def own_kv_bytes(run: RunConfig) -> int:
+    """A rank's own key/values in one layer (the unit the memory figures are given in)."""
+    return run.seq_length // run.cp * kv_bytes_per_token(run)
+
+
+def _worker(rank: int, runs: list[RunConfig], port: int, out_paths: list[str], quiet: bool) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=run.world_size)
+    dist.init_process_group("gloo", rank=rank, world_size=runs[0].world_size)
     try:
-        _train(rank, run, out_path, quiet)
-    finally:
-        from megatron.core import parallel_state
+        for run, out_path in zip(runs, out_paths, strict=True):
+            try:
+                _train(rank, run, out_path, quiet)
+            finally:
+                from megatron.core import parallel_state
 
-        parallel_state.destroy_model_parallel()
+                parallel_state.destroy_model_parallel()
+    finally:
         dist.destroy_process_group()
 
 
@@ -141,6 +278,8 @@ def _train(rank: int, run: RunConfig, out_path: str, quiet: bool) -> None:
     from megatron.core.process_groups_config import ProcessGroupCollection
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
+    from megatron_fcp.attention.engine import get_exchange
+    from megatron_fcp.megatron.model import FcpCoreAttention
     from megatron_fcp.megatron.step import STEP_STATS, fcp_forward_step, per_token_loss
 
     cp = run.cp if run.mode == "fcp" else 1
@@ -166,14 +305,22 @@ def _train(rank: int, run: RunConfig, out_path: str, quiet: bool) -> None:
         data = _loader(FcpBatchDataset(inner, fcp_config(run), cp_rank), indices, run.planning_workers)
     else:
         data = _loader(_DenseBatches(inner), indices, run.planning_workers)
+    memory = None
+    if cp > 1:  # the exchange FcpCoreAttention uses: Megatron's CP group and FCP's exchange timeout
+        exchange = get_exchange(ps.get_context_parallel_group(), fcp_config(run).exchange_timeout_s)
+        memory = AttentionMemory(exchange.memory, [m for m in model.modules() if isinstance(m, FcpCoreAttention)])
 
     records = []
     for step in steps:
         start = time.perf_counter()
         totals = torch.zeros(2, dtype=torch.float64)
+        if memory is not None:
+            memory.start_step()
         for _ in range(micro_batches):
             if run.mode == "fcp":
                 output, loss_fn = fcp_forward_step(data, model, device="cpu")
+                if memory is not None:
+                    memory.forward_done()
             else:
                 wait_start = time.perf_counter()
                 b = next(data)
@@ -201,10 +348,18 @@ def _train(rank: int, run: RunConfig, out_path: str, quiet: bool) -> None:
         rec = {"step": step, "loss": (totals[0] / totals[1]).item(), "tokens": int(totals[1].item()),
                "step_s": step_s, "loader_wait_s": s["loader_wait_s"], "plan_s": s["plan_s"],
                "pairs_imbalance": s["pairs_imbalance"], "comm_vs_ring": s["comm_vs_ring"], "docs": s["num_docs"]}
+        if memory is not None:
+            models = [modeled_memory(view, run.kv_budget_tokens, kv_bytes_per_token(run), run.num_layers,
+                                     run.recompute) for view in s["rank_plans"]]
+            rec["memory"] = dict(memory.figures)
+            rec["memory_model"] = {k: max(m[k] for m in models) for k in models[0]}
+            rec["own_kv_bytes"] = own_kv_bytes(run)
         records.append(rec)
         if rank == 0 and not quiet:
             extra = (f" | plan {1e3 * rec['plan_s']:6.2f} ms  imbalance {rec['pairs_imbalance']:.3f}"
                      f"  kv comm {100 * rec['comm_vs_ring']:5.1f}% of ring" if run.mode == "fcp" else "")
+            if memory is not None:
+                extra += " | " + memory_line(rec)
             print(f"[{run.mode} cp={cp} tp={run.tp} dp={run.dp}] step {step:3d}  loss {rec['loss']:.6f}  "
                   f"step {1e3 * step_s:7.1f} ms  loader wait {1e3 * rec['loader_wait_s']:5.2f} ms "
                   f"({100 * rec['loader_wait_s'] / step_s:3.1f}%)"
@@ -218,6 +373,25 @@ def _train(rank: int, run: RunConfig, out_path: str, quiet: bool) -> None:
         Path(out_path).write_text(json.dumps({"run": asdict(run), "steps": records}))
 
 
+def _kib_own(value: int, own: int) -> str:
+    return f"{value / 1024:.1f} KiB {value / own:.2f}x"
+
+
+def memory_line(rec: dict) -> str:
+    """The step line's attention memory: measured per layer (KiB and multiples of the rank's own key/values of a
+    layer), the model's figures where they differ, and what every layer together keeps for backward."""
+    got, want, own = rec["memory"], rec["memory_model"], rec["own_kv_bytes"]
+    parts = []
+    for name, label in (("kv_peak", "remote kv peak"), ("kv_kept", "kept"), ("grad_peak", "kv grads"),
+                        ("returned_peak", "returned")):
+        parts.append(f"{label} {_kib_own(got[name], own)}"
+                     + ("" if got[name] == want[name] else f" (model {want[name] / own:.2f}x)"))
+    all_kept = got["kv_kept_all_layers"]
+    return (f"per layer: {', '.join(parts)}, stages {want['num_stages']}; all layers kept {all_kept / 1024:.1f} KiB"
+            + ("" if all_kept == want["kv_kept_all_layers"] else
+               f" (model {want['kv_kept_all_layers'] / 1024:.1f} KiB)"))
+
+
 def _free_port() -> int:
     import socket
 
@@ -228,13 +402,24 @@ def _free_port() -> int:
 
 def launch(run: RunConfig, out_path: str | Path, quiet: bool = False) -> dict:
     """Run ``run`` on ``run.world_size`` CPU processes (gloo) and return rank 0's records."""
+    return launch_series([run], [out_path], quiet)[0]
+
+
+def launch_series(runs: list[RunConfig], out_paths: list[str | Path], quiet: bool = False) -> list[dict]:
+    """Run ``runs`` one after another in the same ``world_size`` CPU processes (gloo), each from a fresh model
+    and fresh Megatron process groups, and return rank 0's records of each. Saves the processes' start-up (most of
+    a short run's time on a small machine); the records are those of separate launches."""
     import torch.multiprocessing as mp
 
-    if run.save_dir:
-        Path(run.save_dir).mkdir(parents=True, exist_ok=True)
-    out_path = str(out_path)
-    mp.spawn(_worker, args=(run, _free_port(), out_path, quiet), nprocs=run.world_size, join=True)
-    return json.loads(Path(out_path).read_text())
+    sizes = {run.world_size for run in runs}
+    if len(sizes) != 1:
+        raise ValueError(f"runs launched together need the same number of processes, got {sorted(sizes)}")
+    for run in runs:
+        if run.save_dir:
+            Path(run.save_dir).mkdir(parents=True, exist_ok=True)
+    out_paths = [str(p) for p in out_paths]
+    mp.spawn(_worker, args=(list(runs), _free_port(), out_paths, quiet), nprocs=sizes.pop(), join=True)
+    return [json.loads(Path(p).read_text()) for p in out_paths]
 
 
 EQUIVALENCE_BASE = RunConfig(steps=20, seq_length=1024, doclens="magi_hist", planning_workers=0, lr=3e-3)
@@ -242,9 +427,24 @@ EQUIVALENCE_BASE = RunConfig(steps=20, seq_length=1024, doclens="magi_hist", pla
 EQUIVALENCE_LAYOUTS = {"cp2": dict(cp=2), "cp4": dict(cp=4), "tp2_cp2": dict(cp=2, tp=2), "dp2_cp2": dict(cp=2, dp=2),
                        "dp2_cp2_tp2": dict(cp=2, dp=2, tp=2)}
 """Parallel layouts of the equivalence runs, by name."""
+SMALL_KV_BUDGET = 64
+"""A key/value budget small enough that most ranks of the equivalence batches receive in several stages (up to
+8 at CP 2 and 12 at CP 4)."""
+STAGED_LAYOUTS = {
+    "cp2_kv64": dict(cp=2, kv_budget_tokens=SMALL_KV_BUDGET),
+    "cp4_kv64": dict(cp=4, kv_budget_tokens=SMALL_KV_BUDGET),
+    "cp2_kv64_recompute_selective": dict(cp=2, kv_budget_tokens=SMALL_KV_BUDGET, recompute="selective"),
+    "cp4_kv64_recompute_selective": dict(cp=4, kv_budget_tokens=SMALL_KV_BUDGET, recompute="selective"),
+    "cp2_recompute_full": dict(cp=2, recompute="full"),
+    "cp4_recompute_full": dict(cp=4, recompute="full"),
+}
+"""Equivalence runs of the staged key/value exchange and of activation recompute, by name: a small budget, the
+same with core attention recomputed (stages fetched again inside the recomputed forward), and whole layers
+recomputed under the default budget (several stages at CP 4)."""
 
 
 def baseline_of(run: RunConfig) -> RunConfig:
-    """The same run without context or tensor parallelism (one process per data-parallel replica)."""
-    return replace(run, mode="nocp", cp=1, tp=1,
+    """The same run without context or tensor parallelism (one process per data-parallel replica) and without
+    recompute (which must not change the numbers)."""
+    return replace(run, mode="nocp", cp=1, tp=1, recompute="none", kv_budget_tokens=DEFAULT_KV_BUDGET,
                    grads_out=run.grads_out and run.grads_out + ".nocp")

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from megatron_fcp.errors import InputError
 from megatron_fcp.planner.api import STRATEGIES
+from megatron_fcp.planner.stages import DEFAULT_KV_BUDGET, parse_kv_budget
 
 CP_MODES = ("ring", "fcp")
 SCHEDULERS = tuple(s for s in STRATEGIES if s != "nocp")
@@ -37,7 +38,7 @@ class FcpConfig:
     backend: str = "auto"
     debug_checks: bool = False
     exchange_timeout_s: float = 600.0
-    kv_budget_tokens: int | str | None = "auto"
+    kv_budget_tokens: int | str | None = DEFAULT_KV_BUDGET
     """Key/value tokens received per stage of the exchange (``auto``: a rank's own tokens; None: one stage)."""
 
     @property
@@ -64,6 +65,13 @@ def add_fcp_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                        help="attention kernels: auto picks torch-flash on GPU and cpu on CPU")
     group.add_argument("--fcp-debug-checks", action="store_true",
                        help="check every plan (ownership, delivery, token counts) and every attention input; slow")
+    group.add_argument("--fcp-kv-budget-tokens", default=DEFAULT_KV_BUDGET, metavar="N|auto|none",
+                       help="bounds the key/values a CP rank holds from other ranks in each attention layer: they "
+                            "arrive in stages of at most N tokens, at most 2 stages are held at once and at most N "
+                            "tokens are kept from forward to backward (the other stages are fetched again in "
+                            "backward). auto (default): the rank's own tokens, --seq-length / "
+                            "--context-parallel-size; none: one unbounded stage (everything received is held and "
+                            "kept)")
     group.add_argument("--fcp-exchange-timeout", type=float, default=600.0,
                        help="seconds to wait for a CP peer's key/values before failing with the peer's rank")
     group.add_argument("--fcp-mock-doclens", default=None,
@@ -161,6 +169,7 @@ def check_fcp_args(args, world_size: int) -> None:
                          "--reset-attention-mask --eod-mask-loss as usual), so each document starts at position 0")
     if int(_get(args, "fcp_planning_workers", 0)) < 0:
         raise InputError(f"--fcp-planning-workers must be >= 0, got {_get(args, 'fcp_planning_workers')}")
+    parse_kv_budget(_get(args, "fcp_kv_budget_tokens", DEFAULT_KV_BUDGET), flag="--fcp-kv-budget-tokens")
     if float(_get(args, "fcp_exchange_timeout", 1.0)) <= 0:
         raise InputError(f"--fcp-exchange-timeout must be > 0 seconds, got {_get(args, 'fcp_exchange_timeout')}")
 
@@ -176,6 +185,8 @@ def fcp_config_from_args(args) -> FcpConfig:
         backend=args.fcp_attention_backend,
         debug_checks=bool(args.fcp_debug_checks),
         exchange_timeout_s=float(args.fcp_exchange_timeout),
+        kv_budget_tokens=parse_kv_budget(getattr(args, "fcp_kv_budget_tokens", DEFAULT_KV_BUDGET),
+                                         flag="--fcp-kv-budget-tokens"),
     )
 
 

@@ -6,8 +6,8 @@ is the ``forward_step_func`` Megatron's ``pretrain`` (and the CPU demo) call. Th
 loss: the sum over this rank's loss tokens and their count; Megatron's ``--calculate-per-token-loss`` then sums
 both over the data and context parallel group, so uneven token counts per rank weigh every token once.
 
-Each step records the planner's figures (computed ahead in a data-loader worker) and how long the step waited for
-the data loader, in :data:`STEP_STATS`.
+Each step records the planner's figures (computed ahead in a data-loader worker), the rank's plan view and how
+long the step waited for the data loader, in :data:`STEP_STATS`.
 """
 
 from __future__ import annotations
@@ -20,33 +20,40 @@ import torch
 
 from megatron_fcp.megatron.batch import STATS, decode_rank_plan
 from megatron_fcp.megatron.model import FcpPackedSeqParams
+from megatron_fcp.planner.plan import RankPlan
 
 
 @dataclass
 class StepStats:
-    """Per micro-batch records: data-loader wait (s) and the sample's ``fcp_stats`` (see batch.STATS)."""
+    """Per micro-batch records: data-loader wait (s), the sample's ``fcp_stats`` (see batch.STATS) and this rank's
+    plan view (None where the micro-batch had none)."""
 
     loader_wait_s: list[float] = field(default_factory=list)
     samples: list[dict] = field(default_factory=list)
+    rank_plans: list[RankPlan | None] = field(default_factory=list)
 
-    def add(self, wait_s: float, stats) -> None:
+    def add(self, wait_s: float, stats, rank_plan: RankPlan | None = None) -> None:
         self.loader_wait_s.append(wait_s)
         self.samples.append({name: float(v) for name, v in zip(STATS, stats, strict=True)})
+        self.rank_plans.append(rank_plan)
 
     def take(self) -> tuple[list[float], list[dict]]:
-        """The records since the last call (and forget them)."""
+        """The records since the last call (and forget them, plan views included)."""
         out = (self.loader_wait_s, self.samples)
-        self.loader_wait_s, self.samples = [], []
+        self.loader_wait_s, self.samples, self.rank_plans = [], [], []
         return out
 
     def take_summary(self) -> dict:
         """The records since the last call (forgotten): their count, total data-loader wait and planning seconds,
-        and mean pairs imbalance, key/value traffic as a fraction of ring's and documents per micro-batch."""
+        mean pairs imbalance, key/value traffic as a fraction of ring's and documents per micro-batch, and the
+        plan views (``rank_plans``, one per micro-batch)."""
+        rank_plans = self.rank_plans
         waits, samples = self.take()
         n = max(len(samples), 1)
         return {"micro_batches": len(samples), "loader_wait_s": float(sum(waits)),
                 "plan_s": float(sum(s["plan_seconds"] for s in samples)),
-                **{name: sum(s[name] for s in samples) / n for name in ("pairs_imbalance", "comm_vs_ring", "num_docs")}}
+                **{name: sum(s[name] for s in samples) / n for name in ("pairs_imbalance", "comm_vs_ring", "num_docs")},
+                "rank_plans": rank_plans}
 
 
 STEP_STATS = StepStats()
@@ -65,7 +72,7 @@ def get_fcp_batch(data_iterator, device: torch.device | str):
         raise ValueError(f"FCP needs micro-batch size 1 (one packed sequence per micro-batch), got a batch of "
                          f"{plan_data.shape[0]}; use --micro-batch-size 1")
     view = decode_rank_plan(plan_data[0])
-    STEP_STATS.add(wait, sample["fcp_stats"][0].tolist())
+    STEP_STATS.add(wait, sample["fcp_stats"][0].tolist(), view)
     tokens = sample["tokens"].to(device, non_blocking=True).long()
     labels = sample["labels"].to(device, non_blocking=True).long()
     loss_mask = sample["loss_mask"].to(device, non_blocking=True).float()

@@ -241,7 +241,9 @@ def p2p_memory(num_tokens: np.ndarray, pieces: np.ndarray, budget) -> dict[str, 
     - ``recv_kv_tokens``: key/values received in forward (``R``); ``num_stages``;
     - ``peak_remote_kv_tokens`` (``min(R, 2B)``), ``saved_remote_kv_tokens`` (``min(R, B)``),
       ``refetch_kv_tokens`` (``max(R - B, 0)``, fetched again in backward);
-    - ``peak_grad_tokens``: key/value gradient rows of the largest stage (computed, then sent back);
+    - ``peak_grad_tokens``: key/value gradient rows of received key/values alive at once in backward: the
+      stage being computed and the previous one on its way back, ``min(R, 2B)`` (16-bit inputs add a float32
+      accumulator of one stage);
     - ``peak_returned_grad_tokens``: the most gradient rows of its own key/values that come back to the rank in
       one backward round.
 
@@ -253,16 +255,13 @@ def p2p_memory(num_tokens: np.ndarray, pieces: np.ndarray, budget) -> dict[str, 
     budget = resolve_kv_budget(budget, int(num_tokens.max(initial=1)))
     recv = np.bincount(pieces[:, 0], weights=pieces[:, 4] - pieces[:, 3], minlength=cp).astype(np.int64)
     mem = stage_memory(recv, budget)
-    peak_grad = np.zeros(cp, np.int64)
     peak_returned = np.zeros(cp, np.int64)
     if pieces.shape[0]:
         index, _, length, stage, n = split_stages(pieces[:, 6], pieces[:, 4] - pieces[:, 3], pieces[:, 7], budget)
         rounds = int(n.max())
-        per_stage = np.bincount(pieces[index, 0] * rounds + stage, weights=length, minlength=cp * rounds)
-        peak_grad = per_stage.reshape(cp, rounds).max(axis=1).astype(np.int64)
         back = np.bincount(pieces[index, 1] * rounds + (n - 1 - stage), weights=length, minlength=cp * rounds)
         peak_returned = back.reshape(cp, rounds).max(axis=1).astype(np.int64)
     return {"own_kv_tokens": num_tokens.copy(), "recv_kv_tokens": recv, "num_stages": mem["stages"],
             "peak_remote_kv_tokens": mem["peak"], "saved_remote_kv_tokens": mem["saved"],
-            "refetch_kv_tokens": mem["refetch"], "peak_grad_tokens": peak_grad,
+            "refetch_kv_tokens": mem["refetch"], "peak_grad_tokens": mem["peak"].copy(),
             "peak_returned_grad_tokens": peak_returned}

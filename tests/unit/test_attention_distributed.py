@@ -105,6 +105,9 @@ def _run_case(rank, world, name, mask, dtype, budget="auto", group=None, cp=None
     lse_bytes = lse * q[0].shape[1] * (8 if dtype == torch.float64 else 4)
     assert saved == own + lse_bytes + kept, f"{where}: autograd saved {saved} bytes"
     assert exchange.memory.current("kv") == 0, f"{where}: received key/values alive after backward"
+    if dtype in (torch.float32, torch.float64):  # the accumulators are the gradients that travel (no copy)
+        assert exchange.memory.peak.get("grad", 0) == mem["peak_grad_tokens"], f"{where}: {exchange.memory.peak}"
+    assert exchange.memory.peak.get("returned", 0) == mem["peak_returned_grad_tokens"], f"{where}: returned"
     if budget not in (None, "auto") and mem["recv_kv_tokens"] > 2 * budget * row_bytes:
         assert mem["num_stages"] > 2
 

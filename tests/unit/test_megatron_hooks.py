@@ -16,7 +16,8 @@ from megatron_fcp.megatron.batch import (
     plan_micro_batch,
     rank_sample,
 )
-from megatron_fcp.megatron.config import FcpConfig, add_fcp_args, check_fcp_args
+from megatron_fcp.megatron.config import FcpConfig, add_fcp_args, check_fcp_args, fcp_config_from_args
+from megatron_fcp.planner.stages import p2p_memory
 
 GOOD = dict(context_parallel_mode="fcp", context_parallel_size=4, tensor_model_parallel_size=2,
             pipeline_model_parallel_size=1, seq_length=4096, micro_batch_size=1, calculate_per_token_loss=True,
@@ -64,6 +65,56 @@ def test_flags_parse_through_the_extra_args_hook():
     assert (ns.context_parallel_mode, ns.fcp_scheduler, ns.fcp_block_size) == ("fcp", "magi", "256")
     with pytest.raises(SystemExit):
         parser.parse_args(["--context-parallel-mode", "zigzag"])
+
+
+@pytest.mark.parametrize("value, want", [("auto", "auto"), ("none", None), ("None", None), ("64", 64),
+                                         (" 4096 ", 4096), (None, None), (128, 128)])
+def test_kv_budget_flag_takes_tokens_auto_or_none(value, want):
+    check_fcp_args(args(fcp_kv_budget_tokens=value), world_size=16)
+    ns = add_fcp_args(argparse.ArgumentParser()).parse_args(
+        ["--context-parallel-mode", "fcp"] + ([] if value is None else ["--fcp-kv-budget-tokens", str(value)]))
+    ns.context_parallel_size, ns.seq_length = 4, 4096
+    want_parsed = "auto" if value is None else want  # the flag's default is auto
+    assert fcp_config_from_args(ns).kv_budget_tokens == want_parsed
+
+
+@pytest.mark.parametrize("value, needle", [("0", "--fcp-kv-budget-tokens 0 is below one key/value token"),
+                                           ("-8", "--fcp-kv-budget-tokens -8 is below one key/value token"),
+                                           ("1.5", "got '1.5' (try auto or 4096)"),
+                                           ("lots", "got 'lots' (try auto or 4096)")])
+def test_bad_kv_budget_gets_one_line_naming_the_flag(value, needle):
+    with pytest.raises(InputError) as err:
+        check_fcp_args(args(fcp_kv_budget_tokens=value), world_size=16)
+    assert needle in str(err.value) and "--fcp-kv-budget-tokens" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_kv_budget_flag_defaults_to_auto_and_says_what_it_bounds():
+    parser = add_fcp_args(argparse.ArgumentParser())
+    assert parser.parse_args([]).fcp_kv_budget_tokens == "auto"
+    action = next(a for a in parser._actions if "--fcp-kv-budget-tokens" in a.option_strings)
+    assert all(word in action.help for word in ("2 stages", "kept", "auto", "none"))
+
+
+@pytest.mark.parametrize("budget", [32, "auto", None])
+@pytest.mark.parametrize("recompute", ["none", "full"])
+def test_demo_memory_model_from_a_rank_view_is_the_plans(budget, recompute):
+    """The demo models a rank's attention memory from its plan view alone: the same as the whole plan's figures."""
+    from megatron_fcp.cpu_demo.train import modeled_memory
+
+    lens = doc_lengths_from_positions(MockDocumentDataset(3, 4096, "linux_files", vocab_size=10, seed=5)[2]
+                                      ["position_ids"])
+    plan = plan_micro_batch(lens, FcpConfig(cp_size=4, seq_length=4096))
+    whole = p2p_memory(plan.num_tokens, plan.pieces, budget)
+    for r in range(4):
+        got = modeled_memory(plan.for_rank(r), budget, bytes_per_token=10, num_layers=3, recompute=recompute)
+        saved = int(whole["saved_remote_kv_tokens"][r])
+        assert got == {"kv_peak": 10 * int(whole["peak_remote_kv_tokens"][r]), "kv_kept": 10 * saved,
+                       "grad_peak": 10 * int(whole["peak_grad_tokens"][r]),
+                       "returned_peak": 10 * int(whole["peak_returned_grad_tokens"][r]),
+                       "kv_kept_all_layers": 0 if recompute == "full" else 30 * saved,
+                       "kv_held_all_layers": 10 * int(whole["peak_remote_kv_tokens"][r])
+                       + (0 if recompute == "full" else 20 * saved),
+                       "num_stages": int(whole["num_stages"][r])}
 
 
 def test_doc_lengths_from_positions():
