@@ -1,6 +1,9 @@
-"""Planning time per micro-batch at CP 256 x 16K tokens (measured): the plan alone, then with what a rank's data
-loader adds for the staged exchange (every rank's pieces, the rank's view, the stage split under the default
-budget), and the rank's kernel-call schedule that the first layer builds in the training process.
+"""Planning time per micro-batch at CP 256 x 16K tokens (measured), for one rank: the plan; the rank's view of a
+plan already made (its pieces, with the staging positions of the ranks it sends to), which its data loader adds;
+the rank's stage split and kernel calls (``build_schedule``, which the first layer runs in the training
+process); and, for reference, the stage split of every rank (``p2p_memory`` on a plan already made, what the
+simulator and ``fcp plan`` report). Each is timed on its own, so the machine's drift between runs does not mix
+into the additions.
 
     .venv/bin/python scripts/planning_speed.py [--runs 7]
 """
@@ -14,6 +17,7 @@ import time
 from megatron_fcp.attention.schedule import build_schedule
 from megatron_fcp.planner.api import make_plan
 from megatron_fcp.planner.pairs import MASKS
+from megatron_fcp.planner.plan import Plan
 from megatron_fcp.planner.stages import p2p_memory
 from megatron_fcp.sim.lengths import SHIPPED, load_distribution, pack_batches
 
@@ -35,7 +39,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=7)
     args = parser.parse_args()
     print(f"CP {CP} x {TOKENS_PER_RANK} tokens per rank, median (min) of {args.runs} runs, ms")
-    print(f"{'lengths':<13} {'mask':<7} {'plan':>13} {'plan+stages':>13} {'schedule':>13}")
+    print(f"{'lengths':<13} {'mask':<7} {'plan':>13} {'view':>13} {'schedule':>13} {'all ranks':>13}")
     for name in SHIPPED:
         (lens,) = pack_batches(load_distribution(name), CP * TOKENS_PER_RANK, 1, seed=0)
         for mask in MASKS:
@@ -43,16 +47,23 @@ def main() -> None:
             print(f"{name:<13} {mask:<7} " + " ".join(f"{m:6.1f} ({lo:5.1f})" for m, lo in figures))
 
 
-def _figures(lens, mask: str, runs: int):
-    def with_stages():
-        plan = make_plan(lens, CP, TOKENS_PER_RANK, mask)
-        view = plan.for_rank(CP // 2)
-        p2p_memory(plan.num_tokens, plan.pieces, "auto")
-        return view
+def _fresh(plan: Plan) -> Plan:
+    """The same plan with nothing cached."""
+    return Plan(strategy=plan.strategy, cp=plan.cp, mask=plan.mask, doc_lens=plan.doc_lens, q=plan.q, kv=plan.kv,
+                num_pad_tokens=plan.num_pad_tokens, exchange=plan.exchange, notes=plan.notes)
 
-    view = with_stages()
-    return (median_ms(lambda: make_plan(lens, CP, TOKENS_PER_RANK, mask), runs), median_ms(with_stages, runs),
-            median_ms(lambda: build_schedule(view, "cpu", "auto"), runs))
+
+def _figures(lens, mask: str, runs: int):
+    plan = make_plan(lens, CP, TOKENS_PER_RANK, mask)
+    view = plan.for_rank(CP // 2)
+
+    def every_rank():
+        fresh = _fresh(plan)
+        p2p_memory(fresh.num_tokens, fresh.pieces, "auto")
+
+    return (median_ms(lambda: make_plan(lens, CP, TOKENS_PER_RANK, mask), runs),
+            median_ms(lambda: _fresh(plan).for_rank(CP // 2), runs),
+            median_ms(lambda: build_schedule(view, "cpu", "auto"), runs), median_ms(every_rank, runs))
 
 if __name__ == "__main__":
     main()

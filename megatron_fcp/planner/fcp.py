@@ -96,17 +96,15 @@ class _Pool:
     def size(self, u: int) -> int:
         return self.end[u] - self.start[u]
 
-    def _pairs(self, u: int, start: int, end: int) -> float:
-        if self.causal:
-            return (end * (end + 1) - start * (start + 1)) / 2
-        return (end - start) * self.doc_len[u]
-
     def _work(self, u: int, start: int, end: int) -> float:
-        """Pairs of a piece plus its kernel edges: a partly filled tile and half a tile row along its keys."""
+        """Pairs of a piece plus its kernel edges: a partly filled tile and half a tile row along its keys
+        (this runs tens of thousands of times per plan, so the pair count is written out)."""
         if end <= start:
             return 0.0
-        keys = end if self.causal else self.doc_len[u]
-        return self._pairs(u, start, end) + self.overhead + self.edge * keys
+        if self.causal:
+            return (end * (end + 1) - start * (start + 1)) / 2 + self.overhead + self.edge * end
+        keys = self.doc_len[u]
+        return (end - start) * keys + self.overhead + self.edge * keys
 
     def unit_work(self, u: int) -> float:
         return self._work(u, self.start[u], self.end[u])
@@ -120,10 +118,13 @@ class _Pool:
         return ((e - n, e),) if from_hi else ((s, s + n),)
 
     def take_work(self, u: int, n: int, from_hi: bool) -> float:
-        """Work of taking ``n`` tokens of unit ``u`` from the given end of the order."""
-        ranges = self._ranges(u, n, from_hi)
-        work = self._work(u, *ranges[0])
-        return work + self._work(u, *ranges[1]) if len(ranges) > 1 else work
+        """Work of taking ``n`` tokens of unit ``u`` from the given end of the order (the ranges of
+        :meth:`_ranges`, written out for speed)."""
+        s, e = self.start[u], self.end[u]
+        if self.zig[u]:
+            front = (n + 1) // 2
+            return self._work(u, s, s + front) + self._work(u, e - (n - front), e)
+        return self._work(u, e - n, e) if from_hi else self._work(u, s, s + n)
 
     def take(self, u: int, n: int, from_hi: bool) -> list[Piece]:
         """Remove ``n`` tokens of unit ``u`` and return them as pieces."""
@@ -142,12 +143,13 @@ class _Pool:
     def walk(self, from_hi: bool, limit: int) -> tuple[list[int], list[int], list[float]]:
         """Units from one end until ``limit`` tokens: their indices, and tokens and work before each one."""
         idx, tokens, work = [], [0], [0.0]
-        u, step = (self.hi, -1) if from_hi else (self.lo, 1)
-        while tokens[-1] < limit and self.lo <= u <= self.hi:
-            if self.size(u):
+        start, end, lo, hi = self.start, self.end, self.lo, self.hi
+        u, step = (hi, -1) if from_hi else (lo, 1)
+        while tokens[-1] < limit and lo <= u <= hi:
+            if end[u] > start[u]:
                 idx.append(u)
-                tokens.append(tokens[-1] + self.size(u))
-                work.append(work[-1] + self.unit_work(u))
+                tokens.append(tokens[-1] + end[u] - start[u])
+                work.append(work[-1] + self._work(u, start[u], end[u]))
             u += step
         return idx, tokens, work
 

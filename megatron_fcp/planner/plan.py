@@ -158,7 +158,7 @@ class Plan:
         else:
             recv = self.kv[self.kv[:, 0] == cp_rank, 1:]
             send = self.kv[self.kv[:, 1] == cp_rank][:, [0, 2, 3, 4]]
-            pieces = self.pieces
+            pieces = self._pieces_of(cp_rank)
             recv_pieces = pieces[pieces[:, 0] == cp_rank][:, [1, 2, 3, 4, 5, 6]]
             send_pieces = pieces[pieces[:, 1] == cp_rank][:, [0, 2, 3, 4, 5, 6, 7]]
         return RankPlan(
@@ -174,6 +174,15 @@ class Plan:
             send_pieces=tuple(map(tuple, send_pieces.tolist())),
             plan_digest=self.digest,
         )
+
+    def _pieces_of(self, cp_rank: int) -> np.ndarray:
+        """The pieces ``cp_rank`` receives and those of every rank it sends to (a receiver's staging positions
+        depend on all its pieces), without cutting every rank's (:attr:`pieces` if already computed)."""
+        if "pieces" in self.__dict__:
+            return self.pieces
+        kv = self.kv
+        receivers = np.append(np.unique(kv[kv[:, 1] == cp_rank, 0]), cp_rank)
+        return plan_pieces(self.q, kv[np.isin(kv[:, 0], receivers)], self.doc_lens, self.mask)
 
     @cached_property
     def pieces(self) -> np.ndarray:

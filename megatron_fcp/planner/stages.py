@@ -189,13 +189,24 @@ def staging_key(rows: np.ndarray, q: np.ndarray, doc_lens: np.ndarray, mask: str
     return (rows[:, 3] - anchor) % np.maximum(doc_lens[rows[:, 2]], 1)
 
 
+def _order(major: np.ndarray, middle: np.ndarray, minor: np.ndarray) -> np.ndarray:
+    """Indices sorting rows by ``(major, middle, minor)`` (non-negative int64 columns): one argsort of a combined
+    key where it fits in 62 bits, else a lexsort."""
+    if major.shape[0] == 0:
+        return np.zeros(0, np.int64)
+    spans = [int(c.max()) + 1 for c in (middle, minor)]
+    if (int(major.max()) + 1) * spans[0] * spans[1] < 1 << 62:
+        return np.argsort((major * spans[0] + middle) * spans[1] + minor, kind="stable")
+    return np.lexsort((minor, middle, major))
+
+
 def cut_at_owners(q: np.ndarray, kv: np.ndarray, num_docs: int) -> np.ndarray:
     """Rows ``(dst, src, doc, start, end, src_offset)``: ``kv`` rows ``(dst, src, doc, start, end)`` cut where the
     owner's ``q`` rows end, so each is contiguous in the owner's memory."""
     if kv.shape[0] == 0:
         return np.zeros((0, 6), np.int64)
     offsets = local_offsets(q)
-    order = np.lexsort((q[:, 2], q[:, 1], q[:, 0]))
+    order = _order(q[:, 0], q[:, 1], q[:, 2])
     qs, qoff = q[order], offsets[order]
     key_q = qs[:, 0] * num_docs + qs[:, 1]
     key_kv = kv[:, 1] * num_docs + kv[:, 2]
@@ -205,24 +216,30 @@ def cut_at_owners(q: np.ndarray, kv: np.ndarray, num_docs: int) -> np.ndarray:
     cand = lo[rep] + arange_within(counts)
     start = np.maximum(kv[rep, 3], qs[cand, 2])
     end = np.minimum(kv[rep, 4], qs[cand, 3])
-    keep = start < end
-    rows = np.column_stack([kv[rep, 0], kv[rep, 1], kv[rep, 2], start, end, qoff[cand] + start - qs[cand, 2]])
-    return rows[keep]
+    keep = np.flatnonzero(start < end)
+    rep, cand, start = rep[keep], cand[keep], start[keep]
+    rows = np.empty((keep.shape[0], 6), np.int64)
+    rows[:, :3] = kv[rep, :3]
+    rows[:, 3], rows[:, 4] = start, end[keep]
+    rows[:, 5] = qoff[cand] + start - qs[cand, 2]
+    return rows
 
 
 def with_positions(rows: np.ndarray, q: np.ndarray, doc_lens: np.ndarray, mask: str) -> np.ndarray:
     """Rows ``(dst, src, doc, start, end, src_offset)`` -> pieces (:data:`PIECE_COLS`) sorted by ``(dst, pos)``."""
     if rows.shape[0] == 0:
         return np.zeros((0, len(PIECE_COLS)), np.int64)
-    rows = rows[np.lexsort((staging_key(rows, q, doc_lens, mask), rows[:, 2], rows[:, 0]))]
+    rows = rows[_order(rows[:, 0], rows[:, 2], staging_key(rows, q, doc_lens, mask))]
     lens = rows[:, 4] - rows[:, 3]
     dst = rows[:, 0]
     first = np.concatenate([[True], dst[1:] != dst[:-1]])
     group = np.cumsum(first) - 1
     csum = np.cumsum(lens) - lens
-    pos = csum - csum[np.flatnonzero(first)][group]
-    total = np.bincount(group, weights=lens).astype(np.int64)[group]
-    return np.column_stack([rows, pos, total])
+    out = np.empty((rows.shape[0], len(PIECE_COLS)), np.int64)
+    out[:, :6] = rows
+    out[:, 6] = csum - csum[np.flatnonzero(first)][group]
+    out[:, 7] = np.bincount(group, weights=lens).astype(np.int64)[group]
+    return out
 
 
 def plan_pieces(q: np.ndarray, kv: np.ndarray, doc_lens: np.ndarray, mask: str) -> np.ndarray:
