@@ -232,7 +232,7 @@ class _NoExchange:
         return Pending([], [], "", 0, 0.0)
 
 
-def _free(t: torch.Tensor) -> None:
+def release(t: torch.Tensor) -> None:
     """Release a tensor's memory now, even while autograd still holds it (the saved last stage)."""
     t.untyped_storage().resize_(0)
 
@@ -278,7 +278,7 @@ class _FcpAttentionFunction(torch.autograd.Function):
             if stage is not None:
                 grads = backward_stage(stage, dout, q, buf, out, lse, backend, scale, dq, exchange.memory)
                 if t == 0:
-                    _free(buf)
+                    release(buf)
             buf = None
             if pending_grad is not None:  # the previous round's gradients travelled while this stage computed
                 add_returned(dk, dv, sched.return_rounds[t - 1], pending_grad.wait())

@@ -17,7 +17,6 @@ import torch
 
 from megatron_fcp.attention.backends import Backend, get_backend
 from megatron_fcp.attention.engine import (
-    _free,
     add_returned,
     backward_local,
     backward_stage,
@@ -25,6 +24,7 @@ from megatron_fcp.attention.engine import (
     forward_local,
     forward_stage,
     new_grad_state,
+    release,
     stage_buffer,
     to_local,
 )
@@ -69,6 +69,16 @@ class _Ranks:
             self._count(phase, src, r, buf[:, a:b])
         return buf
 
+    def returned(self, owner: int, messages, grads, where) -> torch.Tensor:
+        """What comes back to ``owner`` in one round: the receivers' gradient rows, end to end."""
+        parts = []
+        for dst, a, _ in messages:
+            j, start, end = where[(dst, owner, a)]
+            parts.append(grads[dst][j][:, start:end])
+            self._count("backward_grad", dst, owner, parts[-1])
+        k = self.k[owner]
+        return torch.cat(parts, dim=1) if parts else k.new_empty((2, 0, *k.shape[1:]))
+
     def _count(self, phase: str, sender: int, receiver: int, rows: torch.Tensor) -> None:
         nbytes = rows.numel() * rows.element_size()
         self.counters[sender].add(phase, nbytes, 0)
@@ -105,21 +115,9 @@ def _backward_stages(ranks: _Ranks, r: int, dout, q, out, lse, kept, backend: Ba
         stage = stages[n - 1 - t]
         grads[stage.index] = backward_stage(stage, dout, q, buf, out, lse, backend, scale, dq)
         if t == 0:
-            _free(buf)
+            release(buf)
         buf = None
     return (dq, dk, dv), grads
-
-
-def _returned(ranks: _Ranks, owner: int, messages, grads, where) -> torch.Tensor:
-    """What comes back to ``owner`` in one round: the receivers' gradient rows, end to end."""
-    parts = []
-    for dst, a, _ in messages:
-        j, start, end = where[(dst, owner, a)]
-        part = grads[dst][j][:, start:end]
-        ranks._count("backward_grad", dst, owner, part)
-        parts.append(part)
-    k = ranks.k[owner]
-    return torch.cat(parts, dim=1) if parts else k.new_empty((2, 0, *k.shape[1:]))
 
 
 def run_in_process(plan: Plan, q: list[torch.Tensor], k: list[torch.Tensor], v: list[torch.Tensor],
@@ -154,7 +152,7 @@ def run_in_process(plan: Plan, q: list[torch.Tensor], k: list[torch.Tensor], v: 
         for t, messages in enumerate(rounds):
             if t == len(rounds) - 1:
                 backward_local(sched, dout[r], q[r], k[r], v[r], outs[r], lses[r], kernels, scale, dq, dk, dv)
-            add_returned(dk, dv, messages, _returned(ranks, r, messages, grads, where))
+            add_returned(dk, dv, messages, ranks.returned(r, messages, grads, where))
         results.append(finish_backward(q[r], k[r], v[r], dq, dk, dv))
     dqs, dks, dvs = (list(g) for g in zip(*results, strict=True))
     return InProcessResult(outs, dqs, dks, dvs, ranks.counters, ranks.memory, saved)

@@ -32,7 +32,7 @@ from megatron_fcp.errors import InputError
 from megatron_fcp.megatron.batch import STATS, FcpBatchDataset, MockDocumentDataset, doc_lengths_from_positions
 from megatron_fcp.megatron.config import FcpConfig
 from megatron_fcp.planner.plan import RankPlan
-from megatron_fcp.planner.stages import DEFAULT_KV_BUDGET, p2p_memory, parse_kv_budget
+from megatron_fcp.planner.stages import DEFAULT_KV_BUDGET, parse_kv_budget
 
 RECOMPUTE = ("none", "selective", "full")
 """Activation recompute choices: none; ``selective`` (Megatron's ``recompute_granularity="selective"`` with its
@@ -220,20 +220,11 @@ class AttentionMemory:
             output.register_hook(backward_starts)
 
 
-def rank_pieces(view: RankPlan) -> np.ndarray:
-    """The pieces (``stages.PIECE_COLS``) that one rank receives or sends, from its plan view alone."""
-    r, total = view.cp_rank, view.num_recv
-    rows = [(r, src, doc, a, b, off, pos, total) for src, doc, a, b, off, pos in view.recv_pieces]
-    rows += [(dst, r, doc, a, b, off, pos, dst_total) for dst, doc, a, b, off, pos, dst_total in view.send_pieces]
-    return np.asarray(rows, np.int64).reshape(-1, 8)
-
-
 def modeled_memory(view: RankPlan, budget, bytes_per_token: int, num_layers: int, recompute: str) -> dict:
-    """The planner's model (``stages.p2p_memory``) of :data:`MEMORY_FIGURES` for one rank and micro-batch, in bytes,
-    plus ``num_stages``. Every layer has the same plan and budget; without recompute every layer keeps its last
-    stage until its backward, so the layer at work holds its own stages on top of what the others keep."""
-    mem = {k: int(v[view.cp_rank]) for k, v in
-           p2p_memory(np.full(view.cp, view.num_tokens), rank_pieces(view), budget).items()}
+    """The planner's model (:meth:`RankPlan.memory`) of :data:`MEMORY_FIGURES` for one rank and micro-batch, in
+    bytes, plus ``num_stages``. Every layer has the same plan and budget; without recompute every layer keeps its
+    last stage until its backward, so the layer at work holds its own stages on top of what the others keep."""
+    mem = view.memory(budget)
     kept_all = 0 if recompute != "none" else num_layers * mem["saved_remote_kv_tokens"]
     held_all = mem["peak_remote_kv_tokens"] + (0 if recompute != "none"
                                                else (num_layers - 1) * mem["saved_remote_kv_tokens"])

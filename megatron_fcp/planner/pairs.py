@@ -47,6 +47,15 @@ def arange_within(counts) -> np.ndarray:
     return np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
 
 
+def matching_rows(sorted_keys: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every ``(i, j)`` with ``sorted_keys[j] == keys[i]`` (``sorted_keys`` ascending): a vectorised join, as
+    int64 arrays ``i`` (ascending) and ``j``."""
+    lo = np.searchsorted(sorted_keys, keys, "left")
+    counts = np.searchsorted(sorted_keys, keys, "right") - lo
+    i = np.repeat(np.arange(keys.shape[0], dtype=np.int64), counts)
+    return i, lo[i] + arange_within(counts)
+
+
 def needed_kv_end(q_end, doc_len, mask: str):
     """End of the key range ``[0, end)`` that queries ending at ``q_end`` need (causal) or the document (full)."""
     if mask == "causal":

@@ -22,8 +22,15 @@ from functools import cached_property
 
 import numpy as np
 
-from megatron_fcp.planner.pairs import arange_within, check_mask, needed_kv_end
-from megatron_fcp.planner.stages import local_offsets, plan_pieces, staging_anchor, with_positions
+from megatron_fcp.planner.pairs import check_mask, matching_rows, needed_kv_end
+from megatron_fcp.planner.stages import (
+    DEFAULT_KV_BUDGET,
+    local_offsets,
+    p2p_memory,
+    plan_pieces,
+    staging_anchor,
+    with_positions,
+)
 
 EXCHANGES = ("p2p", "ring", "group_ring")
 Q_COLS = ("cp_rank", "doc", "start", "end")
@@ -63,6 +70,21 @@ class RankPlan:
     def num_recv(self) -> int:
         """Key/value tokens this rank receives (the sum of its pieces)."""
         return sum(p[3] - p[2] for p in self.recv_pieces)
+
+    def memory(self, kv_budget_tokens=DEFAULT_KV_BUDGET) -> dict[str, int]:
+        """This rank's figures of :func:`megatron_fcp.planner.stages.p2p_memory` (``MEMORY_FIELDS``, tokens), from
+        the view alone: its own pieces and the pieces it sends carry every position the stage split needs."""
+        rank = self.cp_rank
+        rows = [(rank, src, doc, a, b, off, pos, self.num_recv) for src, doc, a, b, off, pos in self.recv_pieces]
+        rows += [(dst, rank, doc, a, b, off, pos, total) for dst, doc, a, b, off, pos, total in self.send_pieces]
+        mem = p2p_memory(np.full(self.cp, self.num_tokens), np.asarray(rows, np.int64).reshape(-1, 8),
+                         kv_budget_tokens)
+        return {key: int(value[rank]) for key, value in mem.items()}
+
+    def __hash__(self) -> int:
+        # the generated hash would walk every row of every field on each lookup (once per layer in
+        # cached_schedule); equal views have equal digests and ranks, so this agrees with equality
+        return hash((self.plan_digest, self.cp_rank, self.num_tokens))
 
 
 def _readonly(array: np.ndarray, ncols: int) -> np.ndarray:
@@ -365,7 +387,7 @@ def derive_kv(q: np.ndarray, doc_lens: np.ndarray, cp: int, mask: str) -> np.nda
     if pieces.shape[0] == 0:
         return np.zeros((0, 5), np.int64)
     holders, need_end = _holders(pieces, doc_lens, cp, mask)
-    rows = _needed_rows(pieces, holders, need_end, counts)
+    rows = _needed_rows(pieces, holders, need_end)
     return _merge_adjacent(rows)
 
 
@@ -380,14 +402,10 @@ def _holders(pieces: np.ndarray, doc_lens: np.ndarray, cp: int, mask: str):
     return holders, need_end
 
 
-def _needed_rows(pieces: np.ndarray, holders: np.ndarray, need_end: np.ndarray, counts: np.ndarray):
+def _needed_rows(pieces: np.ndarray, holders: np.ndarray, need_end: np.ndarray):
     """For each holder, the other ranks' pieces of its document that start before its needed end."""
-    docs_sorted = pieces[:, 1]
-    first_piece = np.searchsorted(docs_sorted, holders[:, 1])
-    num_pieces = counts[holders[:, 1]]
-    rep = np.repeat(np.arange(holders.shape[0]), num_pieces)
-    offset = arange_within(num_pieces)
-    cand = pieces[first_piece[rep] + offset]
+    rep, j = matching_rows(pieces[:, 1], holders[:, 1])
+    cand = pieces[j]
     end = need_end[rep]
     keep = (cand[:, 0] != holders[rep, 0]) & (cand[:, 2] < end)
     rows = np.column_stack(

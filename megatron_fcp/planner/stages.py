@@ -38,7 +38,7 @@ import numbers
 import numpy as np
 
 from megatron_fcp.errors import InputError
-from megatron_fcp.planner.pairs import arange_within
+from megatron_fcp.planner.pairs import arange_within, matching_rows
 
 PIECE_COLS = ("dst", "src", "doc", "start", "end", "src_offset", "pos", "total")
 DEFAULT_KV_BUDGET = "auto"
@@ -208,12 +208,7 @@ def cut_at_owners(q: np.ndarray, kv: np.ndarray, num_docs: int) -> np.ndarray:
     offsets = local_offsets(q)
     order = _order(q[:, 0], q[:, 1], q[:, 2])
     qs, qoff = q[order], offsets[order]
-    key_q = qs[:, 0] * num_docs + qs[:, 1]
-    key_kv = kv[:, 1] * num_docs + kv[:, 2]
-    lo = np.searchsorted(key_q, key_kv, "left")
-    counts = np.searchsorted(key_q, key_kv, "right") - lo
-    rep = np.repeat(np.arange(kv.shape[0]), counts)
-    cand = lo[rep] + arange_within(counts)
+    rep, cand = matching_rows(qs[:, 0] * num_docs + qs[:, 1], kv[:, 1] * num_docs + kv[:, 2])
     start = np.maximum(kv[rep, 3], qs[cand, 2])
     end = np.minimum(kv[rep, 4], qs[cand, 3])
     keep = np.flatnonzero(start < end)

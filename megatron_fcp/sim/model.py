@@ -59,7 +59,7 @@ Bytes moved per rank and layer: forward receive + backward refetch + key/value g
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from importlib import resources
 from pathlib import Path
 
@@ -67,7 +67,7 @@ import numpy as np
 import yaml
 
 from megatron_fcp.errors import InputError
-from megatron_fcp.planner.pairs import arange_within, block_pairs, q_pairs
+from megatron_fcp.planner.pairs import arange_within, block_pairs, matching_rows, q_pairs
 from megatron_fcp.planner.plan import Plan
 from megatron_fcp.planner.stages import (
     DEFAULT_KV_BUDGET,
@@ -159,11 +159,11 @@ class PlanCost:
     """Key/value bytes received in forward."""
     step_s: np.ndarray
     """Modeled attention seconds per rank (forward + backward, with overlap)."""
-    bwd_bytes: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    bwd_bytes: np.ndarray
     """Key/value bytes moved in backward: fetched again plus key/value gradients sent back to their owners."""
-    memory: dict = field(default_factory=dict)
+    memory: dict
     """Per-rank key/value memory in tokens (:func:`plan_memory`, keys ``MEMORY_FIELDS``)."""
-    kv_budget_tokens: int | None = None
+    kv_budget_tokens: int | None
     """Tokens per stage the figures assume (resolved; None: one stage). Ring and hybrid are not staged."""
 
     @property
@@ -345,12 +345,8 @@ def staged_exchange(plan: Plan, hw: HardwareProfile, kv_budget_tokens=DEFAULT_KV
     # before the row starts; received ranges never straddle a row's start), summed per (query row, stage)
     num_docs = plan.doc_lens.shape[0]
     order = np.lexsort((q[:, 1], q[:, 0]))
-    key_q = q[order, 0] * num_docs + q[order, 1]
-    key_p = dst * num_docs + doc
-    lo = np.searchsorted(key_q, key_p, "left")
-    counts = np.searchsorted(key_q, key_p, "right") - lo
-    rep = np.repeat(np.arange(key_p.shape[0]), counts)
-    row = order[lo[rep] + arange_within(counts)]
+    rep, at = matching_rows(q[order, 0] * num_docs + q[order, 1], dst * num_docs + doc)
+    row = order[at]
     if plan.mask == "causal":
         seen = end[rep] <= q[row, 2]
         rep, row = rep[seen], row[seen]
