@@ -7,12 +7,12 @@ import json
 import sys
 from pathlib import Path
 
+from megatron_fcp.data.lengths import SHIPPED, load_distribution, pack_batches, read_lengths, resolve_lengths_source
 from megatron_fcp.errors import InputError
 from megatron_fcp.planner.api import STRATEGIES, STRATEGY_HELP, check_batch, make_plan
 from megatron_fcp.planner.checks import plan_problems
 from megatron_fcp.planner.pairs import MASKS
 from megatron_fcp.planner.stages import DEFAULT_KV_BUDGET, MEMORY_FIELDS, parse_kv_budget
-from megatron_fcp.sim.lengths import SHIPPED, load_distribution, pack_batches, read_lengths, resolve_lengths_source
 from megatron_fcp.sim.model import HARDWARE, evaluate, load_hardware, mfu
 from megatron_fcp.sim.simulate import SimConfig, cells_to_json, format_table, simulate
 

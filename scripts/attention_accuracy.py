@@ -16,8 +16,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "unit"))
 from attn_cases import Case, batch, rel_err  # noqa: E402
 
-from megatron_fcp.attention.executor import run_in_process  # noqa: E402
-from megatron_fcp.attention.layout import join_from_ranks  # noqa: E402
+from megatron_fcp.testing.executor import run_in_process  # noqa: E402
+from megatron_fcp.testing.layout import join_from_ranks  # noqa: E402
 
 KEYS = ("out", "dq", "dk", "dv")
 

@@ -29,14 +29,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from megatron_fcp.attention import P2PExchange, fcp_attention
-from megatron_fcp.attention.backends import Backend, get_backend
 from megatron_fcp.attention.engine import check_plan_agreement
-from megatron_fcp.attention.layout import join_from_ranks, split_to_ranks
-from megatron_fcp.attention.ring import ring_attention, ring_steps
 from megatron_fcp.attention.schedule import cached_schedule
+from megatron_fcp.data.lengths import load_distribution, pack_batches
+from megatron_fcp.kernels import Backend, get_backend
 from megatron_fcp.planner.api import make_plan
 from megatron_fcp.planner.stages import parse_kv_budget
-from megatron_fcp.sim.lengths import load_distribution, pack_batches
+from megatron_fcp.testing.layout import join_from_ranks, split_to_ranks
+from megatron_fcp.testing.ring import ring_attention, ring_steps
 
 
 class TimedBackend(Backend):

@@ -23,9 +23,8 @@ import argparse
 
 import numpy as np
 
+from megatron_fcp.data.lengths import load_distribution, pack_batches
 from megatron_fcp.planner.api import make_plan
-from megatron_fcp.sim.lengths import load_distribution, pack_batches
-from megatron_fcp.sim.model import rank_pairs
 
 
 def comm_bound(lens: np.ndarray, cp: int, tokens_per_rank: int, cap: float, free: int) -> float:
@@ -92,7 +91,7 @@ def main() -> None:
         plan = make_plan(lens, args.cp, args.tokens_per_rank, "full", "fcp")
         bound.append([comm_bound(lens, args.cp, args.tokens_per_rank, cap, args.free) / ring for cap in caps])
         fcp.append(plan.recv_tokens.sum() / ring)
-        pairs = rank_pairs(plan)
+        pairs = plan.rank_pairs()
         print(f"batch {i:2d}: bound {' '.join(f'{b:.3f}' for b in bound[-1])}  fcp {fcp[-1]:.3f} "
               f"(fcp pair imbalance {pairs.max() / pairs.mean():.3f})", flush=True)
     mean = np.mean(bound, axis=0)

@@ -15,11 +15,11 @@ import statistics
 import timeit
 
 from megatron_fcp.attention.schedule import build_schedule
+from megatron_fcp.data.lengths import SHIPPED, load_distribution, pack_batches
 from megatron_fcp.planner.api import make_plan
 from megatron_fcp.planner.pairs import MASKS
 from megatron_fcp.planner.plan import Plan
 from megatron_fcp.planner.stages import p2p_memory
-from megatron_fcp.sim.lengths import SHIPPED, load_distribution, pack_batches
 
 CP, TOKENS_PER_RANK = 256, 16384
 

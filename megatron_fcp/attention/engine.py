@@ -3,7 +3,7 @@ each stage while the next one travels.
 
 The stages are plain functions over a :class:`~megatron_fcp.attention.schedule.RankSchedule`, shared by the
 distributed autograd function (:func:`fcp_attention`) and the in-process executor
-(:mod:`megatron_fcp.attention.executor`), so both run the same kernels and the same merges in the same order.
+(:mod:`megatron_fcp.testing.executor`), so both run the same kernels and the same merges in the same order.
 Partial outputs are merged in float32 (float64 for float64 inputs); key/value gradients are accumulated in
 float32 (float64) and travel back to their owners in the input dtype.
 
@@ -29,11 +29,11 @@ import time
 import torch
 import torch.distributed as dist
 
-from megatron_fcp.attention.backends import Backend, get_backend, lse_dtype
 from megatron_fcp.attention.exchange import ExchangeError, MemoryMeter, P2PExchange, Pending
-from megatron_fcp.attention.merge import merge_into
 from megatron_fcp.attention.schedule import CallPlan, Message, RankSchedule, Stage, cached_schedule
 from megatron_fcp.errors import InputError
+from megatron_fcp.kernels import Backend, get_backend, lse_dtype, resolve_softmax_scale
+from megatron_fcp.kernels.merge import merge_into
 from megatron_fcp.planner.plan import RankPlan
 from megatron_fcp.planner.stages import DEFAULT_KV_BUDGET, parse_kv_budget
 
@@ -417,6 +417,6 @@ def fcp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rank_plan: 
     sched = cached_schedule(rank_plan, str(q.device), kv_budget_tokens)
     if verify_plan and group_size > 1:
         check_plan_agreement(rank_plan, sched, exchange, q.device)
-    scale = 1.0 / math.sqrt(q.shape[2]) if softmax_scale is None else float(softmax_scale)
+    scale = resolve_softmax_scale(softmax_scale, q.shape[2])
     return _FcpAttentionFunction.apply(q, k, v, sched, exchange, kernels, scale)
 

@@ -35,7 +35,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from megatron_fcp.attention.backends.base import VarlenCall
+from megatron_fcp.kernels.base import VarlenCall
 from megatron_fcp.planner.plan import RankPlan
 from megatron_fcp.planner.stages import DEFAULT_KV_BUDGET, resolve_kv_budget, split_stages
 

@@ -27,12 +27,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_fcp.attention.reference import document_mask
 from megatron_fcp.errors import InputError
 from megatron_fcp.megatron.batch import STATS, FcpBatchDataset, MockDocumentDataset, doc_lengths_from_positions
 from megatron_fcp.megatron.config import FcpConfig
 from megatron_fcp.planner.plan import RankPlan
 from megatron_fcp.planner.stages import DEFAULT_KV_BUDGET, parse_kv_budget
+from megatron_fcp.testing.reference import document_mask
 
 RECOMPUTE = ("none", "selective", "full")
 """Activation recompute choices: none; ``selective`` (Megatron's ``recompute_granularity="selective"`` with its

@@ -24,6 +24,7 @@ import zlib
 
 import numpy as np
 
+from megatron_fcp.data.lengths import LengthDistribution, load_distribution
 from megatron_fcp.errors import InputError
 from megatron_fcp.megatron.config import FcpConfig
 from megatron_fcp.planner.api import make_plan
@@ -31,8 +32,6 @@ from megatron_fcp.planner.checks import assert_plan_ok
 from megatron_fcp.planner.fcp import FcpOptions
 from megatron_fcp.planner.pairs import MASKS
 from megatron_fcp.planner.plan import Plan, RankPlan
-from megatron_fcp.sim.lengths import LengthDistribution, load_distribution
-from megatron_fcp.sim.model import rank_pairs
 
 SAMPLE_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
 STATS = ("plan_seconds", "pairs_imbalance", "comm_vs_ring", "num_docs", "pad_tokens")
@@ -64,7 +63,7 @@ def doc_lengths_from_positions(position_ids) -> np.ndarray:
 # -- planning -----------------------------------------------------------------------------------------
 def plan_micro_batch(doc_lens, cfg: FcpConfig) -> Plan:
     """The plan of one micro-batch of ``cfg.seq_length`` tokens over ``cfg.cp_size`` ranks."""
-    options = FcpOptions(tile=cfg.block_size) if cfg.scheduler == "fcp" else None
+    options = FcpOptions(tile_size=cfg.block_size) if cfg.scheduler == "fcp" else None
     plan = make_plan(doc_lens, cfg.cp_size, cfg.tokens_per_rank, cfg.mask, strategy=cfg.scheduler, options=options)
     if cfg.debug_checks:
         assert_plan_ok(plan)
@@ -73,7 +72,7 @@ def plan_micro_batch(doc_lens, cfg: FcpConfig) -> Plan:
 
 def plan_figures(plan: Plan) -> tuple[float, float]:
     """(max/mean exact attention pairs over ranks, mean received key/value tokens per rank / ring CP's)."""
-    pairs = rank_pairs(plan)
+    pairs = plan.rank_pairs()
     imbalance = float(pairs.max() / pairs.mean()) if pairs.sum() > 0 else 1.0
     ring = (plan.cp - 1) * float(plan.num_tokens.max(initial=0))
     comm = float(plan.recv_tokens.mean() / ring) if ring > 0 else 0.0

@@ -18,7 +18,7 @@ from megatron_fcp.planner.stages import DEFAULT_KV_BUDGET, parse_kv_budget
 CP_MODES = ("ring", "fcp")
 SCHEDULERS = tuple(s for s in STRATEGIES if s != "nocp")
 BACKENDS = ("auto", "cpu", "reference", "torch-flash", "flash-attn", "te")
-"""Attention backend names (``megatron_fcp.attention.backends.BACKENDS``, repeated here to keep this module free
+"""Attention backend names (``megatron_fcp.kernels.BACKENDS``, repeated here to keep this module free
 of torch; a test keeps the two equal)."""
 AUTO_BLOCK_SIZE = 128
 """The block size ``auto`` picks: the attention kernels' tile (flash-attn and cuDNN work in 128-token tiles)."""

@@ -47,8 +47,9 @@ Piece = tuple[int, int, int, float]
 class FcpOptions:
     """Knobs of the FCP planner."""
 
-    tile: int = 128
-    """Attention kernel tile (tokens); sets the edge work of a piece (see module docstring)."""
+    tile_size: int = 128
+    """Attention kernel tile (tokens) that a piece's edge work is modeled with (see module docstring). It does
+    not set where the planner cuts: pieces start and end at any token."""
     edge_weight: float = 0.5
     """Share of the kernel edge work counted. 1 balances modeled kernel time alone, 0 exact pairs alone; both
     are reported, and 0.5 keeps the worse of the two lowest on the shipped distributions."""
@@ -58,8 +59,8 @@ class FcpOptions:
     """Split causal documents that need several ranks zigzag (early and late blocks together)."""
 
     def __post_init__(self):
-        if int(self.tile) != self.tile or self.tile < 1:
-            raise ValueError(f"tile must be a positive integer, got {self.tile!r}")
+        if int(self.tile_size) != self.tile_size or self.tile_size < 1:
+            raise ValueError(f"tile_size must be a positive integer, got {self.tile_size!r}")
         if not 0.0 <= self.edge_weight <= 1.0:
             raise ValueError(f"edge_weight must lie in [0, 1], got {self.edge_weight!r}")
         if int(self.small_tokens) != self.small_tokens or self.small_tokens < 0:
@@ -223,7 +224,7 @@ def plan_fcp(
     real_per_rank = np.full(cp, total // cp, np.int64)
     real_per_rank[: total % cp] += 1
     units = initial_units(lens, cp, tokens_per_rank, mask, options.zigzag)
-    pool = _Pool(lens, units, mask, options.tile, options.edge_weight)
+    pool = _Pool(lens, units, mask, options.tile_size, options.edge_weight)
     placed = _deal_small_units(pool, cp, real_per_rank, options.small_tokens)
     placed_work = [sum(p[3] for p in pieces) for pieces in placed]
     rows: list[tuple[int, int, int, int]] = []
@@ -245,7 +246,7 @@ def plan_fcp(
         kv=derive_kv(q, lens, cp, mask),
         num_pad_tokens=tokens_per_rank - real_per_rank,
         exchange="p2p",
-        notes=(("tile", str(options.tile)),),
+        notes=(("tile_size", str(options.tile_size)),),
     )
 
 

@@ -22,7 +22,7 @@ from functools import cached_property
 
 import numpy as np
 
-from megatron_fcp.planner.pairs import check_mask, matching_rows, needed_kv_end
+from megatron_fcp.planner.pairs import check_mask, matching_rows, needed_kv_end, q_pairs
 from megatron_fcp.planner.stages import (
     DEFAULT_KV_BUDGET,
     local_offsets,
@@ -144,6 +144,12 @@ class Plan:
         if self.exchange != "ring":
             return self.kv
         return ring_kv_rows(self.q, self.cp)
+
+    def rank_pairs(self) -> np.ndarray:
+        """float64 ``[cp]``: exact attention pairs (query-key pairs the mask allows) each rank computes."""
+        q = self.q
+        pairs = q_pairs(q[:, 2], q[:, 3], self.doc_lens[q[:, 1]], self.mask)
+        return np.bincount(q[:, 0], weights=pairs, minlength=self.cp)
 
     @cached_property
     def recv_tokens(self) -> np.ndarray:

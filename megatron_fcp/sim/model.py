@@ -180,7 +180,7 @@ def evaluate(plan: Plan, hw: HardwareProfile, kv_budget_tokens=DEFAULT_KV_BUDGET
     """Model one plan on ``hw``; point-to-point plans under a key/value budget per stage (a setting as for
     :func:`megatron_fcp.planner.stages.parse_kv_budget`: tokens, ``"auto"`` or None)."""
     budget = resolve_kv_budget(kv_budget_tokens, int(plan.num_tokens.max(initial=1)))
-    pairs = rank_pairs(plan)
+    pairs = plan.rank_pairs()
     if plan.exchange == "ring":
         compute, step = _ring_cost(plan, hw, pairs)
     elif plan.exchange == "group_ring":
@@ -233,22 +233,15 @@ def _group_ring_memory(plan: Plan) -> dict[str, np.ndarray]:
 
 
 def useful_flops(plan: Plan, hw: HardwareProfile, pairs: np.ndarray | None = None) -> float:
-    """FLOPs of the exact attention pairs (``rank_pairs(plan)`` unless given), forward plus backward (the
+    """FLOPs of the exact attention pairs (``plan.rank_pairs()`` unless given), forward plus backward (the
     numerator of MFU)."""
-    pairs = rank_pairs(plan) if pairs is None else pairs
+    pairs = plan.rank_pairs() if pairs is None else pairs
     return float(pairs.sum()) * hw.fwd_flops_per_pair * (1.0 + hw.bwd_flops_factor)
 
 
 def mfu(plan: Plan, hw: HardwareProfile, cost: PlanCost) -> float:
     """Modeled attention MFU: useful FLOPs over ``cp`` GPUs' peak during the modeled step."""
     return useful_flops(plan, hw, cost.pairs) / (plan.cp * hw.peak_bf16_dense_tflops * 1e12 * cost.step_time_s)
-
-
-def rank_pairs(plan: Plan) -> np.ndarray:
-    """float64 ``[cp]``: exact attention pairs (query-key pairs the mask allows) each rank computes."""
-    q = plan.q
-    pairs = q_pairs(q[:, 2], q[:, 3], plan.doc_lens[q[:, 1]], plan.mask)
-    return np.bincount(q[:, 0], weights=pairs, minlength=plan.cp)
 
 
 def _eff_pairs(pairs, q_tokens, k_tokens, tile: int):

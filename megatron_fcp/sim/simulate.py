@@ -18,11 +18,11 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from megatron_fcp.data.lengths import load_distribution, pack_batches
 from megatron_fcp.errors import InputError
 from megatron_fcp.planner.api import STRATEGIES, make_plan
 from megatron_fcp.planner.plan import Plan
 from megatron_fcp.planner.stages import DEFAULT_KV_BUDGET, parse_kv_budget, resolve_kv_budget
-from megatron_fcp.sim.lengths import load_distribution, pack_batches
 from megatron_fcp.sim.model import HardwareProfile, PlanCost, evaluate, mfu, plan_memory
 
 METRICS = ("imb_time", "imb_pairs", "imb_tokens", "pad_frac", "recv_mean_mb", "recv_max_mb", "comm_vs_ring",
@@ -40,7 +40,7 @@ class SimConfig:
     """What to simulate."""
 
     lengths: tuple[str, ...]
-    """Length sources: shipped names (see ``megatron_fcp.sim.lengths.SHIPPED``) or files."""
+    """Length sources: shipped names (see ``megatron_fcp.data.lengths.SHIPPED``) or files."""
     cps: tuple[int, ...] = (8, 16, 32, 64, 128, 256)
     """CP sizes."""
     tokens_per_rank: int = 16384

@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from megatron_fcp.attention.layout import split_to_ranks
-from megatron_fcp.attention.reference import dense_attention
+from megatron_fcp.data.lengths import load_distribution, pack_batches
 from megatron_fcp.planner.api import make_plan
 from megatron_fcp.planner.checks import assert_plan_ok
 from megatron_fcp.planner.plan import Plan, derive_kv
-from megatron_fcp.sim.lengths import load_distribution, pack_batches
+from megatron_fcp.testing.layout import split_to_ranks
+from megatron_fcp.testing.reference import dense_attention
 
 
 def batch(name: str, cp: int, tokens_per_rank: int) -> list[int]:

@@ -20,13 +20,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from attn_cases import Case, batch, rel_err
 
-from megatron_fcp.attention import ExchangeTimeout, fcp_attention, get_exchange, run_in_process
+from megatron_fcp.attention import ExchangeTimeout, fcp_attention, get_exchange
 from megatron_fcp.attention.engine import PlanMismatchError
-from megatron_fcp.attention.layout import join_from_ranks
-from megatron_fcp.attention.ring import ring_attention
 from megatron_fcp.errors import InputError
 from megatron_fcp.planner.api import make_plan
 from megatron_fcp.planner.stages import p2p_memory
+from megatron_fcp.testing.executor import run_in_process
+from megatron_fcp.testing.layout import join_from_ranks
+from megatron_fcp.testing.ring import ring_attention
 
 pytestmark = pytest.mark.distributed
 

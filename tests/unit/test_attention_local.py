@@ -8,11 +8,11 @@ import pytest
 import torch
 from attn_cases import Case, batch, rel_err
 
-from megatron_fcp.attention.backends import BackendUnavailable, VarlenCall, get_backend
-from megatron_fcp.attention.executor import run_in_process
-from megatron_fcp.attention.layout import join_from_ranks, split_to_ranks
-from megatron_fcp.attention.merge import merge_partials
+from megatron_fcp.kernels import BackendUnavailable, VarlenCall, get_backend
+from megatron_fcp.kernels.merge import merge_partials
 from megatron_fcp.planner.stages import p2p_memory
+from megatron_fcp.testing.executor import run_in_process
+from megatron_fcp.testing.layout import join_from_ranks, split_to_ranks
 
 
 def _attend(q, k, v, allow):

@@ -12,10 +12,10 @@ import sys
 import pytest
 import torch
 
-from megatron_fcp.attention.backends.base import BackendUnavailable, VarlenCall
-from megatron_fcp.attention.backends.flash_attn import FlashAttnBackend
-from megatron_fcp.attention.backends.te import TransformerEngineBackend
-from megatron_fcp.attention.backends.torch_flash import TorchFlashBackend
+from megatron_fcp.kernels.base import BackendUnavailable, VarlenCall
+from megatron_fcp.kernels.flash_attn import FlashAttnBackend
+from megatron_fcp.kernels.te import TransformerEngineBackend
+from megatron_fcp.kernels.torch_flash import TorchFlashBackend
 
 BACKENDS = [TorchFlashBackend, FlashAttnBackend, TransformerEngineBackend]
 HQ, HKV, D, SCALE = 4, 2, 64, 0.2
@@ -116,8 +116,8 @@ def test_gpu_executor_bf16_within_twice_plain_bf16_error(name, mask):
     """All four ranks' FCP attention (forward and backward) on the GPU with torch-flash, in bf16."""
     from attn_cases import Case, batch, rel_err
 
-    from megatron_fcp.attention.executor import run_in_process
-    from megatron_fcp.attention.layout import join_from_ranks
+    from megatron_fcp.testing.executor import run_in_process
+    from megatron_fcp.testing.layout import join_from_ranks
 
     case = Case(batch(name, 4, 1024), 4, 1024, mask, head_dim=64)
     bar = {n: 2 * e for n, e in case.plain(torch.bfloat16).items()}

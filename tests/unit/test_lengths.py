@@ -1,4 +1,4 @@
-"""Tests for megatron_fcp.sim.lengths: reading length files, sampling, and pretraining-style packing."""
+"""Tests for megatron_fcp.data.lengths: reading length files, sampling, and pretraining-style packing."""
 
 import time
 from pathlib import Path
@@ -9,8 +9,7 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from megatron_fcp.errors import InputError
-from megatron_fcp.sim.lengths import (
+from megatron_fcp.data.lengths import (
     SHIPPED,
     EmpiricalLengths,
     HistogramLengths,
@@ -20,6 +19,7 @@ from megatron_fcp.sim.lengths import (
     read_lengths,
     resolve_lengths_source,
 )
+from megatron_fcp.errors import InputError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 

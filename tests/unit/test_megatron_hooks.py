@@ -175,7 +175,7 @@ def test_bad_samples_are_named():
 
 
 def test_backend_choices_are_the_attention_backends():
-    from megatron_fcp.attention.backends import BACKENDS
+    from megatron_fcp.kernels import BACKENDS
     from megatron_fcp.megatron.config import BACKENDS as FLAG_CHOICES
 
     assert FLAG_CHOICES == BACKENDS

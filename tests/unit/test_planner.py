@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from megatron_fcp.errors import InputError
 from megatron_fcp.planner.api import STRATEGIES, check_batch, make_plan
 from megatron_fcp.planner.checks import PlanError, assert_plan_ok, plan_problems
-from megatron_fcp.planner.pairs import MASKS, q_pairs
+from megatron_fcp.planner.pairs import MASKS
 from megatron_fcp.planner.plan import Plan
 
 P2P_STRATEGIES = [name for name in STRATEGIES if name != "ring"]
@@ -105,16 +105,10 @@ def _delivery_problems(plan: Plan, doc_lens: list[int], owner: list[np.ndarray],
     return problems
 
 
-def rank_pairs(plan: Plan) -> np.ndarray:
-    """Exact query-key pairs each rank computes (its q ranges against every key they see)."""
-    q = plan.q
-    pairs = q_pairs(q[:, 2], q[:, 3], plan.doc_lens[q[:, 1]], plan.mask)
-    return np.bincount(q[:, 0], weights=pairs, minlength=plan.cp)
-
 
 def imbalance(plan: Plan) -> float:
-    """max / mean of :func:`rank_pairs`."""
-    pairs = rank_pairs(plan)
+    """max / mean of ``Plan.rank_pairs``."""
+    pairs = plan.rank_pairs()
     return float(pairs.max() / pairs.mean())
 
 
@@ -294,7 +288,7 @@ def test_fcp_splits_a_causal_document_into_equal_work_halves():
     """[0, 8192) causal has tri(8192) = 33558528 pairs; zigzag gives each of two ranks exactly half. FCP also
     charges a kernel-tile overhead per piece, so allow it a few tiles' worth (0.1%) of slack."""
     plan = make_plan([8192], 2, 4096, "causal")
-    pairs = rank_pairs(plan)
+    pairs = plan.rank_pairs()
     assert int(pairs.sum()) == 33558528
     assert np.abs(pairs - 33558528 / 2).max() <= 0.001 * 33558528 / 2
     assert plan.num_tokens.tolist() == [4096, 4096]
@@ -303,7 +297,7 @@ def test_fcp_splits_a_causal_document_into_equal_work_halves():
 def test_fcp_splits_a_document_that_needs_two_ranks_zigzag():
     """[0, 8) on two ranks of 4 tokens: rank 0 owns [0, 2) and [6, 8), rank 1 owns [2, 6): 18 pairs each."""
     plan = make_plan([8], 2, 4, "causal")
-    assert rank_pairs(plan).tolist() == [18, 18]
+    assert plan.rank_pairs().tolist() == [18, 18]
     assert sorted(map(tuple, plan.q[:, 1:].tolist())) == [(0, 0, 2), (0, 2, 6), (0, 6, 8)]
 
 

@@ -5,13 +5,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from megatron_fcp.data.lengths import load_distribution, pack_batches
 from megatron_fcp.errors import InputError
 from megatron_fcp.planner.api import STRATEGIES, make_plan
 from megatron_fcp.planner.checks import plan_problems
 from megatron_fcp.planner.fcp import FcpOptions, plan_fcp
 from megatron_fcp.planner.pairs import q_pairs
 from megatron_fcp.planner.plan import Plan
-from megatron_fcp.sim.lengths import load_distribution, pack_batches
 
 
 def oracle_problems(plan: Plan) -> list[str]:

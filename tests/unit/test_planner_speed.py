@@ -11,9 +11,9 @@ import time
 import pytest
 
 from megatron_fcp.attention.schedule import build_schedule
+from megatron_fcp.data.lengths import load_distribution, pack_batches
 from megatron_fcp.planner.api import make_plan
 from megatron_fcp.planner.pairs import MASKS
-from megatron_fcp.sim.lengths import load_distribution, pack_batches
 
 CP, TOKENS_PER_RANK = 256, 16384
 BOUND_S = 0.150

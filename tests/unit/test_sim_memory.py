@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 
 from megatron_fcp.cli import main
+from megatron_fcp.data.lengths import load_distribution, pack_batches
 from megatron_fcp.planner.api import make_plan
 from megatron_fcp.planner.plan import Plan
 from megatron_fcp.planner.stages import MEMORY_FIELDS, p2p_memory
-from megatron_fcp.sim.lengths import load_distribution, pack_batches
 from megatron_fcp.sim.model import (
     StagedExchange,
     _local_split,

@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from megatron_fcp.data.lengths import load_distribution, pack_batches
 from megatron_fcp.errors import InputError
 from megatron_fcp.planner.api import make_plan
 from megatron_fcp.planner.plan import Plan
@@ -17,7 +18,6 @@ from megatron_fcp.planner.stages import (
     split_stages,
     stage_memory,
 )
-from megatron_fcp.sim.lengths import load_distribution, pack_batches
 
 STRATEGIES = ("fcp", "magi", "ring", "hybrid")
 

@@ -8,6 +8,8 @@ import math
 import numpy as np
 import torch
 
+from megatron_fcp.kernels.base import resolve_softmax_scale
+
 
 def document_mask(doc_lens, mask: str, device=None) -> torch.Tensor:
     """``[total, total]`` bool: query i may see key j (same document; causal: j's position <= i's)."""
@@ -30,7 +32,7 @@ def dense_attention(doc_lens, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     the "plain bf16 PyTorch implementation" accuracy is compared with. Grouped-query attention repeats key/value
     heads.
     """
-    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else softmax_scale
+    scale = resolve_softmax_scale(softmax_scale, q.shape[-1])
     groups = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
     outs, start = [], 0

@@ -10,12 +10,10 @@ key/value buffers it holds (:class:`MemoryMeter`, kind ``kv``).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
-from megatron_fcp.attention.backends import Backend, get_backend
 from megatron_fcp.attention.engine import (
     add_returned,
     backward_local,
@@ -30,6 +28,7 @@ from megatron_fcp.attention.engine import (
 )
 from megatron_fcp.attention.exchange import ByteCounter, MemoryMeter
 from megatron_fcp.attention.schedule import RankSchedule, Stage, build_schedule
+from megatron_fcp.kernels import Backend, get_backend, resolve_softmax_scale
 from megatron_fcp.planner.plan import Plan
 from megatron_fcp.planner.stages import DEFAULT_KV_BUDGET
 
@@ -126,7 +125,7 @@ def run_in_process(plan: Plan, q: list[torch.Tensor], k: list[torch.Tensor], v: 
                    kv_budget_tokens: int | str | None = DEFAULT_KV_BUDGET) -> InProcessResult:
     """Forward (and backward, if ``dout`` is given) of every rank; tensors per rank as for ``fcp_attention``."""
     kernels = get_backend(backend, q[0].device)
-    scale = 1.0 / math.sqrt(q[0].shape[2]) if softmax_scale is None else float(softmax_scale)
+    scale = resolve_softmax_scale(softmax_scale, q[0].shape[2])
     scheds = [build_schedule(plan.for_rank(r), q[0].device, kv_budget_tokens) for r in range(plan.cp)]
     ranks = _Ranks(scheds, k, v)
     forwards = [_forward(ranks, r, q[r], kernels, scale) for r in range(plan.cp)]

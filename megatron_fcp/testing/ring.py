@@ -9,14 +9,12 @@ owner after the last step. Kernels, the merge and the gradient accumulation are 
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from megatron_fcp.attention.backends import Backend, get_backend
 from megatron_fcp.attention.engine import backward_calls, forward_calls, new_forward_state, to_local
 from megatron_fcp.attention.exchange import P2PExchange
 from megatron_fcp.attention.schedule import CallPlan, build_schedule, offset_rows, visible_call
+from megatron_fcp.kernels import Backend, get_backend, resolve_softmax_scale
 from megatron_fcp.planner.plan import Plan
 
 
@@ -88,6 +86,6 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan
     """Ring attention of this rank's tokens of ``plan`` (tensors as for ``fcp_attention``); differentiable."""
     kernels = get_backend(backend, q.device)
     steps = steps or ring_steps(plan, exchange.cp_rank, q.device)
-    scale = 1.0 / math.sqrt(q.shape[2]) if softmax_scale is None else float(softmax_scale)
+    scale = resolve_softmax_scale(softmax_scale, q.shape[2])
     num_real = int(plan.num_real_tokens[exchange.cp_rank])
     return _RingAttention.apply(q, k, v, steps, exchange, kernels, scale, num_real)

@@ -21,6 +21,7 @@ use key/value head ``j`` with ``g = q_heads // kv_heads``. Every segment holds a
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -79,7 +80,11 @@ class VarlenCall:
 
 
 class Backend:
-    """Interface of an attention kernel backend (see the module docstring for the contract)."""
+    """Interface of an attention kernel backend (see the module docstring for the contract).
+
+    Subclasses set ``name`` and are added to :data:`REGISTRY` with :func:`register_backend`. Their constructor
+    imports any optional package and raises :class:`BackendUnavailable` if it is missing.
+    """
 
     name: str = "base"
 
@@ -93,6 +98,23 @@ class Backend:
     def backward(self, dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                  lse: torch.Tensor, call: VarlenCall, scale: float) -> tuple[torch.Tensor, ...]:
         raise NotImplementedError
+
+
+REGISTRY: dict[str, type[Backend]] = {}
+"""Backend classes by name, in registration order."""
+
+
+def register_backend(cls: type[Backend]) -> type[Backend]:
+    """Class decorator: make ``cls`` available to ``get_backend(cls.name)``."""
+    if cls.name in REGISTRY:
+        raise ValueError(f"attention backend {cls.name!r} is registered twice")
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def resolve_softmax_scale(softmax_scale: float | None, head_dim: int) -> float:
+    """The scale of the attention scores: ``softmax_scale`` if given, else ``1 / sqrt(head_dim)``."""
+    return 1.0 / math.sqrt(head_dim) if softmax_scale is None else float(softmax_scale)
 
 
 def lse_dtype(dtype: torch.dtype) -> torch.dtype:

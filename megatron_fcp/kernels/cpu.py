@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from megatron_fcp.attention.backends.base import Backend, BackendUnavailable, VarlenCall, lse_dtype
+from megatron_fcp.kernels.base import Backend, BackendUnavailable, VarlenCall, lse_dtype, register_backend
 
 
 def _expand_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -41,6 +41,7 @@ def _wide(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
+@register_backend
 class CpuFlashBackend(Backend):
     name = "cpu"
 
@@ -81,6 +82,7 @@ class CpuFlashBackend(Backend):
         return dq, dk, dv
 
 
+@register_backend
 class ReferenceBackend(Backend):
     name = "reference"
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron_fcp.attention.backends.base import Backend, BackendUnavailable, VarlenCall
+from megatron_fcp.kernels.base import Backend, BackendUnavailable, VarlenCall, register_backend
 
 
 def check_gpu_inputs(q: torch.Tensor, k: torch.Tensor, name: str) -> None:
@@ -48,6 +48,7 @@ def kernel_max_q(call: VarlenCall) -> int:
     return max(call.max_q, 2)
 
 
+@register_backend
 class TorchFlashBackend(Backend):
     name = "torch-flash"
 

@@ -21,16 +21,16 @@ Untested on GPU in this repository unless a test says otherwise (see tests/unit/
 
 from __future__ import annotations
 
-import re
-
 import torch
+from packaging.version import Version
 
-from megatron_fcp.attention.backends.base import Backend, BackendUnavailable
-from megatron_fcp.attention.backends.torch_flash import check_gpu_inputs, kernel_max_q
+from megatron_fcp.kernels.base import Backend, BackendUnavailable, register_backend
+from megatron_fcp.kernels.torch_flash import check_gpu_inputs, kernel_max_q
 
 MISSING = "flash-attn is not installed: pip install flash-attn (needs CUDA) or use backend 'torch-flash'"
 
 
+@register_backend
 class FlashAttnBackend(Backend):
     name = "flash-attn"
 
@@ -40,12 +40,12 @@ class FlashAttnBackend(Backend):
             from flash_attn import flash_attn_interface
         except (ImportError, OSError) as exc:
             raise BackendUnavailable(f"{MISSING} ({exc})") from exc
-        version = tuple(int(x) for x in re.findall(r"\d+", flash_attn.__version__)[:2])
-        if version < (2, 6):
+        version = Version(flash_attn.__version__)
+        if version < Version("2.6"):
             raise BackendUnavailable(f"flash-attn {flash_attn.__version__} is too old: backend 'flash-attn' needs "
                                      "2.6 or newer (unpadded varlen log-sum-exp)")
         self._fa = flash_attn_interface
-        self._new_api = version >= (2, 7)
+        self._new_api = version >= Version("2.7")
         self._window = dict(window_size_left=-1, window_size_right=-1) if self._new_api else dict(window_size=(-1, -1))
 
     def check(self, q: torch.Tensor, k: torch.Tensor) -> None:

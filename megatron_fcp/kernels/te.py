@@ -18,17 +18,17 @@ Untested on GPU in this repository unless a test says otherwise (see tests/unit/
 
 from __future__ import annotations
 
-import re
-
 import torch
+from packaging.version import Version
 
-from megatron_fcp.attention.backends.base import Backend, BackendUnavailable, VarlenCall
-from megatron_fcp.attention.backends.torch_flash import check_gpu_inputs
+from megatron_fcp.kernels.base import Backend, BackendUnavailable, VarlenCall, register_backend
+from megatron_fcp.kernels.torch_flash import check_gpu_inputs
 
 MISSING = ("Transformer Engine is not usable here: pip install transformer-engine[pytorch] (needs CUDA) or use "
            "backend 'torch-flash'")
 
 
+@register_backend
 class TransformerEngineBackend(Backend):
     name = "te"
 
@@ -39,8 +39,7 @@ class TransformerEngineBackend(Backend):
             from transformer_engine.pytorch.cpp_extensions import fused_attn
         except (ImportError, OSError, RuntimeError) as exc:
             raise BackendUnavailable(f"{MISSING} ({exc})") from exc
-        version = tuple(int(x) for x in re.findall(r"\d+", transformer_engine.__version__)[:2])
-        if version < (2, 15):
+        if Version(transformer_engine.__version__) < Version("2.15"):
             raise BackendUnavailable(f"Transformer Engine {transformer_engine.__version__} is too old: backend 'te' "
                                      "needs 2.15 or newer (fused_attn_fwd/bwd keywords o_format, do_format)")
         self._fa, self._utils = fused_attn, utils

@@ -18,33 +18,37 @@ from __future__ import annotations
 
 import torch
 
-from megatron_fcp.attention.backends.base import Backend, BackendUnavailable, VarlenCall, lse_dtype
+from megatron_fcp.kernels import cpu, flash_attn, te, torch_flash  # noqa: F401  (each registers its backends)
+from megatron_fcp.kernels.base import (
+    REGISTRY,
+    Backend,
+    BackendUnavailable,
+    VarlenCall,
+    lse_dtype,
+    register_backend,
+    resolve_softmax_scale,
+)
 
-BACKENDS = ("auto", "cpu", "reference", "torch-flash", "flash-attn", "te")
+BACKENDS = ("auto", *REGISTRY)
 
-__all__ = ["BACKENDS", "Backend", "BackendUnavailable", "VarlenCall", "get_backend", "lse_dtype"]
+__all__ = ["BACKENDS", "Backend", "BackendUnavailable", "VarlenCall", "get_backend", "lse_dtype", "register_backend",
+           "resolve_softmax_scale"]
 
-_cache: dict[str, Backend] = {}
+_instances: dict[str, Backend] = {}
 
 
 def get_backend(name: str | Backend, device: torch.device | str = "cpu") -> Backend:
-    """The backend called ``name`` (an instance is returned as is); ``auto`` chooses by device."""
+    """The backend called ``name`` (an instance is returned as is); ``auto`` chooses by device.
+
+    Raises ``ValueError`` for a name that is not registered and :class:`BackendUnavailable` (saying why) for one
+    that cannot load here.
+    """
     if isinstance(name, Backend):
         return name
     if name == "auto":
         name = "torch-flash" if torch.device(device).type == "cuda" else "cpu"
-    if name not in _cache:
-        if name == "cpu":
-            from megatron_fcp.attention.backends.cpu import CpuFlashBackend as cls
-        elif name == "reference":
-            from megatron_fcp.attention.backends.cpu import ReferenceBackend as cls
-        elif name == "torch-flash":
-            from megatron_fcp.attention.backends.torch_flash import TorchFlashBackend as cls
-        elif name == "flash-attn":
-            from megatron_fcp.attention.backends.flash_attn import FlashAttnBackend as cls
-        elif name == "te":
-            from megatron_fcp.attention.backends.te import TransformerEngineBackend as cls
-        else:
-            raise ValueError(f"unknown attention backend {name!r}: choose one of {', '.join(BACKENDS)}")
-        _cache[name] = cls()
-    return _cache[name]
+    if name not in REGISTRY:
+        raise ValueError(f"unknown attention backend {name!r}: choose one of {', '.join(BACKENDS)}")
+    if name not in _instances:
+        _instances[name] = REGISTRY[name]()
+    return _instances[name]
