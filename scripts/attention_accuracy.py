@@ -8,16 +8,11 @@ multi-process run (tests/unit/test_attention_distributed.py checks it), so these
     .venv/bin/python scripts/attention_accuracy.py
 """
 
-import sys
-from pathlib import Path
-
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "unit"))
-from attn_cases import Case, batch, rel_err  # noqa: E402
-
-from megatron_fcp.testing.executor import run_in_process  # noqa: E402
-from megatron_fcp.testing.layout import join_from_ranks  # noqa: E402
+from megatron_fcp.testing.cases import Case, batch, rel_err
+from megatron_fcp.testing.executor import run_in_process
+from megatron_fcp.testing.layout import join_from_ranks
 
 KEYS = ("out", "dq", "dk", "dv")
 

@@ -9,6 +9,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     && export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONUNBUFFERED=1 CUDA_DEVICE_MAX_CONNECTIONS=1
+python3 -m megatron_fcp.megatron.dataset_helpers  # the Makefile megatron.training's start-up runs (see module)
 nvidia-smi -L | tee "$OUT/device.txt"
 python3 -c "import torch, megatron.core as m; print('torch', torch.__version__, 'megatron-core', m.__version__)" \
   | tee -a "$OUT/device.txt"

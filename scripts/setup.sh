@@ -40,4 +40,5 @@ fi
 
 echo "setup: installing megatron-fcp in editable mode with test extras"
 .venv/bin/python -m pip install --quiet -e ".[test]"
+.venv/bin/python -m megatron_fcp.megatron.dataset_helpers
 echo "setup: done; use .venv/bin/python, .venv/bin/pytest, .venv/bin/fcp"

@@ -5,4 +5,5 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 bash scripts/setup.sh
 .venv/bin/ruff check megatron_fcp tests scripts
+.venv/bin/lint-imports
 .venv/bin/pytest -q "$@"

@@ -1,9 +1,11 @@
 """The FCP attention step of one rank: local blocks while the first stage of received key/values travels, then
 each stage while the next one travels.
 
-The stages are plain functions over a :class:`~megatron_fcp.attention.schedule.RankSchedule`, shared by the
-distributed autograd function (:func:`fcp_attention`) and the in-process executor
-(:mod:`megatron_fcp.testing.executor`), so both run the same kernels and the same merges in the same order.
+The stages are plain functions over a :class:`RankStep` (the rank's
+:class:`~megatron_fcp.attention.schedule.RankSchedule`, own tensors and :class:`Kernels`) and the step's state
+(:class:`ForwardState`; :class:`BackwardQueries` and :class:`GradState` in backward), shared by the distributed
+autograd function (:func:`fcp_attention`) and the in-process executor (:mod:`megatron_fcp.testing.executor`), so
+both run the same kernels and the same merges in the same order.
 Partial outputs are merged in float32 (float64 for float64 inputs); key/value gradients are accumulated in
 float32 (float64) and travel back to their owners in the input dtype.
 
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -44,6 +47,87 @@ class PlanMismatchError(ExchangeError):
     """CP ranks hold different plans (or budgets) for one step; raised on every rank before anything moves."""
 
 
+# -- what travels together -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Kernels:
+    """How every kernel call of one step computes."""
+
+    backend: Backend
+    """The kernel backend (forward returns out and LSE; backward takes them)."""
+    scale: float
+    """Softmax scale."""
+
+
+@dataclass(frozen=True, eq=False)
+class KeyValues:
+    """The keys and values kernel calls read, ``[rows, kv_heads, head_dim]`` each: a rank's own ``k``/``v`` or a
+    received stage."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+
+    @classmethod
+    def of_stage(cls, buf: torch.Tensor) -> KeyValues:
+        """The keys and values of a stage buffer ``[2, rows, kv_heads, head_dim]``."""
+        return cls(buf[0], buf[1])
+
+
+@dataclass(frozen=True, eq=False)
+class RankStep:
+    """What one rank's attention step computes with, fixed for the step: its schedule, own tensors and kernels."""
+
+    sched: RankSchedule
+    kernels: Kernels
+    q: torch.Tensor
+    """``[num_tokens, q_heads, head_dim]``."""
+    k: torch.Tensor
+    """``[num_tokens, kv_heads, head_dim]``."""
+    v: torch.Tensor
+    """Like ``k``."""
+
+    @property
+    def own(self) -> KeyValues:
+        return KeyValues(self.k, self.v)
+
+
+@dataclass(frozen=True, eq=False)
+class ForwardState:
+    """Forward accumulators of the real query rows, float32 (float64 for float64 inputs)."""
+
+    out: torch.Tensor
+    """``[num_real, q_heads, head_dim]``."""
+    lse: torch.Tensor
+    """``[num_real, q_heads]``."""
+
+
+@dataclass(frozen=True, eq=False)
+class BackwardQueries:
+    """What backward reads at each call's query rows."""
+
+    dout: torch.Tensor
+    """``[num_tokens, q_heads, head_dim]``, ``q``'s dtype, contiguous."""
+    q: torch.Tensor
+    """Like ``dout``."""
+    out: torch.Tensor
+    """The forward's output, like ``dout``."""
+    lse: torch.Tensor
+    """The forward's merged log-sum-exp ``[num_real, q_heads]``, float32 (float64)."""
+
+
+@dataclass(frozen=True, eq=False)
+class GradState:
+    """Gradient accumulators, float32 (float64): ``dq`` of the real query rows, ``dk``/``dv`` of the key/value
+    rows they belong to (a rank's own or a stage's)."""
+
+    dq: torch.Tensor
+    """``[num_real, q_heads, head_dim]``."""
+    dk: torch.Tensor
+    """``[rows, kv_heads, head_dim]``."""
+    dv: torch.Tensor
+    """Like ``dk``."""
+
+
+# -- kernel calls ----------------------------------------------------------------------------------------------
 def _rows(x: torch.Tensor, index: torch.Tensor | None, n: int) -> torch.Tensor:
     return x[:n].contiguous() if index is None else x.index_select(0, index)
 
@@ -55,24 +139,24 @@ def _add_rows(acc: torch.Tensor, index: torch.Tensor | None, value: torch.Tensor
         acc.index_add_(0, index, value.to(acc.dtype))
 
 
-def new_forward_state(num_real: int, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def new_forward_state(num_real: int, q: torch.Tensor) -> ForwardState:
     """Accumulators: output ``[num_real, heads, head_dim]`` (zeros) and log-sum-exp ``[num_real, heads]`` (-inf)."""
     acc = lse_dtype(q.dtype)
     out = torch.zeros((num_real, *q.shape[1:]), dtype=acc, device=q.device)
     lse = torch.full((num_real, q.shape[1]), -math.inf, dtype=acc, device=q.device)
-    return out, lse
+    return ForwardState(out, lse)
 
 
-def _forward_call(plan: CallPlan, q, k_src, v_src, backend: Backend, scale: float):
+def _forward_call(plan: CallPlan, q, kv: KeyValues, kernels: Kernels):
     n_q, n_k = plan.call.num_q, plan.call.num_k
-    return backend.forward(_rows(q, plan.q_index, n_q), _rows(k_src, plan.k_index, n_k),
-                           _rows(v_src, plan.k_index, n_k), plan.call, scale)
+    return kernels.backend.forward(_rows(q, plan.q_index, n_q), _rows(kv.k, plan.k_index, n_k),
+                                   _rows(kv.v, plan.k_index, n_k), plan.call, kernels.scale)
 
 
-def forward_calls(calls: tuple[CallPlan, ...], q, k_src, v_src, backend: Backend, scale: float, out, lse) -> None:
-    """Run kernel calls and merge each partial result into ``out``/``lse``."""
+def forward_calls(calls: tuple[CallPlan, ...], q, kv: KeyValues, kernels: Kernels, state: ForwardState) -> None:
+    """Run kernel calls and merge each partial result into the accumulators."""
     for plan in calls:
-        merge_into(out, lse, *_forward_call(plan, q, k_src, v_src, backend, scale), plan.q_index)
+        merge_into(state.out, state.lse, *_forward_call(plan, q, kv, kernels), plan.q_index)
 
 
 def to_local(like: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -83,37 +167,38 @@ def to_local(like: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def backward_calls(calls: tuple[CallPlan, ...], dout, q, k_src, v_src, out, lse, backend: Backend, scale: float,
-                   dq_acc, dk_acc, dv_acc) -> None:
-    """Gradients of kernel calls, given the merged output and log-sum-exp, added into the accumulators."""
+def backward_calls(calls: tuple[CallPlan, ...], queries: BackwardQueries, kv: KeyValues, kernels: Kernels,
+                   grads: GradState) -> None:
+    """Gradients of kernel calls, given the merged output and log-sum-exp, added into the accumulators (``grads``'
+    ``dk``/``dv`` rows are ``kv``'s)."""
     for plan in calls:
         n_q, n_k = plan.call.num_q, plan.call.num_k
-        dq, dk, dv = backend.backward(
-            _rows(dout, plan.q_index, n_q), _rows(q, plan.q_index, n_q), _rows(k_src, plan.k_index, n_k),
-            _rows(v_src, plan.k_index, n_k), _rows(out, plan.q_index, n_q), _rows(lse, plan.q_index, n_q),
-            plan.call, scale)
-        _add_rows(dq_acc, plan.q_index, dq)
-        _add_rows(dk_acc, plan.k_index, dk)
-        _add_rows(dv_acc, plan.k_index, dv)
+        dq, dk, dv = kernels.backend.backward(
+            _rows(queries.dout, plan.q_index, n_q), _rows(queries.q, plan.q_index, n_q),
+            _rows(kv.k, plan.k_index, n_k), _rows(kv.v, plan.k_index, n_k), _rows(queries.out, plan.q_index, n_q),
+            _rows(queries.lse, plan.q_index, n_q), plan.call, kernels.scale)
+        _add_rows(grads.dq, plan.q_index, dq)
+        _add_rows(grads.dk, plan.k_index, dk)
+        _add_rows(grads.dv, plan.k_index, dv)
 
 
 # -- the stages of one rank ------------------------------------------------------------------------------------
-def forward_local(sched: RankSchedule, q, k, v, backend: Backend, scale: float):
-    """The blocks of owned key/values. Returns the accumulators ``(out, lse)``.
+def forward_local(step: RankStep) -> ForwardState:
+    """The blocks of owned key/values. Returns the accumulators.
 
     The first local call covers every owned row in order (the schedule builds it so), and merging into empty
     accumulators is the identity, so its result becomes the accumulators as it is.
     """
-    calls = sched.local_calls
-    if not calls or calls[0].q_index is not None or calls[0].call.num_q != sched.num_real:
-        out_acc, lse = new_forward_state(sched.num_real, q)
-        forward_calls(calls, q, k, v, backend, scale, out_acc, lse)
-        return out_acc, lse
-    acc = lse_dtype(q.dtype)
-    part_out, part_lse = _forward_call(calls[0], q, k, v, backend, scale)
-    out_acc, lse = part_out.to(acc), part_lse.to(acc)
-    forward_calls(calls[1:], q, k, v, backend, scale, out_acc, lse)
-    return out_acc, lse
+    calls, num_real = step.sched.local_calls, step.sched.num_real
+    if not calls or calls[0].q_index is not None or calls[0].call.num_q != num_real:
+        state = new_forward_state(num_real, step.q)
+        forward_calls(calls, step.q, step.own, step.kernels, state)
+        return state
+    acc = lse_dtype(step.q.dtype)
+    part_out, part_lse = _forward_call(calls[0], step.q, step.own, step.kernels)
+    state = ForwardState(part_out.to(acc), part_lse.to(acc))
+    forward_calls(calls[1:], step.q, step.own, step.kernels, state)
+    return state
 
 
 def stage_buffer(stage: Stage | None, like: torch.Tensor, meter: MemoryMeter | None = None) -> torch.Tensor | None:
@@ -126,56 +211,63 @@ def stage_buffer(stage: Stage | None, like: torch.Tensor, meter: MemoryMeter | N
     return buf
 
 
-def forward_stage(stage: Stage, q, buf: torch.Tensor, backend: Backend, scale: float, out_acc, lse) -> None:
+def forward_stage(step: RankStep, stage: Stage, buf: torch.Tensor, state: ForwardState) -> None:
     """The blocks of one stage of received key/values (``buf``), merged into the accumulators."""
     if stage.call is not None:
-        forward_calls((stage.call,), q, buf[0], buf[1], backend, scale, out_acc, lse)
+        forward_calls((stage.call,), step.q, KeyValues.of_stage(buf), step.kernels, state)
 
 
-def new_grad_state(num_real: int, q: torch.Tensor, k: torch.Tensor):
+def new_grad_state(num_real: int, q: torch.Tensor, k: torch.Tensor) -> GradState:
     """Accumulators ``dq`` (real rows), ``dk``, ``dv`` (every own row), zero, in float32 (float64)."""
     acc = lse_dtype(q.dtype)
     dq = torch.zeros((num_real, *q.shape[1:]), dtype=acc, device=q.device)
-    return dq, torch.zeros(k.shape, dtype=acc, device=k.device), torch.zeros(k.shape, dtype=acc, device=k.device)
+    return GradState(dq, torch.zeros(k.shape, dtype=acc, device=k.device),
+                     torch.zeros(k.shape, dtype=acc, device=k.device))
 
 
-def backward_stage(stage: Stage, dout, q, buf: torch.Tensor, out, lse, backend: Backend, scale: float, dq,
+def backward_stage(step: RankStep, stage: Stage, buf: torch.Tensor, queries: BackwardQueries, grads: GradState,
                    meter: MemoryMeter | None = None) -> torch.Tensor:
-    """Gradients of one stage: adds into ``dq``, returns the stage's key/value gradients ``[2, n, ...]`` in the
-    key/values' dtype, to send back to their owners."""
-    grads = torch.zeros(buf.shape, dtype=lse.dtype, device=buf.device)
+    """Gradients of one stage: adds into ``grads.dq``, returns the stage's key/value gradients ``[2, n, ...]`` in
+    the key/values' dtype, to send back to their owners."""
+    stage_grads = torch.zeros(buf.shape, dtype=queries.lse.dtype, device=buf.device)
     if meter is not None:
-        meter.track("grad", grads)
+        meter.track("grad", stage_grads)
     if stage.call is not None:
-        backward_calls((stage.call,), dout, q, buf[0], buf[1], out, lse, backend, scale, dq, grads[0], grads[1])
-    grads = grads.to(buf.dtype)
+        backward_calls((stage.call,), queries, KeyValues.of_stage(buf), step.kernels,
+                       GradState(grads.dq, stage_grads[0], stage_grads[1]))
+    stage_grads = stage_grads.to(buf.dtype)
     if meter is not None:
-        meter.track("grad", grads)
-    return grads
+        meter.track("grad", stage_grads)
+    return stage_grads
 
 
-def backward_local(sched: RankSchedule, dout, q, k, v, out, lse, backend: Backend, scale: float, dq, dk, dv):
+def backward_local(step: RankStep, queries: BackwardQueries, grads: GradState) -> None:
     """The gradients of the local blocks, added into the accumulators."""
-    backward_calls(sched.local_calls, dout, q, k, v, out, lse, backend, scale, dq, dk, dv)
+    backward_calls(step.sched.local_calls, queries, step.own, step.kernels, grads)
 
 
-def add_returned(dk, dv, messages: tuple[Message, ...], returned: torch.Tensor) -> None:
+def add_returned(grads: GradState, messages: tuple[Message, ...], returned: torch.Tensor) -> None:
     """Add key/value gradients that came back (``[2, rows, ...]``, the messages' rows end to end) to own rows."""
     offset = 0
     for _, a, b in messages:
-        dk[a:b] += returned[0, offset:offset + b - a].to(dk.dtype)
-        dv[a:b] += returned[1, offset:offset + b - a].to(dv.dtype)
+        grads.dk[a:b] += returned[0, offset:offset + b - a].to(grads.dk.dtype)
+        grads.dv[a:b] += returned[1, offset:offset + b - a].to(grads.dv.dtype)
         offset += b - a
 
 
-def finish_backward(q, k, v, dq, dk, dv):
+def finish_backward(step: RankStep, grads: GradState):
     """``dq, dk, dv`` from the accumulators, shaped and typed like ``q, k, v`` (padding rows of ``dq`` zero)."""
-    return to_local(q, dq), dk.to(k.dtype), dv.to(v.dtype)
+    return to_local(step.q, grads.dq), grads.dk.to(step.k.dtype), grads.dv.to(step.v.dtype)
+
+
+def release(t: torch.Tensor) -> None:
+    """Release a tensor's memory now, even while autograd still holds it (the saved last stage)."""
+    t.untyped_storage().resize_(0)
 
 
 # -- the distributed rounds ------------------------------------------------------------------------------------
-def _kv_messages(messages: tuple[Message, ...], k, v) -> list[tuple[int, torch.Tensor]]:
-    return [m for peer, a, b in messages for m in ((peer, k[a:b]), (peer, v[a:b]))]
+def _kv_messages(messages: tuple[Message, ...], own: KeyValues) -> list[tuple[int, torch.Tensor]]:
+    return [m for peer, a, b in messages for m in ((peer, own.k[a:b]), (peer, own.v[a:b]))]
 
 
 def _stage_messages(stage: Stage | None, buf) -> list[tuple[int, torch.Tensor]]:
@@ -187,8 +279,8 @@ def _stage_messages(stage: Stage | None, buf) -> list[tuple[int, torch.Tensor]]:
 class _Rounds:
     """One rank's rounds on the exchange (see the module docstring for their order)."""
 
-    def __init__(self, sched: RankSchedule, exchange, k: torch.Tensor, v: torch.Tensor):
-        self.sched, self.exchange, self.k, self.v = sched, exchange, k, v
+    def __init__(self, step: RankStep, exchange):
+        self.sched, self.own, self.exchange = step.sched, step.own, exchange
         self.meter = exchange.memory
 
     def stage_at(self, round_: int, backward: bool) -> Stage | None:
@@ -199,25 +291,26 @@ class _Rounds:
     def post_kv(self, round_: int, backward: bool) -> Pending:
         """Receive this rank's stage of the round (a new buffer, ``Pending.result``) and send the round's rows."""
         stage = self.stage_at(round_, backward)
-        buf = stage_buffer(stage, self.k, self.meter)
+        buf = stage_buffer(stage, self.own.k, self.meter)
         sends = (self.sched.refetch_rounds if backward else self.sched.send_rounds)[round_]
-        pending = self.exchange.post("backward_kv" if backward else "forward", _kv_messages(sends, self.k, self.v),
+        pending = self.exchange.post("backward_kv" if backward else "forward", _kv_messages(sends, self.own),
                                      _stage_messages(stage, buf))
         pending.result = buf
         return pending
 
-    def post_grads(self, round_: int, grads: torch.Tensor | None) -> Pending:
+    def post_grads(self, round_: int, stage_grads: torch.Tensor | None) -> Pending:
         """Send a stage's key/value gradients to their owners and receive, into one buffer (``Pending.result``),
         the gradients of this rank's key/values that come back in the round."""
-        stage = self.stage_at(round_, True) if grads is not None else None
+        stage = self.stage_at(round_, True) if stage_grads is not None else None
         messages = self.sched.return_rounds[round_]
-        returned = self.k.new_empty((2, sum(b - a for _, a, b in messages), *self.k.shape[1:]))
+        k = self.own.k
+        returned = k.new_empty((2, sum(b - a for _, a, b in messages), *k.shape[1:]))
         self.meter.track("returned", returned)
         recvs, offset = [], 0
         for peer, a, b in messages:
             recvs += [(peer, returned[0, offset:offset + b - a]), (peer, returned[1, offset:offset + b - a])]
             offset += b - a
-        pending = self.exchange.post("backward_grad", _stage_messages(stage, grads), recvs)
+        pending = self.exchange.post("backward_grad", _stage_messages(stage, stage_grads), recvs)
         pending.result = returned
         return pending
 
@@ -232,41 +325,38 @@ class _NoExchange:
         return Pending([], [], "", 0, 0.0)
 
 
-def release(t: torch.Tensor) -> None:
-    """Release a tensor's memory now, even while autograd still holds it (the saved last stage)."""
-    t.untyped_storage().resize_(0)
-
-
 class _FcpAttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, sched: RankSchedule, exchange, backend: Backend, scale: float):
-        rounds, stages = _Rounds(sched, exchange, k, v), sched.stages
+    def forward(ctx, q, k, v, sched: RankSchedule, exchange, kernels: Kernels):
+        step = RankStep(sched, kernels, q, k, v)
+        rounds, stages = _Rounds(step, exchange), sched.stages
         pending = rounds.post_kv(0, backward=False) if sched.num_rounds else None
-        out_acc, lse = forward_local(sched, q, k, v, backend, scale)
+        state = forward_local(step)
         kept = None
         for j in range(sched.num_rounds):
             buf = pending.wait()
             if j + 1 < sched.num_rounds:
                 pending = rounds.post_kv(j + 1, backward=False)
             if buf is not None:
-                forward_stage(stages[j], q, buf, backend, scale, out_acc, lse)
+                forward_stage(step, stages[j], buf, state)
                 kept = buf if j == len(stages) - 1 else None
             buf = None
-        out = to_local(q, out_acc)
-        ctx.save_for_backward(q, k, v, out, lse, kept)
-        ctx.fcp = (sched, exchange, backend, scale)
+        out = to_local(q, state.out)
+        ctx.save_for_backward(q, k, v, out, state.lse, kept)
+        ctx.fcp = (sched, exchange, kernels)
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse, kept = ctx.saved_tensors
-        sched, exchange, backend, scale = ctx.fcp
+        sched, exchange, kernels = ctx.fcp
         if kept is not None and kept.numel() and kept.untyped_storage().nbytes() == 0:
             raise RuntimeError("FCP attention frees its saved key/values during backward, so its backward cannot run "
                                "twice (retain_graph=True); run the forward again instead")
-        dout = dout.contiguous()
-        rounds = _Rounds(sched, exchange, k, v)
-        dq, dk, dv = new_grad_state(sched.num_real, q, k)
+        step = RankStep(sched, kernels, q, k, v)
+        queries = BackwardQueries(dout.contiguous(), q, out, lse)
+        rounds = _Rounds(step, exchange)
+        grads = new_grad_state(sched.num_real, q, k)
         pending_kv = rounds.post_kv(1, backward=True) if sched.num_rounds > 1 else None
         pending_grad = None
         for t in range(sched.num_rounds):
@@ -274,20 +364,20 @@ class _FcpAttentionFunction(torch.autograd.Function):
             kept = None
             if t >= 1 and t + 1 < sched.num_rounds:
                 pending_kv = rounds.post_kv(t + 1, backward=True)
-            stage, grads = rounds.stage_at(t, backward=True), None
+            stage, stage_grads = rounds.stage_at(t, backward=True), None
             if stage is not None:
-                grads = backward_stage(stage, dout, q, buf, out, lse, backend, scale, dq, exchange.memory)
+                stage_grads = backward_stage(step, stage, buf, queries, grads, exchange.memory)
                 if t == 0:
                     release(buf)
             buf = None
             if pending_grad is not None:  # the previous round's gradients travelled while this stage computed
-                add_returned(dk, dv, sched.return_rounds[t - 1], pending_grad.wait())
-            pending_grad = rounds.post_grads(t, grads)
-            grads = None
-        backward_local(sched, dout, q, k, v, out, lse, backend, scale, dq, dk, dv)
+                add_returned(grads, sched.return_rounds[t - 1], pending_grad.wait())
+            pending_grad = rounds.post_grads(t, stage_grads)
+            stage_grads = None
+        backward_local(step, queries, grads)
         if pending_grad is not None:
-            add_returned(dk, dv, sched.return_rounds[-1], pending_grad.wait())
-        return (*finish_backward(q, k, v, dq, dk, dv), None, None, None, None)
+            add_returned(grads, sched.return_rounds[-1], pending_grad.wait())
+        return (*finish_backward(step, grads), None, None, None)
 
 
 def check_inputs(q, k, v, rank_plan: RankPlan, group_rank: int, group_size: int) -> None:
@@ -323,7 +413,10 @@ def check_inputs(q, k, v, rank_plan: RankPlan, group_rank: int, group_size: int)
                              f"{rank_plan.num_tokens}; pass the tokens in the plan's order, padding last")
 
 
-_exchanges: dict = {}
+_exchanges: dict[tuple[dist.ProcessGroup, float], P2PExchange] = {}
+"""Exchanges by (process group object, timeout). Keyed by the group itself, not ``id(group)``: the entry holds the
+group (and so does its exchange), so a destroyed group's id cannot be reused for another group's lookup, and a
+group created later is a new key. (A weak key would not drop either: the exchange refers to its group.)"""
 
 
 def get_exchange(group=None, timeout_s: float = 600.0) -> P2PExchange:
@@ -418,5 +511,5 @@ def fcp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rank_plan: 
     if verify_plan and group_size > 1:
         check_plan_agreement(rank_plan, sched, exchange, q.device)
     scale = resolve_softmax_scale(softmax_scale, q.shape[2])
-    return _FcpAttentionFunction.apply(q, k, v, sched, exchange, kernels, scale)
+    return _FcpAttentionFunction.apply(q, k, v, sched, exchange, Kernels(kernels, scale))
 

@@ -12,6 +12,7 @@ backward fetches again what was not kept and moves the key/value gradients back 
 from __future__ import annotations
 
 import datetime
+import time
 import weakref
 from dataclasses import dataclass, field
 
@@ -78,21 +79,42 @@ class MemoryMeter:
         self.peak = {kind: self.current(kind) for kind in self._live}
 
 
-class Pending:
-    """Messages in flight; :meth:`wait` returns once all arrived or raises :class:`ExchangeTimeout`."""
+_CLOCK_SLACK_S = 1e-3
+"""torch truncates a wait's timeout to whole milliseconds, so its deadline can fall this much before ours."""
 
-    def __init__(self, works, peers, phase: str, cp_rank: int, timeout_s: float, buffers=()):
+
+class Pending:
+    """Messages in flight; :meth:`wait` returns once all arrived or raises :class:`ExchangeTimeout`.
+
+    ``posted_at`` (``time.monotonic()``, default: now) is when the messages were posted, the start of the
+    deadline bookkeeping that tells a timeout from other failures (see :meth:`timed_out`).
+    """
+
+    def __init__(self, works, peers, phase: str, cp_rank: int, timeout_s: float, buffers=(),
+                 posted_at: float | None = None):
         self.works, self.peers, self.phase, self.cp_rank, self.timeout_s = works, peers, phase, cp_rank, timeout_s
         self.buffers = buffers  # keeps the send and receive buffers alive until the messages are done
+        self.posted_at = time.monotonic() if posted_at is None else posted_at
         self.result = None
+
+    def timed_out(self) -> bool:
+        """Whether ``timeout_s`` has passed since the messages were posted.
+
+        torch raises no timeout type for a wait that runs out of time: gloo raises a plain ``RuntimeError``
+        (gloo's ``IoException`` for a point-to-point receive, ``c10::Error`` "Operation timed out!" for a
+        collective), NCCL a ``DistBackendError``, as for any NCCL failure. Both deadlines lie at or after
+        ``posted_at + timeout_s`` (gloo counts from the wait, NCCL from the post), so a wait that fails after that
+        is a timeout and one that fails before is another failure.
+        """
+        return time.monotonic() - self.posted_at >= self.timeout_s - _CLOCK_SLACK_S
 
     def wait(self):
         """Wait for every message; returns (and forgets) :attr:`result`, the receive buffer it was posted with."""
         for work, (kind, peer) in zip(self.works, self.peers, strict=True):
             try:
                 work.wait(timeout=datetime.timedelta(seconds=self.timeout_s))
-            except RuntimeError as err:
-                if "timed out" in str(err).lower():
+            except RuntimeError as err:  # torch.distributed.DistError is a RuntimeError too
+                if self.timed_out():
                     raise ExchangeTimeout(
                         f"FCP {self.phase} exchange: CP rank {self.cp_rank} waited {self.timeout_s:g} s to {kind} "
                         f"CP rank {peer} and gave up. CP rank {peer} is not running the same plan step (hung, slow, "
@@ -134,10 +156,11 @@ class P2PExchange:
     def all_gather(self, phase: str, tensor: torch.Tensor) -> list[torch.Tensor]:
         """Every CP rank's ``tensor`` (same shape everywhere), waiting at most ``timeout_s`` for the others."""
         gathered = [torch.empty_like(tensor) for _ in range(self.cp)]
+        posted_at = time.monotonic()
         work = dist.all_gather(gathered, tensor, group=self.group, async_op=True)
         others = [r for r in range(self.cp) if r != self.cp_rank]
         names = ", ".join(map(str, others[:8])) + (f" and {len(others) - 8} more" if len(others) > 8 else "")
-        Pending([work], [("hear from", names)], phase, self.cp_rank, self.timeout_s).wait()
+        Pending([work], [("hear from", names)], phase, self.cp_rank, self.timeout_s, posted_at=posted_at).wait()
         return gathered
 
     def start(self, phase: str, send: torch.Tensor, send_splits, recv: torch.Tensor, recv_splits) -> Pending:
@@ -146,8 +169,9 @@ class P2PExchange:
                          [(peer, recv[a:b]) for peer, a, b in recv_splits if b > a])
 
     def _launch(self, phase, ops, peers, sent, received, buffers) -> Pending:
+        posted_at = time.monotonic()
         works = dist.batch_isend_irecv(ops) if ops else []
         if len(works) != len(ops):  # coalesced backends (NCCL) return one work for the batch
             peers = [("exchange with", "any of " + ", ".join(str(p) for _, p in peers))] * len(works)
         self.counter.add(phase, sent, received)
-        return Pending(works, peers, phase, self.cp_rank, self.timeout_s, buffers)
+        return Pending(works, peers, phase, self.cp_rank, self.timeout_s, buffers, posted_at)

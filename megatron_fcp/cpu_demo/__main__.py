@@ -43,10 +43,10 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     try:
         budget = parse_kv_budget(a.kv_budget_tokens, flag="--kv-budget-tokens")
+        run = RunConfig(cp=a.cp, steps=a.steps, seq_length=a.seq_length, doclens=a.doclens, scheduler=a.scheduler,
+                        planning_workers=a.planning_workers, kv_budget_tokens=budget, recompute=a.recompute)
     except InputError as err:
         p.error(str(err))
-    run = RunConfig(cp=a.cp, steps=a.steps, seq_length=a.seq_length, doclens=a.doclens, scheduler=a.scheduler,
-                    planning_workers=a.planning_workers, kv_budget_tokens=budget, recompute=a.recompute)
     out = Path(a.out or tempfile.mkdtemp(prefix="fcp-demo-"))
     out.mkdir(parents=True, exist_ok=True)
     print(f"== FCP: tiny GPT (megatron-core, {run.num_layers} layers, hidden {run.hidden_size}), CP={run.cp} on "

@@ -40,33 +40,59 @@ default ``recompute_modules=["core_attn"]``: core attention, FCP's, is recompute
 (``recompute_granularity="full"``, ``recompute_method="uniform"``, ``recompute_num_layers=1``: every layer)."""
 
 
-@dataclass(frozen=True)
+MODES = ("fcp", "nocp")
+"""Run modes: ``fcp`` (FCP context parallelism over ``cp`` ranks) or ``nocp`` (one rank per DP replica, plain
+attention with a document mask: the reference FCP is compared with)."""
+
+
+@dataclass(frozen=True, kw_only=True)
 class RunConfig:
-    """One training run. ``mode`` is ``fcp`` (FCP CP=cp) or ``nocp`` (one rank per DP replica, plain attention)."""
+    """One training run of the tiny GPT on gloo CPU processes. Validated on creation (one :class:`InputError`
+    line naming the field)."""
 
     mode: str = "fcp"
+    """One of :data:`MODES`."""
     cp: int = 4
+    """Context-parallel size (``fcp`` mode; ``nocp`` runs use 1)."""
     tp: int = 1
+    """Tensor-parallel size."""
     dp: int = 1
+    """Data-parallel size."""
     steps: int = 30
+    """Optimizer steps to train, counted from ``first_step``."""
     seq_length: int = 2048
+    """Tokens of one packed micro-batch over the CP group; a multiple of ``cp``."""
     doclens: str = "linux_files"
+    """Document lengths of the mock data: a shipped distribution name or a lengths file."""
     num_layers: int = 2
+    """Transformer layers of the tiny GPT."""
     hidden_size: int = 64
+    """Model width."""
     num_heads: int = 4
+    """Attention heads; a multiple of ``num_query_groups`` and of ``tp``."""
     num_query_groups: int = 2
+    """Key/value heads (grouped-query attention); a multiple of ``tp``."""
     ffn_hidden_size: int = 256
+    """MLP width."""
     vocab_size: int = 256
+    """Vocabulary of the mock data and the model."""
     lr: float = 3e-3
+    """Adam learning rate."""
     seed: int = 1234
+    """Seed of the model initialisation and the mock data."""
     planning_workers: int = 0
     """Data-loader worker processes (0: plan in the training process; on 2 CPU cores, worker processes only add
     contention; the entry point plans in workers, ``--fcp-planning-workers``)."""
     scheduler: str = "fcp"
+    """Block placement of the FCP run: fcp, ring, hybrid or magi (see ``--fcp-scheduler``)."""
     save_dir: str | None = None
+    """If set, a checkpoint is saved here after step ``save_after_step``."""
     save_after_step: int = 0
+    """The step after which the checkpoint is saved (0: none)."""
     load_dir: str | None = None
+    """If set, the run starts from the checkpoint saved here."""
     first_step: int = 1
+    """Number of the first step (after loading a checkpoint saved after step ``first_step - 1``)."""
     grads_out: str | None = None
     """If set, rank 0 writes the step-1 gradients (full, gathered over TP) here with torch.save."""
     kv_budget_tokens: int | str | None = DEFAULT_KV_BUDGET
@@ -74,15 +100,41 @@ class RunConfig:
     recompute: str = "none"
     """Activation recompute: one of :data:`RECOMPUTE`."""
 
+    def __post_init__(self):
+        object.__setattr__(self, "kv_budget_tokens", parse_kv_budget(self.kv_budget_tokens, flag="kv_budget_tokens"))
+        problem = self._problem()
+        if problem:
+            raise InputError(f"RunConfig: {problem}")
+
+    def _problem(self) -> str | None:
+        counts = ("cp", "tp", "dp", "steps", "seq_length", "num_layers", "hidden_size", "num_heads",
+                  "num_query_groups", "ffn_hidden_size", "first_step")
+        for name in counts:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                return f"{name} must be a whole number >= 1, got {value!r}"
+        for name, allowed in (("mode", MODES), ("recompute", RECOMPUTE)):
+            if getattr(self, name) not in allowed:
+                return f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}"
+        if self.vocab_size < 2 or self.planning_workers < 0 or self.save_after_step < 0:
+            return (f"vocab_size must be >= 2, planning_workers and save_after_step >= 0; got {self.vocab_size}, "
+                    f"{self.planning_workers}, {self.save_after_step}")
+        if self.num_heads % self.num_query_groups or self.num_heads % self.tp or self.num_query_groups % self.tp:
+            return (f"num_heads {self.num_heads} must be a multiple of num_query_groups {self.num_query_groups}, and "
+                    f"both of tp {self.tp}")
+        if self.mode == "fcp" and self.seq_length % self.cp:
+            return f"seq_length {self.seq_length} is not a multiple of cp {self.cp}"
+        return None
+
     @property
     def world_size(self) -> int:
         return self.dp * self.tp * (self.cp if self.mode == "fcp" else 1)
 
 
 def fcp_config(run: RunConfig) -> FcpConfig:
-    return FcpConfig(cp_size=run.cp if run.mode == "fcp" else 1, seq_length=run.seq_length,
+    return FcpConfig(cp=run.cp if run.mode == "fcp" else 1, seq_length=run.seq_length,
                      scheduler=run.scheduler, backend="cpu", exchange_timeout_s=120.0,
-                     kv_budget_tokens=parse_kv_budget(run.kv_budget_tokens))
+                     kv_budget_tokens=run.kv_budget_tokens)
 
 
 def recompute_settings(recompute: str) -> dict:

@@ -204,19 +204,23 @@ def _check_positive(name: str, value: int) -> None:
         raise InputError(f"{name} must be an integer >= 1, got {value!r}")
 
 
-def _draw_tokens(dist: LengthDistribution, rng: np.random.Generator, num_tokens: int) -> np.ndarray:
-    """Draw documents until they hold `num_tokens` tokens; cut the last one so the sum is exactly that."""
+def draw_documents(dist: LengthDistribution, rng: np.random.Generator, num_tokens: int, *,
+                   skip_empty: bool = False) -> np.ndarray:
+    """Draw documents from ``dist`` until they hold ``num_tokens`` tokens; cut the last one so the sum is exactly
+    that. Zero-length documents are kept as 0 entries unless ``skip_empty``. Returns int64 lengths in order."""
+    _check_positive("num_tokens", num_tokens)
     drawn, num_drawn = [], 0
     chunks = dist.chunks(rng)
     while num_drawn < num_tokens:
-        drawn.append(next(chunks))
+        chunk = next(chunks)
+        drawn.append(chunk[chunk > 0] if skip_empty else chunk)
         num_drawn += int(drawn[-1].sum())
     docs = np.concatenate(drawn)
     ends = np.cumsum(docs)
     num_docs = int(np.searchsorted(ends, num_tokens, side="left")) + 1
     docs = docs[:num_docs].copy()
     docs[-1] -= ends[num_docs - 1] - num_tokens
-    return docs
+    return docs.astype(np.int64)
 
 
 def _cut_at_boundaries(docs: np.ndarray, num_tokens: int, num_batches: int) -> list[np.ndarray]:
@@ -246,5 +250,5 @@ def pack_batches(dist: LengthDistribution, num_tokens: int, num_batches: int, se
     _check_positive("num_tokens", num_tokens)
     _check_positive("num_batches", num_batches)
     rng = np.random.default_rng(seed)
-    docs = _draw_tokens(dist, rng, num_tokens * num_batches)
+    docs = draw_documents(dist, rng, num_tokens * num_batches)
     return _cut_at_boundaries(docs, num_tokens, num_batches)

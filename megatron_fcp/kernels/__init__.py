@@ -29,7 +29,7 @@ from megatron_fcp.kernels.base import (
     resolve_softmax_scale,
 )
 
-BACKENDS = ("auto", *REGISTRY)
+BACKENDS = ("auto", *sorted(REGISTRY))
 
 __all__ = ["BACKENDS", "Backend", "BackendUnavailable", "VarlenCall", "get_backend", "lse_dtype", "register_backend",
            "resolve_softmax_scale"]

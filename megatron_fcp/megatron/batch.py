@@ -24,7 +24,7 @@ import zlib
 
 import numpy as np
 
-from megatron_fcp.data.lengths import LengthDistribution, load_distribution
+from megatron_fcp.data.lengths import LengthDistribution, draw_documents, load_distribution
 from megatron_fcp.errors import InputError
 from megatron_fcp.megatron.config import FcpConfig
 from megatron_fcp.planner.api import make_plan
@@ -62,9 +62,9 @@ def doc_lengths_from_positions(position_ids) -> np.ndarray:
 
 # -- planning -----------------------------------------------------------------------------------------
 def plan_micro_batch(doc_lens, cfg: FcpConfig) -> Plan:
-    """The plan of one micro-batch of ``cfg.seq_length`` tokens over ``cfg.cp_size`` ranks."""
-    options = FcpOptions(tile_size=cfg.block_size) if cfg.scheduler == "fcp" else None
-    plan = make_plan(doc_lens, cfg.cp_size, cfg.tokens_per_rank, cfg.mask, strategy=cfg.scheduler, options=options)
+    """The plan of one micro-batch of ``cfg.seq_length`` tokens over ``cfg.cp`` ranks."""
+    options = FcpOptions(tile_size=cfg.tile_size) if cfg.scheduler == "fcp" else None
+    plan = make_plan(doc_lens, cfg.cp, cfg.tokens_per_rank, cfg.mask, strategy=cfg.scheduler, options=options)
     if cfg.debug_checks:
         assert_plan_ok(plan)
     return plan
@@ -160,8 +160,8 @@ class FcpBatchDataset:
     """Wraps a packed-sample dataset; item ``i`` is CP rank ``cp_rank``'s share of sample ``i``."""
 
     def __init__(self, inner, cfg: FcpConfig, cp_rank: int):
-        if not 0 <= cp_rank < cfg.cp_size:
-            raise InputError(f"cp_rank {cp_rank} is outside the CP group of {cfg.cp_size}")
+        if not 0 <= cp_rank < cfg.cp:
+            raise InputError(f"cp_rank {cp_rank} is outside the CP group of {cfg.cp}")
         self.inner, self.cfg, self.cp_rank = inner, cfg, cp_rank
 
     def __len__(self) -> int:
@@ -195,20 +195,9 @@ class MockDocumentDataset:
         return self.num_samples
 
     def doc_lens(self, index: int) -> np.ndarray:
+        """Document lengths of sample ``index``: empty documents dropped, the last one cut to fill the sample."""
         rng = np.random.default_rng([zlib.crc32(b"fcp-mock"), self.seed, index])
-        drawn, total = [], 0
-        for chunk in self.lengths.chunks(rng):
-            chunk = chunk[chunk > 0]
-            drawn.append(chunk)
-            total += int(chunk.sum())
-            if total >= self.seq_length:
-                break
-        lens = np.concatenate(drawn)
-        ends = np.cumsum(lens)
-        keep = int(np.searchsorted(ends, self.seq_length)) + 1
-        lens = lens[:keep].copy()
-        lens[-1] -= int(ends[keep - 1]) - self.seq_length
-        return lens.astype(np.int64)
+        return draw_documents(self.lengths, rng, self.seq_length, skip_empty=True)
 
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < self.num_samples:

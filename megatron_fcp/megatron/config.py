@@ -1,49 +1,136 @@
-"""FCP options for Megatron: the command-line flags, their start-up checks, and the settings object.
+"""FCP options for Megatron: the settings object, the command-line flags, and the start-up checks.
 
 Nothing here imports megatron or torch, so the checks run (and are tested) before anything heavy starts.
-``add_fcp_args`` is Megatron's ``extra_args_provider`` hook; ``check_fcp_args`` turns every misconfiguration it
-knows into one :class:`InputError` line, raised before Megatron's own validation and long before training.
+
+- :class:`FcpConfig` is everything FCP's hooks need, validated when it is made: each problem is one
+  :class:`InputError` line naming the flag and a value that would work.
+- :func:`add_fcp_args` is Megatron's ``extra_args_provider`` hook: ``--context-parallel-mode`` and ``--fcp-*``.
+- :func:`fcp_config_from_args` turns a parsed namespace into an :class:`FcpConfig`.
+- :func:`check_fcp_args` also checks the Megatron settings FCP depends on (parallel layout, loss reduction,
+  model and data), raised before Megatron's own validation and long before training.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import numbers
+import warnings
 from dataclasses import dataclass
 
 from megatron_fcp.errors import InputError
 from megatron_fcp.planner.api import STRATEGIES
+from megatron_fcp.planner.pairs import MASKS
 from megatron_fcp.planner.stages import DEFAULT_KV_BUDGET, parse_kv_budget
 
 CP_MODES = ("ring", "fcp")
 SCHEDULERS = tuple(s for s in STRATEGIES if s != "nocp")
-BACKENDS = ("auto", "cpu", "reference", "torch-flash", "flash-attn", "te")
-"""Attention backend names (``megatron_fcp.kernels.BACKENDS``, repeated here to keep this module free
-of torch; a test keeps the two equal)."""
-AUTO_BLOCK_SIZE = 128
-"""The block size ``auto`` picks: the attention kernels' tile (flash-attn and cuDNN work in 128-token tiles)."""
+BACKENDS = ("auto", "cpu", "flash-attn", "reference", "te", "torch-flash")
+"""Attention backend names (``megatron_fcp.kernels.BACKENDS``, repeated here to keep this module free of torch;
+a test keeps the two equal)."""
+DEFAULT_TILE_SIZE = 128
+"""The attention kernels' tile in tokens (flash-attn and cuDNN work in 128-token tiles)."""
+TILE_FLAG = "--fcp-edge-cost-tile-size"
+DEPRECATED_TILE_FLAG = "--fcp-block-size"
+"""The old name of :data:`TILE_FLAG` (it never set a block size: the planner cuts at any token); accepted with a
+warning until the next release."""
+
+FLAGS = {
+    "cp": "--context-parallel-size",
+    "seq_length": "--seq-length",
+    "mask": "mask",
+    "scheduler": "--fcp-scheduler",
+    "tile_size": TILE_FLAG,
+    "backend": "--fcp-attention-backend",
+    "kv_budget_tokens": "--fcp-kv-budget-tokens",
+    "exchange_timeout_s": "--fcp-exchange-timeout",
+    "planning_workers": "--fcp-planning-workers",
+}
+"""The command-line flag of each :class:`FcpConfig` field, for messages."""
+
+
+def _whole(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True, kw_only=True)
 class FcpConfig:
-    """What the FCP data hooks and attention need to know, independent of Megatron's global args."""
+    """What FCP's data hooks and attention need, independent of Megatron's global args. Validated on creation."""
 
-    cp_size: int
+    cp: int
+    """Context-parallel size: the ranks that share one packed micro-batch (``--context-parallel-size``)."""
     seq_length: int
-    """Tokens of one packed micro-batch over the whole CP group; each CP rank holds ``seq_length / cp_size``."""
+    """Tokens of one packed micro-batch over the whole CP group (``--seq-length``); each CP rank holds
+    ``seq_length / cp`` token slots, so it must be a multiple of ``cp``."""
     mask: str = "causal"
+    """Attention mask inside a document: ``causal`` (GPT) or ``full``."""
     scheduler: str = "fcp"
-    block_size: int = AUTO_BLOCK_SIZE
-    """Planner granularity in tokens: the kernel tile that cut costs are modeled with (see planner.fcp)."""
+    """How document pieces are placed on CP ranks (``--fcp-scheduler``): ``fcp`` (this project) or a baseline
+    placement (``ring``, ``hybrid``, ``magi``) run on the same peer-to-peer exchange."""
+    tile_size: int = DEFAULT_TILE_SIZE
+    """The attention kernel's tile in tokens (``--fcp-edge-cost-tile-size``). The ``fcp`` scheduler charges each
+    piece the partly filled tiles at its edges with it; it does not round cuts to it (pieces start and end at
+    any token)."""
     backend: str = "auto"
+    """Attention kernels (``--fcp-attention-backend``): ``auto`` picks ``torch-flash`` on GPU and ``cpu`` on CPU;
+    see :mod:`megatron_fcp.kernels`."""
     debug_checks: bool = False
+    """Check every plan (ownership, delivery, token counts) and every attention input; slow
+    (``--fcp-debug-checks``)."""
     exchange_timeout_s: float = 600.0
+    """Seconds to wait for a CP peer's key/values before failing with the peer's rank (``--fcp-exchange-timeout``)."""
     kv_budget_tokens: int | str | None = DEFAULT_KV_BUDGET
-    """Key/value tokens received per stage of the exchange (``auto``: a rank's own tokens; None: one stage)."""
+    """Key/value tokens received per stage of the exchange (``--fcp-kv-budget-tokens``): a positive number,
+    ``auto`` (a rank's own token slots) or None (one unbounded stage). Strings such as ``"4096"`` or ``"none"``
+    are parsed on creation."""
+    planning_workers: int = 2
+    """Data-loader worker processes that plan micro-batches ahead of the step (``--fcp-planning-workers``;
+    0 plans in the training process)."""
+
+    def __post_init__(self):
+        object.__setattr__(self, "kv_budget_tokens", parse_kv_budget(self.kv_budget_tokens,
+                                                                      flag=FLAGS["kv_budget_tokens"]))
+        problem = self._problem()
+        if problem:
+            raise InputError(problem)
+
+    def _problem(self) -> str | None:
+        """The first problem of this configuration as one line, or None."""
+        for name in ("cp", "seq_length", "tile_size"):
+            value = getattr(self, name)
+            if not _whole(value) or value < 1:
+                return f"{FLAGS[name]} must be a whole number >= 1, got {value!r}"
+        if self.seq_length % self.cp:
+            fits = self.seq_length - self.seq_length % self.cp + self.cp
+            return (f"--seq-length {self.seq_length} is not a multiple of --context-parallel-size {self.cp}: each CP "
+                    f"rank holds seq_length / cp tokens (try --seq-length {fits})")
+        choices = {"mask": MASKS, "scheduler": SCHEDULERS, "backend": BACKENDS}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                return f"{FLAGS[name]} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}"
+        if not isinstance(self.exchange_timeout_s, numbers.Real) or not self.exchange_timeout_s > 0:
+            return f"{FLAGS['exchange_timeout_s']} must be > 0 seconds, got {self.exchange_timeout_s!r}"
+        if not _whole(self.planning_workers) or self.planning_workers < 0:
+            return f"{FLAGS['planning_workers']} must be >= 0, got {self.planning_workers!r}"
+        return None
 
     @property
     def tokens_per_rank(self) -> int:
-        return self.seq_length // self.cp_size
+        return self.seq_length // self.cp
+
+
+class _DeprecatedAlias(argparse.Action):
+    """An old flag name: warns, then stores its value under the new flag's destination."""
+
+    def __init__(self, option_strings, dest, new_flag: str, **kwargs):
+        self.new_flag = new_flag
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        warnings.warn(f"{option_string} is deprecated and will be removed in the next release: use {self.new_flag} "
+                      "(the kernel tile the planner models edge costs with; it never set a block size)",
+                      FutureWarning, stacklevel=2)
+        setattr(namespace, self.dest, values)
 
 
 def add_fcp_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -52,9 +139,12 @@ def add_fcp_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     group.add_argument("--context-parallel-mode", choices=CP_MODES, default="ring",
                        help="ring: Megatron's own context parallelism, unchanged. fcp: block-level sharding of packed "
                             "variable-length micro-batches with planned peer-to-peer key/value exchange.")
-    group.add_argument("--fcp-block-size", default="auto",
-                       help="planner granularity in tokens (the attention kernel tile cut costs are modeled with); "
-                            f"'auto' = {AUTO_BLOCK_SIZE}")
+    group.add_argument(TILE_FLAG, dest="fcp_edge_cost_tile_size", default="auto", metavar="N|auto",
+                       help="the attention kernel's tile in tokens, with which the FCP scheduler models the cost of "
+                            "each piece's partly filled edge tiles; the planner still cuts documents at any token. "
+                            f"'auto' = {DEFAULT_TILE_SIZE}")
+    group.add_argument(DEPRECATED_TILE_FLAG, dest="fcp_edge_cost_tile_size", action=_DeprecatedAlias,
+                       new_flag=TILE_FLAG, metavar="N|auto", help=f"deprecated name of {TILE_FLAG}")
     group.add_argument("--fcp-scheduler", choices=SCHEDULERS, default="fcp",
                        help="how blocks are placed on CP ranks: fcp (this project) or a baseline placement "
                             "(ring, hybrid, magi) run on the same peer-to-peer exchange")
@@ -80,20 +170,111 @@ def add_fcp_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def parse_block_size(value) -> int:
+def parse_tile_size(value) -> int:
+    """The value of :data:`TILE_FLAG`: a whole number of tokens, or ``auto``."""
     if value in (None, "auto"):
-        return AUTO_BLOCK_SIZE
+        return DEFAULT_TILE_SIZE
     try:
         size = int(value)
     except (TypeError, ValueError):
-        raise InputError(f"--fcp-block-size must be a positive integer or 'auto', got {value!r}") from None
+        raise InputError(f"{TILE_FLAG} must be a positive integer or 'auto', got {value!r}") from None
     if size < 1:
-        raise InputError(f"--fcp-block-size must be a positive integer or 'auto', got {value!r}")
+        raise InputError(f"{TILE_FLAG} must be a positive integer or 'auto', got {value!r}")
     return size
 
 
+def fcp_config_from_args(args) -> FcpConfig:
+    """The :class:`FcpConfig` of Megatron's parsed namespace (raises :class:`InputError` naming a bad flag)."""
+    return FcpConfig(
+        cp=int(getattr(args, "context_parallel_size", 1) or 1),
+        seq_length=getattr(args, "seq_length", None),
+        scheduler=getattr(args, "fcp_scheduler", "fcp"),
+        tile_size=parse_tile_size(getattr(args, "fcp_edge_cost_tile_size", "auto")),
+        backend=getattr(args, "fcp_attention_backend", "auto"),
+        debug_checks=bool(getattr(args, "fcp_debug_checks", False)),
+        exchange_timeout_s=float(getattr(args, "fcp_exchange_timeout", 600.0)),
+        kv_budget_tokens=getattr(args, "fcp_kv_budget_tokens", DEFAULT_KV_BUDGET),
+        planning_workers=int(getattr(args, "fcp_planning_workers", 2)),
+    )
+
+
+# -- Megatron settings FCP depends on ---------------------------------------------------------------------------
 def _get(args, name, default=None):
     return getattr(args, name, default)
+
+
+def _parallel_problem(args, world_size: int) -> str | None:
+    cp, tp = int(_get(args, "context_parallel_size", 1) or 1), int(_get(args, "tensor_model_parallel_size", 1) or 1)
+    pp = int(_get(args, "pipeline_model_parallel_size", 1) or 1)
+    if pp != 1:
+        return (f"FCP does not support pipeline parallelism yet (--pipeline-model-parallel-size {pp}); use "
+                "--pipeline-model-parallel-size 1 with tensor, data and context parallelism")
+    if world_size % (tp * cp):
+        return (f"--context-parallel-size {cp} x --tensor-model-parallel-size {tp} = {tp * cp} does not divide the "
+                f"{world_size} launched processes; launch a multiple of {tp * cp} processes or change the parallel "
+                "sizes")
+    if not _get(args, "calculate_per_token_loss", False):
+        return ("FCP gives CP ranks different numbers of loss tokens, so the loss must be reduced per token: add "
+                "--calculate-per-token-loss")
+    if int(_get(args, "micro_batch_size", 1) or 1) != 1:
+        return (f"FCP packs one micro-batch of --seq-length tokens over the CP group; use --micro-batch-size 1 (got "
+                f"{_get(args, 'micro_batch_size')}) and more micro-batches per step via --global-batch-size")
+    return None
+
+
+def _sequence_problem(args) -> str | None:
+    cp, tp = int(_get(args, "context_parallel_size", 1) or 1), int(_get(args, "tensor_model_parallel_size", 1) or 1)
+    seq = _get(args, "seq_length")
+    if seq is None or seq < 1:
+        return "FCP needs --seq-length (tokens of one packed micro-batch over the whole CP group)"
+    unit = 2 * cp if cp > 1 else 1  # Megatron's own rule for CP > 1 (validate_args); FCP needs seq_length / cp
+    if seq % unit:
+        why = " x 2, which Megatron requires with CP" if cp > 1 else ""
+        return (f"--seq-length {seq} is not a multiple of --context-parallel-size {cp}{why} (try --seq-length "
+                f"{seq - seq % unit + unit})")
+    if bool(_get(args, "sequence_parallel", False)) and (seq // cp) % tp:
+        return (f"with --sequence-parallel each CP rank's {seq // cp} tokens must split evenly over "
+                f"--tensor-model-parallel-size {tp}; pick --seq-length a multiple of {math.lcm(unit, cp * tp)}")
+    return None
+
+
+def _model_problem(args) -> str | None:
+    tp = int(_get(args, "tensor_model_parallel_size", 1) or 1)
+    heads = _get(args, "num_attention_heads")
+    groups = _get(args, "num_query_groups") if _get(args, "group_query_attention", False) else heads
+    if heads is not None and groups is not None:
+        if groups < 1 or heads % groups:
+            return (f"--num-attention-heads {heads} is not a multiple of --num-query-groups {groups}; grouped-query "
+                    "attention needs heads % query groups == 0")
+        if heads % tp or groups % tp:
+            return (f"--num-attention-heads {heads} and --num-query-groups {groups} must both divide by "
+                    f"--tensor-model-parallel-size {tp} (each TP rank holds whole heads)")
+    dropout = float(_get(args, "attention_dropout", 0.0) or 0.0)
+    if dropout:
+        return (f"FCP attention kernels have no attention dropout (--attention-dropout {dropout}); pass "
+                "--attention-dropout 0")
+    pos = _get(args, "position_embedding_type", "learned_absolute")
+    if pos not in ("rope", "none"):
+        return (f"FCP places blocks anywhere and applies rotary embeddings from per-token positions; "
+                f"--position-embedding-type {pos} is not supported, use rope or none")
+    if str(_get(args, "attention_backend", "")).endswith("local"):
+        return ("--attention-backend local replaces every core attention, FCP's too; leave --attention-backend at "
+                "auto (FCP picks its kernels with --fcp-attention-backend)")
+    return None
+
+
+def _data_problem(args) -> str | None:
+    if _get(args, "sft", False):
+        return ("FCP does not take --sft datasets yet; use GPT pretraining data with --reset-position-ids (document "
+                "boundaries) or --mock-data --fcp-mock-doclens NAME")
+    if _get(args, "mock_data", False):
+        if not _get(args, "fcp_mock_doclens"):
+            return ("with --mock-data, FCP needs documents: add --fcp-mock-doclens NAME|FILE (linux_files, "
+                    "linux_dirs, spamassassin, magi_hist, or a file of one length per line)")
+    elif not _get(args, "reset_position_ids", False):
+        return ("FCP needs document boundaries in the data: add --reset-position-ids (and --reset-attention-mask "
+                "--eod-mask-loss as usual), so each document starts at position 0")
+    return None
 
 
 def check_fcp_args(args, world_size: int) -> None:
@@ -104,90 +285,11 @@ def check_fcp_args(args, world_size: int) -> None:
     """
     if _get(args, "context_parallel_mode", "ring") != "fcp":
         return
-    cp = int(_get(args, "context_parallel_size", 1) or 1)
-    tp = int(_get(args, "tensor_model_parallel_size", 1) or 1)
-    pp = int(_get(args, "pipeline_model_parallel_size", 1) or 1)
-    seq = _get(args, "seq_length")
-    if pp != 1:
-        raise InputError(f"FCP does not support pipeline parallelism yet (--pipeline-model-parallel-size {pp}); "
-                         "use --pipeline-model-parallel-size 1 with tensor, data and context parallelism")
-    if world_size % (tp * pp * cp):
-        raise InputError(f"--context-parallel-size {cp} x --tensor-model-parallel-size {tp} = {tp * cp} does not "
-                         f"divide the {world_size} launched processes; launch a multiple of {tp * cp} processes or "
-                         "change the parallel sizes")
-    if not _get(args, "calculate_per_token_loss", False):
-        raise InputError("FCP gives CP ranks different numbers of loss tokens, so the loss must be reduced per token: "
-                         "add --calculate-per-token-loss")
-    if int(_get(args, "micro_batch_size", 1) or 1) != 1:
-        raise InputError(f"FCP packs one micro-batch of --seq-length tokens over the CP group; use "
-                         f"--micro-batch-size 1 (got {_get(args, 'micro_batch_size')}) and more micro-batches per step "
-                         "via --global-batch-size")
-    if seq is None or seq < 1:
-        raise InputError("FCP needs --seq-length (tokens of one packed micro-batch over the whole CP group)")
-    unit = 2 * cp if cp > 1 else 1  # Megatron's own rule for CP > 1 (validate_args); FCP needs seq_length / cp
-    if seq % unit:
-        raise InputError(f"--seq-length {seq} is not a multiple of --context-parallel-size {cp}"
-                         f"{' x 2, which Megatron requires with CP' if cp > 1 else ''} "
-                         f"(try --seq-length {seq - seq % unit + unit})")
-    if bool(_get(args, "sequence_parallel", False)) and (seq // cp) % tp:
-        raise InputError(f"with --sequence-parallel each CP rank's {seq // cp} tokens must split evenly over "
-                         f"--tensor-model-parallel-size {tp}; pick --seq-length a multiple of "
-                         f"{math.lcm(unit, cp * tp)}")
-    block = parse_block_size(_get(args, "fcp_block_size", "auto"))
-    if block > seq:
-        raise InputError(f"--fcp-block-size {block} is larger than the sequence (--seq-length {seq}); use a block "
-                         "size of at most the sequence length, or 'auto'")
-    heads = _get(args, "num_attention_heads")
-    groups = _get(args, "num_query_groups") if _get(args, "group_query_attention", False) else heads
-    if heads is not None and groups is not None:
-        if groups < 1 or heads % groups:
-            raise InputError(f"--num-attention-heads {heads} is not a multiple of --num-query-groups {groups}; "
-                             "grouped-query attention needs heads % query groups == 0")
-        if heads % tp or groups % tp:
-            raise InputError(f"--num-attention-heads {heads} and --num-query-groups {groups} must both divide by "
-                             f"--tensor-model-parallel-size {tp} (each TP rank holds whole heads)")
-    dropout = float(_get(args, "attention_dropout", 0.0) or 0.0)
-    if dropout:
-        raise InputError(f"FCP attention kernels have no attention dropout (--attention-dropout {dropout}); pass "
-                         "--attention-dropout 0")
-    pos = _get(args, "position_embedding_type", "learned_absolute")
-    if pos not in ("rope", "none"):
-        raise InputError(f"FCP places blocks anywhere and applies rotary embeddings from per-token positions; "
-                         f"--position-embedding-type {pos} is not supported, use rope or none")
-    if _get(args, "attention_backend") is not None and str(_get(args, "attention_backend")).endswith("local"):
-        raise InputError("--attention-backend local replaces every core attention, FCP's too; leave "
-                         "--attention-backend at auto (FCP picks its kernels with --fcp-attention-backend)")
-    if _get(args, "sft", False):
-        raise InputError("FCP does not take --sft datasets yet; use GPT pretraining data with "
-                         "--reset-position-ids (document boundaries) or --mock-data --fcp-mock-doclens NAME")
-    if _get(args, "mock_data", False):
-        if not _get(args, "fcp_mock_doclens"):
-            raise InputError("with --mock-data, FCP needs documents: add --fcp-mock-doclens NAME|FILE (linux_files, "
-                             "linux_dirs, spamassassin, magi_hist, or a file of one length per line)")
-    elif not _get(args, "reset_position_ids", False):
-        raise InputError("FCP needs document boundaries in the data: add --reset-position-ids (and "
-                         "--reset-attention-mask --eod-mask-loss as usual), so each document starts at position 0")
-    if int(_get(args, "fcp_planning_workers", 0)) < 0:
-        raise InputError(f"--fcp-planning-workers must be >= 0, got {_get(args, 'fcp_planning_workers')}")
-    parse_kv_budget(_get(args, "fcp_kv_budget_tokens", DEFAULT_KV_BUDGET), flag="--fcp-kv-budget-tokens")
-    if float(_get(args, "fcp_exchange_timeout", 1.0)) <= 0:
-        raise InputError(f"--fcp-exchange-timeout must be > 0 seconds, got {_get(args, 'fcp_exchange_timeout')}")
-
-
-def fcp_config_from_args(args) -> FcpConfig:
-    """The :class:`FcpConfig` of a checked Megatron namespace."""
-    return FcpConfig(
-        cp_size=int(args.context_parallel_size),
-        seq_length=int(args.seq_length),
-        mask="causal",
-        scheduler=args.fcp_scheduler,
-        block_size=parse_block_size(args.fcp_block_size),
-        backend=args.fcp_attention_backend,
-        debug_checks=bool(args.fcp_debug_checks),
-        exchange_timeout_s=float(args.fcp_exchange_timeout),
-        kv_budget_tokens=parse_kv_budget(getattr(args, "fcp_kv_budget_tokens", DEFAULT_KV_BUDGET),
-                                         flag="--fcp-kv-budget-tokens"),
-    )
+    for problem in (_parallel_problem(args, world_size), _sequence_problem(args), _model_problem(args),
+                    _data_problem(args)):
+        if problem:
+            raise InputError(problem)
+    fcp_config_from_args(args)
 
 
 def with_fcp_args(provider=None):

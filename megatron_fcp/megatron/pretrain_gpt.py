@@ -19,6 +19,7 @@ import sys
 import time
 
 from megatron_fcp.errors import InputError
+from megatron_fcp.megatron import dataset_helpers
 from megatron_fcp.megatron.config import add_fcp_args, check_fcp_args, fcp_config_from_args
 
 
@@ -32,25 +33,6 @@ def wants_fcp(argv: list[str]) -> bool:
     return False
 
 
-def use_prebuilt_dataset_helpers() -> None:
-    """Skip megatron.training's rebuild of the dataset helpers when the installed ones are already compiled.
-
-    The megatron-core wheel ships ``megatron/core/datasets/helpers_cpp`` compiled but not the Makefile that builds
-    it, while ``initialize_megatron`` always runs ``make`` there and exits when that fails. Where the compiled
-    module imports and no Makefile exists, there is nothing to build, so the rebuild becomes a no-op.
-    """
-    from pathlib import Path
-
-    try:
-        import megatron.core.datasets.helpers_cpp  # noqa: F401
-    except ImportError:
-        return
-    from megatron.core.datasets import utils
-
-    if not (Path(utils.__file__).parent / "Makefile").exists():
-        utils.compile_helpers = lambda: None
-
-
 def parse_checked_args():
     """Megatron's arguments plus FCP's; FCP's start-up checks run before Megatron's validation."""
     from megatron.training.arguments import parse_args, validate_args
@@ -59,6 +41,7 @@ def parse_checked_args():
     args = parse_args(extra_args_provider=add_fcp_args)
     try:
         check_fcp_args(args, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+        dataset_helpers.check()
     except InputError as err:
         print(f"megatron-fcp: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -106,7 +89,7 @@ def datasets_provider(train_val_test_num_samples, vp_stage=None):
         cfg, cp_rank = fcp_config_from_args(args), mpu.get_context_parallel_rank()
         datasets = [FcpBatchDataset(ds, cfg, cp_rank) if ds is not None else None for ds in datasets]
         print_rank_0(f"> FCP: micro-batches of {cfg.seq_length} tokens planned by '{cfg.scheduler}' over CP "
-                     f"{cfg.cp_size} in {args.num_workers} data-loader worker(s) per rank")
+                     f"{cfg.cp} in {args.num_workers} data-loader worker(s) per rank")
     return tuple(datasets)
 
 
@@ -166,7 +149,6 @@ def main() -> None:
     from megatron_fcp.megatron.model import fcp_model_config
 
     args = parse_checked_args()
-    use_prebuilt_dataset_helpers()
     model_cfg = gpt_config_from_args(args)
     if args.context_parallel_mode == "fcp":
         model_cfg = fcp_model_config(model_cfg, fcp_config_from_args(args))

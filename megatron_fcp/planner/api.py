@@ -25,7 +25,7 @@ STRATEGIES: dict[str, PlannerFn] = {
 """Strategy name -> planner. ``fcp`` is this project; the others are the baselines it is measured against."""
 
 STRATEGY_HELP = {
-    "fcp": "FCP: density-balanced block sharding, exact token counts, point-to-point key/value exchange",
+    "fcp": "FCP: density-balanced sharding cut at any token, exact token counts, point-to-point key/value exchange",
     "ring": "ring CP as Transformer Engine runs packed (THD) batches: 2*cp chunks per document, KV ring",
     "hybrid": "Megatron hybrid/dynamic CP: power-of-two CP group per document, ring inside the group",
     "magi": "MagiAttention-style: equal fixed-size chunks, min-heap dispatch, equal chunks per rank",

@@ -34,25 +34,25 @@ def _zigzag_rows(lens: np.ndarray, group_size: np.ndarray, first_rank: np.ndarra
     document's length padded to a multiple of ``2 * group_size``.
     """
     docs = np.flatnonzero(lens > 0)
-    g = group_size[docs]
-    chunk = -(-lens[docs] // (2 * g))
+    doc_group_size = group_size[docs]
+    chunk = -(-lens[docs] // (2 * doc_group_size))
     padded = np.zeros_like(lens)
-    padded[docs] = chunk * 2 * g
-    num = 2 * g
-    rep = np.repeat(np.arange(docs.shape[0]), num)
-    k = arange_within(num)  # chunk index within its document
-    gg = g[rep]
-    member = np.where(k < gg, k, 2 * gg - 1 - k)
-    start = np.minimum(k * chunk[rep], lens[docs][rep])
-    end = np.minimum((k + 1) * chunk[rep], lens[docs][rep])
-    rows = np.column_stack([first_rank[docs][rep] + member, docs[rep], start, end])
+    padded[docs] = chunk * 2 * doc_group_size
+    num_chunks = 2 * doc_group_size
+    doc_index = np.repeat(np.arange(docs.shape[0]), num_chunks)  # per chunk: its document's index in docs
+    chunk_index = arange_within(num_chunks)  # chunk index within its document
+    chunk_group_size = doc_group_size[doc_index]
+    member = np.where(chunk_index < chunk_group_size, chunk_index, 2 * chunk_group_size - 1 - chunk_index)
+    start = np.minimum(chunk_index * chunk[doc_index], lens[docs][doc_index])
+    end = np.minimum((chunk_index + 1) * chunk[doc_index], lens[docs][doc_index])
+    rows = np.column_stack([first_rank[docs][doc_index] + member, docs[doc_index], start, end])
     rows = rows[end > start]
     return rows[np.lexsort((rows[:, 2], rows[:, 1], rows[:, 0]))], padded
 
 
 def _pad_to_equal(rows: np.ndarray, cp: int, slots: int) -> np.ndarray:
-    real = np.bincount(rows[:, 0], weights=rows[:, 3] - rows[:, 2], minlength=cp).astype(np.int64)
-    return slots - real
+    num_real = np.bincount(rows[:, 0], weights=rows[:, 3] - rows[:, 2], minlength=cp).astype(np.int64)
+    return slots - num_real
 
 
 def plan_ring(lens: np.ndarray, cp: int, tokens_per_rank: int, mask: str) -> Plan:
@@ -66,15 +66,15 @@ def plan_ring(lens: np.ndarray, cp: int, tokens_per_rank: int, mask: str) -> Pla
 def plan_hybrid(lens: np.ndarray, cp: int, tokens_per_rank: int, mask: str) -> Plan:
     """Megatron's hybrid/dynamic CP (see module docstring)."""
     group = np.ones_like(lens)
-    need = -(-lens // tokens_per_rank)
-    while np.any((group < need) & (group < cp)):
-        group = np.where((group < need) & (group < cp), group * 2, group)
+    num_ranks_needed = -(-lens // tokens_per_rank)
+    while np.any((group < num_ranks_needed) & (group < cp)):
+        group = np.where((group < num_ranks_needed) & (group < cp), group * 2, group)
     group = np.minimum(group, _largest_pow2_divisor(cp))
-    first = _place_groups(lens, group, cp, tokens_per_rank, mask)
-    rows, padded = _zigzag_rows(lens, group, first)
+    first_rank = _place_groups(lens, group, cp, tokens_per_rank, mask)
+    rows, padded = _zigzag_rows(lens, group, first_rank)
     slot_use = np.zeros(cp, np.int64)
     for doc in np.flatnonzero(lens > 0).tolist():
-        slot_use[first[doc] : first[doc] + group[doc]] += padded[doc] // group[doc]
+        slot_use[first_rank[doc] : first_rank[doc] + group[doc]] += padded[doc] // group[doc]
     slots = max(int(slot_use.max()), tokens_per_rank)
     num_pad = _pad_to_equal(rows, cp, slots)
     return Plan(strategy="hybrid", cp=cp, mask=mask, doc_lens=lens, q=rows, kv=derive_kv(rows, lens, cp, "full"),
@@ -90,28 +90,28 @@ def _place_groups(lens: np.ndarray, group: np.ndarray, cp: int, tokens_per_rank:
     work = q_pairs(0, lens, lens, mask).astype(np.float64)
     load = np.zeros(cp)
     tokens = np.zeros(cp)
-    first = np.zeros(lens.shape, np.int64)
+    first_rank = np.zeros(lens.shape, np.int64)
     for doc in np.argsort(-work, kind="stable"):
         if lens[doc] == 0:
             continue
-        g = int(group[doc])
-        share = lens[doc] / g
-        group_load = load.reshape(-1, g).max(axis=1)
-        room = tokens.reshape(-1, g).max(axis=1) + share <= tokens_per_rank
-        candidates = np.flatnonzero(room) if room.any() else np.arange(cp // g)
-        best = int(candidates[np.argmin(group_load[candidates])])
-        first[doc] = best * g
-        load[best * g : (best + 1) * g] += work[doc] / g
-        tokens[best * g : (best + 1) * g] += share
-    return first
+        group_size = int(group[doc])
+        share = lens[doc] / group_size
+        group_load = load.reshape(-1, group_size).max(axis=1)
+        room = tokens.reshape(-1, group_size).max(axis=1) + share <= tokens_per_rank
+        candidates = np.flatnonzero(room) if room.any() else np.arange(cp // group_size)
+        best_group = int(candidates[np.argmin(group_load[candidates])])
+        first_rank[doc] = best_group * group_size
+        load[best_group * group_size : (best_group + 1) * group_size] += work[doc] / group_size
+        tokens[best_group * group_size : (best_group + 1) * group_size] += share
+    return first_rank
 
 
 def plan_magi(lens: np.ndarray, cp: int, tokens_per_rank: int, mask: str, chunk: int = MAGI_CHUNK) -> Plan:
     """MagiAttention-style equal-chunk min-heap dispatch (see module docstring)."""
     chunk = _chunk_size(tokens_per_rank, chunk)
-    bounds = np.concatenate([[0], np.cumsum(lens)])
+    doc_bounds = np.concatenate([[0], np.cumsum(lens)])
     num_chunks = cp * tokens_per_rank // chunk
-    pieces = _chunk_pieces(lens, bounds, chunk, num_chunks)  # (chunk_id, doc, start, end)
+    pieces = _chunk_pieces(lens, doc_bounds, chunk, num_chunks)  # (chunk_id, doc, start, end)
     cost = np.bincount(pieces[:, 0], weights=q_pairs(pieces[:, 2], pieces[:, 3], lens[pieces[:, 1]], mask),
                        minlength=num_chunks)
     owner = _heap_dispatch(cost, cp, tokens_per_rank // chunk)
@@ -133,28 +133,28 @@ def _chunk_size(tokens_per_rank: int, preferred: int) -> int:
 def _chunk_pieces(lens: np.ndarray, bounds: np.ndarray, chunk: int, num_chunks: int) -> np.ndarray:
     """Split documents at global chunk boundaries: rows ``(chunk_id, doc, start, end)``."""
     docs = np.flatnonzero(lens > 0)
-    first = bounds[docs] // chunk
-    last = (bounds[docs + 1] - 1) // chunk
-    num = last - first + 1
-    rep = np.repeat(np.arange(docs.shape[0]), num)
-    cid = first[rep] + arange_within(num)
-    start = np.maximum(cid * chunk, bounds[docs][rep]) - bounds[docs][rep]
-    end = np.minimum((cid + 1) * chunk, bounds[docs + 1][rep]) - bounds[docs][rep]
-    assert cid.max(initial=0) < num_chunks
-    return np.column_stack([cid, docs[rep], start, end])
+    first_chunk = bounds[docs] // chunk
+    last_chunk = (bounds[docs + 1] - 1) // chunk
+    num_doc_chunks = last_chunk - first_chunk + 1
+    doc_index = np.repeat(np.arange(docs.shape[0]), num_doc_chunks)  # per piece: its document's index in docs
+    chunk_id = first_chunk[doc_index] + arange_within(num_doc_chunks)
+    start = np.maximum(chunk_id * chunk, bounds[docs][doc_index]) - bounds[docs][doc_index]
+    end = np.minimum((chunk_id + 1) * chunk, bounds[docs + 1][doc_index]) - bounds[docs][doc_index]
+    assert chunk_id.max(initial=0) < num_chunks
+    return np.column_stack([chunk_id, docs[doc_index], start, end])
 
 
 def _heap_dispatch(cost: np.ndarray, cp: int, per_rank: int) -> np.ndarray:
     """Largest cost first onto the least-loaded rank that has fewer than ``per_rank`` chunks."""
-    heap = [(0.0, r) for r in range(cp)]
-    count = [0] * cp
+    rank_heap = [(0.0, rank) for rank in range(cp)]  # (load, rank) of ranks with room
+    num_rank_chunks = [0] * cp
     owner = np.zeros(cost.shape[0], np.int64)
-    for c in np.argsort(-cost, kind="stable").tolist():
-        load, r = heapq.heappop(heap)
-        owner[c] = r
-        count[r] += 1
-        if count[r] < per_rank:
-            heapq.heappush(heap, (load + float(cost[c]), r))
+    for chunk_id in np.argsort(-cost, kind="stable").tolist():
+        load, rank = heapq.heappop(rank_heap)
+        owner[chunk_id] = rank
+        num_rank_chunks[rank] += 1
+        if num_rank_chunks[rank] < per_rank:
+            heapq.heappush(rank_heap, (load + float(cost[chunk_id]), rank))
     return owner
 
 
@@ -166,22 +166,22 @@ def plan_nocp(lens: np.ndarray, cp: int, tokens_per_rank: int, mask: str) -> Pla
             f"> tokens_per_rank={tokens_per_rank}"
         )
     work = q_pairs(0, lens, lens, mask).astype(np.float64)
-    load = [(0.0, r) for r in range(cp)]
+    rank_heap = [(0.0, rank) for rank in range(cp)]  # (load, rank)
     tokens = np.zeros(cp, np.int64)
     owner = np.zeros(lens.shape, np.int64)
     for doc in np.argsort(-work, kind="stable").tolist():
         if lens[doc] == 0:
             continue
         skipped = []
-        while load:
-            w, r = heapq.heappop(load)
-            if tokens[r] + lens[doc] <= tokens_per_rank or not load:
+        while rank_heap:
+            load, rank = heapq.heappop(rank_heap)
+            if tokens[rank] + lens[doc] <= tokens_per_rank or not rank_heap:
                 break
-            skipped.append((w, r))
-        owner[doc] = r
-        tokens[r] += lens[doc]
-        for item in [*skipped, (w + float(work[doc]), r)]:
-            heapq.heappush(load, item)
+            skipped.append((load, rank))
+        owner[doc] = rank
+        tokens[rank] += lens[doc]
+        for item in [*skipped, (load + float(work[doc]), rank)]:
+            heapq.heappush(rank_heap, item)
     docs = np.flatnonzero(lens > 0)
     rows = np.column_stack([owner[docs], docs, np.zeros_like(docs), lens[docs]])
     rows = rows[np.lexsort((rows[:, 1], rows[:, 0]))]

@@ -44,16 +44,16 @@ def _ownership_problems(plan: Plan) -> list[str]:
     if np.any(q[:, 2] >= q[:, 3]) or np.any(q[:, 2] < 0) or np.any(q[:, 3] > lens[q[:, 1]]):
         problems.append("a q range is empty or lies outside its document")
     order = np.lexsort((q[:, 2], q[:, 1]))
-    s = q[order]
-    covered = np.bincount(s[:, 1], weights=s[:, 3] - s[:, 2], minlength=lens.shape[0])
+    by_doc = q[order]
+    covered = np.bincount(by_doc[:, 1], weights=by_doc[:, 3] - by_doc[:, 2], minlength=lens.shape[0])
     if not np.array_equal(covered.astype(np.int64), lens):
         bad = int(np.flatnonzero(covered.astype(np.int64) != lens)[0])
         problems.append(f"document {bad} has {int(covered[bad])} owned tokens but length {int(lens[bad])}")
-    same_doc = s[1:, 1] == s[:-1, 1]
-    if np.any(same_doc & (s[1:, 2] != s[:-1, 3])):
+    same_doc = by_doc[1:, 1] == by_doc[:-1, 1]
+    if np.any(same_doc & (by_doc[1:, 2] != by_doc[:-1, 3])):
         problems.append("q ranges of one document overlap or leave a gap")
-    first = np.concatenate([[True], ~same_doc]) if s.shape[0] else np.zeros(0, bool)
-    if np.any(s[first, 2] != 0):
+    is_doc_first = np.concatenate([[True], ~same_doc]) if by_doc.shape[0] else np.zeros(0, bool)
+    if np.any(by_doc[is_doc_first, 2] != 0):
         problems.append("a document's first q range does not start at 0")
     return problems
 
@@ -77,11 +77,13 @@ def _source_problems(plan: Plan) -> list[str]:
         return ["an empty or inverted kv range"]
     owners = q[np.lexsort((q[:, 2], q[:, 1]))]
     key = owners[:, 1] * (1 << 40) + owners[:, 2]
-    lo = np.searchsorted(key, kv[:, 2] * (1 << 40) + kv[:, 3], side="right") - 1
-    hi = np.searchsorted(key, kv[:, 2] * (1 << 40) + kv[:, 4] - 1, side="right") - 1
-    change = np.concatenate([[0], np.cumsum((owners[1:, 0] != owners[:-1, 0]) | (owners[1:, 1] != owners[:-1, 1]))])
-    ok = (lo >= 0) & (owners[lo, 1] == kv[:, 2]) & (owners[lo, 0] == kv[:, 1]) & (change[hi] == change[lo])
-    ok &= owners[hi, 3] >= kv[:, 4]
+    first_row = np.searchsorted(key, kv[:, 2] * (1 << 40) + kv[:, 3], side="right") - 1  # holds the kv start
+    last_row = np.searchsorted(key, kv[:, 2] * (1 << 40) + kv[:, 4] - 1, side="right") - 1  # holds its last token
+    # per owner row: index of its run of rows with the same (rank, doc)
+    run = np.concatenate([[0], np.cumsum((owners[1:, 0] != owners[:-1, 0]) | (owners[1:, 1] != owners[:-1, 1]))])
+    ok = ((first_row >= 0) & (owners[first_row, 1] == kv[:, 2]) & (owners[first_row, 0] == kv[:, 1])
+          & (run[last_row] == run[first_row]))
+    ok &= owners[last_row, 3] >= kv[:, 4]
     if not np.all(ok):
         bad = kv[int(np.flatnonzero(~ok)[0])].tolist()
         return [f"kv row {bad} (rank, src, doc, start, end) is not owned by its source"]
@@ -98,26 +100,27 @@ def _delivery_problems(plan: Plan, need_mask: str) -> list[str]:
     rows = rows[np.lexsort((rows[:, 2], rows[:, 1], rows[:, 0]))]
     same = (rows[1:, 0] == rows[:-1, 0]) & (rows[1:, 1] == rows[:-1, 1])
     if np.any(same & (rows[1:, 2] != rows[:-1, 3])):
-        i = int(np.flatnonzero(same & (rows[1:, 2] != rows[:-1, 3]))[0])
-        return [f"rank {int(rows[i, 0])} doc {int(rows[i, 1])}: owned+received ranges overlap or leave a gap "
-                f"at token {int(rows[i, 3])} (something is missing, received twice or received needlessly)"]
-    first = np.concatenate([[True], ~same])
-    last = np.concatenate([~same, [True]])
-    if np.any(rows[first, 2] != 0):
+        bad = int(np.flatnonzero(same & (rows[1:, 2] != rows[:-1, 3]))[0])
+        return [f"rank {int(rows[bad, 0])} doc {int(rows[bad, 1])}: owned+received ranges overlap or leave a gap "
+                f"at token {int(rows[bad, 3])} (something is missing, received twice or received needlessly)"]
+    is_first = np.concatenate([[True], ~same])
+    is_last = np.concatenate([~same, [True]])
+    if np.any(rows[is_first, 2] != 0):
         return ["a rank's owned+received keys of a document do not start at token 0"]
     need = _need_end_per_rank_doc(q, lens, need_mask)
-    ends = {(int(r), int(d)): int(e) for r, d, e in zip(rows[last, 0], rows[last, 1], rows[last, 3], strict=True)}
-    for (r, d), e in ends.items():
-        if need.get((r, d)) != e:
-            what = "receives keys of a document it does not compute" if (r, d) not in need else (
-                f"has keys up to {e} but needs up to {need[(r, d)]}")
-            return [f"rank {r} doc {d}: {what}"]
+    ends = {(int(rank), int(doc)): int(end)
+            for rank, doc, end in zip(rows[is_last, 0], rows[is_last, 1], rows[is_last, 3], strict=True)}
+    for (rank, doc), end in ends.items():
+        if need.get((rank, doc)) != end:
+            what = "receives keys of a document it does not compute" if (rank, doc) not in need else (
+                f"has keys up to {end} but needs up to {need[(rank, doc)]}")
+            return [f"rank {rank} doc {doc}: {what}"]
     return []
 
 
 def _need_end_per_rank_doc(q: np.ndarray, lens: np.ndarray, mask: str) -> dict[tuple[int, int], int]:
     need = needed_kv_end(q[:, 3], lens[q[:, 1]], mask)
     out: dict[tuple[int, int], int] = {}
-    for r, d, e in zip(q[:, 0].tolist(), q[:, 1].tolist(), need.tolist(), strict=True):
-        out[(r, d)] = max(out.get((r, d), 0), e)
+    for rank, doc, end in zip(q[:, 0].tolist(), q[:, 1].tolist(), need.tolist(), strict=True):
+        out[(rank, doc)] = max(out.get((rank, doc), 0), end)
     return out

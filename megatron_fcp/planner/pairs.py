@@ -27,15 +27,15 @@ def q_pairs(start, end, doc_len, mask: str):
     return (end - start) * np.asarray(doc_len, dtype=np.int64)
 
 
-def _causal_prefix(x, a, b):
-    """Causal pairs of query rows ``[0, x)`` against keys ``[a, b)``."""
-    u = np.clip(x, a, b)
-    return tri(u - a) + np.maximum(x - b, 0) * (b - a)
+def _causal_prefix(q_end, k_start, k_end):
+    """Causal pairs of query rows ``[0, q_end)`` against keys ``[k_start, k_end)``."""
+    q_end_in_keys = np.clip(q_end, k_start, k_end)
+    return tri(q_end_in_keys - k_start) + np.maximum(q_end - k_end, 0) * (k_end - k_start)
 
 
 def block_pairs(q_start, q_end, k_start, k_end, mask: str):
     """Pairs of queries ``[q_start, q_end)`` against keys ``[k_start, k_end)`` of the same document."""
-    q_start, q_end, k_start, k_end = (np.asarray(v, dtype=np.int64) for v in (q_start, q_end, k_start, k_end))
+    q_start, q_end, k_start, k_end = (np.asarray(bound, dtype=np.int64) for bound in (q_start, q_end, k_start, k_end))
     if mask == "full":
         return (q_end - q_start) * (k_end - k_start)
     return _causal_prefix(q_end, k_start, k_end) - _causal_prefix(q_start, k_start, k_end)
@@ -50,10 +50,10 @@ def arange_within(counts) -> np.ndarray:
 def matching_rows(sorted_keys: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Every ``(i, j)`` with ``sorted_keys[j] == keys[i]`` (``sorted_keys`` ascending): a vectorised join, as
     int64 arrays ``i`` (ascending) and ``j``."""
-    lo = np.searchsorted(sorted_keys, keys, "left")
-    counts = np.searchsorted(sorted_keys, keys, "right") - lo
-    i = np.repeat(np.arange(keys.shape[0], dtype=np.int64), counts)
-    return i, lo[i] + arange_within(counts)
+    first_match = np.searchsorted(sorted_keys, keys, "left")
+    num_matches = np.searchsorted(sorted_keys, keys, "right") - first_match
+    i = np.repeat(np.arange(keys.shape[0], dtype=np.int64), num_matches)
+    return i, first_match[i] + arange_within(num_matches)
 
 
 def needed_kv_end(q_end, doc_len, mask: str):

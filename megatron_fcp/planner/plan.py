@@ -75,8 +75,10 @@ class RankPlan:
         """This rank's figures of :func:`megatron_fcp.planner.stages.p2p_memory` (``MEMORY_FIELDS``, tokens), from
         the view alone: its own pieces and the pieces it sends carry every position the stage split needs."""
         rank = self.cp_rank
-        rows = [(rank, src, doc, a, b, off, pos, self.num_recv) for src, doc, a, b, off, pos in self.recv_pieces]
-        rows += [(dst, rank, doc, a, b, off, pos, total) for dst, doc, a, b, off, pos, total in self.send_pieces]
+        rows = [(rank, src, doc, start, end, offset, pos, self.num_recv)
+                for src, doc, start, end, offset, pos in self.recv_pieces]
+        rows += [(dst, rank, doc, start, end, offset, pos, total)
+                 for dst, doc, start, end, offset, pos, total in self.send_pieces]
         mem = p2p_memory(np.full(self.cp, self.num_tokens), np.asarray(rows, np.int64).reshape(-1, 8),
                          kv_budget_tokens)
         return {key: int(value[rank]) for key, value in mem.items()}
@@ -171,8 +173,9 @@ class Plan:
         rows = self.q[self.q[:, 0] == cp_rank]
         if rows.shape[0] == 0:
             return np.zeros(0, np.int64)
-        starts = np.concatenate([[0], np.cumsum(self.doc_lens)])[rows[:, 1]]
-        return np.concatenate([np.arange(b + s, b + e) for b, s, e in zip(starts, rows[:, 2], rows[:, 3], strict=True)
+        doc_starts = np.concatenate([[0], np.cumsum(self.doc_lens)])[rows[:, 1]]
+        return np.concatenate([np.arange(doc_start + start, doc_start + end)
+                               for doc_start, start, end in zip(doc_starts, rows[:, 2], rows[:, 3], strict=True)
                                ]).astype(np.int64)
 
     def for_rank(self, cp_rank: int) -> RankPlan:
@@ -225,12 +228,12 @@ class Plan:
         kv_by_rank = _split_by_rank(kv, self.cp)
         ranks = [
             {
-                "q": q_by_rank[r][:, 1:].tolist(),
-                "kv_recv": kv_by_rank[r][:, 1:].tolist(),
-                "num_tokens": int(self.num_tokens[r]),
-                "num_pad_tokens": int(self.num_pad_tokens[r]),
+                "q": q_by_rank[rank][:, 1:].tolist(),
+                "kv_recv": kv_by_rank[rank][:, 1:].tolist(),
+                "num_tokens": int(self.num_tokens[rank]),
+                "num_pad_tokens": int(self.num_pad_tokens[rank]),
             }
-            for r in range(self.cp)
+            for rank in range(self.cp)
         ]
         out = {
             "strategy": self.strategy,
@@ -252,8 +255,8 @@ class Plan:
     @classmethod
     def from_dict(cls, data: dict) -> Plan:
         """Rebuild a plan from :meth:`to_dict` output (``kv`` kept explicit)."""
-        q = [[r, *row] for r, rank in enumerate(data["ranks"]) for row in rank["q"]]
-        kv = [[r, *row] for r, rank in enumerate(data["ranks"]) for row in rank["kv_recv"]]
+        q = [[rank, *row] for rank, rank_data in enumerate(data["ranks"]) for row in rank_data["q"]]
+        kv = [[rank, *row] for rank, rank_data in enumerate(data["ranks"]) for row in rank_data["kv_recv"]]
         exchange = data.get("exchange", "p2p")
         return cls(
             strategy=data.get("strategy", "unknown"),
@@ -262,7 +265,7 @@ class Plan:
             doc_lens=np.asarray(data["docs"], dtype=np.int64),
             q=np.asarray(q, dtype=np.int64).reshape(-1, 4),
             kv=np.zeros((0, 5), np.int64) if exchange == "ring" else np.asarray(kv, dtype=np.int64).reshape(-1, 5),
-            num_pad_tokens=np.asarray([rank["num_pad_tokens"] for rank in data["ranks"]], dtype=np.int64),
+            num_pad_tokens=np.asarray([rank_data["num_pad_tokens"] for rank_data in data["ranks"]], dtype=np.int64),
             exchange=exchange,
             notes=tuple(sorted((data.get("notes") or {}).items())),
         )
@@ -270,12 +273,12 @@ class Plan:
     # -- value semantics --------------------------------------------------------------------------
     @cached_property
     def _digest(self) -> str:
-        h = hashlib.sha256()
-        h.update(f"{self.strategy}|{self.cp}|{self.mask}|{self.exchange}|{self.notes}".encode())
+        hasher = hashlib.sha256()
+        hasher.update(f"{self.strategy}|{self.cp}|{self.mask}|{self.exchange}|{self.notes}".encode())
         for array in (self.doc_lens, self.q, self.kv, self.num_pad_tokens):
-            h.update(array.tobytes())
-            h.update(b"|")
-        return h.hexdigest()
+            hasher.update(array.tobytes())
+            hasher.update(b"|")
+        return hasher.hexdigest()
 
     @cached_property
     def digest(self) -> int:
@@ -298,12 +301,13 @@ class Plan:
     def describe(self, max_ranks: int = 8) -> str:
         """Human-readable per-rank summary (first ``max_ranks`` ranks)."""
         lines = [repr(self)]
-        for r in range(min(self.cp, max_ranks)):
-            view = self.for_rank(r)
-            q_txt = ", ".join(f"d{d}[{s}:{e})" for d, s, e in view.q[:6]) + (" ..." if len(view.q) > 6 else "")
+        for rank in range(min(self.cp, max_ranks)):
+            view = self.for_rank(rank)
+            q_txt = (", ".join(f"d{doc}[{start}:{end})" for doc, start, end in view.q[:6])
+                     + (" ..." if len(view.q) > 6 else ""))
             lines.append(
-                f"  rank {r}: {view.num_tokens} tokens ({view.num_pad_tokens} pad), {len(view.q)} q ranges "
-                f"[{q_txt}], recv {int(self.recv_tokens[r])} kv tokens from "
+                f"  rank {rank}: {view.num_tokens} tokens ({view.num_pad_tokens} pad), {len(view.q)} q ranges "
+                f"[{q_txt}], recv {int(self.recv_tokens[rank])} kv tokens from "
                 f"{len({src for src, *_ in view.kv_recv})} peers"
             )
         if self.cp > max_ranks:
@@ -315,7 +319,7 @@ def _split_by_rank(rows: np.ndarray, cp: int) -> list[np.ndarray]:
     order = np.argsort(rows[:, 0], kind="stable")
     rows = rows[order]
     bounds = np.searchsorted(rows[:, 0], np.arange(cp + 1))
-    return [rows[bounds[r] : bounds[r + 1]] for r in range(cp)]
+    return [rows[bounds[rank] : bounds[rank + 1]] for rank in range(cp)]
 
 
 def ring_kv_rows(q: np.ndarray, cp: int) -> np.ndarray:
@@ -345,30 +349,31 @@ def _ring_rank_pieces(q: np.ndarray, doc_lens: np.ndarray, cp: int, cp_rank: int
     rank's rows: every rank receives every other rank's rows whole, so a piece is an owner's q row, and a
     receiver's staging position of a row is computed directly (see :mod:`megatron_fcp.planner.stages`)."""
     offsets = local_offsets(q)
-    lens = q[:, 3] - q[:, 2]
+    row_lens = q[:, 3] - q[:, 2]
     num_docs = doc_lens.shape[0]
     others = np.flatnonzero(q[:, 0] != cp_rank)
     rows = np.column_stack([np.full(others.shape[0], cp_rank), q[others, :4], offsets[others]])
     recv = with_positions(rows, q, doc_lens, mask)[:, [1, 2, 3, 4, 5, 6]]
     mine = np.flatnonzero(q[:, 0] == cp_rank)
-    owned = np.bincount(q[:, 0], weights=lens, minlength=cp).astype(np.int64)
-    total = int(lens.sum())
+    owned = np.bincount(q[:, 0], weights=row_lens, minlength=cp).astype(np.int64)
+    total = int(row_lens.sum())
     send = []
     for dst in range(cp):
         if dst == cp_rank or mine.shape[0] == 0:
             continue
         theirs = np.flatnonzero(q[:, 0] == dst)
-        own_per_doc = np.bincount(q[theirs, 1], weights=lens[theirs], minlength=num_docs).astype(np.int64)
+        own_per_doc = np.bincount(q[theirs, 1], weights=row_lens[theirs], minlength=num_docs).astype(np.int64)
         base = np.concatenate([[0], np.cumsum(doc_lens - own_per_doc)])  # received tokens of earlier documents
         docs = np.arange(num_docs)
         anchor = staging_anchor(np.full(num_docs, dst), docs, q, doc_lens, mask)
-        size = np.maximum(doc_lens, 1)
-        u_mine = (q[mine, 2] - anchor[q[mine, 1]]) % size[q[mine, 1]]
-        u_theirs = (q[theirs, 2] - anchor[q[theirs, 1]]) % size[q[theirs, 1]]
+        modulus = np.maximum(doc_lens, 1)
+        # staging keys (place in the receiver's staging order inside the document) of my rows and of theirs
+        key_mine = (q[mine, 2] - anchor[q[mine, 1]]) % modulus[q[mine, 1]]
+        key_theirs = (q[theirs, 2] - anchor[q[theirs, 1]]) % modulus[q[theirs, 1]]
         # their own tokens of the same document that come before each of my rows in their staging order
         same = q[theirs, 1][None, :] == q[mine, 1][:, None]
-        before = (same & (u_theirs[None, :] < u_mine[:, None])) @ lens[theirs]
-        dst_pos = base[q[mine, 1]] + u_mine - before
+        before = (same & (key_theirs[None, :] < key_mine[:, None])) @ row_lens[theirs]
+        dst_pos = base[q[mine, 1]] + key_mine - before
         send.append(np.column_stack([np.full(mine.shape[0], dst), q[mine, 1:4], offsets[mine], dst_pos,
                                      np.full(mine.shape[0], total - owned[dst])]))
     send = np.concatenate(send) if send else np.zeros((0, 7), np.int64)
@@ -400,22 +405,22 @@ def derive_kv(q: np.ndarray, doc_lens: np.ndarray, cp: int, mask: str) -> np.nda
 def _holders(pieces: np.ndarray, doc_lens: np.ndarray, cp: int, mask: str):
     """Unique ``(doc, rank)`` pairs among split-document pieces and the key end each one needs."""
     key = pieces[:, 1] * cp + pieces[:, 0]
-    uniq, inv = np.unique(key, return_inverse=True)
-    need = needed_kv_end(pieces[:, 3], doc_lens[pieces[:, 1]], mask)
-    need_end = np.zeros(uniq.shape[0], np.int64)
-    np.maximum.at(need_end, inv, need)
-    holders = np.column_stack([uniq % cp, uniq // cp])  # (rank, doc)
+    holder_keys, holder_of_piece = np.unique(key, return_inverse=True)
+    piece_need_end = needed_kv_end(pieces[:, 3], doc_lens[pieces[:, 1]], mask)
+    need_end = np.zeros(holder_keys.shape[0], np.int64)
+    np.maximum.at(need_end, holder_of_piece, piece_need_end)
+    holders = np.column_stack([holder_keys % cp, holder_keys // cp])  # (rank, doc)
     return holders, need_end
 
 
 def _needed_rows(pieces: np.ndarray, holders: np.ndarray, need_end: np.ndarray):
     """For each holder, the other ranks' pieces of its document that start before its needed end."""
-    rep, j = matching_rows(pieces[:, 1], holders[:, 1])
-    cand = pieces[j]
-    end = need_end[rep]
-    keep = (cand[:, 0] != holders[rep, 0]) & (cand[:, 2] < end)
+    holder_row, piece_row = matching_rows(pieces[:, 1], holders[:, 1])
+    candidate = pieces[piece_row]
+    end = need_end[holder_row]
+    keep = (candidate[:, 0] != holders[holder_row, 0]) & (candidate[:, 2] < end)
     rows = np.column_stack(
-        [holders[rep, 0], cand[:, 0], cand[:, 1], cand[:, 2], np.minimum(cand[:, 3], end)]
+        [holders[holder_row, 0], candidate[:, 0], candidate[:, 1], candidate[:, 2], np.minimum(candidate[:, 3], end)]
     )[keep]
     return rows
 
@@ -430,8 +435,8 @@ def _merge_runs(rows: np.ndarray, nkey: int) -> np.ndarray:
     continue one another (same keys, start == previous end) merged into one."""
     if rows.shape[0] == 0:
         return rows.reshape(0, nkey + 2)
-    rows = rows[np.lexsort(tuple(rows[:, c] for c in range(nkey, -1, -1)))]
-    cont = np.all(rows[1:, :nkey] == rows[:-1, :nkey], axis=1) & (rows[1:, nkey] == rows[:-1, nkey + 1])
-    out = rows[np.concatenate([[True], ~cont])].copy()
-    out[:, nkey + 1] = rows[np.concatenate([~cont, [True]]), nkey + 1]
+    rows = rows[np.lexsort(tuple(rows[:, column] for column in range(nkey, -1, -1)))]
+    continues = np.all(rows[1:, :nkey] == rows[:-1, :nkey], axis=1) & (rows[1:, nkey] == rows[:-1, nkey + 1])
+    out = rows[np.concatenate([[True], ~continues])].copy()
+    out[:, nkey + 1] = rows[np.concatenate([~continues, [True]]), nkey + 1]
     return out

@@ -107,56 +107,57 @@ def split_stages(pos, length, total, budget: int | None):
     Returns int64 arrays, one entry per sub-range: ``index`` (the range it comes from), ``offset`` (its start
     inside that range), ``length``, ``stage`` (its stage, = forward round) and ``num_stages`` (of its receiver).
     """
-    pos, length, total = (np.asarray(x, dtype=np.int64).reshape(-1) for x in (pos, length, total))
-    n = num_stages(total, budget)
+    pos, length, total = (np.asarray(column, dtype=np.int64).reshape(-1) for column in (pos, length, total))
+    num_recv_stages = num_stages(total, budget)
     if budget is None:
         index = np.arange(pos.shape[0], dtype=np.int64)
-        return index, np.zeros_like(pos), length.copy(), np.zeros_like(pos), n
-    first = total - (n - 1) * budget  # the first stage holds the remainder, so the kept last one is full
+        return index, np.zeros_like(pos), length.copy(), np.zeros_like(pos), num_recv_stages
+    # the first stage holds the remainder, so the kept last one is full
+    first_stage_len = total - (num_recv_stages - 1) * budget
 
-    def stage_of(p):
-        return np.where(p < first, 0, 1 + (p - first) // budget)
+    def stage_of(position):
+        return np.where(position < first_stage_len, 0, 1 + (position - first_stage_len) // budget)
 
-    lo, hi = stage_of(pos), stage_of(pos + length - 1)
-    counts = hi - lo + 1
-    index = np.repeat(np.arange(pos.shape[0], dtype=np.int64), counts)
-    stage = lo[index] + arange_within(counts)
-    stage_start = np.where(stage == 0, 0, first[index] + (stage - 1) * budget)
-    stage_end = first[index] + stage * budget
-    a = np.maximum(pos[index], stage_start)
-    b = np.minimum(pos[index] + length[index], stage_end)
-    return index, a - pos[index], b - a, stage, n[index]
+    first_stage, last_stage = stage_of(pos), stage_of(pos + length - 1)
+    num_sub_ranges = last_stage - first_stage + 1
+    index = np.repeat(np.arange(pos.shape[0], dtype=np.int64), num_sub_ranges)
+    stage = first_stage[index] + arange_within(num_sub_ranges)
+    stage_start = np.where(stage == 0, 0, first_stage_len[index] + (stage - 1) * budget)
+    stage_end = first_stage_len[index] + stage * budget
+    sub_start = np.maximum(pos[index], stage_start)
+    sub_end = np.minimum(pos[index] + length[index], stage_end)
+    return index, sub_start - pos[index], sub_end - sub_start, stage, num_recv_stages[index]
 
 
 # -- pieces ------------------------------------------------------------------------------------------------
 def local_offsets(q: np.ndarray) -> np.ndarray:
     """int64 per q row ``(rank, doc, start, end)``: local token index of its start on its rank (rows of a rank
     are laid out in the order they appear)."""
-    lens = q[:, 3] - q[:, 2]
+    row_lens = q[:, 3] - q[:, 2]
     order = np.argsort(q[:, 0], kind="stable")
-    csum = np.cumsum(lens[order]) - lens[order]
+    tokens_before = np.cumsum(row_lens[order]) - row_lens[order]  # over all ranks, in rank order
     ranks = q[order, 0]
-    first = np.concatenate([[True], ranks[1:] != ranks[:-1]]) if ranks.shape[0] else np.zeros(0, bool)
-    group_start = csum[np.flatnonzero(first)][np.cumsum(first) - 1]
-    out = np.empty_like(lens)
-    out[order] = csum - group_start
+    is_rank_first = np.concatenate([[True], ranks[1:] != ranks[:-1]]) if ranks.shape[0] else np.zeros(0, bool)
+    rank_start = tokens_before[np.flatnonzero(is_rank_first)][np.cumsum(is_rank_first) - 1]
+    out = np.empty_like(row_lens)
+    out[order] = tokens_before - rank_start
     return out
 
 
 def _lookup(keys: np.ndarray, values: np.ndarray, wanted: np.ndarray, default: int = 0) -> np.ndarray:
     """``values`` at ``wanted`` keys (``keys`` sorted and unique), ``default`` where absent."""
-    at = np.minimum(np.searchsorted(keys, wanted), max(keys.shape[0] - 1, 0))
-    found = keys.shape[0] > 0 and (keys[at] == wanted)
-    return np.where(found, values[at] if keys.shape[0] else default, default)
+    slot = np.minimum(np.searchsorted(keys, wanted), max(keys.shape[0] - 1, 0))
+    found = keys.shape[0] > 0 and (keys[slot] == wanted)
+    return np.where(found, values[slot] if keys.shape[0] else default, default)
 
 
 def first_own_starts(q: np.ndarray, num_docs: int) -> tuple[np.ndarray, np.ndarray]:
     """Sorted keys ``rank * num_docs + doc`` and the first start each rank owns of each document it holds."""
     key = q[:, 0] * num_docs + q[:, 1]
-    uniq, inv = np.unique(key, return_inverse=True)
-    first = np.full(uniq.shape[0], np.iinfo(np.int64).max, np.int64)
-    np.minimum.at(first, inv.reshape(-1), q[:, 2])
-    return uniq, first
+    rank_doc_keys, key_of_row = np.unique(key, return_inverse=True)
+    first_start = np.full(rank_doc_keys.shape[0], np.iinfo(np.int64).max, np.int64)
+    np.minimum.at(first_start, key_of_row.reshape(-1), q[:, 2])
+    return rank_doc_keys, first_start
 
 
 _SPREAD = 2654435761
@@ -169,15 +170,15 @@ def staging_anchor(dst: np.ndarray, doc: np.ndarray, q: np.ndarray, doc_lens: np
     docstring). Full mask: the receiver's first own token. Causal: a point before it, spread over receivers by a
     hash of ``dst`` and moved back to the start of the ``q`` row that holds it (so no piece straddles it)."""
     num_docs = doc_lens.shape[0]
-    keys, first = first_own_starts(q, num_docs)
-    own_first = _lookup(keys, first, dst * num_docs + doc)
+    keys, first_start = first_own_starts(q, num_docs)
+    own_first = _lookup(keys, first_start, dst * num_docs + doc)
     if mask == "full":
         return own_first
     target = (own_first * ((dst * _SPREAD) % (1 << 32))) >> 32
     doc_start = np.concatenate([[0], np.cumsum(doc_lens)])
     row_starts = np.sort(doc_start[q[:, 1]] + q[:, 2])
-    at = np.searchsorted(row_starts, doc_start[doc] + target, "right") - 1
-    return row_starts[np.maximum(at, 0)] - doc_start[doc]
+    row = np.searchsorted(row_starts, doc_start[doc] + target, "right") - 1
+    return row_starts[np.maximum(row, 0)] - doc_start[doc]
 
 
 def staging_key(rows: np.ndarray, q: np.ndarray, doc_lens: np.ndarray, mask: str) -> np.ndarray:
@@ -194,7 +195,7 @@ def _order(major: np.ndarray, middle: np.ndarray, minor: np.ndarray) -> np.ndarr
     key where it fits in 62 bits, else a lexsort."""
     if major.shape[0] == 0:
         return np.zeros(0, np.int64)
-    spans = [int(c.max()) + 1 for c in (middle, minor)]
+    spans = [int(column.max()) + 1 for column in (middle, minor)]
     if (int(major.max()) + 1) * spans[0] * spans[1] < 1 << 62:
         return np.argsort((major * spans[0] + middle) * spans[1] + minor, kind="stable")
     return np.lexsort((minor, middle, major))
@@ -207,16 +208,16 @@ def cut_at_owners(q: np.ndarray, kv: np.ndarray, num_docs: int) -> np.ndarray:
         return np.zeros((0, 6), np.int64)
     offsets = local_offsets(q)
     order = _order(q[:, 0], q[:, 1], q[:, 2])
-    qs, qoff = q[order], offsets[order]
-    rep, cand = matching_rows(qs[:, 0] * num_docs + qs[:, 1], kv[:, 1] * num_docs + kv[:, 2])
-    start = np.maximum(kv[rep, 3], qs[cand, 2])
-    end = np.minimum(kv[rep, 4], qs[cand, 3])
+    sorted_q, sorted_offsets = q[order], offsets[order]
+    kv_row, q_row = matching_rows(sorted_q[:, 0] * num_docs + sorted_q[:, 1], kv[:, 1] * num_docs + kv[:, 2])
+    start = np.maximum(kv[kv_row, 3], sorted_q[q_row, 2])
+    end = np.minimum(kv[kv_row, 4], sorted_q[q_row, 3])
     keep = np.flatnonzero(start < end)
-    rep, cand, start = rep[keep], cand[keep], start[keep]
+    kv_row, q_row, start = kv_row[keep], q_row[keep], start[keep]
     rows = np.empty((keep.shape[0], 6), np.int64)
-    rows[:, :3] = kv[rep, :3]
+    rows[:, :3] = kv[kv_row, :3]
     rows[:, 3], rows[:, 4] = start, end[keep]
-    rows[:, 5] = qoff[cand] + start - qs[cand, 2]
+    rows[:, 5] = sorted_offsets[q_row] + start - sorted_q[q_row, 2]
     return rows
 
 
@@ -225,15 +226,15 @@ def with_positions(rows: np.ndarray, q: np.ndarray, doc_lens: np.ndarray, mask: 
     if rows.shape[0] == 0:
         return np.zeros((0, len(PIECE_COLS)), np.int64)
     rows = rows[_order(rows[:, 0], rows[:, 2], staging_key(rows, q, doc_lens, mask))]
-    lens = rows[:, 4] - rows[:, 3]
+    piece_lens = rows[:, 4] - rows[:, 3]
     dst = rows[:, 0]
-    first = np.concatenate([[True], dst[1:] != dst[:-1]])
-    group = np.cumsum(first) - 1
-    csum = np.cumsum(lens) - lens
+    is_dst_first = np.concatenate([[True], dst[1:] != dst[:-1]])
+    dst_group = np.cumsum(is_dst_first) - 1  # per row: index of its receiver among the receivers present
+    tokens_before = np.cumsum(piece_lens) - piece_lens  # over all receivers, in order
     out = np.empty((rows.shape[0], len(PIECE_COLS)), np.int64)
     out[:, :6] = rows
-    out[:, 6] = csum - csum[np.flatnonzero(first)][group]
-    out[:, 7] = np.bincount(group, weights=lens).astype(np.int64)[group]
+    out[:, 6] = tokens_before - tokens_before[np.flatnonzero(is_dst_first)][dst_group]
+    out[:, 7] = np.bincount(dst_group, weights=piece_lens).astype(np.int64)[dst_group]
     return out
 
 
@@ -269,10 +270,12 @@ def p2p_memory(num_tokens: np.ndarray, pieces: np.ndarray, budget) -> dict[str, 
     mem = stage_memory(recv, budget)
     peak_returned = np.zeros(cp, np.int64)
     if pieces.shape[0]:
-        index, _, length, stage, n = split_stages(pieces[:, 6], pieces[:, 4] - pieces[:, 3], pieces[:, 7], budget)
-        rounds = int(n.max())
-        back = np.bincount(pieces[index, 1] * rounds + (n - 1 - stage), weights=length, minlength=cp * rounds)
-        peak_returned = back.reshape(cp, rounds).max(axis=1).astype(np.int64)
+        index, _, length, stage, num_recv_stages = split_stages(pieces[:, 6], pieces[:, 4] - pieces[:, 3],
+                                                                pieces[:, 7], budget)
+        num_rounds = int(num_recv_stages.max())
+        returned = np.bincount(pieces[index, 1] * num_rounds + (num_recv_stages - 1 - stage), weights=length,
+                               minlength=cp * num_rounds)  # per (owner, backward round)
+        peak_returned = returned.reshape(cp, num_rounds).max(axis=1).astype(np.int64)
     return {"own_kv_tokens": num_tokens.copy(), "recv_kv_tokens": recv, "num_stages": mem["stages"],
             "peak_remote_kv_tokens": mem["peak"], "saved_remote_kv_tokens": mem["saved"],
             "refetch_kv_tokens": mem["refetch"], "peak_grad_tokens": mem["peak"].copy(),

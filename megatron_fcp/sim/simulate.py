@@ -21,6 +21,7 @@ import numpy as np
 from megatron_fcp.data.lengths import load_distribution, pack_batches
 from megatron_fcp.errors import InputError
 from megatron_fcp.planner.api import STRATEGIES, make_plan
+from megatron_fcp.planner.pairs import MASKS
 from megatron_fcp.planner.plan import Plan
 from megatron_fcp.planner.stages import DEFAULT_KV_BUDGET, parse_kv_budget, resolve_kv_budget
 from megatron_fcp.sim.model import HardwareProfile, PlanCost, evaluate, mfu, plan_memory
@@ -37,7 +38,7 @@ _AGGREGATE = {"imb_time": "p95", "imb_pairs": "p95", "imb_tokens": "mean", "pad_
 
 @dataclass(frozen=True, kw_only=True)
 class SimConfig:
-    """What to simulate."""
+    """What to simulate: every (length source, mask, CP size, strategy) cell. Validated on creation."""
 
     lengths: tuple[str, ...]
     """Length sources: shipped names (see ``megatron_fcp.data.lengths.SHIPPED``) or files."""
@@ -66,6 +67,10 @@ class SimConfig:
             raise InputError(f"CP sizes must be integers >= 1, got {self.cps}")
         if self.num_batches < 1 or self.tokens_per_rank < 1:
             raise InputError("num_batches and tokens_per_rank must be >= 1")
+        if not self.lengths:
+            raise InputError("name at least one length source (a shipped distribution or a lengths file)")
+        if not self.masks or set(self.masks) - set(MASKS):
+            raise InputError(f"masks must be some of {', '.join(MASKS)}, got {self.masks}")
 
 
 @dataclass(frozen=True)

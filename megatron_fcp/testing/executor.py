@@ -15,6 +15,9 @@ from dataclasses import dataclass
 import torch
 
 from megatron_fcp.attention.engine import (
+    BackwardQueries,
+    Kernels,
+    RankStep,
     add_returned,
     backward_local,
     backward_stage,
@@ -84,27 +87,28 @@ class _Ranks:
         self.counters[receiver].add(phase, 0, nbytes)
 
 
-def _forward(ranks: _Ranks, r: int, q, backend: Backend, scale: float):
-    sched, k, v = ranks.scheds[r], ranks.k[r], ranks.v[r]
-    stages = sched.stages
+def _forward(ranks: _Ranks, step: RankStep):
+    """Forward of one rank: its output, the merged log-sum-exp and the last stage, kept for backward."""
+    r, stages = step.sched.cp_rank, step.sched.stages
     nxt = ranks.fill(r, stages[0], "forward") if stages else None
-    out_acc, lse = forward_local(sched, q, k, v, backend, scale)
+    state = forward_local(step)
     kept = None
     for j, stage in enumerate(stages):
         buf = nxt
         nxt = ranks.fill(r, stages[j + 1], "forward") if j + 1 < len(stages) else None
-        forward_stage(stage, q, buf, backend, scale, out_acc, lse)
+        forward_stage(step, stage, buf, state)
         kept = buf if j == len(stages) - 1 else None
         buf = None
-    return to_local(q, out_acc), lse, kept
+    return to_local(step.q, state.out), state.lse, kept
 
 
-def _backward_stages(ranks: _Ranks, r: int, dout, q, out, lse, kept, backend: Backend, scale: float):
-    """The received stages of rank ``r`` in backward order: ``dq`` accumulator and each stage's gradients."""
-    sched = ranks.scheds[r]
-    stages, n = sched.stages, len(sched.stages)
-    dq, dk, dv = new_grad_state(sched.num_real, q, ranks.k[r])
-    grads = {}
+def _backward_stages(ranks: _Ranks, step: RankStep, queries: BackwardQueries, kept):
+    """The received stages of a rank in backward order: its gradient accumulators (``dq`` holds the stages') and
+    each stage's key/value gradients."""
+    r, stages = step.sched.cp_rank, step.sched.stages
+    n = len(stages)
+    grads = new_grad_state(step.sched.num_real, step.q, step.k)
+    stage_grads = {}
     nxt = ranks.fill(r, stages[n - 2], "backward_kv") if n >= 2 else None
     for t in range(n):
         buf = kept if t == 0 else nxt
@@ -112,11 +116,11 @@ def _backward_stages(ranks: _Ranks, r: int, dout, q, out, lse, kept, backend: Ba
         if t >= 1:
             nxt = ranks.fill(r, stages[n - 2 - t], "backward_kv") if n - 2 - t >= 0 else None
         stage = stages[n - 1 - t]
-        grads[stage.index] = backward_stage(stage, dout, q, buf, out, lse, backend, scale, dq)
+        stage_grads[stage.index] = backward_stage(step, stage, buf, queries, grads)
         if t == 0:
             release(buf)
         buf = None
-    return (dq, dk, dv), grads
+    return grads, stage_grads
 
 
 def run_in_process(plan: Plan, q: list[torch.Tensor], k: list[torch.Tensor], v: list[torch.Tensor],
@@ -124,34 +128,33 @@ def run_in_process(plan: Plan, q: list[torch.Tensor], k: list[torch.Tensor], v: 
                    softmax_scale: float | None = None,
                    kv_budget_tokens: int | str | None = DEFAULT_KV_BUDGET) -> InProcessResult:
     """Forward (and backward, if ``dout`` is given) of every rank; tensors per rank as for ``fcp_attention``."""
-    kernels = get_backend(backend, q[0].device)
-    scale = resolve_softmax_scale(softmax_scale, q[0].shape[2])
+    kernels = Kernels(get_backend(backend, q[0].device), resolve_softmax_scale(softmax_scale, q[0].shape[2]))
     scheds = [build_schedule(plan.for_rank(r), q[0].device, kv_budget_tokens) for r in range(plan.cp)]
+    steps = [RankStep(sched, kernels, q[r], k[r], v[r]) for r, sched in enumerate(scheds)]
     ranks = _Ranks(scheds, k, v)
-    forwards = [_forward(ranks, r, q[r], kernels, scale) for r in range(plan.cp)]
+    forwards = [_forward(ranks, step) for step in steps]
     saved = [ranks.memory[r].current("kv") for r in range(plan.cp)]
     outs = [f[0] for f in forwards]
     if dout is None:
         return InProcessResult(outs, None, None, None, ranks.counters, ranks.memory, saved)
-    dout = [d.contiguous() for d in dout]
+    queries = [BackwardQueries(d.contiguous(), q[r], out, lse)
+               for r, (d, (out, lse, _)) in enumerate(zip(dout, forwards, strict=True))]
     accs, grads = [], []
-    for r, (out, lse, kept) in enumerate(forwards):
-        acc, stage_grads = _backward_stages(ranks, r, dout[r], q[r], out, lse, kept, kernels, scale)
+    for r, (_, _, kept) in enumerate(forwards):
+        acc, stage_grads = _backward_stages(ranks, steps[r], queries[r], kept)
         accs.append(acc)
         grads.append(stage_grads)
-    lses = [f[1] for f in forwards]
     forwards = None
     where = {(dst, src, offset): (stage.index, a, b)
              for dst, sched in enumerate(scheds) for stage in sched.stages for src, a, b, offset in stage.recv}
     results = []
     for r, sched in enumerate(scheds):
-        dq, dk, dv = accs[r]
         # the distributed order: what comes back in rounds 0 .. R-2, the local blocks, then round R-1
         rounds = sched.return_rounds or ((),)
         for t, messages in enumerate(rounds):
             if t == len(rounds) - 1:
-                backward_local(sched, dout[r], q[r], k[r], v[r], outs[r], lses[r], kernels, scale, dq, dk, dv)
-            add_returned(dk, dv, messages, ranks.returned(r, messages, grads, where))
-        results.append(finish_backward(q[r], k[r], v[r], dq, dk, dv))
+                backward_local(steps[r], queries[r], accs[r])
+            add_returned(accs[r], messages, ranks.returned(r, messages, grads, where))
+        results.append(finish_backward(steps[r], accs[r]))
     dqs, dks, dvs = (list(g) for g in zip(*results, strict=True))
     return InProcessResult(outs, dqs, dks, dvs, ranks.counters, ranks.memory, saved)

@@ -11,7 +11,16 @@ from __future__ import annotations
 
 import torch
 
-from megatron_fcp.attention.engine import backward_calls, forward_calls, new_forward_state, to_local
+from megatron_fcp.attention.engine import (
+    BackwardQueries,
+    GradState,
+    Kernels,
+    KeyValues,
+    backward_calls,
+    forward_calls,
+    new_forward_state,
+    to_local,
+)
 from megatron_fcp.attention.exchange import P2PExchange
 from megatron_fcp.attention.schedule import CallPlan, build_schedule, offset_rows, visible_call
 from megatron_fcp.kernels import Backend, get_backend, resolve_softmax_scale
@@ -31,31 +40,31 @@ def ring_steps(plan: Plan, cp_rank: int, device) -> list[tuple[CallPlan, ...]]:
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, steps, exchange: P2PExchange, backend: Backend, scale: float, num_real: int):
+    def forward(ctx, q, k, v, steps, exchange: P2PExchange, kernels: Kernels, num_real: int):
         r, cp = exchange.cp_rank, exchange.cp
         ahead, behind = [((r + 1) % cp, 0, k.shape[0])], [((r - 1) % cp, 0, k.shape[0])]
-        out_acc, lse = new_forward_state(num_real, q)
+        state = new_forward_state(num_real, q)
         cur = torch.stack((k, v), dim=1)
         for s in range(cp):
             if s + 1 < cp:
                 nxt = torch.empty_like(cur)
                 pending = exchange.start("forward", cur, ahead, nxt, behind)
-            forward_calls(steps[s], q, cur[:, 0], cur[:, 1], backend, scale, out_acc, lse)
+            forward_calls(steps[s], q, KeyValues(cur[:, 0], cur[:, 1]), kernels, state)
             if s + 1 < cp:
                 pending.wait()
                 cur = nxt
-        out = to_local(q, out_acc)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.ring = (steps, exchange, backend, scale, num_real)
+        out = to_local(q, state.out)
+        ctx.save_for_backward(q, k, v, out, state.lse)
+        ctx.ring = (steps, exchange, kernels, num_real)
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
-        steps, exchange, backend, scale, num_real = ctx.ring
+        steps, exchange, kernels, num_real = ctx.ring
         r, cp = exchange.cp_rank, exchange.cp
         ahead, behind = [((r + 1) % cp, 0, k.shape[0])], [((r - 1) % cp, 0, k.shape[0])]
-        dout = dout.contiguous()
+        queries = BackwardQueries(dout.contiguous(), q, out, lse)
         dq = torch.zeros((num_real, *q.shape[1:]), dtype=lse.dtype, device=q.device)
         cur, incoming, grad_pending = torch.stack((k, v), dim=1), None, None
         for s in range(cp):
@@ -63,8 +72,8 @@ class _RingAttention(torch.autograd.Function):
                 nxt = torch.empty_like(cur)
                 kv_pending = exchange.start("backward", cur, ahead, nxt, behind)
             grad = torch.zeros(cur.shape, dtype=lse.dtype, device=q.device)
-            backward_calls(steps[s], dout, q, cur[:, 0], cur[:, 1], out, lse, backend, scale, dq, grad[:, 0],
-                           grad[:, 1])
+            backward_calls(steps[s], queries, KeyValues(cur[:, 0], cur[:, 1]), kernels,
+                           GradState(dq, grad[:, 0], grad[:, 1]))
             if grad_pending is not None:  # what the previous holders of this buffer added
                 grad_pending.wait()
                 grad += incoming.to(grad.dtype)
@@ -78,14 +87,13 @@ class _RingAttention(torch.autograd.Function):
                 cur = nxt
         if grad_pending is not None:
             grad_pending.wait()  # after the last step every buffer's gradient has reached its owner
-        return to_local(q, dq), incoming[:, 0].clone(), incoming[:, 1].clone(), None, None, None, None, None
+        return to_local(q, dq), incoming[:, 0].clone(), incoming[:, 1].clone(), None, None, None, None
 
 
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan, exchange: P2PExchange,
                    softmax_scale: float | None = None, backend: str | Backend = "auto", steps=None) -> torch.Tensor:
     """Ring attention of this rank's tokens of ``plan`` (tensors as for ``fcp_attention``); differentiable."""
-    kernels = get_backend(backend, q.device)
+    kernels = Kernels(get_backend(backend, q.device), resolve_softmax_scale(softmax_scale, q.shape[2]))
     steps = steps or ring_steps(plan, exchange.cp_rank, q.device)
-    scale = resolve_softmax_scale(softmax_scale, q.shape[2])
     num_real = int(plan.num_real_tokens[exchange.cp_rank])
-    return _RingAttention.apply(q, k, v, steps, exchange, kernels, scale, num_real)
+    return _RingAttention.apply(q, k, v, steps, exchange, kernels, num_real)

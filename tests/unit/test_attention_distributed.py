@@ -2,7 +2,7 @@
 in-process executor, moving exactly the plan's bytes in every phase and holding exactly the plan's key/value
 memory, with and without a key/value budget (down to a few dozen tokens, many stages); ranks holding different
 plans or budgets stop with one line before anything moves; bad input fails on every rank; a silent peer times
-out.
+out; exchanges are cached per process group object.
 
 Each world size starts its processes once and runs every case inside them (process start-up dominates).
 """
@@ -18,13 +18,13 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from attn_cases import Case, batch, rel_err
 
 from megatron_fcp.attention import ExchangeTimeout, fcp_attention, get_exchange
 from megatron_fcp.attention.engine import PlanMismatchError
 from megatron_fcp.errors import InputError
 from megatron_fcp.planner.api import make_plan
 from megatron_fcp.planner.stages import p2p_memory
+from megatron_fcp.testing.cases import Case, batch, rel_err
 from megatron_fcp.testing.executor import run_in_process
 from megatron_fcp.testing.layout import join_from_ranks
 from megatron_fcp.testing.ring import ring_attention
@@ -197,6 +197,43 @@ def _silent_peer(rank, world):
         time.sleep(4)  # alive but silent until rank 0 has given up
 
 
+class _FailedWork:
+    """A message whose wait fails at once, as torch's works do (RuntimeError or a DistError subclass)."""
+
+    def __init__(self, error: RuntimeError):
+        self.error = error
+
+    def wait(self, timeout):
+        raise self.error
+
+
+def test_failed_wait_is_a_timeout_only_past_the_deadline():
+    """The exchange tells a timeout by its own deadline, not by the error's type or words."""
+    from megatron_fcp.attention.exchange import ExchangeError, Pending  # kept out of the shared import block
+
+    def wait(error, seconds_ago):
+        peers = [("receive from", 3)]
+        Pending([_FailedWork(error)], peers, "forward", 0, 5.0, posted_at=time.monotonic() - seconds_ago).wait()
+
+    for error in (RuntimeError("Connection closed by peer"), dist.DistBackendError("NCCL error")):
+        with pytest.raises(ExchangeTimeout, match="waited 5 s to receive from CP rank 3"):
+            wait(error, seconds_ago=5.0)
+    with pytest.raises(ExchangeError, match="failed to receive from CP rank 3") as info:
+        wait(RuntimeError("Operation timed out!"), seconds_ago=0.5)
+    assert not isinstance(info.value, ExchangeTimeout)
+
+
+def _exchange_per_group(rank, world):
+    """Exchanges are cached per group object: a group gets the same one each time, and a group created after another
+    was destroyed gets its own, even over the same ranks."""
+    first = dist.new_group(list(range(world)))
+    exchange = get_exchange(first, timeout_s=60)
+    assert get_exchange(first, timeout_s=60) is exchange and get_exchange(None, timeout_s=60) is not exchange
+    dist.destroy_process_group(first)
+    second = dist.new_group(list(range(world)))
+    assert get_exchange(second, timeout_s=60) is not exchange and get_exchange(second, timeout_s=60).group is second
+
+
 def _worker(rank, world, store_path, result_dir):
     torch.set_num_threads(1)
     status = "ok"
@@ -212,6 +249,8 @@ def _worker(rank, world, store_path, result_dir):
             _ring_case(rank, world, "spanning", "full")
         _bad_inputs(rank, world)
         _plan_mismatch(rank, world)
+        if world == 2:
+            _exchange_per_group(rank, world)
         dist.barrier()
         if world == 2:
             _silent_peer(rank, world)

@@ -6,21 +6,14 @@ import math
 import numpy as np
 import pytest
 import torch
-from attn_cases import Case, batch, rel_err
 
 from megatron_fcp.kernels import BackendUnavailable, VarlenCall, get_backend
 from megatron_fcp.kernels.merge import merge_partials
 from megatron_fcp.planner.stages import p2p_memory
+from megatron_fcp.testing.cases import Case, batch, rel_err
 from megatron_fcp.testing.executor import run_in_process
 from megatron_fcp.testing.layout import join_from_ranks, split_to_ranks
-
-
-def _attend(q, k, v, allow):
-    """float64 attention of q [n,h,d] over keys with bool mask [n, m]; returns out, lse (-inf for no keys)."""
-    s = torch.einsum("qhd,khd->hqk", q, k).masked_fill(~allow, -math.inf)
-    lse = torch.logsumexp(s, -1)
-    p = torch.where(torch.isneginf(lse)[..., None], torch.zeros_like(s), torch.exp(s - lse[..., None]))
-    return torch.einsum("hqk,khd->qhd", p, v), lse.T
+from megatron_fcp.testing.reference import reference_attention, varlen_mask
 
 
 def test_merge_equals_attention_over_the_union_float64():
@@ -28,10 +21,10 @@ def test_merge_equals_attention_over_the_union_float64():
     q, k, v = (torch.randn(40, 3, 8, generator=gen, dtype=torch.float64) for _ in range(3))
     part = torch.randint(0, 3, (40, 40), generator=gen)  # each (query, key) pair in one of three parts
     part[0] = 0  # row 0 sees keys in part 0 only: the others contribute lse = -inf
-    want_out, want_lse = _attend(q, k, v, torch.ones(40, 40, dtype=torch.bool))
-    out, lse = _attend(q, k, v, part == 0)
+    want_out, want_lse = reference_attention(q, k, v, torch.ones(40, 40, dtype=torch.bool), 1.0)
+    out, lse = reference_attention(q, k, v, part == 0, 1.0)
     for p in (2, 1):
-        out, lse = merge_partials(out, lse, *_attend(q, k, v, part == p))
+        out, lse = merge_partials(out, lse, *reference_attention(q, k, v, part == p, 1.0))
     assert torch.isfinite(lse).all()
     assert torch.allclose(out, want_out, rtol=0, atol=1e-13)
     assert torch.allclose(lse, want_lse, rtol=0, atol=1e-13)
@@ -55,15 +48,10 @@ def test_cpu_backends_match_float64_per_segment(name, q_lens, k_lens, causal):
     q = torch.randn(sum(q_lens), 4, 16, generator=gen, dtype=torch.float64, requires_grad=True)
     k = torch.randn(sum(k_lens), 2, 16, generator=gen, dtype=torch.float64, requires_grad=True)
     v = torch.randn(sum(k_lens), 2, 16, generator=gen, dtype=torch.float64, requires_grad=True)
-    allow = torch.zeros(sum(q_lens), sum(k_lens), dtype=torch.bool)
-    qs = ks = 0
-    for nq, nk in zip(q_lens, k_lens, strict=True):
-        allow[qs:qs + nq, ks:ks + nk] = torch.ones(nq, nk).tril().bool() if causal else True
-        qs, ks = qs + nq, ks + nk
-    want_out, want_lse = _attend(q * 0.25, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), allow)
+    call = VarlenCall.make(q_lens, k_lens, causal)
+    want_out, want_lse = reference_attention(q, k, v, varlen_mask(call), 0.25)
     dout = torch.randn_like(want_out)
     want_out.backward(dout)
-    call = VarlenCall.make(q_lens, k_lens, causal)
     out, lse = backend.forward(q.detach(), k.detach(), v.detach(), call, 0.25)
     assert rel_err(out, want_out.detach()) < 1e-12 and rel_err(lse, want_lse.detach()) < 1e-12
     grads = backend.backward(dout, q.detach(), k.detach(), v.detach(), out, lse, call, 0.25)

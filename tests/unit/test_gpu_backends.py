@@ -6,7 +6,6 @@ backend refuses CPU tensors, and a missing package, with :class:`BackendUnavaila
 
 from __future__ import annotations
 
-import math
 import sys
 
 import pytest
@@ -16,6 +15,7 @@ from megatron_fcp.kernels.base import BackendUnavailable, VarlenCall
 from megatron_fcp.kernels.flash_attn import FlashAttnBackend
 from megatron_fcp.kernels.te import TransformerEngineBackend
 from megatron_fcp.kernels.torch_flash import TorchFlashBackend
+from megatron_fcp.testing.reference import reference_attention, varlen_mask
 
 BACKENDS = [TorchFlashBackend, FlashAttnBackend, TransformerEngineBackend]
 HQ, HKV, D, SCALE = 4, 2, 64, 0.2
@@ -25,22 +25,6 @@ CASES = {
     "full": ((5, 130, 1, 64), (7, 3, 200, 1), False),
     "full-single-queries": ((1, 1, 1), (7, 300, 2), False),
 }
-
-
-def reference(q, k, v, call: VarlenCall, scale: float):
-    """Per-segment float64 attention: output and natural-log LSE ``[tokens, heads]``."""
-    g = q.shape[1] // k.shape[1]
-    outs, lses, qs, ks = [], [], 0, 0
-    for nq, nk in zip(call.q_lens, call.k_lens, strict=True):
-        kk, vv = (x[ks:ks + nk].repeat_interleave(g, dim=1) for x in (k, v))
-        s = torch.einsum("qhd,khd->hqk", q[qs:qs + nq], kk) * scale
-        if call.causal:
-            s = s.masked_fill(torch.ones(nq, nk, dtype=torch.bool, device=q.device).triu(1), -math.inf)
-        lse = torch.logsumexp(s, dim=-1)
-        outs.append(torch.einsum("hqk,khd->qhd", torch.exp(s - lse[..., None]), vv))
-        lses.append(lse.T)
-        qs, ks = qs + nq, ks + nk
-    return torch.cat(outs), torch.cat(lses)
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: float, what: str) -> None:
@@ -82,7 +66,7 @@ def test_gpu_backend_matches_float64_reference(cls, dtype, case):
     dq, dk, dv = backend.backward(dout, q, k, v, out, lse, call, SCALE)
 
     q64, k64, v64 = (x.double().requires_grad_() for x in (q, k, v))
-    ref_out, ref_lse = reference(q64, k64, v64, call, SCALE)
+    ref_out, ref_lse = reference_attention(q64, k64, v64, varlen_mask(call), SCALE)
     ref_out.backward(dout.double())
     tol = TOL[dtype]
     assert_close(out, ref_out.detach(), tol, "out")
@@ -114,8 +98,7 @@ def test_gpu_backends_refuse_cpu_tensors_and_missing_packages(cls, monkeypatch):
 @pytest.mark.parametrize("name", ["magi_hist", "linux_files", "spanning"])
 def test_gpu_executor_bf16_within_twice_plain_bf16_error(name, mask):
     """All four ranks' FCP attention (forward and backward) on the GPU with torch-flash, in bf16."""
-    from attn_cases import Case, batch, rel_err
-
+    from megatron_fcp.testing.cases import Case, batch, rel_err
     from megatron_fcp.testing.executor import run_in_process
     from megatron_fcp.testing.layout import join_from_ranks
 

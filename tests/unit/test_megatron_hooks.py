@@ -16,14 +16,14 @@ from megatron_fcp.megatron.batch import (
     plan_micro_batch,
     rank_sample,
 )
-from megatron_fcp.megatron.config import FcpConfig, add_fcp_args, check_fcp_args, fcp_config_from_args
+from megatron_fcp.megatron.config import TILE_FLAG, FcpConfig, add_fcp_args, check_fcp_args, fcp_config_from_args
 from megatron_fcp.planner.stages import p2p_memory
 
 GOOD = dict(context_parallel_mode="fcp", context_parallel_size=4, tensor_model_parallel_size=2,
             pipeline_model_parallel_size=1, seq_length=4096, micro_batch_size=1, calculate_per_token_loss=True,
             num_attention_heads=8, group_query_attention=True, num_query_groups=4, position_embedding_type="rope",
             attention_dropout=0.0, attention_backend="auto", mock_data=False, reset_position_ids=True,
-            sequence_parallel=True, fcp_block_size="auto", fcp_planning_workers=2, fcp_exchange_timeout=600.0)
+            sequence_parallel=True, fcp_edge_cost_tile_size="auto", fcp_planning_workers=2, fcp_exchange_timeout=600.0)
 
 
 def args(**changes):
@@ -43,8 +43,7 @@ def test_good_configuration_passes_and_ring_mode_is_left_to_megatron():
     ({"seq_length": 4098}, 16, "not a multiple of --context-parallel-size"),
     ({"seq_length": 4100, "context_parallel_size": 2, "tensor_model_parallel_size": 8}, 16,
      "split evenly over --tensor-model-parallel-size"),
-    ({"fcp_block_size": "8192"}, 16, "larger than the sequence"),
-    ({"fcp_block_size": "big"}, 16, "positive integer or 'auto'"),
+    ({"fcp_edge_cost_tile_size": "big"}, 16, "positive integer or 'auto'"),
     ({"num_query_groups": 3}, 16, "not a multiple of --num-query-groups 3"),
     ({"num_query_groups": 1}, 16, "must both divide by --tensor-model-parallel-size 2"),
     ({"attention_dropout": 0.1}, 16, "--attention-dropout 0"),
@@ -61,10 +60,52 @@ def test_misconfigurations_get_one_line_naming_the_fix(changes, world, needle):
 
 def test_flags_parse_through_the_extra_args_hook():
     parser = add_fcp_args(argparse.ArgumentParser())
-    ns = parser.parse_args(["--context-parallel-mode", "fcp", "--fcp-scheduler", "magi", "--fcp-block-size", "256"])
-    assert (ns.context_parallel_mode, ns.fcp_scheduler, ns.fcp_block_size) == ("fcp", "magi", "256")
+    ns = parser.parse_args(["--context-parallel-mode", "fcp", "--fcp-scheduler", "magi",
+                            "--fcp-edge-cost-tile-size", "256"])
+    assert (ns.context_parallel_mode, ns.fcp_scheduler, ns.fcp_edge_cost_tile_size) == ("fcp", "magi", "256")
     with pytest.raises(SystemExit):
         parser.parse_args(["--context-parallel-mode", "zigzag"])
+
+
+def test_old_block_size_flag_still_sets_the_tile_with_a_deprecation_warning():
+    parser = add_fcp_args(argparse.ArgumentParser())
+    with pytest.warns(FutureWarning, match="--fcp-block-size is deprecated.*--fcp-edge-cost-tile-size"):
+        ns = parser.parse_args(["--context-parallel-mode", "fcp", "--fcp-block-size", "64"])
+    ns.context_parallel_size, ns.seq_length = 4, 4096
+    assert fcp_config_from_args(ns).tile_size == 64
+    action = next(a for a in parser._actions if TILE_FLAG in a.option_strings)
+    assert "tile" in action.help and "any token" in action.help
+
+
+@pytest.mark.parametrize("changes, needle", [
+    ({"cp": 0}, "--context-parallel-size must be a whole number >= 1, got 0"),
+    ({"seq_length": 4095}, "--seq-length 4095 is not a multiple of --context-parallel-size 4"),
+    ({"seq_length": 2.5}, "--seq-length must be a whole number >= 1"),
+    ({"tile_size": True}, "--fcp-edge-cost-tile-size must be a whole number >= 1"),
+    ({"mask": "sliding"}, "mask must be one of causal, full"),
+    ({"scheduler": "nocp"}, "--fcp-scheduler must be one of fcp, ring"),
+    ({"backend": "cudnn"}, "--fcp-attention-backend must be one of auto, cpu, flash-attn"),
+    ({"kv_budget_tokens": "0"}, "--fcp-kv-budget-tokens 0 is below one key/value token"),
+    ({"exchange_timeout_s": 0}, "--fcp-exchange-timeout must be > 0 seconds"),
+    ({"planning_workers": -1}, "--fcp-planning-workers must be >= 0"),
+])
+def test_fcp_config_validates_each_field_naming_its_flag(changes, needle):
+    with pytest.raises(InputError) as err:
+        FcpConfig(**{"cp": 4, "seq_length": 4096, **changes})
+    assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_fcp_config_parses_budget_strings_and_documents_every_field():
+    import dataclasses
+
+    assert FcpConfig(cp=2, seq_length=256, kv_budget_tokens=" 64 ").kv_budget_tokens == 64
+    assert FcpConfig(cp=2, seq_length=256, kv_budget_tokens="none").kv_budget_tokens is None
+    import inspect
+
+    text = inspect.getsource(FcpConfig)
+    for field in dataclasses.fields(FcpConfig):
+        after = text.split(f"    {field.name}:", 1)[1].split("\n", 2)[1]
+        assert after.strip().startswith('"""'), f"FcpConfig.{field.name} has no docstring"
 
 
 @pytest.mark.parametrize("value, want", [("auto", "auto"), ("none", None), ("None", None), ("64", 64),
@@ -103,7 +144,7 @@ def test_demo_memory_model_from_a_rank_view_is_the_plans(budget, recompute):
 
     lens = doc_lengths_from_positions(MockDocumentDataset(3, 4096, "linux_files", vocab_size=10, seed=5)[2]
                                       ["position_ids"])
-    plan = plan_micro_batch(lens, FcpConfig(cp_size=4, seq_length=4096))
+    plan = plan_micro_batch(lens, FcpConfig(cp=4, seq_length=4096))
     whole = p2p_memory(plan.num_tokens, plan.pieces, budget)
     for r in range(4):
         got = modeled_memory(plan.for_rank(r), budget, bytes_per_token=10, num_layers=3, recompute=recompute)
@@ -126,7 +167,7 @@ def test_doc_lengths_from_positions():
 
 @pytest.mark.parametrize("scheduler", ["fcp", "ring", "magi", "hybrid"])
 def test_rank_samples_cover_every_token_once_with_its_label_and_position(scheduler):
-    cfg = FcpConfig(cp_size=4, seq_length=2048, scheduler=scheduler, debug_checks=True)
+    cfg = FcpConfig(cp=4, seq_length=2048, scheduler=scheduler, debug_checks=True)
     sample = MockDocumentDataset(3, 2048, "magi_hist", vocab_size=1000, seed=7)[2]
     seen = np.zeros(2048, int)
     # the global token index of each local token, recovered from (tokens, labels, positions) by the plan
@@ -149,7 +190,7 @@ def test_rank_samples_cover_every_token_once_with_its_label_and_position(schedul
 
 
 def test_every_rank_plans_the_same_micro_batch_without_talking():
-    cfg = FcpConfig(cp_size=8, seq_length=8192)
+    cfg = FcpConfig(cp=8, seq_length=8192)
     data = MockDocumentDataset(2, 8192, "linux_files", vocab_size=100, seed=3)
     again = MockDocumentDataset(2, 8192, "linux_files", vocab_size=100, seed=3)
     lens = doc_lengths_from_positions(data[1]["position_ids"])
@@ -158,7 +199,7 @@ def test_every_rank_plans_the_same_micro_batch_without_talking():
 
 
 def test_rank_plan_round_trips_through_its_int64_encoding():
-    plan = plan_micro_batch([3000, 500, 12, 1, 0, 583], FcpConfig(cp_size=4, seq_length=4096))
+    plan = plan_micro_batch([3000, 500, 12, 1, 0, 583], FcpConfig(cp=4, seq_length=4096))
     for r in range(4):
         assert decode_rank_plan(encode_rank_plan(plan.for_rank(r))) == plan.for_rank(r)
     with pytest.raises(InputError, match="not made by FcpBatchDataset"):
@@ -166,7 +207,7 @@ def test_rank_plan_round_trips_through_its_int64_encoding():
 
 
 def test_bad_samples_are_named():
-    cfg = FcpConfig(cp_size=2, seq_length=16)
+    cfg = FcpConfig(cp=2, seq_length=16)
     with pytest.raises(InputError, match="no position_ids"):
         rank_sample({"tokens": np.zeros(16), "labels": np.zeros(16), "loss_mask": np.ones(16)}, cfg, 0)
     sample = MockDocumentDataset(1, 8, "spamassassin", vocab_size=10)[0]
@@ -179,3 +220,21 @@ def test_backend_choices_are_the_attention_backends():
     from megatron_fcp.megatron.config import BACKENDS as FLAG_CHOICES
 
     assert FLAG_CHOICES == BACKENDS
+
+
+def test_dataset_helpers_makefile_lets_megatrons_start_up_build_pass(tmp_path):
+    """megatron.training runs `make` in megatron/core/datasets at start-up; the wheel ships no Makefile there."""
+    import shutil
+    import subprocess
+
+    from megatron_fcp.megatron import dataset_helpers
+
+    with pytest.raises(InputError, match="no compiled helpers_cpp"):
+        dataset_helpers.install_makefile(tmp_path)
+    (tmp_path / "helpers_cpp.cpython-312-x86_64-linux-gnu.so").write_bytes(b"")
+    assert dataset_helpers.install_makefile(tmp_path).startswith("wrote")
+    assert "nothing to do" in dataset_helpers.install_makefile(tmp_path)
+    if shutil.which("make"):
+        assert subprocess.run(["make", "-C", str(tmp_path)], capture_output=True).returncode == 0
+        (tmp_path / "helpers_cpp.cpython-312-x86_64-linux-gnu.so").unlink()
+        assert subprocess.run(["make", "-C", str(tmp_path)], capture_output=True).returncode != 0

@@ -1,13 +1,10 @@
-"""Tests for the planner: soundness (against an independent token-level checker), balance, communication,
-value semantics and input validation of ``megatron_fcp.planner``.
-
-The brute-force checker below deliberately shares no code with ``megatron_fcp.planner.checks``: it expands
-every plan into per-token owner arrays and per-rank needed/received key sets and compares them token by token.
+"""Tests for the planner: soundness (against the independent token-level checker of
+``megatron_fcp.testing.oracle``, which shares no code with ``megatron_fcp.planner.checks``), balance,
+communication, value semantics and input validation of ``megatron_fcp.planner``.
 """
 
 import dataclasses
 import json
-from collections import defaultdict
 
 import numpy as np
 import pytest
@@ -19,6 +16,7 @@ from megatron_fcp.planner.api import STRATEGIES, check_batch, make_plan
 from megatron_fcp.planner.checks import PlanError, assert_plan_ok, plan_problems
 from megatron_fcp.planner.pairs import MASKS
 from megatron_fcp.planner.plan import Plan
+from megatron_fcp.testing.oracle import brute_force_problems
 
 P2P_STRATEGIES = [name for name in STRATEGIES if name != "ring"]
 """Strategies whose ``kv`` rows list exactly what travels (p2p or group ring); ``ring`` leaves kv implicit."""
@@ -28,82 +26,6 @@ BRUTE_FORCE_MAX_DOCS = 1000
 
 
 # ---- helpers ------------------------------------------------------------------------------------------------
-
-
-def brute_force_problems(plan: Plan, doc_lens, cp: int, tokens_per_rank: int, mask: str) -> list[str]:
-    """Every broken soundness rule of ``plan`` for the batch it was made from, found token by token.
-
-    Rules: every token of every document is owned by exactly one rank; every rank has the same number of token
-    slots, at least ``tokens_per_rank``. For plans with explicit key/value rows also: every key a rank needs
-    (causal: keys ``[0, e)`` of the document for a query range ending at ``e``; full, and every group-ring
-    plan: the whole document) is owned by the rank or received exactly once; nothing is received twice,
-    needlessly, from the rank itself, or from a rank that does not own it.
-    """
-    doc_lens = [int(n) for n in doc_lens]
-    problems = []
-    if plan.doc_lens.tolist() != doc_lens or plan.cp != cp or plan.mask != mask:
-        problems.append("the plan does not describe the batch it was made from")
-    owner, real_tokens = _owner_arrays(plan.q, doc_lens, cp, problems)
-    slots = real_tokens + np.asarray(plan.num_pad_tokens)
-    if np.any(np.asarray(plan.num_pad_tokens) < 0):
-        problems.append(f"negative padding {plan.num_pad_tokens.tolist()}")
-    if slots.min() != slots.max() or slots.min() < tokens_per_rank:
-        problems.append(f"token slots per rank {slots.tolist()} are unequal or below {tokens_per_rank}")
-    if plan.exchange != "ring" and not problems:
-        need_mask = mask if plan.exchange == "p2p" else "full"
-        problems += _delivery_problems(plan, doc_lens, owner, need_mask)
-    return problems
-
-
-def _owner_arrays(q: np.ndarray, doc_lens: list[int], cp: int, problems: list[str]):
-    """Per-document owner rank of every token (-1: none) and real tokens per rank; appends ownership problems."""
-    owner = [np.full(n, -1, np.int64) for n in doc_lens]
-    times_owned = [np.zeros(n, np.int64) for n in doc_lens]
-    real_tokens = np.zeros(cp, np.int64)
-    for rank, doc, start, end in q.tolist():
-        if not (0 <= rank < cp and 0 <= doc < len(doc_lens) and 0 <= start < end <= doc_lens[doc]):
-            problems.append(f"q row {(rank, doc, start, end)} is empty or outside the batch")
-            continue
-        owner[doc][start:end] = rank
-        times_owned[doc][start:end] += 1
-        real_tokens[rank] += end - start
-    for doc, counts in enumerate(times_owned):
-        if np.any(counts != 1):
-            token = int(np.flatnonzero(counts != 1)[0])
-            problems.append(f"doc {doc} token {token} is owned by {int(counts[token])} ranks")
-    return owner, real_tokens
-
-
-def _delivery_problems(plan: Plan, doc_lens: list[int], owner: list[np.ndarray], need_mask: str) -> list[str]:
-    """Compare, per (rank, doc), the keys needed with the keys owned plus received (see brute_force_problems)."""
-    problems = []
-    need_end: dict[tuple[int, int], int] = defaultdict(int)
-    for rank, doc, _, end in plan.q.tolist():
-        need_end[rank, doc] = max(need_end[rank, doc], end if need_mask == "causal" else doc_lens[doc])
-    received: dict[tuple[int, int], np.ndarray] = {}
-    for rank, src, doc, start, end in plan.kv.tolist():
-        if not (0 <= rank < plan.cp and 0 <= doc < len(doc_lens) and 0 <= start < end <= doc_lens[doc]):
-            problems.append(f"kv row {(rank, src, doc, start, end)} is empty or outside the batch")
-            continue
-        if src == rank:
-            problems.append(f"rank {rank} receives doc {doc} [{start}, {end}) from itself")
-        if np.any(owner[doc][start:end] != src):
-            problems.append(f"rank {rank} receives doc {doc} [{start}, {end}) from rank {src}, which does not own it")
-        received.setdefault((rank, doc), np.zeros(doc_lens[doc], np.int64))[start:end] += 1
-    for rank, doc in sorted(set(need_end) | set(received)):
-        needed = np.arange(doc_lens[doc]) < need_end.get((rank, doc), 0)
-        got = received.get((rank, doc), np.zeros(doc_lens[doc], np.int64))
-        owned = owner[doc] == rank
-        for what, bad in (
-            ("received twice", got > 1),
-            ("received needlessly", (got > 0) & ~needed),
-            ("received although owned", (got > 0) & owned),
-            ("needed but neither owned nor received", needed & ~owned & (got == 0)),
-        ):
-            if np.any(bad):
-                problems.append(f"rank {rank} doc {doc}: token {int(np.flatnonzero(bad)[0])} {what}")
-    return problems
-
 
 
 def imbalance(plan: Plan) -> float:
@@ -326,7 +248,9 @@ def _corruptions(plan: Plan) -> dict[str, Plan]:
     wrong_source[0, 1] = other_rank
     self_send = kv.copy()
     self_send[0, 1] = first[0]
-    uncomputed_doc = np.array([[other_rank, first[1], first[2], first[3], first[4]]])
+    computed = {(rank, doc) for rank, doc, _, _ in q.tolist()}
+    uncomputed_doc = np.array([next([rank, src, doc, start, end] for src, doc, start, end in q.tolist()
+                                    for rank in range(plan.cp) if (rank, doc) not in computed)])
     short_q = q.copy()
     short_q[0, 3] -= 1
     more_pad = plan.num_pad_tokens.copy()
@@ -342,13 +266,26 @@ def _corruptions(plan: Plan) -> dict[str, Plan]:
     }
 
 
+CAUGHT_AS = {
+    "missing": "needed but neither owned nor received",
+    "twice": "received twice",
+    "wrong source": "which does not own it",
+    "self send": "from itself",
+    "needless": "which it does not compute",
+    "unowned token": "is owned by 0 ranks",
+    "unequal slots": "are unequal",
+}
+"""What the token-level checker says about each corruption of ``_corruptions``."""
+
+
 @pytest.mark.parametrize("mask", MASKS)
 def test_both_checkers_flag_every_corruption(mask):
     lens, cp, tpr = [40, 3, 5], 4, 12
     plan = make_plan(lens, cp, tpr, mask)
     assert plan.kv.shape[0] >= 2
     for name, broken in _corruptions(plan).items():
-        assert brute_force_problems(broken, lens, cp, tpr, mask), name
+        problems = brute_force_problems(broken, lens, cp, tpr, mask)
+        assert any(CAUGHT_AS[name] in problem for problem in problems), (name, problems)
         assert plan_problems(broken), name
         with pytest.raises(PlanError):
             assert_plan_ok(broken)

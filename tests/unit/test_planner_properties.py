@@ -1,4 +1,5 @@
-"""Planner invariants on random and adversarial batches, checked by a brute-force per-token oracle."""
+"""Planner invariants on random and adversarial batches, checked by the brute-force per-token oracle
+(``megatron_fcp.testing.oracle``)."""
 
 import numpy as np
 import pytest
@@ -11,42 +12,7 @@ from megatron_fcp.planner.api import STRATEGIES, make_plan
 from megatron_fcp.planner.checks import plan_problems
 from megatron_fcp.planner.fcp import FcpOptions, plan_fcp
 from megatron_fcp.planner.pairs import q_pairs
-from megatron_fcp.planner.plan import Plan
-
-
-def oracle_problems(plan: Plan) -> list[str]:
-    """Per-token brute force: ownership, needed keys delivered exactly once, nothing needless, equal slots."""
-    lens = plan.doc_lens.tolist()
-    owner = [np.full(n, -1) for n in lens]
-    for r, d, s, e in plan.q.tolist():
-        if np.any(owner[d][s:e] != -1):
-            return [f"doc {d} tokens {s}:{e} owned twice"]
-        owner[d][s:e] = r
-    if any(np.any(o == -1) for o in owner):
-        return ["a token has no owner"]
-    if len(set(plan.num_tokens.tolist())) > 1:
-        return ["unequal token slots"]
-    if plan.exchange != "p2p":
-        return []
-    got = {}
-    for r, src, d, s, e in plan.kv.tolist():
-        if src == r or np.any(owner[d][s:e] != src):
-            return [f"rank {r} gets doc {d} {s}:{e} from {src}, which does not own it all"]
-        mark = got.setdefault((r, d), np.zeros(lens[d], int))
-        mark[s:e] += 1
-    need = {}
-    for r, d, _start, e in plan.q.tolist():
-        end = e if plan.mask == "causal" else lens[d]
-        need[(r, d)] = max(need.get((r, d), 0), end)
-    for r, d in got:
-        if (r, d) not in need:
-            return [f"rank {r} receives doc {d} it does not compute"]
-    for (r, d), end in need.items():
-        mark = got.get((r, d), np.zeros(lens[d], int))
-        needed = (np.arange(lens[d]) < end) & (owner[d] != r)
-        if np.any(mark[needed] != 1) or np.any(mark[~needed] != 0):
-            return [f"rank {r} doc {d}: needed keys not received exactly once, or unneeded keys received"]
-    return []
+from megatron_fcp.testing.oracle import brute_force_problems
 
 
 def fill(lens: list[int], capacity: int) -> list[int]:
@@ -75,7 +41,7 @@ batches = st.one_of(
 def test_fcp_plans_are_sound_and_exact(raw, cp, tokens, mask):
     lens = fill(raw, cp * tokens)
     plan = make_plan(lens, cp, tokens, mask, "fcp")
-    assert oracle_problems(plan) == []
+    assert brute_force_problems(plan, lens, cp, tokens, mask) == []
     assert plan_problems(plan) == []
     assert int(plan.num_pad_tokens.sum()) == 0
     assert np.all(plan.num_tokens == tokens)
@@ -91,7 +57,7 @@ def test_every_strategy_is_sound_or_says_why(raw, cp, tokens, mask, strategy):
             make_plan(lens, cp, tokens, mask, strategy)
         return
     plan = make_plan(lens, cp, tokens, mask, strategy)
-    assert oracle_problems(plan) == []
+    assert brute_force_problems(plan, lens, cp, tokens, mask) == []
     assert plan_problems(plan) == []
 
 
@@ -100,7 +66,7 @@ def test_every_strategy_is_sound_or_says_why(raw, cp, tokens, mask, strategy):
 def test_underfull_batch_pads_evenly(lens, cp):
     tokens = max(1, -(-sum(lens) // cp)) + 3
     plan = make_plan(lens, cp, tokens, "causal", "fcp")
-    assert plan_problems(plan) == [] and oracle_problems(plan) == []
+    assert plan_problems(plan) == [] and brute_force_problems(plan, lens, cp, tokens, "causal") == []
     real = plan.num_real_tokens
     assert real.max() - real.min() <= 1
     assert int(plan.num_pad_tokens.sum()) == cp * tokens - sum(lens)

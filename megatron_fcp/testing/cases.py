@@ -1,4 +1,5 @@
-"""Shared inputs for the attention tests: batches, per-rank tensors, float64 references, error measures."""
+"""Inputs for the attention tests and scripts/attention_accuracy.py: batches, per-rank tensors, float64 references,
+error measures."""
 
 from __future__ import annotations
 
