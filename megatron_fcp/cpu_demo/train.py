@@ -88,7 +88,11 @@ class RunConfig:
     save_dir: str | None = None
     """If set, a checkpoint is saved here after step ``save_after_step``."""
     save_after_step: int = 0
-    """The step after which the checkpoint is saved (0: none)."""
+    """The step after which the checkpoint is saved into ``save_dir`` itself (0: none)."""
+    save_interval: int = 0
+    """If > 0 (with ``save_dir``): save every this many steps into ``save_dir/step_NNNNNN`` and record it in
+    ``save_dir/latest_step.txt`` (what :func:`latest_checkpoint` reads to resume), and on SIGTERM after the step
+    in progress."""
     load_dir: str | None = None
     """If set, the run starts from the checkpoint saved here."""
     first_step: int = 1
@@ -99,6 +103,8 @@ class RunConfig:
     """Key/value tokens per stage of FCP's exchange (``auto``: the rank's own tokens; None: one stage)."""
     recompute: str = "none"
     """Activation recompute: one of :data:`RECOMPUTE`."""
+    records: str | None = None
+    """If set, rank 0 appends one JSON line per step to this file (kept across resumed attempts)."""
 
     def __post_init__(self):
         object.__setattr__(self, "kv_budget_tokens", parse_kv_budget(self.kv_budget_tokens, flag="kv_budget_tokens"))
@@ -116,9 +122,9 @@ class RunConfig:
         for name, allowed in (("mode", MODES), ("recompute", RECOMPUTE)):
             if getattr(self, name) not in allowed:
                 return f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}"
-        if self.vocab_size < 2 or self.planning_workers < 0 or self.save_after_step < 0:
-            return (f"vocab_size must be >= 2, planning_workers and save_after_step >= 0; got {self.vocab_size}, "
-                    f"{self.planning_workers}, {self.save_after_step}")
+        if self.vocab_size < 2 or self.planning_workers < 0 or min(self.save_after_step, self.save_interval) < 0:
+            return (f"vocab_size must be >= 2, planning_workers, save_after_step and save_interval >= 0; got "
+                    f"{self.vocab_size}, {self.planning_workers}, {self.save_after_step}, {self.save_interval}")
         if self.num_heads % self.num_query_groups or self.num_heads % self.tp or self.num_query_groups % self.tp:
             return (f"num_heads {self.num_heads} must be a multiple of num_query_groups {self.num_query_groups}, and "
                     f"both of tp {self.tp}")
@@ -296,6 +302,54 @@ def own_kv_bytes(run: RunConfig) -> int:
     return run.seq_length // run.cp * kv_bytes_per_token(run)
 
 
+LATEST = "latest_step.txt"
+"""The file in a checkpoint folder naming the step of its latest complete checkpoint."""
+
+
+def checkpoint_folder(root: str | Path, step: int) -> Path:
+    return Path(root) / f"step_{step:06d}"
+
+
+def latest_checkpoint(root: str | Path) -> tuple[int, Path] | None:
+    """``(step, folder)`` of the latest complete checkpoint under ``root``, or None if there is none."""
+    tracker = Path(root) / LATEST
+    if not tracker.is_file():
+        return None
+    step = int(tracker.read_text().strip())
+    return step, checkpoint_folder(root, step)
+
+
+class _StopRequest:
+    """Set by SIGTERM (Slurm's --signal, preemption, scontrol requeue): save after the step, then stop."""
+
+    def __init__(self):
+        self.requested = False
+
+    def install(self) -> None:
+        import signal
+
+        signal.signal(signal.SIGTERM, self._on_signal)
+
+    def _on_signal(self, signum, frame) -> None:
+        self.requested = True
+
+
+def train_in_group(run: RunConfig, quiet: bool = False) -> None:
+    """Train ``run`` in a process of an already launched job (torchrun sets RANK, WORLD_SIZE, MASTER_ADDR/PORT):
+    gloo, records to ``run.records``; saves on SIGTERM when ``run.save_interval`` is set."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    stop = _StopRequest()
+    stop.install()
+    try:
+        _train(dist.get_rank(), run, None, quiet, stop)
+    finally:
+        from megatron.core import parallel_state
+
+        parallel_state.destroy_model_parallel()
+        dist.destroy_process_group()
+
+
 def _worker(rank: int, runs: list[RunConfig], port: int, out_paths: list[str], quiet: bool) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -312,7 +366,17 @@ def _worker(rank: int, runs: list[RunConfig], port: int, out_paths: list[str], q
         dist.destroy_process_group()
 
 
-def _train(rank: int, run: RunConfig, out_path: str, quiet: bool) -> None:
+def _save(model, optimizer, folder: Path, rank: int) -> None:
+    from megatron.core import dist_checkpointing
+
+    folder.mkdir(parents=True, exist_ok=True)
+    dist_checkpointing.save(model.sharded_state_dict(), str(folder))
+    if rank == 0:
+        torch.save(optimizer.state_dict(), folder / "optimizer.pt")
+    dist.barrier()
+
+
+def _train(rank: int, run: RunConfig, out_path: str | None, quiet: bool, stop: _StopRequest | None = None) -> None:
     from megatron_fcp.cpu_demo.shims import install_cpu_shims
 
     install_cpu_shims()
@@ -407,13 +471,31 @@ def _train(rank: int, run: RunConfig, out_path: str, quiet: bool) -> None:
                   f"step {1e3 * step_s:7.1f} ms  loader wait {1e3 * rec['loader_wait_s']:5.2f} ms "
                   f"({100 * rec['loader_wait_s'] / step_s:3.1f}%)"
                   f"  docs {rec['docs']:.0f}{extra}", flush=True)
+        if rank == 0 and run.records:
+            with open(run.records, "a") as f:
+                f.write(json.dumps({"mode": run.mode, "scheduler": run.scheduler, "cp": cp, **rec}) + "\n")
+        stopping = stop is not None and _agree(stop.requested)
         if run.save_dir and step == run.save_after_step:
-            dist_checkpointing.save(model.sharded_state_dict(), run.save_dir)
+            _save(model, optimizer, Path(run.save_dir), rank)
+        if run.save_dir and run.save_interval and (step % run.save_interval == 0 or stopping):
+            _save(model, optimizer, checkpoint_folder(run.save_dir, step), rank)
             if rank == 0:
-                torch.save(optimizer.state_dict(), Path(run.save_dir) / "optimizer.pt")
+                (Path(run.save_dir) / LATEST).write_text(f"{step}\n")
             dist.barrier()
-    if rank == 0:
+        if stopping:
+            if rank == 0:
+                print(f"stopping after step {step} on SIGTERM (checkpoint saved: {bool(run.save_interval)})",
+                      flush=True)
+            break
+    if rank == 0 and out_path:
         Path(out_path).write_text(json.dumps({"run": asdict(run), "steps": records}))
+
+
+def _agree(flag: bool) -> bool:
+    """Whether any rank has ``flag`` set (all ranks must stop after the same step)."""
+    value = torch.tensor([int(flag)])
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
 
 
 def _kib_own(value: int, own: int) -> str:

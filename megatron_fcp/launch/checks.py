@@ -1,0 +1,288 @@
+"""Checks of a run config: each problem is ``(dotted key, what is wrong and what would work)``.
+
+- :func:`field_problems`: each key on its own, by the :class:`~megatron_fcp.launch.rules.Rule` in its field's metadata.
+- :func:`run_problems`: keys together (layout, batch, data source, device). A check is skipped when a key it reads
+  has a problem of its own, so one broken key does not bring a chain of follow-on lines.
+
+The checks FCP's entry point runs at start-up (``check_fcp_args``) run here on what Megatron's parser reads back
+from the generated command line. They stop at their first problem, so each of their groups (layout, pipeline,
+micro-batch, sequence length, attention heads) runs on its own, with the config's values for the keys of that
+group and values the check accepts for the rest; its problem is the group's key. Megatron's own rules for sequence
+length and heads are the same as FCP's, so those two groups run in ring mode too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import fields
+
+from megatron_fcp.errors import InputError
+from megatron_fcp.launch.command import first_key, in_config_terms, megatron_args, megatron_parser
+from megatron_fcp.megatron.config import check_fcp_args
+
+Problem = tuple[str, str]
+
+CPU_WORKER = "the CPU worker (python -m megatron_fcp.cpu_demo.worker)"
+CPU_FIXED = {
+    "model.normalization": "LayerNorm", "model.norm_epsilon": 1e-5, "model.swiglu": False,
+    "model.tie_embeddings": True, "model.bias": True, "model.rotary_base": 10000,
+    "training.precision": "fp32", "training.recompute": "none",
+}
+"""What the CPU worker always builds and runs; a CPU config asking for anything else is refused."""
+GPU_ONLY = ("training.min_lr", "training.warmup_iters", "training.lr_decay_style", "training.weight_decay",
+            "training.clip_grad", "training.adam_beta1", "training.adam_beta2", "training.distributed_optimizer",
+            "training.log_interval", "training.eval_iters", "training.eval_interval",
+            "context_parallel.edge_cost_tile_size", "context_parallel.planning_workers",
+            "context_parallel.exchange_timeout_s", "context_parallel.debug_checks")
+"""Keys the CPU worker has no option for (a CPU config that sets one gets a warning)."""
+FCP_ONLY = ("context_parallel.scheduler", "context_parallel.attention_backend", "context_parallel.kv_budget_tokens",
+            "context_parallel.edge_cost_tile_size", "context_parallel.planning_workers",
+            "context_parallel.exchange_timeout_s", "context_parallel.debug_checks")
+"""Keys Megatron's own ring mode does not read (a ring config that sets one gets a warning)."""
+
+
+def line(key: str, message: str) -> str:
+    """``key: message`` with flags in the message named by their config keys and no repeated leading key."""
+    message = in_config_terms(message)
+    if message.startswith(key + " "):
+        message = message[len(key) + 1:]
+    return f"{key}: {message}"
+
+
+# -- single keys ---------------------------------------------------------------------------------------------
+def field_problems(section, key: str) -> list[Problem]:
+    """The problems of each value of ``section`` (a section dataclass) on its own, nested sections included."""
+    problems: list[Problem] = []
+    for f in fields(section):
+        value, sub = getattr(section, f.name), f"{key}.{f.name}" if key else f.name
+        if "section" in f.metadata:
+            if isinstance(value, f.metadata["section"]):
+                problems += field_problems(value, sub)
+            elif value is not None or f.default is not None:
+                problems.append((sub, f"must be a {f.metadata['section'].__name__}, got {value!r}"))
+        elif (problem := f.metadata["rule"].refuse(value)) is not None:
+            problems.append((sub, problem))
+    return problems
+
+
+# -- keys together ---------------------------------------------------------------------------------------------
+_CHECKS: list[tuple[tuple[str, ...], Callable]] = []
+
+
+def _reads(*keys: str):
+    """Register a check of the whole run that reads ``keys`` (a section name stands for all its keys)."""
+
+    def register(check):
+        _CHECKS.append((keys, check))
+        return check
+
+    return register
+
+
+def _touches(keys: Iterable[str], bad: Iterable[str]) -> bool:
+    return any(k == b or k.startswith(b + ".") or b.startswith(k + ".") for k in keys for b in bad)
+
+
+def run_problems(spec, bad: frozenset[str] = frozenset()) -> list[Problem]:
+    """The problems between keys of ``spec``; checks reading a key in ``bad`` are skipped. When there is none (and
+    no bad key), FCP's start-up check runs once more on the whole generated command line."""
+    problems = [p for keys, check in _CHECKS if not _touches(keys, bad) for p in check(spec)]
+    if not problems and not bad and spec.context_parallel.mode == "fcp":
+        problems += _fcp_problem(_namespace(spec), spec.parallel.world_size)
+    return one_per_key(problems)
+
+
+def one_per_key(problems: Iterable[Problem]) -> list[Problem]:
+    """The first problem of each key (two checks can see one mistake, e.g. a layout that does not divide)."""
+    first: dict[str, str] = {}
+    for key, message in problems:
+        first.setdefault(key, message)
+    return list(first.items())
+
+
+@_reads("parallel")
+def _layout(spec) -> list[Problem]:
+    p = spec.parallel
+    model_parallel = p.tensor * p.pipeline * p.context
+    if p.world_size % model_parallel == 0:
+        return []
+    room = p.world_size // (p.tensor * p.pipeline) if p.world_size % (p.tensor * p.pipeline) == 0 else 0
+    if room:
+        fits = max(d for d in range(1, p.context + 1) if room % d == 0)
+        fix = f"use a context that divides {room}, e.g. {fits}"
+    else:
+        fix = f"tensor x pipeline = {p.tensor * p.pipeline} alone does not divide them; change tensor or pipeline"
+    return [("parallel.context",
+             f"tensor {p.tensor} x pipeline {p.pipeline} x context {p.context} = {model_parallel} does not divide "
+             f"the {p.world_size} processes (nodes {p.nodes} x gpus_per_node {p.gpus_per_node}); {fix}")]
+
+
+@_reads("parallel", "training.micro_batch_size", "training.global_batch_size")
+def _global_batch(spec) -> list[Problem]:
+    p, t = spec.parallel, spec.training
+    if p.world_size % (p.tensor * p.pipeline * p.context) or t.global_batch_size is None:
+        return []
+    step = t.micro_batch_size * p.data_parallel
+    if t.global_batch_size % step == 0:
+        return []
+    fits = -(-t.global_batch_size // step) * step
+    return [("training.global_batch_size",
+             f"{t.global_batch_size} is not a multiple of micro_batch_size {t.micro_batch_size} x data-parallel size "
+             f"{p.data_parallel} = {step} (try {fits})")]
+
+
+@_reads("data", "model.vocab_size")
+def _data_source(spec) -> list[Problem]:
+    d, vocab = spec.data, spec.model.vocab_size
+    if (d.blend is None) == (d.mock_doclens is None):
+        return [("data", "give exactly one of blend (tokenized Megatron datasets, with a tokenizer) and "
+                         "mock_doclens (mock documents with real lengths)")]
+    problems = []
+    if d.blend is not None:
+        if d.tokenizer is None:
+            problems.append(("data.tokenizer", "data.blend needs a tokenizer: add tokenizer: {type: "
+                                               "HuggingFaceTokenizer, model: NAME_OR_PATH}"))
+        if vocab is not None:
+            problems.append(("model.vocab_size", "the vocabulary comes from data.tokenizer; remove vocab_size "
+                                                 "(it sizes mock data only)"))
+    else:
+        if d.tokenizer is not None:
+            problems.append(("data.tokenizer", "mock documents use Megatron's NullTokenizer; remove tokenizer, or "
+                                               "use data.blend for tokenized data"))
+        if vocab is None:
+            problems.append(("model.vocab_size", "mock documents need a vocabulary size: add vocab_size (e.g. 128256 "
+                                                 "as Llama 3's tokenizer)"))
+    return problems
+
+
+@_reads("device", "context_parallel.mode", "data.mock_doclens")
+def _ring_mode(spec) -> list[Problem]:
+    if spec.context_parallel.mode != "ring":
+        return []
+    if spec.device == "cpu":
+        return [("context_parallel.mode", "ring is Megatron's own ring attention, which needs Transformer Engine on "
+                                          "a GPU; on device cpu use mode fcp with scheduler ring (FCP's runtime "
+                                          "with ring placement)")]
+    if spec.data.mock_doclens is not None:
+        return [("data.mock_doclens", "mode ring reads Megatron's own mock data, which has no documents, so the "
+                                      "lengths would be ignored; use mode fcp with scheduler ring, or data.blend")]
+    return []
+
+
+@_reads("device", "data.blend")
+def _cpu_data(spec) -> list[Problem]:
+    if spec.device == "cpu" and spec.data.blend is not None:
+        return [("data.blend", f"{CPU_WORKER} trains on mock documents only; use data.mock_doclens")]
+    return []
+
+
+@_reads("device", "context_parallel.attention_backend")
+def _cpu_backend(spec) -> list[Problem]:
+    backend = spec.context_parallel.attention_backend
+    if spec.device == "cpu" and backend not in ("auto", "cpu"):
+        return [("context_parallel.attention_backend", f"{CPU_WORKER} runs the cpu kernels; use auto or cpu, not "
+                                                       f"{backend!r}")]
+    return []
+
+
+@_reads("device", "parallel", "training.micro_batch_size", "training.global_batch_size")
+def _cpu_batch(spec) -> list[Problem]:
+    p, gbs = spec.parallel, spec.training.global_batch_size
+    if spec.device != "cpu" or gbs is None or p.world_size % (p.tensor * p.pipeline * p.context):
+        return []
+    per_step = spec.training.micro_batch_size * p.data_parallel
+    if gbs == per_step:
+        return []
+    return [("training.global_batch_size", f"{CPU_WORKER} trains one micro-batch per data-parallel rank per step: "
+                                           f"use {per_step}, or leave the key out")]
+
+
+def _cpu_fixed(key: str, value):
+    section, name = key.split(".")
+    shown = str(value).lower() if isinstance(value, bool) else value
+
+    @_reads("device", key)
+    def check(spec) -> list[Problem]:
+        if spec.device != "cpu" or getattr(getattr(spec, section), name) == value:
+            return []
+        return [(key, f"{CPU_WORKER} always uses {name}: {shown}; leave the key out, or use device gpu")]
+
+    return check
+
+
+for _key, _value in CPU_FIXED.items():
+    _cpu_fixed(_key, _value)
+
+
+# -- FCP's own start-up checks -----------------------------------------------------------------------------------
+@functools.cache
+def _parser() -> argparse.ArgumentParser:
+    return megatron_parser()
+
+
+def _namespace(spec) -> argparse.Namespace:
+    """What Megatron's parser (with FCP's flags) reads from the generated command line."""
+    return _parser().parse_args(megatron_args(spec))
+
+
+def _fcp_problem(ns: argparse.Namespace, world_size: int, key: str | None = None) -> list[Problem]:
+    """FCP's start-up check; its problem goes to ``key``, else to the first key its message names."""
+    try:
+        check_fcp_args(ns, world_size)
+    except InputError as err:
+        return [(key or first_key(str(err)) or "context_parallel", str(err))]
+    return []
+
+
+def _accepted(cp: int, tp: int) -> dict[str, dict]:
+    """For each group of FCP's start-up checks, values it accepts at context ``cp`` and tensor ``tp``. The layout
+    group's value is the world size, the others' namespace attributes. Per-token loss and document boundaries are
+    always on in the generated command line, so their groups are never probed (the final check covers them)."""
+    return {
+        "layout": {"world_size": cp * tp},
+        "pipeline": {"pipeline_model_parallel_size": 1},
+        "micro_batch": {"micro_batch_size": 1},
+        "sequence": {"seq_length": math.lcm(2 * cp, cp * tp)},
+        "heads": {"num_attention_heads": tp, "num_query_groups": tp, "group_query_attention": True},
+        "always": {"calculate_per_token_loss": True, "mock_data": True, "fcp_mock_doclens": "magi_hist", "sft": False},
+    }
+
+
+def _fcp_group(spec, group: str, key: str) -> list[Problem]:
+    """FCP's start-up check on the config's values for ``group`` and accepted values for the other groups; its
+    problem, if any, is ``key``'s."""
+    p = spec.parallel
+    values = vars(_namespace(spec)) | {"context_parallel_mode": "fcp", "world_size": p.world_size}
+    for other, accepted in _accepted(p.context, p.tensor).items():
+        if other != group:
+            values |= accepted
+    world = values.pop("world_size")
+    return _fcp_problem(argparse.Namespace(**values), world, key)
+
+
+@_reads("parallel", "context_parallel.mode")
+def _fcp_layout(spec) -> list[Problem]:
+    return _fcp_group(spec, "layout", "parallel.context") if spec.context_parallel.mode == "fcp" else []
+
+
+@_reads("parallel.pipeline", "context_parallel.mode")
+def _fcp_pipeline(spec) -> list[Problem]:
+    return _fcp_group(spec, "pipeline", "parallel.pipeline") if spec.context_parallel.mode == "fcp" else []
+
+
+@_reads("training.micro_batch_size", "context_parallel.mode")
+def _fcp_micro_batch(spec) -> list[Problem]:
+    return _fcp_group(spec, "micro_batch", "training.micro_batch_size") if spec.context_parallel.mode == "fcp" else []
+
+
+@_reads("training.seq_length", "parallel.context", "parallel.tensor")
+def _fcp_sequence(spec) -> list[Problem]:
+    return _fcp_group(spec, "sequence", "training.seq_length")
+
+
+@_reads("model.num_attention_heads", "model.num_query_groups", "parallel.tensor")
+def _fcp_heads(spec) -> list[Problem]:
+    return _fcp_group(spec, "heads", "model.num_attention_heads")
