@@ -218,9 +218,9 @@ def draw_documents(dist: LengthDistribution, rng: np.random.Generator, num_token
     docs = np.concatenate(drawn)
     ends = np.cumsum(docs)
     num_docs = int(np.searchsorted(ends, num_tokens, side="left")) + 1
-    docs = docs[:num_docs].copy()
+    docs = docs[:num_docs].astype(np.int64)  # a copy: the last document is cut in place
     docs[-1] -= ends[num_docs - 1] - num_tokens
-    return docs.astype(np.int64)
+    return docs
 
 
 def _cut_at_boundaries(docs: np.ndarray, num_tokens: int, num_batches: int) -> list[np.ndarray]:

@@ -4,24 +4,21 @@
 - :func:`run_problems`: keys together (layout, batch, data source, device). A check is skipped when a key it reads
   has a problem of its own, so one broken key does not bring a chain of follow-on lines.
 
-The checks FCP's entry point runs at start-up (``check_fcp_args``) run here on what Megatron's parser reads back
-from the generated command line. They stop at their first problem, so each of their groups (layout, pipeline,
-micro-batch, sequence length, attention heads) runs on its own, with the config's values for the keys of that
-group and values the check accepts for the rest; its problem is the group's key. Megatron's own rules for sequence
-length and heads are the same as FCP's, so those two groups run in ring mode too.
+The checks FCP's entry point runs at start-up (``fcp_arg_problems``, which lists every problem with its flag) run
+here on what Megatron's parser reads back from the generated command line; each problem is reported at the config
+key of its flag. Megatron's own rules for sequence length and heads are the same as FCP's, so those two run in ring
+mode too.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
-import math
 from collections.abc import Callable, Iterable
 from dataclasses import fields
 
-from megatron_fcp.errors import InputError
-from megatron_fcp.launch.command import first_key, in_config_terms, megatron_args, megatron_parser
-from megatron_fcp.megatron.config import check_fcp_args
+from megatron_fcp.launch.command import FLAG_KEYS, first_key, in_config_terms, megatron_args, megatron_parser
+from megatron_fcp.megatron.config import fcp_arg_problems
 
 Problem = tuple[str, str]
 
@@ -91,7 +88,7 @@ def run_problems(spec, bad: frozenset[str] = frozenset()) -> list[Problem]:
     no bad key), FCP's start-up check runs once more on the whole generated command line."""
     problems = [p for keys, check in _CHECKS if not _touches(keys, bad) for p in check(spec)]
     if not problems and not bad and spec.context_parallel.mode == "fcp":
-        problems += _fcp_problem(_namespace(spec), spec.parallel.world_size)
+        problems += _as_config_problems(fcp_arg_problems(_namespace(spec), spec.parallel.world_size))
     return one_per_key(problems)
 
 
@@ -228,61 +225,31 @@ def _namespace(spec) -> argparse.Namespace:
     return _parser().parse_args(megatron_args(spec))
 
 
-def _fcp_problem(ns: argparse.Namespace, world_size: int, key: str | None = None) -> list[Problem]:
-    """FCP's start-up check; its problem goes to ``key``, else to the first key its message names."""
-    try:
-        check_fcp_args(ns, world_size)
-    except InputError as err:
-        return [(key or first_key(str(err)) or "context_parallel", str(err))]
-    return []
+def _as_config_problems(problems: Iterable[tuple[str, str]]) -> list[Problem]:
+    """FCP's ``(flag, message)`` problems at the config keys of their flags."""
+    return [(FLAG_KEYS.get(flag) or first_key(message) or "context_parallel", message) for flag, message in problems]
 
 
-def _accepted(cp: int, tp: int) -> dict[str, dict]:
-    """For each group of FCP's start-up checks, values it accepts at context ``cp`` and tensor ``tp``. The layout
-    group's value is the world size, the others' namespace attributes. Per-token loss and document boundaries are
-    always on in the generated command line, so their groups are never probed (the final check covers them)."""
-    return {
-        "layout": {"world_size": cp * tp},
-        "pipeline": {"pipeline_model_parallel_size": 1},
-        "micro_batch": {"micro_batch_size": 1},
-        "sequence": {"seq_length": math.lcm(2 * cp, cp * tp)},
-        "heads": {"num_attention_heads": tp, "num_query_groups": tp, "group_query_attention": True},
-        "always": {"calculate_per_token_loss": True, "mock_data": True, "fcp_mock_doclens": "magi_hist", "sft": False},
-    }
+FCP_RULES = {
+    "--context-parallel-size": (("parallel", "context_parallel.mode"), True),
+    "--pipeline-model-parallel-size": (("parallel.pipeline", "context_parallel.mode"), True),
+    "--micro-batch-size": (("training.micro_batch_size", "context_parallel.mode"), True),
+    "--seq-length": (("training.seq_length", "parallel.context", "parallel.tensor"), False),
+    "--num-attention-heads": (("model.num_attention_heads", "model.num_query_groups", "parallel.tensor"), False),
+}
+"""The rules of FCP's start-up check (``fcp_arg_problems``) that a config can break, by flag: the keys each reads,
+and whether it is FCP's only (False: Megatron's own rule is the same, so it holds in ring mode too)."""
 
 
-def _fcp_group(spec, group: str, key: str) -> list[Problem]:
-    """FCP's start-up check on the config's values for ``group`` and accepted values for the other groups; its
-    problem, if any, is ``key``'s."""
-    p = spec.parallel
-    values = vars(_namespace(spec)) | {"context_parallel_mode": "fcp", "world_size": p.world_size}
-    for other, accepted in _accepted(p.context, p.tensor).items():
-        if other != group:
-            values |= accepted
-    world = values.pop("world_size")
-    return _fcp_problem(argparse.Namespace(**values), world, key)
+def _fcp_rule(flag: str, reads: tuple[str, ...], fcp_only: bool) -> None:
+    @_reads(*reads)
+    def check(spec) -> list[Problem]:
+        if fcp_only and spec.context_parallel.mode != "fcp":
+            return []
+        ns = _namespace(spec)
+        ns.context_parallel_mode = "fcp"
+        return _as_config_problems(p for p in fcp_arg_problems(ns, spec.parallel.world_size) if p[0] == flag)
 
 
-@_reads("parallel", "context_parallel.mode")
-def _fcp_layout(spec) -> list[Problem]:
-    return _fcp_group(spec, "layout", "parallel.context") if spec.context_parallel.mode == "fcp" else []
-
-
-@_reads("parallel.pipeline", "context_parallel.mode")
-def _fcp_pipeline(spec) -> list[Problem]:
-    return _fcp_group(spec, "pipeline", "parallel.pipeline") if spec.context_parallel.mode == "fcp" else []
-
-
-@_reads("training.micro_batch_size", "context_parallel.mode")
-def _fcp_micro_batch(spec) -> list[Problem]:
-    return _fcp_group(spec, "micro_batch", "training.micro_batch_size") if spec.context_parallel.mode == "fcp" else []
-
-
-@_reads("training.seq_length", "parallel.context", "parallel.tensor")
-def _fcp_sequence(spec) -> list[Problem]:
-    return _fcp_group(spec, "sequence", "training.seq_length")
-
-
-@_reads("model.num_attention_heads", "model.num_query_groups", "parallel.tensor")
-def _fcp_heads(spec) -> list[Problem]:
-    return _fcp_group(spec, "heads", "model.num_attention_heads")
+for _flag, (_keys, _fcp_only) in FCP_RULES.items():
+    _fcp_rule(_flag, _keys, _fcp_only)

@@ -6,8 +6,9 @@ Nothing here imports megatron or torch, so the checks run (and are tested) befor
   :class:`InputError` line naming the flag and a value that would work.
 - :func:`add_fcp_args` is Megatron's ``extra_args_provider`` hook: ``--context-parallel-mode`` and ``--fcp-*``.
 - :func:`fcp_config_from_args` turns a parsed namespace into an :class:`FcpConfig`.
-- :func:`check_fcp_args` also checks the Megatron settings FCP depends on (parallel layout, loss reduction,
-  model and data), raised before Megatron's own validation and long before training.
+- :func:`fcp_arg_problems` also checks the Megatron settings FCP depends on (parallel layout, loss reduction,
+  model and data) and lists every problem with its flag; :func:`check_fcp_args` raises the first, before
+  Megatron's own validation and long before training.
 """
 
 from __future__ import annotations
@@ -49,6 +50,14 @@ FLAGS = {
 """The command-line flag of each :class:`FcpConfig` field, for messages."""
 
 
+class FlagError(InputError):
+    """An :class:`InputError` about one command-line flag (``flag``)."""
+
+    def __init__(self, flag: str, message: str):
+        super().__init__(message)
+        self.flag = flag
+
+
 def _whole(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
@@ -88,30 +97,34 @@ class FcpConfig:
     0 plans in the training process)."""
 
     def __post_init__(self):
-        object.__setattr__(self, "kv_budget_tokens", parse_kv_budget(self.kv_budget_tokens,
-                                                                      flag=FLAGS["kv_budget_tokens"]))
+        try:
+            budget = parse_kv_budget(self.kv_budget_tokens, flag=FLAGS["kv_budget_tokens"])
+        except InputError as err:
+            raise FlagError(FLAGS["kv_budget_tokens"], str(err)) from None
+        object.__setattr__(self, "kv_budget_tokens", budget)
         problem = self._problem()
         if problem:
-            raise InputError(problem)
+            raise FlagError(FLAGS[problem[0]], problem[1])
 
-    def _problem(self) -> str | None:
-        """The first problem of this configuration as one line, or None."""
+    def _problem(self) -> tuple[str, str] | None:
+        """The first problem of this configuration as ``(field, one-line message)``, or None."""
         for name in ("cp", "seq_length", "tile_size"):
             value = getattr(self, name)
             if not _whole(value) or value < 1:
-                return f"{FLAGS[name]} must be a whole number >= 1, got {value!r}"
+                return name, f"{FLAGS[name]} must be a whole number >= 1, got {value!r}"
         if self.seq_length % self.cp:
             fits = self.seq_length - self.seq_length % self.cp + self.cp
-            return (f"--seq-length {self.seq_length} is not a multiple of --context-parallel-size {self.cp}: each CP "
-                    f"rank holds seq_length / cp tokens (try --seq-length {fits})")
+            return "seq_length", (f"--seq-length {self.seq_length} is not a multiple of --context-parallel-size "
+                                  f"{self.cp}: each CP rank holds seq_length / cp tokens (try --seq-length {fits})")
         choices = {"mask": MASKS, "scheduler": SCHEDULERS, "backend": BACKENDS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
-                return f"{FLAGS[name]} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}"
+                return name, f"{FLAGS[name]} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}"
         if not isinstance(self.exchange_timeout_s, numbers.Real) or not self.exchange_timeout_s > 0:
-            return f"{FLAGS['exchange_timeout_s']} must be > 0 seconds, got {self.exchange_timeout_s!r}"
+            return "exchange_timeout_s", f"{FLAGS['exchange_timeout_s']} must be > 0 seconds, got " \
+                                         f"{self.exchange_timeout_s!r}"
         if not _whole(self.planning_workers) or self.planning_workers < 0:
-            return f"{FLAGS['planning_workers']} must be >= 0, got {self.planning_workers!r}"
+            return "planning_workers", f"{FLAGS['planning_workers']} must be >= 0, got {self.planning_workers!r}"
         return None
 
     @property
@@ -137,7 +150,7 @@ def add_fcp_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Megatron ``extra_args_provider``: ``--context-parallel-mode`` and the ``--fcp-*`` options."""
     group = parser.add_argument_group(title="megatron-fcp")
     group.add_argument("--context-parallel-mode", choices=CP_MODES, default="ring",
-                       help="ring: Megatron's own context parallelism, unchanged. fcp: block-level sharding of packed "
+                       help="ring: Megatron's own context parallelism, unchanged. fcp: token-exact sharding of packed "
                             "variable-length micro-batches with planned peer-to-peer key/value exchange.")
     group.add_argument(TILE_FLAG, dest="fcp_edge_cost_tile_size", default="auto", metavar="N|auto",
                        help="the attention kernel's tile in tokens, with which the FCP scheduler models the cost of "
@@ -177,9 +190,9 @@ def parse_tile_size(value) -> int:
     try:
         size = int(value)
     except (TypeError, ValueError):
-        raise InputError(f"{TILE_FLAG} must be a positive integer or 'auto', got {value!r}") from None
+        raise FlagError(TILE_FLAG, f"{TILE_FLAG} must be a positive integer or 'auto', got {value!r}") from None
     if size < 1:
-        raise InputError(f"{TILE_FLAG} must be a positive integer or 'auto', got {value!r}")
+        raise FlagError(TILE_FLAG, f"{TILE_FLAG} must be a positive integer or 'auto', got {value!r}")
     return size
 
 
@@ -199,97 +212,150 @@ def fcp_config_from_args(args) -> FcpConfig:
 
 
 # -- Megatron settings FCP depends on ---------------------------------------------------------------------------
+Problem = tuple[str, str]
+"""``(flag, one-line message)``: the flag a problem is about, and what is wrong and what to do."""
+
+
 def _get(args, name, default=None):
     return getattr(args, name, default)
 
 
-def _parallel_problem(args, world_size: int) -> str | None:
-    cp, tp = int(_get(args, "context_parallel_size", 1) or 1), int(_get(args, "tensor_model_parallel_size", 1) or 1)
-    pp = int(_get(args, "pipeline_model_parallel_size", 1) or 1)
+def _sizes(args) -> tuple[int, int, int]:
+    """``(cp, tp, pp)`` of the namespace."""
+    return tuple(int(_get(args, f"{name}_parallel_size", 1) or 1)
+                 for name in ("context", "tensor_model", "pipeline_model"))
+
+
+def _pipeline_problem(args, world_size: int) -> Problem | None:
+    pp = _sizes(args)[2]
     if pp != 1:
-        return (f"FCP does not support pipeline parallelism yet (--pipeline-model-parallel-size {pp}); use "
+        return ("--pipeline-model-parallel-size",
+                f"FCP does not support pipeline parallelism yet (--pipeline-model-parallel-size {pp}); use "
                 "--pipeline-model-parallel-size 1 with tensor, data and context parallelism")
+    return None
+
+
+def _layout_problem(args, world_size: int) -> Problem | None:
+    cp, tp, _ = _sizes(args)
     if world_size % (tp * cp):
-        return (f"--context-parallel-size {cp} x --tensor-model-parallel-size {tp} = {tp * cp} does not divide the "
+        return ("--context-parallel-size",
+                f"--context-parallel-size {cp} x --tensor-model-parallel-size {tp} = {tp * cp} does not divide the "
                 f"{world_size} launched processes; launch a multiple of {tp * cp} processes or change the parallel "
                 "sizes")
+    return None
+
+
+def _loss_problem(args, world_size: int) -> Problem | None:
     if not _get(args, "calculate_per_token_loss", False):
-        return ("FCP gives CP ranks different numbers of loss tokens, so the loss must be reduced per token: add "
+        return ("--calculate-per-token-loss",
+                "FCP gives CP ranks different numbers of loss tokens, so the loss must be reduced per token: add "
                 "--calculate-per-token-loss")
+    return None
+
+
+def _micro_batch_problem(args, world_size: int) -> Problem | None:
     if int(_get(args, "micro_batch_size", 1) or 1) != 1:
-        return (f"FCP packs one micro-batch of --seq-length tokens over the CP group; use --micro-batch-size 1 (got "
+        return ("--micro-batch-size",
+                f"FCP packs one micro-batch of --seq-length tokens over the CP group; use --micro-batch-size 1 (got "
                 f"{_get(args, 'micro_batch_size')}) and more micro-batches per step via --global-batch-size")
     return None
 
 
-def _sequence_problem(args) -> str | None:
-    cp, tp = int(_get(args, "context_parallel_size", 1) or 1), int(_get(args, "tensor_model_parallel_size", 1) or 1)
+def _sequence_problem(args, world_size: int) -> Problem | None:
+    cp, tp, _ = _sizes(args)
     seq = _get(args, "seq_length")
     if seq is None or seq < 1:
-        return "FCP needs --seq-length (tokens of one packed micro-batch over the whole CP group)"
+        return "--seq-length", "FCP needs --seq-length (tokens of one packed micro-batch over the whole CP group)"
     unit = 2 * cp if cp > 1 else 1  # Megatron's own rule for CP > 1 (validate_args); FCP needs seq_length / cp
     if seq % unit:
         why = " x 2, which Megatron requires with CP" if cp > 1 else ""
-        return (f"--seq-length {seq} is not a multiple of --context-parallel-size {cp}{why} (try --seq-length "
-                f"{seq - seq % unit + unit})")
+        return ("--seq-length", f"--seq-length {seq} is not a multiple of --context-parallel-size {cp}{why} (try "
+                                f"--seq-length {seq - seq % unit + unit})")
     if bool(_get(args, "sequence_parallel", False)) and (seq // cp) % tp:
-        return (f"with --sequence-parallel each CP rank's {seq // cp} tokens must split evenly over "
-                f"--tensor-model-parallel-size {tp}; pick --seq-length a multiple of {math.lcm(unit, cp * tp)}")
+        return ("--seq-length", f"with --sequence-parallel each CP rank's {seq // cp} tokens must split evenly over "
+                                f"--tensor-model-parallel-size {tp}; pick --seq-length a multiple of "
+                                f"{math.lcm(unit, cp * tp)}")
     return None
 
 
-def _model_problem(args) -> str | None:
-    tp = int(_get(args, "tensor_model_parallel_size", 1) or 1)
+def _heads_problem(args, world_size: int) -> Problem | None:
+    tp = _sizes(args)[1]
     heads = _get(args, "num_attention_heads")
     groups = _get(args, "num_query_groups") if _get(args, "group_query_attention", False) else heads
-    if heads is not None and groups is not None:
-        if groups < 1 or heads % groups:
-            return (f"--num-attention-heads {heads} is not a multiple of --num-query-groups {groups}; grouped-query "
-                    "attention needs heads % query groups == 0")
-        if heads % tp or groups % tp:
-            return (f"--num-attention-heads {heads} and --num-query-groups {groups} must both divide by "
-                    f"--tensor-model-parallel-size {tp} (each TP rank holds whole heads)")
+    if heads is None or groups is None:
+        return None
+    if groups < 1 or heads % groups:
+        return ("--num-attention-heads", f"--num-attention-heads {heads} is not a multiple of --num-query-groups "
+                                         f"{groups}; grouped-query attention needs heads % query groups == 0")
+    if heads % tp or groups % tp:
+        return ("--num-attention-heads", f"--num-attention-heads {heads} and --num-query-groups {groups} must both "
+                                         f"divide by --tensor-model-parallel-size {tp} (each TP rank holds whole "
+                                         "heads)")
+    return None
+
+
+def _attention_problem(args, world_size: int) -> Problem | None:
     dropout = float(_get(args, "attention_dropout", 0.0) or 0.0)
     if dropout:
-        return (f"FCP attention kernels have no attention dropout (--attention-dropout {dropout}); pass "
-                "--attention-dropout 0")
+        return ("--attention-dropout", f"FCP attention kernels have no attention dropout (--attention-dropout "
+                                       f"{dropout}); pass --attention-dropout 0")
     pos = _get(args, "position_embedding_type", "learned_absolute")
     if pos not in ("rope", "none"):
-        return (f"FCP places blocks anywhere and applies rotary embeddings from per-token positions; "
-                f"--position-embedding-type {pos} is not supported, use rope or none")
+        return ("--position-embedding-type", f"FCP places blocks anywhere and applies rotary embeddings from "
+                                             f"per-token positions; --position-embedding-type {pos} is not "
+                                             "supported, use rope or none")
     if str(_get(args, "attention_backend", "")).endswith("local"):
-        return ("--attention-backend local replaces every core attention, FCP's too; leave --attention-backend at "
-                "auto (FCP picks its kernels with --fcp-attention-backend)")
+        return ("--attention-backend", "--attention-backend local replaces every core attention, FCP's too; leave "
+                                       "--attention-backend at auto (FCP picks its kernels with "
+                                       "--fcp-attention-backend)")
     return None
 
 
-def _data_problem(args) -> str | None:
+def _data_problem(args, world_size: int) -> Problem | None:
     if _get(args, "sft", False):
-        return ("FCP does not take --sft datasets yet; use GPT pretraining data with --reset-position-ids (document "
-                "boundaries) or --mock-data --fcp-mock-doclens NAME")
+        return ("--sft", "FCP does not take --sft datasets yet; use GPT pretraining data with --reset-position-ids "
+                         "(document boundaries) or --mock-data --fcp-mock-doclens NAME")
     if _get(args, "mock_data", False):
         if not _get(args, "fcp_mock_doclens"):
-            return ("with --mock-data, FCP needs documents: add --fcp-mock-doclens NAME|FILE (linux_files, "
-                    "linux_dirs, spamassassin, magi_hist, or a file of one length per line)")
+            return ("--fcp-mock-doclens", "with --mock-data, FCP needs documents: add --fcp-mock-doclens NAME|FILE "
+                                          "(linux_files, linux_dirs, spamassassin, magi_hist, or a file of one "
+                                          "length per line)")
     elif not _get(args, "reset_position_ids", False):
-        return ("FCP needs document boundaries in the data: add --reset-position-ids (and --reset-attention-mask "
-                "--eod-mask-loss as usual), so each document starts at position 0")
+        return ("--reset-position-ids", "FCP needs document boundaries in the data: add --reset-position-ids (and "
+                                        "--reset-attention-mask --eod-mask-loss as usual), so each document starts "
+                                        "at position 0")
     return None
+
+
+_MEGATRON_CHECKS = (_pipeline_problem, _layout_problem, _loss_problem, _micro_batch_problem, _sequence_problem,
+                    _heads_problem, _attention_problem, _data_problem)
+"""Each rule of the Megatron settings FCP depends on, in the order their problems are reported."""
+
+
+def fcp_arg_problems(args, world_size: int) -> list[Problem]:
+    """Every problem FCP finds in Megatron's parsed namespace, each ``(flag, one-line message)``, in check order:
+    the Megatron settings first, then FCP's own flags (:class:`FcpConfig`); empty in ring mode (Megatron's path,
+    left to Megatron's checks). ``world_size`` is the launcher's WORLD_SIZE."""
+    if _get(args, "context_parallel_mode", "ring") != "fcp":
+        return []
+    problems = [p for check in _MEGATRON_CHECKS if (p := check(args, world_size)) is not None]
+    try:
+        fcp_config_from_args(args)
+    except FlagError as err:
+        if err.flag not in {flag for flag, _ in problems}:
+            problems.append((err.flag, str(err)))
+    return problems
 
 
 def check_fcp_args(args, world_size: int) -> None:
-    """Raise :class:`InputError` (one line: what is wrong and what to do) for configurations FCP cannot run.
+    """Raise :class:`InputError` (one line: what is wrong and what to do) for the first configuration problem FCP
+    cannot run with (see :func:`fcp_arg_problems`).
 
     ``args`` is Megatron's parsed namespace (before ``validate_args``); ``world_size`` the launcher's WORLD_SIZE.
-    Ring mode is Megatron's own path and is left to Megatron's checks.
     """
-    if _get(args, "context_parallel_mode", "ring") != "fcp":
-        return
-    for problem in (_parallel_problem(args, world_size), _sequence_problem(args), _model_problem(args),
-                    _data_problem(args)):
-        if problem:
-            raise InputError(problem)
-    fcp_config_from_args(args)
+    problems = fcp_arg_problems(args, world_size)
+    if problems:
+        raise FlagError(*problems[0])
 
 
 def with_fcp_args(provider=None):
