@@ -41,4 +41,13 @@ fi
 echo "setup: installing megatron-fcp in editable mode with test extras"
 .venv/bin/python -m pip install --quiet -e ".[test]"
 .venv/bin/python -m megatron_fcp.megatron.dataset_helpers
+# The shell linter scripts/lint.sh runs (shellcheck) is a Debian package, installed here when this runs as root with apt
+if ! command -v shellcheck >/dev/null 2>&1; then
+    if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null 2>&1; then
+        echo "setup: installing shellcheck (apt-get)"
+        apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends shellcheck >/dev/null
+    else
+        echo "setup: shellcheck not found; scripts/lint.sh needs it: apt-get install shellcheck (as root)" >&2
+    fi
+fi
 echo "setup: done; use .venv/bin/python, .venv/bin/pytest, .venv/bin/fcp"

@@ -1,9 +1,8 @@
 #!/usr/bin/env bash
-# Set up the environment, lint, and run the tests. Extra arguments go to pytest.
+# Set up the environment, lint (scripts/lint.sh), and run the tests. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 bash scripts/setup.sh
-.venv/bin/ruff check megatron_fcp tests scripts
-.venv/bin/lint-imports
+bash scripts/lint.sh
 .venv/bin/pytest -q "$@"

@@ -339,6 +339,10 @@ def train_in_group(run: RunConfig, quiet: bool = False) -> None:
     gloo, records to ``run.records``; saves on SIGTERM when ``run.save_interval`` is set."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
+    if run.save_dir:  # before the SIGTERM handler: the checkpoint writer's helper must outlive Slurm's SIGTERM
+        from megatron_fcp.megatron.signals import start_checkpoint_results_queue
+
+        start_checkpoint_results_queue()
     stop = _StopRequest()
     stop.install()
     try:

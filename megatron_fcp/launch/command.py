@@ -275,6 +275,22 @@ def node_commands(spec: RunSpec, hosts: Sequence[str] | None = None) -> list[lis
     return [[*head, "--node-rank", str(rank), *tail] for rank in range(nodes)]
 
 
+def host_path(path: str, mounts: Sequence[str]) -> str:
+    """Where the container path ``path`` lies on the host, through ``SRC:DST[:FLAGS]`` bind mounts: the mount
+    with the longest ``DST`` covering ``path`` wins; ``path`` itself when none covers it."""
+    best_dst, best_src = "", ""
+    for mount in mounts:
+        src, dst = mount.split(":")[:2]
+        dst = dst.rstrip("/") or "/"
+        covers = path == dst or path.startswith(dst if dst == "/" else dst + "/")
+        if covers and len(dst) > len(best_dst):
+            best_dst, best_src = dst, src
+    if not best_dst:
+        return path
+    rest, src = path[len(best_dst):].lstrip("/"), best_src.rstrip("/")
+    return f"{src}/{rest}" if rest else src or "/"
+
+
 def launcher_env(spec: RunSpec) -> list[str]:
     """``KEY=VALUE`` lines for the sbatch script, each value shell-quoted (``ENTRY_ARGS`` holds the arguments
     shell-quoted and joined: expand it with ``eval "set -- $ENTRY_ARGS"``)."""
@@ -286,6 +302,8 @@ def launcher_env(spec: RunSpec) -> list[str]:
         "CONTAINER_IMAGE": container.image if container else "",
         "CONTAINER_MOUNTS": ",".join(container.mounts) if container else "",
         "LOG_DIR": spec.paths.logs, "CHECKPOINT_DIR": spec.paths.checkpoints,
+        # the log folder on the host when the run uses its container (the batch script writes there)
+        "HOST_LOG_DIR": host_path(spec.paths.logs, container.mounts) if container else spec.paths.logs,
     }
     return [f"{key}={shlex.quote(str(value))}" for key, value in values.items()]
 

@@ -21,6 +21,7 @@ import time
 from megatron_fcp.errors import InputError
 from megatron_fcp.megatron import dataset_helpers
 from megatron_fcp.megatron.config import add_fcp_args, check_fcp_args, fcp_config_from_args
+from megatron_fcp.megatron.signals import start_checkpoint_results_queue
 
 
 def wants_fcp(argv: list[str]) -> bool:
@@ -149,6 +150,8 @@ def main() -> None:
     from megatron_fcp.megatron.model import fcp_model_config
 
     args = parse_checked_args()
+    if args.save:  # the save on SIGTERM (--exit-signal-handler) needs a checkpoint helper that outlives it
+        start_checkpoint_results_queue()
     model_cfg = gpt_config_from_args(args)
     if args.context_parallel_mode == "fcp":
         model_cfg = fcp_model_config(model_cfg, fcp_config_from_args(args))

