@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Create (if missing) the project's virtual environment .venv with Python >= 3.12 and install the project
 # in editable mode with its test extras. Safe to run again: an existing .venv is reused.
+# With --print-python: print the Python it would use and stop.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -26,14 +27,22 @@ find_python() {
     return 1
 }
 
+no_python() {
+    echo "setup: no Python >= 3.12 found (tried python3.12, python3.13, python3 and pyenv versions)." >&2
+    echo "setup: install Python 3.12 or newer (megatron-core >= 0.17 needs it) and run again." >&2
+    exit 1
+}
+
+# --print-python: only print the Python >= 3.12 this would build .venv with (for a light login-node venv)
+if [[ ${1:-} == --print-python ]]; then
+    find_python || no_python
+    exit 0
+fi
+
 if [[ -x .venv/bin/python ]] && is_new_enough .venv/bin/python; then
     echo "setup: reusing .venv ($(.venv/bin/python --version))"
 else
-    if ! python=$(find_python); then
-        echo "setup: no Python >= 3.12 found (tried python3.12, python3.13, python3 and pyenv versions)." >&2
-        echo "setup: install Python 3.12 or newer (megatron-core >= 0.17 needs it) and run again." >&2
-        exit 1
-    fi
+    python=$(find_python) || no_python
     echo "setup: creating .venv with $python ($("$python" --version))"
     "$python" -m venv .venv
 fi
