@@ -434,6 +434,10 @@ def test_tiny_cpu_job_trains_like_no_cp(tiny_jobs, name):
     worst = drift.index(max(drift))
     assert max(drift) <= 1e-5, f"{name}: loss differs from no-CP by {max(drift):.2e} at step {worst + 1}"
     assert (folder / spec.paths.checkpoints).is_dir()
+    # the job's own log folder (LOGS/<job id>/slurm.out) has rank 0's line per step, the same losses (6 decimals)
+    printed = [(int(m[1]), float(m[2])) for m in re.finditer(r"\] step +(\d+) +loss ([0-9.]+)", text)]
+    assert [step for step, _ in printed] == [s["step"] for s in steps]
+    assert all(abs(loss - s["loss"]) <= 5e-7 for (_, loss), s in zip(printed, steps, strict=True))
 
 
 def _interrupted_job(cluster, tiny_jobs, folder: Path, name: str, interrupt) -> tuple[list, list, str, int]:
