@@ -32,7 +32,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out-configs", default=str(REPO / "configs/hardware"))
+    p.add_argument("--out", nargs="+",
+                   default=[str(REPO / "configs/hardware"), str(REPO / "megatron_fcp/data/hardware")],
+                   help="folders to write the calibration files to (the shipped one is what the cost model loads)")
     p.add_argument("--out-doc", default=str(REPO / "docs/calibration_published.md"))
     args = p.parse_args()
     hw = load_hardware("h100_node")
@@ -49,8 +51,9 @@ def main() -> None:
         laws = fit_kernel(data, kernel, peak, launch, tile)
         note = (f"{kernel} kernel time laws fitted by scripts/calibrate_published.py to published H100 figures "
                 "(megatron_fcp/data/hardware/published_attention_h100.yaml); modeled, not measured here")
-        path = Path(args.out_configs) / f"h100_published_{kernel}.yaml"
-        path.write_text(f"# {note}\n" + to_yaml(kernel, laws, note))
+        for folder in args.out:
+            path = Path(folder) / f"h100_published_{kernel}.yaml"
+            path.write_text(f"# {note}\n" + to_yaml(kernel, laws, note))
         lines += [f"## {kernel} ({path.relative_to(REPO) if path.is_relative_to(REPO) else path})", "",
                   "| pass | mask | max efficiency | row overhead (keys) | figures | worst error | sources |",
                   "|---|---|---|---|---|---|---|"]

@@ -190,3 +190,22 @@ def ring_flash_attention_anchor(laws: dict[tuple[str, str], KernelLaw], peak_tfl
                 seconds(pass_, "full", first_half), seconds(pass_, "full", second_half))
     n = len(RING_FLASH_ATTENTION_VARLEN)
     return RingAnchor(single_iter_s=n / single, ring_iter_s=n / ring, ratio=world * single / ring)
+
+
+def laws_from_yaml(text: str) -> dict[tuple[str, str], KernelLaw]:
+    """The laws of a calibration file written by :func:`to_yaml` (keys ``(pass, mask)``)."""
+    raw = yaml.safe_load(text)
+    laws = {}
+    for key, value in (raw or {}).get("laws", {}).items():
+        pass_, _, mask = key.partition("_")
+        if pass_ not in PASSES or mask not in MASKS:
+            raise InputError(f"calibration law {key!r}: expected <{'|'.join(PASSES)}>_<{'|'.join(MASKS)}>")
+        laws[pass_, mask] = KernelLaw(max_efficiency=float(value["max_efficiency"]),
+                                      row_overhead_keys=float(value["row_overhead_keys"]),
+                                      points=int(value.get("points", 0)),
+                                      max_rel_error=float(value.get("max_rel_error", 0.0)),
+                                      sources=tuple(value.get("sources", ())))
+    missing = [f"{p}_{m}" for p in PASSES for m in MASKS if (p, m) not in laws]
+    if missing:
+        raise InputError(f"calibration file has no law for {', '.join(missing)}: the cost model needs all four")
+    return laws

@@ -59,7 +59,7 @@ Bytes moved per rank and layer: forward receive + backward refetch + key/value g
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from importlib import resources
 from pathlib import Path
 
@@ -76,6 +76,7 @@ from megatron_fcp.planner.stages import (
     resolve_kv_budget,
     split_stages,
 )
+from megatron_fcp.sim.calibration import KernelLaw, law_seconds, laws_from_yaml
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -99,6 +100,11 @@ class HardwareProfile:
     num_kv_heads: int
     head_dim: int
     bytes_per_element: int
+    kernel_laws: str | None = None
+    """Calibration file of kernel time laws (:mod:`megatron_fcp.sim.calibration`), by name in the shipped
+    folder or a path; used in place of the fixed efficiencies (launch and tile stay). None: fixed efficiencies."""
+    laws: dict[tuple[str, str], KernelLaw] | None = field(default=None, compare=False, repr=False)
+    """The loaded laws of ``kernel_laws`` (set by :func:`load_hardware`)."""
 
     @property
     def fwd_flops_per_pair(self) -> float:
@@ -118,32 +124,61 @@ class HardwareProfile:
         flops = eff_pairs * self.fwd_flops_per_pair * self.bwd_flops_factor
         return flops / (self.peak_bf16_dense_tflops * 1e12 * self.attention_bwd_efficiency)
 
+    def call_seconds(self, pass_: str, mask: str, eff_pairs, rows, calls):
+        """Seconds of kernel calls of one pass (``fwd``/``bwd``) and mask (``causal`` diagonal or ``full``):
+        ``calls`` launches plus the work ``eff_pairs`` (exact pairs and edge tiles) over ``rows`` query rows, at
+        the fixed efficiencies or, with :attr:`laws`, at the calibrated law of that pass and mask."""
+        launch = self.kernel_launch_us * 1e-6 * np.asarray(calls, dtype=np.float64)
+        if self.laws is None:
+            return (self.seconds_fwd(eff_pairs) if pass_ == "fwd" else self.seconds_bwd(eff_pairs)) + launch
+        return law_seconds(self.laws[pass_, mask], pass_, eff_pairs, rows, self.fwd_flops_per_pair,
+                           self.peak_bf16_dense_tflops, 0.0) + launch
+
     def seconds_transfer(self, num_bytes, inter_node: bool):
         bw = self.ib_gbps_per_direction * self.ib_efficiency if inter_node else \
             self.nvlink_gbps_per_direction * self.nvlink_efficiency
         return num_bytes / (bw * 1e9)
 
 
-HARDWARE = ("h100_node", "h200_node")
+HARDWARE = ("h100_node", "h200_node", "h100_node_fa2_published", "h200_node_fa2_published")
+OPTIONAL_FIELDS = ("kernel_laws",)
+
+
+def _shipped(name: str) -> str:
+    return (resources.files("megatron_fcp") / "data" / "hardware" / f"{name}.yaml").read_text()
 
 
 def load_hardware(name_or_path: str | Path = "h100_node") -> HardwareProfile:
-    """Load a shipped profile by name (``h100_node``, ``h200_node``) or a YAML file of the same fields."""
+    """Load a shipped profile by name (:data:`HARDWARE`) or a YAML file of the same fields. ``kernel_laws`` names
+    a shipped calibration file or a path (relative to the profile's folder)."""
+    folder = None
     if isinstance(name_or_path, str) and name_or_path in HARDWARE:
-        text = (resources.files("megatron_fcp") / "data" / "hardware" / f"{name_or_path}.yaml").read_text()
+        text = _shipped(name_or_path)
     else:
         path = Path(name_or_path)
         if not path.is_file():
             raise InputError(f"hardware profile {str(name_or_path)!r} is neither {HARDWARE} nor an existing file")
-        text = path.read_text()
+        text, folder = path.read_text(), path.parent
     raw = yaml.safe_load(text)
     flat = {k: v for k, v in raw.items() if k != "model"} | dict(raw.get("model", {}))
-    names = {f.name for f in fields(HardwareProfile)}
-    missing, unknown = names - flat.keys(), flat.keys() - names
+    names = {f.name for f in fields(HardwareProfile)} - {"laws"}
+    missing, unknown = names - flat.keys() - set(OPTIONAL_FIELDS), flat.keys() - names
     if missing or unknown:
         raise InputError(
             f"hardware profile {name_or_path}: missing fields {sorted(missing)}, unknown fields {sorted(unknown)}"
         )
+    laws_name = flat.get("kernel_laws")
+    if laws_name:
+        local = folder / laws_name if folder is not None else None
+        if local is not None and local.is_file():
+            laws_text = local.read_text()
+        else:
+            try:
+                laws_text = _shipped(laws_name)
+            except FileNotFoundError:
+                raise InputError(f"hardware profile {name_or_path}: kernel_laws {laws_name!r} is neither a shipped "
+                                 "calibration (megatron_fcp/data/hardware) nor a file next to the profile") from None
+        flat["laws"] = laws_from_yaml(laws_text)
     return HardwareProfile(**flat)
 
 
@@ -294,6 +329,9 @@ class StagedExchange:
     grad_comm_s: np.ndarray
     """Backward round ``t``: sending stage ``n - 1 - t``'s key/value gradients to their owners and receiving the
     gradients of own key/values that come back in the round."""
+    rows: np.ndarray | None = None
+    """Query rows of the rank that compute against stage ``j`` (the kernel call's query tokens; needed with
+    kernel laws only)."""
 
 
 def _link_seconds(hw: HardwareProfile, slot: np.ndarray, nbytes: np.ndarray, inter: np.ndarray,
@@ -353,6 +391,8 @@ def staged_exchange(plan: Plan, hw: HardwareProfile, kv_budget_tokens=DEFAULT_KV
     slot = q[g_row, 0] * rounds + g_stage
     stage_pairs = np.bincount(slot, weights=pairs, minlength=cp * rounds).reshape(cp, rounds)
     stage_eff = np.bincount(slot, weights=eff, minlength=cp * rounds).reshape(cp, rounds)
+    g_rows = np.where(pairs > 0, q[g_row, 3] - q[g_row, 2], 0)
+    stage_rows = np.bincount(slot, weights=g_rows, minlength=cp * rounds).reshape(cp, rounds)
 
     # communication per round
     nbytes = length * hw.kv_bytes_per_token
@@ -367,7 +407,7 @@ def staged_exchange(plan: Plan, hw: HardwareProfile, kv_budget_tokens=DEFAULT_KV
     peers = _distinct_peers(np.concatenate([sent, returned]), np.concatenate([src, dst]), size, cp)
     grad = (grad + hw.p2p_latency_us * 1e-6 * peers).reshape(cp, rounds)
     return StagedExchange(budget=budget, num_stages=num_stages, pairs=stage_pairs, eff_pairs=stage_eff,
-                          fwd_comm_s=fwd, refetch_comm_s=refetch, grad_comm_s=grad)
+                          rows=stage_rows, fwd_comm_s=fwd, refetch_comm_s=refetch, grad_comm_s=grad)
 
 
 def staged_times(x: StagedExchange, local_fwd_s: np.ndarray, local_bwd_s: np.ndarray, hw: HardwareProfile
@@ -375,9 +415,9 @@ def staged_times(x: StagedExchange, local_fwd_s: np.ndarray, local_bwd_s: np.nda
     """Per rank: forward and backward seconds of the engine's rounds, and kernel seconds (local times include
     their launches; every stage with work adds one kernel launch, forward and backward)."""
     cp, rounds = x.eff_pairs.shape
-    launch = hw.kernel_launch_us * 1e-6 * (x.eff_pairs > 0)
-    c_fwd = hw.seconds_fwd(x.eff_pairs) + launch
-    c_bwd = hw.seconds_bwd(x.eff_pairs) + launch
+    calls = x.eff_pairs > 0  # received pieces are whole earlier ranges (causal) or any range (full): full calls
+    c_fwd = hw.call_seconds("fwd", "full", x.eff_pairs, x.rows, calls)
+    c_bwd = hw.call_seconds("bwd", "full", x.eff_pairs, x.rows, calls)
     # forward: local blocks while stage 0 travels; then wait stage j, post round j + 1, compute stage j
     f, arrive = np.asarray(local_fwd_s, dtype=np.float64).copy(), x.fwd_comm_s[:, 0].copy()
     for j in range(rounds):
@@ -405,18 +445,41 @@ def staged_times(x: StagedExchange, local_fwd_s: np.ndarray, local_bwd_s: np.nda
 
 def _p2p_cost(plan: Plan, hw: HardwareProfile, kv_budget_tokens=DEFAULT_KV_BUDGET
               ) -> tuple[np.ndarray, np.ndarray]:
+    x = staged_exchange(plan, hw, kv_budget_tokens)
+    local_fwd, local_bwd = _local_seconds(plan, hw)
+    fwd, bwd, compute = staged_times(x, local_fwd, local_bwd, hw)
+    return compute, fwd + bwd
+
+
+def _local_seconds(plan: Plan, hw: HardwareProfile) -> tuple[np.ndarray, np.ndarray]:
+    """Per rank: forward and backward seconds of the calls on its own key/values, launches included. Causal: the
+    diagonal call (each row against itself) and the ``earlier`` call (rows against the rank's earlier own rows
+    of the document, a full block); full mask: one call against all own keys."""
     q, cp = plan.q, plan.cp
     local, local_keys, _, other = _local_split(plan)
     n_q = q[:, 3] - q[:, 2]
-    eff_local = np.bincount(q[:, 0], weights=_eff_pairs(local, n_q, local_keys, hw.tile_size), minlength=cp)
     calls = (np.bincount(q[:, 0], minlength=cp) > 0).astype(np.float64)  # own: diagonal (causal) or all own keys
     if plan.mask == "causal":
         calls += np.bincount(q[:, 0], weights=other, minlength=cp) > 0  # earlier: the rank's earlier own rows
-    launches = hw.kernel_launch_us * 1e-6 * calls
-    x = staged_exchange(plan, hw, kv_budget_tokens)
-    fwd, bwd, compute = staged_times(x, hw.seconds_fwd(eff_local) + launches, hw.seconds_bwd(eff_local) + launches,
-                                     hw)
-    return compute, fwd + bwd
+    if hw.laws is None:  # one efficiency for every call: the own-key work in one sum
+        eff_local = np.bincount(q[:, 0], weights=_eff_pairs(local, n_q, local_keys, hw.tile_size), minlength=cp)
+        launches = hw.kernel_launch_us * 1e-6 * calls
+        return hw.seconds_fwd(eff_local) + launches, hw.seconds_bwd(eff_local) + launches
+    rank, tile = q[:, 0], hw.tile_size
+    if plan.mask == "causal":
+        diagonal = local - other
+        parts = [("causal", _eff_pairs(diagonal, n_q, n_q, tile), np.where(diagonal > 0, n_q, 0), diagonal > 0),
+                 ("full", _eff_pairs(other, n_q, local_keys - n_q, tile), np.where(other > 0, n_q, 0), other > 0)]
+    else:
+        parts = [("full", _eff_pairs(local, n_q, local_keys, tile), np.where(local > 0, n_q, 0), local > 0)]
+    out = []
+    for pass_ in ("fwd", "bwd"):
+        total = np.zeros(cp)
+        for mask, eff, rows, used in parts:
+            work, n_rows = np.bincount(rank, eff, cp), np.bincount(rank, rows, cp)
+            total += hw.call_seconds(pass_, mask, work, n_rows, np.bincount(rank, used, cp) > 0)
+        out.append(total)
+    return out[0], out[1]
 
 
 # -- ring (Transformer Engine) -----------------------------------------------------------------------
@@ -437,13 +500,27 @@ def _ring_cost(plan: Plan, hw: HardwareProfile, pairs: np.ndarray) -> tuple[np.n
                        minlength=cp)
     eff = pairs + over
     launch = hw.kernel_launch_us * 1e-6
-    comp_f, comp_b = hw.seconds_fwd(eff), hw.seconds_bwd(eff)
     step_bytes = float(plan.num_tokens.max()) * hw.kv_bytes_per_token
     comm = hw.seconds_transfer(step_bytes, cp > hw.gpus_per_node) + hw.p2p_latency_us * 1e-6
-    slow_f, slow_b = comp_f.max() / cp + launch, comp_b.max() / cp + launch
-    fwd = slow_f + (cp - 1) * max(slow_f, comm)
-    bwd = slow_b + (cp - 1) * max(slow_b, 2 * comm)
-    return comp_f + comp_b, np.full(cp, fwd + bwd)
+    if hw.laws is None:  # every step one cp-th of the rank's work
+        comp_f, comp_b = hw.seconds_fwd(eff), hw.seconds_bwd(eff)
+        slow_f, slow_b = comp_f.max() / cp + launch, comp_b.max() / cp + launch
+        fwd = slow_f + (cp - 1) * max(slow_f, comm)
+        bwd = slow_b + (cp - 1) * max(slow_b, 2 * comm)
+        return comp_f + comp_b, np.full(cp, fwd + bwd)
+    # calibrated laws: step 0 is the rank's own chunks (a causal diagonal under a causal mask), each later step an
+    # equal share of the rest, a full block; the work (edge tiles included) is split in proportion to the pairs
+    own = np.bincount(plan.q[:, 0], weights=_local_split(plan)[0], minlength=cp)
+    share = np.divide(own, pairs, out=np.zeros(cp), where=pairs > 0)
+    rows = plan.num_tokens.astype(np.float64)
+    first_mask = "causal" if plan.mask == "causal" else "full"
+    total, step = np.zeros(cp), 0.0
+    for pass_, ring_comm in (("fwd", comm), ("bwd", 2 * comm)):
+        first = hw.call_seconds(pass_, first_mask, eff * share, rows, 0)
+        later = hw.call_seconds(pass_, "full", eff * (1 - share) / max(cp - 1, 1), rows, 0)
+        total += first + (cp - 1) * later  # kernel work without launches, as without laws
+        step += first.max() + launch + (cp - 1) * max(later.max() + launch, ring_comm)
+    return total, np.full(cp, step)
 
 
 # -- group ring (Megatron hybrid CP) -----------------------------------------------------------------
@@ -459,9 +536,16 @@ def _group_ring_cost(plan: Plan, hw: HardwareProfile) -> tuple[np.ndarray, np.nd
     comm = np.where(g > hw.gpus_per_node, hw.seconds_transfer(chunk_bytes, True),
                     hw.seconds_transfer(chunk_bytes, False)) + hw.p2p_latency_us * 1e-6 * (g > 1)
     launch = hw.kernel_launch_us * 1e-6
-    per_f = hw.seconds_fwd(eff) / g + launch
-    per_b = hw.seconds_bwd(eff) / g + launch
+    if hw.laws is None:
+        per_f = hw.seconds_fwd(eff) / g + launch
+        per_b = hw.seconds_bwd(eff) / g + launch
+        compute = np.bincount(rank_doc[:, 0], weights=hw.seconds_fwd(eff) + hw.seconds_bwd(eff), minlength=cp)
+    else:  # calibrated laws: each of the g steps one call of the rank's chunk rows (the document's mask)
+        chunk_rows = np.bincount(row_group.ravel(), weights=q[:, 3] - q[:, 2])
+        mask = "causal" if plan.mask == "causal" else "full"
+        per_f = hw.call_seconds("fwd", mask, eff / g, chunk_rows, 1)
+        per_b = hw.call_seconds("bwd", mask, eff / g, chunk_rows, 1)
+        compute = np.bincount(rank_doc[:, 0], weights=g * (per_f + per_b - 2 * launch), minlength=cp)
     fwd = per_f + (g - 1) * np.maximum(per_f, comm)
     bwd = per_b + (g - 1) * np.maximum(per_b, 2 * comm)
-    compute = np.bincount(rank_doc[:, 0], weights=hw.seconds_fwd(eff) + hw.seconds_bwd(eff), minlength=cp)
     return compute, np.bincount(rank_doc[:, 0], weights=fwd + bwd, minlength=cp)

@@ -73,3 +73,83 @@ def test_shipped_calibration_files_are_current(data, kernel):
     shipped = yaml.safe_load((REPO / f"configs/hardware/h100_published_{kernel}.yaml").read_text())
     fresh = yaml.safe_load(cal.to_yaml(kernel, cal.fit_kernel(data, kernel, PEAK, LAUNCH, TILE), shipped["note"]))
     assert shipped == fresh
+
+
+# -- the cost model with laws ------------------------------------------------------------------------------------
+def _mimic(hw, row_overhead_keys=0.0):
+    """``hw`` with laws that are its fixed efficiencies (no per-row cost): the model must not change."""
+    import dataclasses
+
+    laws = {(p, m): cal.KernelLaw(hw.attention_fwd_efficiency if p == "fwd" else hw.attention_bwd_efficiency,
+                                  row_overhead_keys, 0, 0.0, ()) for p in cal.PASSES for m in cal.MASKS}
+    return dataclasses.replace(hw, kernel_laws="mimic", laws=laws)
+
+
+def _plans(mask):
+    from megatron_fcp.data.lengths import load_distribution, pack_batches
+    from megatron_fcp.planner.api import make_plan
+
+    batch = pack_batches(load_distribution("spamassassin"), 8 * 2048, 1, 0)[0]
+    return [make_plan(batch, 8, 2048, mask, strategy) for strategy in ("fcp", "magi", "ring", "hybrid")]
+
+
+def test_laws_equal_to_the_fixed_efficiencies_change_nothing():
+    """Point-to-point plans under a full mask (own keys: one call; stages: one call each) give the fixed-efficiency
+    figures when the laws are those efficiencies; ring plans nearly (with laws step 0, the rank's own chunks, is
+    timed apart from the later steps instead of every step being one cp-th of the work)."""
+    import numpy as np
+
+    from megatron_fcp.sim.model import evaluate, load_hardware
+
+    hw = load_hardware("h100_node")
+    for plan in _plans("full"):
+        fixed, mimic = evaluate(plan, hw), evaluate(plan, _mimic(hw))
+        if plan.exchange == "p2p":
+            np.testing.assert_allclose(mimic.step_s, fixed.step_s, rtol=1e-12)
+            np.testing.assert_allclose(mimic.compute_s, fixed.compute_s, rtol=1e-12)
+        elif plan.exchange == "ring":
+            np.testing.assert_allclose(mimic.compute_s, fixed.compute_s, rtol=1e-3)  # launches: cp per rank
+            np.testing.assert_allclose(mimic.step_s, fixed.step_s, rtol=1e-2)
+
+
+def test_a_per_row_cost_slows_every_strategy():
+    from megatron_fcp.sim.model import evaluate, load_hardware
+
+    hw = load_hardware("h100_node")
+    for mask in ("causal", "full"):
+        for plan in _plans(mask):
+            base, slower = evaluate(plan, _mimic(hw)), evaluate(plan, _mimic(hw, 200.0))
+            assert (slower.compute_s >= base.compute_s).all() and slower.step_time_s > base.step_time_s, plan.strategy
+
+
+def test_calibrated_profiles_load_their_laws():
+    from megatron_fcp.sim.model import HARDWARE, load_hardware
+
+    for name in ("h100_node_fa2_published", "h200_node_fa2_published"):
+        assert name in HARDWARE
+        hw = load_hardware(name)
+        assert hw.kernel_laws == "h100_published_fa2" and set(hw.laws) == {(p, m) for p in cal.PASSES
+                                                                            for m in cal.MASKS}
+    assert load_hardware("h100_node").laws is None
+
+
+def test_bad_kernel_laws_say_what_is_wrong(tmp_path):
+    from megatron_fcp.errors import InputError
+    from megatron_fcp.sim.model import load_hardware
+
+    profile = (REPO / "megatron_fcp/data/hardware/h100_node_fa2_published.yaml").read_text()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(profile.replace("kernel_laws: h100_published_fa2", "kernel_laws: nosuch"))
+    with pytest.raises(InputError, match="kernel_laws 'nosuch' is neither a shipped calibration"):
+        load_hardware(bad)
+    (tmp_path / "three.yaml").write_text("laws:\n  fwd_full: {max_efficiency: 0.4, row_overhead_keys: 0}\n")
+    bad.write_text(profile.replace("kernel_laws: h100_published_fa2", "kernel_laws: three.yaml"))
+    with pytest.raises(InputError, match="no law for fwd_causal, bwd_full, bwd_causal"):
+        load_hardware(bad)
+
+
+def test_configs_hardware_are_the_shipped_profiles():
+    """configs/hardware/ (for users to copy) holds the same files the package ships and the model loads."""
+    shipped = REPO / "megatron_fcp/data/hardware"
+    for path in sorted((REPO / "configs/hardware").glob("*.yaml")):
+        assert path.read_text() == (shipped / path.name).read_text(), path.name
