@@ -209,3 +209,63 @@ def laws_from_yaml(text: str) -> dict[tuple[str, str], KernelLaw]:
     if missing:
         raise InputError(f"calibration file has no law for {', '.join(missing)}: the cost model needs all four")
     return laws
+
+
+# -- laws from measured kernel calls (the GPU script's timings) -------------------------------------------------
+def call_work(q_lens, k_lens, causal: bool, tile: int) -> tuple[float, float, float]:
+    """(exact pairs, model work pairs, query rows) of one varlen call: causal segments are diagonal blocks
+    (``n (n + 1) / 2`` pairs), full ones ``q k``; work adds the edge tiles of every segment."""
+    exact = work = rows = 0.0
+    for q, k in zip(q_lens, k_lens, strict=True):
+        pairs = q * (q + 1) / 2 if causal else float(q * k)
+        exact += pairs
+        work += pairs + tile / 2 * (q + k) + tile * tile / 4
+        rows += q
+    return exact, work, rows
+
+
+def _solve(work, rows, seconds, unit, launch_s):
+    """Least squares on relative error of ``seconds = launch + unit (work a + rows b)``; ``launch_s`` None: fitted
+    too (kept >= 0). Returns (a, b, launch)."""
+    w = 1.0 / seconds
+    if launch_s is None:
+        columns = np.stack([unit * work * w, unit * rows * w, w], axis=1)
+        (a, b, launch), *_ = np.linalg.lstsq(columns, np.ones_like(seconds), rcond=None)
+        if launch >= 0:
+            return a, b, launch
+        launch_s = 0.0
+    columns = np.stack([unit * work * w, unit * rows * w], axis=1)
+    (a, b), *_ = np.linalg.lstsq(columns, 1.0 - launch_s * w, rcond=None)
+    return a, b, launch_s
+
+
+def fit_calls(records: list[dict], peak_tflops: float, q_heads: int, head_dim: int, tile: int
+              ) -> tuple[dict[tuple[str, str], KernelLaw], float]:
+    """Kernel laws and one launch cost fitted to measured calls: records with ``q_lens``, ``k_lens``, ``causal``,
+    ``fwd_ms``, ``bwd_ms`` (medians). The launch cost is fitted per law first, then fixed at their mean (>= 0) and
+    every law fitted again with it, so one profile's ``kernel_launch_us`` serves all four."""
+    groups: dict[tuple[str, str], list] = {}
+    for r in records:
+        _, work, rows = call_work(r["q_lens"], r["k_lens"], bool(r["causal"]), tile)
+        mask = "causal" if r["causal"] else "full"
+        for pass_ in PASSES:
+            groups.setdefault((pass_, mask), []).append((work, rows, r[f"{pass_}_ms"] * 1e-3))
+    if len(groups) < 4 or min(len(v) for v in groups.values()) < 3:
+        raise InputError("measured calls: need at least 3 shapes for each pass and mask to fit kernel laws")
+    arrays = {k: tuple(np.array(col, dtype=np.float64) for col in zip(*v, strict=True)) for k, v in groups.items()}
+
+    def unit(pass_):
+        return 4.0 * q_heads * head_dim * (BWD_FLOPS_FACTOR if pass_ == "bwd" else 1.0) / (peak_tflops * 1e12)
+
+    launches = [_solve(*arrays[k], unit(k[0]), None)[2] for k in sorted(arrays)]
+    launch = max(float(np.mean(launches)), 0.0)
+    laws = {}
+    for key in sorted(arrays):
+        work, rows, seconds = arrays[key]
+        a, b, _ = _solve(work, rows, seconds, unit(key[0]), launch)
+        if a <= 0:
+            raise InputError(f"measured {key[0]} {key[1]} calls do not fit a positive efficiency")
+        fitted = launch + unit(key[0]) * (a * work + b * rows)
+        laws[key] = KernelLaw(max_efficiency=float(1 / a), row_overhead_keys=float(b / a), points=len(seconds),
+                              max_rel_error=float(np.max(np.abs(fitted / seconds - 1))), sources=("measured",))
+    return laws, launch

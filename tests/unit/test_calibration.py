@@ -153,3 +153,28 @@ def test_configs_hardware_are_the_shipped_profiles():
     shipped = REPO / "megatron_fcp/data/hardware"
     for path in sorted((REPO / "configs/hardware").glob("*.yaml")):
         assert path.read_text() == (shipped / path.name).read_text(), path.name
+
+
+def test_fit_calls_recovers_laws_and_launch_from_measured_shapes():
+    """Timings made from known laws and a 12 us launch, over varlen shapes like the GPU script's, give them back."""
+    truth = {("fwd", "full"): cal.KernelLaw(0.40, 50.0, 0, 0.0, ()), ("fwd", "causal"): cal.KernelLaw(0.35, 90.0, 0,
+             0.0, ()), ("bwd", "full"): cal.KernelLaw(0.33, 130.0, 0, 0.0, ()),
+             ("bwd", "causal"): cal.KernelLaw(0.30, 150.0, 0, 0.0, ())}
+    launch, fpp = 12e-6, 4 * 32 * 128
+    records = []
+    for causal in (False, True):
+        for q_lens in ([1], [16], [128], [2048], [16384], [256] * 64, [32] * 512, [3000, 50, 7000]):
+            k_lens = q_lens if causal else [2 * n for n in q_lens]
+            _, work, rows = cal.call_work(q_lens, k_lens, causal, TILE)
+            mask = "causal" if causal else "full"
+            ms = {p: 1e3 * float(cal.law_seconds(truth[p, mask], p, work, rows, fpp, PEAK, launch)) for p in cal.PASSES}
+            records.append({"q_lens": q_lens, "k_lens": k_lens, "causal": causal, "fwd_ms": ms["fwd"],
+                            "bwd_ms": ms["bwd"]})
+    laws, fitted_launch = cal.fit_calls(records, PEAK, 32, 128, TILE)
+    assert fitted_launch == pytest.approx(launch, rel=1e-6)
+    for key, law in truth.items():
+        assert laws[key].max_efficiency == pytest.approx(law.max_efficiency, rel=1e-6)
+        assert laws[key].row_overhead_keys == pytest.approx(law.row_overhead_keys, rel=1e-5)
+        assert laws[key].points == 8 and laws[key].max_rel_error < 1e-6
+    with pytest.raises(Exception, match="at least 3 shapes"):
+        cal.fit_calls(records[:2], PEAK, 32, 128, TILE)
