@@ -241,12 +241,17 @@ def _solve(work, rows, seconds, unit, launch_s):
 
 def fit_calls(records: list[dict], peak_tflops: float, q_heads: int, head_dim: int, tile: int
               ) -> tuple[dict[tuple[str, str], KernelLaw], float]:
-    """Kernel laws and one launch cost fitted to measured calls: records with ``q_lens``, ``k_lens``, ``causal``,
-    ``fwd_ms``, ``bwd_ms`` (medians). The launch cost is fitted per law first, then fixed at their mean (>= 0) and
+    """Kernel laws and one launch cost fitted to measured calls: records with ``causal``, ``fwd_ms``, ``bwd_ms``
+    (medians) and either ``q_lens``, ``k_lens`` or the call's totals ``pairs`` (exact), ``num_q``, ``num_k``,
+    ``num_segments``. The launch cost is fitted per law first, then fixed at their mean (>= 0) and
     every law fitted again with it, so one profile's ``kernel_launch_us`` serves all four."""
     groups: dict[tuple[str, str], list] = {}
     for r in records:
-        _, work, rows = call_work(r["q_lens"], r["k_lens"], bool(r["causal"]), tile)
+        if "q_lens" in r:
+            _, work, rows = call_work(r["q_lens"], r["k_lens"], bool(r["causal"]), tile)
+        else:  # totals of the call: exact pairs, query and key tokens, segments (edges add up per segment)
+            rows = float(r["num_q"])
+            work = r["pairs"] + tile / 2 * (r["num_q"] + r["num_k"]) + tile * tile / 4 * r["num_segments"]
         mask = "causal" if r["causal"] else "full"
         for pass_ in PASSES:
             groups.setdefault((pass_, mask), []).append((work, rows, r[f"{pass_}_ms"] * 1e-3))

@@ -169,8 +169,9 @@ def load_hardware(name_or_path: str | Path = "h100_node") -> HardwareProfile:
         )
     laws_name = flat.get("kernel_laws")
     if laws_name:
-        local = folder / laws_name if folder is not None else None
-        if local is not None and local.is_file():
+        candidates = [] if folder is None else [folder / laws_name, folder / f"{laws_name}.yaml"]
+        local = next((path for path in candidates if path.is_file()), None)
+        if local is not None:
             laws_text = local.read_text()
         else:
             try:

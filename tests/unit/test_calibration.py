@@ -178,3 +178,36 @@ def test_fit_calls_recovers_laws_and_launch_from_measured_shapes():
         assert laws[key].points == 8 and laws[key].max_rel_error < 1e-6
     with pytest.raises(Exception, match="at least 3 shapes"):
         cal.fit_calls(records[:2], PEAK, 32, 128, TILE)
+
+
+def test_fit_measured_script_writes_a_loadable_profile(tmp_path):
+    """scripts/fit_measured.py on a kernels file in gpu_perf.py's layout (totals per call) recovers the laws that
+    made its timings and writes a profile the cost model loads with them."""
+    import importlib.util
+    import json
+
+    from megatron_fcp.sim.model import load_hardware
+
+    law = cal.KernelLaw(0.42, 80.0, 0, 0.0, ())
+    columns = ["causal", "num_segments", "num_q", "num_k", "max_q", "max_k", "pairs", "fwd_ms", "bwd_ms",
+               "fwd_reps", "bwd_reps"]
+    rows = []
+    for causal in (False, True):
+        for q_lens in ([1], [64], [512], [4096], [32768], [128] * 100, [700, 9000]):
+            k_lens = q_lens if causal else [3 * n for n in q_lens]
+            exact, work, n_q = cal.call_work(q_lens, k_lens, causal, TILE)
+            ms = [1e3 * float(cal.law_seconds(law, p, work, n_q, 4 * 32 * 128, PEAK, 20e-6)) for p in cal.PASSES]
+            rows.append([causal, len(q_lens), sum(q_lens), sum(k_lens), max(q_lens), max(k_lens), exact, *ms, 3, 3])
+    kernels = {"device": "NVIDIA test", "torch": "x", "replay_columns": columns, "replay": rows,
+               "config": {"peak_tflops": PEAK, "q_heads": 32, "head_dim": 128, "dtype": "bfloat16", "backend": "t"}}
+    path = tmp_path / "k.json"
+    path.write_text(json.dumps(kernels))
+    spec = importlib.util.spec_from_file_location("fit_measured", REPO / "scripts/fit_measured.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    script.main([str(path), "--name", "test_laws", "--out", str(tmp_path)])
+    hw = load_hardware(tmp_path / "test_laws_node.yaml")
+    assert hw.kernel_launch_us == pytest.approx(20.0, abs=0.01)
+    for key in hw.laws:
+        assert hw.laws[key].max_efficiency == pytest.approx(0.42, rel=1e-5)
+        assert hw.laws[key].row_overhead_keys == pytest.approx(80.0, rel=1e-4)
