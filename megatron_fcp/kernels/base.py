@@ -31,6 +31,16 @@ class BackendUnavailable(RuntimeError):
     """A backend cannot be loaded here or cannot serve a case; the message says why."""
 
 
+def check_segments(q_lens: tuple[int, ...], k_lens: tuple[int, ...], causal: bool) -> None:
+    """Raise ValueError unless the segments make a valid call (the contract in the module docstring)."""
+    if len(q_lens) != len(k_lens):
+        raise ValueError(f"{len(q_lens)} query segments but {len(k_lens)} key segments")
+    if any(n < 1 for n in q_lens + k_lens):
+        raise ValueError("every segment needs at least one query and one key")
+    if causal and q_lens != k_lens:
+        raise ValueError("causal segments must have equal query and key lengths (diagonal blocks)")
+
+
 @dataclass(frozen=True, eq=False)
 class VarlenCall:
     """Segments of one kernel call. ``cu_q``/``cu_k`` are int32 on the tensors' device."""
@@ -65,12 +75,7 @@ class VarlenCall:
     @staticmethod
     def make(q_lens, k_lens, causal: bool, device: torch.device | str = "cpu") -> VarlenCall:
         q_lens, k_lens = tuple(int(n) for n in q_lens), tuple(int(n) for n in k_lens)
-        if len(q_lens) != len(k_lens):
-            raise ValueError(f"{len(q_lens)} query segments but {len(k_lens)} key segments")
-        if any(n < 1 for n in q_lens + k_lens):
-            raise ValueError("every segment needs at least one query and one key")
-        if causal and q_lens != k_lens:
-            raise ValueError("causal segments must have equal query and key lengths (diagonal blocks)")
+        check_segments(q_lens, k_lens, causal)
 
         def cu(lens):
             return torch.tensor([0, *torch.tensor(lens, dtype=torch.int64).cumsum(0).tolist()], dtype=torch.int32,

@@ -52,6 +52,7 @@ from megatron_fcp.attention.engine import fcp_attention
 from megatron_fcp.attention.exchange import ByteCounter, MemoryMeter, P2PExchange, Pending
 from megatron_fcp.attention.schedule import build_schedule
 from megatron_fcp.kernels import Backend, VarlenCall, get_backend
+from megatron_fcp.kernels.base import check_segments
 from megatron_fcp.planner.plan import Plan, RankPlan
 from megatron_fcp.planner.stages import DEFAULT_KV_BUDGET
 from megatron_fcp.testing.executor import run_in_process
@@ -73,12 +74,9 @@ class CallShape:
     causal: bool
 
     def __post_init__(self):
-        if len(self.q_lens) != len(self.k_lens) or not self.q_lens:
-            raise ValueError("a call needs at least one segment and as many key segments as query segments")
-        if min(self.q_lens + self.k_lens) < 1:
-            raise ValueError("every segment needs at least one query and one key")
-        if self.causal and self.q_lens != self.k_lens:
-            raise ValueError("causal segments must have equal query and key lengths (diagonal blocks)")
+        if not self.q_lens:
+            raise ValueError("a call needs at least one segment")
+        check_segments(self.q_lens, self.k_lens, self.causal)
 
     @classmethod
     def of(cls, call: VarlenCall) -> CallShape:
