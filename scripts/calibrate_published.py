@@ -38,7 +38,7 @@ def main() -> None:
     p.add_argument("--out-doc", default=str(REPO / "docs/calibration_published.md"))
     args = p.parse_args()
     hw = load_hardware("h100_node")
-    peak, launch, tile = hw.peak_bf16_dense_tflops, hw.kernel_launch_us * 1e-6, hw.tile_size
+    peak, launch, tile = hw.peak_bf16_dense_tflops, hw.kernel_launch_us / 1e6, hw.tile_size
     data = load_published()
     lines = ["# Kernel time laws fitted to published H100 figures (no GPU)", "",
              "Command: `.venv/bin/python scripts/calibrate_published.py`. Law per call: `seconds = launch + "

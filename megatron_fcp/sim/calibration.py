@@ -59,15 +59,44 @@ def load_published(path: str | Path | None = None) -> dict:
     return yaml.safe_load(Path(path).read_text())
 
 
+def segment_work(pairs, num_q, num_k, num_segments, tile: int):
+    """The cost model's work of a call from its totals: exact pairs plus the partly filled edge tiles of every
+    segment (``tile / 2`` per query and key token, ``tile^2 / 4`` per segment)."""
+    return pairs + tile / 2 * (num_q + num_k) + tile * tile / 4 * num_segments
+
+
+def call_work(q_lens, k_lens, causal: bool, tile: int) -> tuple[float, float, float]:
+    """(exact pairs, model work pairs, query rows) of one varlen call: causal segments are diagonal blocks
+    (``n (n + 1) / 2`` pairs), full ones ``q k``."""
+    if len(q_lens) != len(k_lens):
+        raise InputError(f"{len(q_lens)} query segments but {len(k_lens)} key segments")
+    exact = sum(q * (q + 1) / 2 if causal else float(q * k) for q, k in zip(q_lens, k_lens, strict=True))
+    rows = float(sum(q_lens))
+    return exact, segment_work(exact, rows, sum(k_lens), len(q_lens), tile), rows
+
+
+def _solve(work, rows, seconds, unit, launch_s):
+    """Least squares on relative error of ``seconds = launch + unit (work a + rows b)``; ``launch_s`` None: fitted
+    too (kept >= 0). Returns (a, b, launch)."""
+    w = 1.0 / seconds
+    if launch_s is None:
+        columns = np.stack([unit * work * w, unit * rows * w, w], axis=1)
+        (a, b, launch), *_ = np.linalg.lstsq(columns, np.ones_like(seconds), rcond=None)
+        if launch >= 0:
+            return a, b, launch
+        launch_s = 0.0
+    columns = np.stack([unit * work * w, unit * rows * w], axis=1)
+    (a, b), *_ = np.linalg.lstsq(columns, 1.0 - launch_s * w, rcond=None)
+    return a, b, launch_s
+
+
 def benchmark_shape(seqlen: int, causal: bool, tile: int, total_tokens: int = 16384) -> tuple[float, float, float]:
     """(papers' pairs, model work pairs, query rows) of one published benchmark call, per head: ``16384 / L``
     sequences of ``L`` tokens. The papers count ``L^2`` pairs per sequence, ``L^2 / 2`` when causal; the model
     counts exact pairs plus edge tiles (a causal sequence is one diagonal segment)."""
     batch = total_tokens // seqlen
-    paper = batch * seqlen * seqlen / (2 if causal else 1)
-    exact = seqlen * (seqlen + 1) / 2 if causal else float(seqlen * seqlen)
-    work = batch * (exact + tile / 2 * (seqlen + seqlen) + tile * tile / 4)
-    return paper, work, float(batch * seqlen)
+    _, work, rows = call_work([seqlen] * batch, [seqlen] * batch, causal, tile)
+    return batch * seqlen * seqlen / (2 if causal else 1), work, rows
 
 
 def published_points(data: dict, kernel: str, pass_: str, causal: bool, head_dim: int = 128) -> list[dict]:
@@ -92,30 +121,30 @@ def published_points(data: dict, kernel: str, pass_: str, causal: bool, head_dim
     return derived
 
 
+def _fit(work, rows, seconds, unit, launch_s, sources) -> KernelLaw:
+    """The law of :func:`_solve` at a fixed ``launch_s``, with its worst relative error on ``seconds``."""
+    a, b, launch = _solve(work, rows, seconds, unit, launch_s)
+    if a <= 0:
+        raise InputError("the timings do not fit a positive efficiency")
+    fitted = launch + unit * (a * work + b * rows)
+    return KernelLaw(max_efficiency=float(1 / a), row_overhead_keys=float(b / a), points=len(seconds),
+                     max_rel_error=float(np.max(np.abs(fitted / seconds - 1))), sources=tuple(sources))
+
+
+def _flops_unit(pass_: str, q_heads, head_dim, peak_tflops: float):
+    """Seconds per pair of work at peak: ``4 h d`` FLOPs forward, 2.5 times that backward."""
+    return 4.0 * q_heads * head_dim * (BWD_FLOPS_FACTOR if pass_ == "bwd" else 1.0) / (peak_tflops * 1e12)
+
+
 def fit_law(rows: list[dict], causal: bool, peak_tflops: float, launch_s: float, tile: int) -> KernelLaw:
-    """Least-squares fit of ``max_efficiency`` and ``row_overhead_keys`` to published rows (relative error)."""
+    """Least-squares fit of ``max_efficiency`` and ``row_overhead_keys`` to published rows (relative error of the
+    call's time, ``launch_s`` included and fixed)."""
     if len(rows) < 2:
         raise InputError(f"{len(rows)} published figures: need at least 2 to fit a kernel law")
-    a, b, y = [], [], []
-    for r in rows:
-        paper, work, q_rows = benchmark_shape(r["seqlen"], causal, tile)
-        # time in units of c = 4 d h f / peak (f = 2.5 backward): the law reads (work + k0 rows) / E
-        t = paper * peak_tflops / r["tflops"]
-        factor = BWD_FLOPS_FACTOR if r["pass"] == "bwd" else 1.0
-        t_launch = launch_s * peak_tflops * 1e12 / (4 * r.get("nheads", 16) * r["head_dim"] * factor)
-        a.append(work)
-        b.append(q_rows)
-        y.append(t - t_launch)
-    a, b, y = np.array(a), np.array(b), np.array(y)
-    weights = 1.0 / y
-    solution, *_ = np.linalg.lstsq(np.stack([a * weights, b * weights], axis=1), np.ones_like(y), rcond=None)
-    inv_eff, overhead_over_eff = solution
-    if inv_eff <= 0:
-        raise InputError("the published figures do not fit a positive efficiency")
-    fitted = inv_eff * a + overhead_over_eff * b
-    return KernelLaw(max_efficiency=float(1 / inv_eff), row_overhead_keys=float(overhead_over_eff / inv_eff),
-                     points=len(rows), max_rel_error=float(np.max(np.abs(fitted / y - 1))),
-                     sources=tuple(sorted({r["source"] for r in rows})))
+    shapes = np.array([benchmark_shape(r["seqlen"], causal, tile) for r in rows])
+    unit = np.array([_flops_unit(r["pass"], r.get("nheads", 16), r["head_dim"], peak_tflops) for r in rows])
+    seconds = shapes[:, 0] * unit * peak_tflops / np.array([r["tflops"] for r in rows])  # papers' FLOPs / rate
+    return _fit(shapes[:, 1], shapes[:, 2], seconds, unit, launch_s, sorted({r["source"] for r in rows}))
 
 
 def fit_kernel(data: dict, kernel: str, peak_tflops: float, launch_s: float, tile: int,
@@ -174,20 +203,19 @@ def ring_flash_attention_anchor(laws: dict[tuple[str, str], KernelLaw], peak_tfl
     difference to the published figure is what the kernels do not explain."""
     flops_per_pair = 4.0 * heads * head_dim
 
-    def seconds(pass_, mask, segments):
-        work = sum(exact + tile / 2 * (q + k) + tile * tile / 4 for q, k, exact in segments)
-        rows = sum(q for q, _, _ in segments)
+    def seconds(pass_, mask, q_lens, k_lens):
+        _, work, rows = call_work(q_lens, k_lens, mask == "causal", tile)
         return float(law_seconds(laws[pass_, mask], pass_, work, rows, flops_per_pair, peak_tflops, launch_s))
 
     single = ring = 0.0
     for lens in RING_FLASH_ATTENTION_VARLEN:
-        diagonal = [(n, n, n * (n + 1) / 2) for n in lens]
-        first_half = [(n, n // 2, n * (n // 2)) for n in lens]
-        second_half = [(n - n // 2, n, (n - n // 2) * n) for n in lens]
+        halves = [n // 2 for n in lens]
         for pass_ in PASSES:
-            single += seconds(pass_, "causal", diagonal)
-            ring += seconds(pass_, "causal", diagonal) + (world - 1) * max(
-                seconds(pass_, "full", first_half), seconds(pass_, "full", second_half))
+            diagonal = seconds(pass_, "causal", lens, lens)
+            single += diagonal
+            ring += diagonal + (world - 1) * max(seconds(pass_, "full", lens, halves),  # a source before the rank
+                                                 seconds(pass_, "full", [n - h for n, h in zip(lens, halves,
+                                                                                               strict=True)], lens))
     n = len(RING_FLASH_ATTENTION_VARLEN)
     return RingAnchor(single_iter_s=n / single, ring_iter_s=n / ring, ratio=world * single / ring)
 
@@ -212,33 +240,6 @@ def laws_from_yaml(text: str) -> dict[tuple[str, str], KernelLaw]:
 
 
 # -- laws from measured kernel calls (the GPU script's timings) -------------------------------------------------
-def call_work(q_lens, k_lens, causal: bool, tile: int) -> tuple[float, float, float]:
-    """(exact pairs, model work pairs, query rows) of one varlen call: causal segments are diagonal blocks
-    (``n (n + 1) / 2`` pairs), full ones ``q k``; work adds the edge tiles of every segment."""
-    exact = work = rows = 0.0
-    for q, k in zip(q_lens, k_lens, strict=True):
-        pairs = q * (q + 1) / 2 if causal else float(q * k)
-        exact += pairs
-        work += pairs + tile / 2 * (q + k) + tile * tile / 4
-        rows += q
-    return exact, work, rows
-
-
-def _solve(work, rows, seconds, unit, launch_s):
-    """Least squares on relative error of ``seconds = launch + unit (work a + rows b)``; ``launch_s`` None: fitted
-    too (kept >= 0). Returns (a, b, launch)."""
-    w = 1.0 / seconds
-    if launch_s is None:
-        columns = np.stack([unit * work * w, unit * rows * w, w], axis=1)
-        (a, b, launch), *_ = np.linalg.lstsq(columns, np.ones_like(seconds), rcond=None)
-        if launch >= 0:
-            return a, b, launch
-        launch_s = 0.0
-    columns = np.stack([unit * work * w, unit * rows * w], axis=1)
-    (a, b), *_ = np.linalg.lstsq(columns, 1.0 - launch_s * w, rcond=None)
-    return a, b, launch_s
-
-
 def fit_calls(records: list[dict], peak_tflops: float, q_heads: int, head_dim: int, tile: int
               ) -> tuple[dict[tuple[str, str], KernelLaw], float]:
     """Kernel laws and one launch cost fitted to measured calls: records with ``causal``, ``fwd_ms``, ``bwd_ms``
@@ -251,7 +252,7 @@ def fit_calls(records: list[dict], peak_tflops: float, q_heads: int, head_dim: i
             _, work, rows = call_work(r["q_lens"], r["k_lens"], bool(r["causal"]), tile)
         else:  # totals of the call: exact pairs, query and key tokens, segments (edges add up per segment)
             rows = float(r["num_q"])
-            work = r["pairs"] + tile / 2 * (r["num_q"] + r["num_k"]) + tile * tile / 4 * r["num_segments"]
+            work = segment_work(r["pairs"], r["num_q"], r["num_k"], r["num_segments"], tile)
         mask = "causal" if r["causal"] else "full"
         for pass_ in PASSES:
             groups.setdefault((pass_, mask), []).append((work, rows, r[f"{pass_}_ms"] * 1e-3))
@@ -259,18 +260,8 @@ def fit_calls(records: list[dict], peak_tflops: float, q_heads: int, head_dim: i
         raise InputError("measured calls: need at least 3 shapes for each pass and mask to fit kernel laws")
     arrays = {k: tuple(np.array(col, dtype=np.float64) for col in zip(*v, strict=True)) for k, v in groups.items()}
 
-    def unit(pass_):
-        return 4.0 * q_heads * head_dim * (BWD_FLOPS_FACTOR if pass_ == "bwd" else 1.0) / (peak_tflops * 1e12)
-
-    launches = [_solve(*arrays[k], unit(k[0]), None)[2] for k in sorted(arrays)]
-    launch = max(float(np.mean(launches)), 0.0)
-    laws = {}
-    for key in sorted(arrays):
-        work, rows, seconds = arrays[key]
-        a, b, _ = _solve(work, rows, seconds, unit(key[0]), launch)
-        if a <= 0:
-            raise InputError(f"measured {key[0]} {key[1]} calls do not fit a positive efficiency")
-        fitted = launch + unit(key[0]) * (a * work + b * rows)
-        laws[key] = KernelLaw(max_efficiency=float(1 / a), row_overhead_keys=float(b / a), points=len(seconds),
-                              max_rel_error=float(np.max(np.abs(fitted / seconds - 1))), sources=("measured",))
+    first = {k: _solve(*arrays[k], _flops_unit(k[0], q_heads, head_dim, peak_tflops), None)[2] for k in arrays}
+    launch = max(float(np.mean(list(first.values()))), 0.0)
+    laws = {key: _fit(*arrays[key], _flops_unit(key[0], q_heads, head_dim, peak_tflops), launch, ("measured",))
+            for key in sorted(arrays)}
     return laws, launch
