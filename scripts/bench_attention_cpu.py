@@ -99,7 +99,7 @@ def _worker(rank: int, args, store: str, result_path: str) -> None:
 
             def step(x, view=view, sched=sched, backend=backend, exchange=exchange, check_s=check_s):
                 start = time.perf_counter()
-                check_plan_agreement(view, sched, exchange, "cpu")
+                check_plan_agreement(sched, exchange, "cpu")
                 check_s.append(time.perf_counter() - start)
                 return fcp_attention(*x, view, None, backend=backend, exchange=exchange,
                                      kv_budget_tokens=args.kv_budget_tokens, verify_plan=False)

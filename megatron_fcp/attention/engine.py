@@ -322,7 +322,7 @@ class _NoExchange:
         self.memory = MemoryMeter()
 
     def post(self, *args) -> Pending:
-        return Pending([], [], "", 0, 0.0)
+        return Pending([], [], "", 0)
 
 
 class _FcpAttentionFunction(torch.autograd.Function):
@@ -380,8 +380,8 @@ class _FcpAttentionFunction(torch.autograd.Function):
         return (*finish_backward(step, grads), None, None, None)
 
 
-def check_inputs(q, k, v, rank_plan: RankPlan, group_rank: int, group_size: int) -> None:
-    """Raise :class:`InputError` naming the problem unless q/k/v and the plan fit together."""
+def check_inputs(q, k, v, rank_plan: RankPlan | RankSchedule, group_rank: int, group_size: int) -> None:
+    """Raise :class:`InputError` naming the problem unless q/k/v and the plan (or schedule) fit together."""
     where = f"fcp_attention on CP rank {group_rank}"
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
@@ -413,13 +413,13 @@ def check_inputs(q, k, v, rank_plan: RankPlan, group_rank: int, group_size: int)
                              f"{rank_plan.num_tokens}; pass the tokens in the plan's order, padding last")
 
 
-_exchanges: dict[tuple[dist.ProcessGroup, float], P2PExchange] = {}
+_exchanges: dict[tuple[dist.ProcessGroup, float | None], P2PExchange] = {}
 """Exchanges by (process group object, timeout). Keyed by the group itself, not ``id(group)``: the entry holds the
 group (and so does its exchange), so a destroyed group's id cannot be reused for another group's lookup, and a
 group created later is a new key. (A weak key would not drop either: the exchange refers to its group.)"""
 
 
-def get_exchange(group=None, timeout_s: float = 600.0) -> P2PExchange:
+def get_exchange(group=None, timeout_s: float | None = None) -> P2PExchange:
     """The exchange (and its byte counter and memory meter) of a process group, created on first use."""
     key = (group if group is not None else dist.group.WORLD, timeout_s)
     if key not in _exchanges:
@@ -431,16 +431,14 @@ def _budget_code(budget: int | None) -> int:
     return -1 if budget is None else int(budget)
 
 
-def check_plan_agreement(rank_plan: RankPlan, sched: RankSchedule, exchange: P2PExchange, device) -> float:
-    """Check that every CP rank holds the same plan and budget before anything moves; returns the seconds it took.
+def agreement_row(sched: RankSchedule, cp_rank: int) -> list[int]:
+    """What CP ranks compare before anything moves: plan digest, key/value budget (-1: none) and CP rank."""
+    return [sched.plan_digest, _budget_code(sched.kv_budget_tokens), cp_rank]
 
-    One all-gather of three int64 per rank (plan digest, budget, CP rank), waiting at most the exchange's timeout.
-    On a mismatch every rank raises the same one-line :class:`PlanMismatchError` naming the ranks that disagree.
-    """
-    start = time.perf_counter()
-    mine = torch.tensor([rank_plan.plan_digest, _budget_code(sched.kv_budget_tokens), exchange.cp_rank],
-                        dtype=torch.int64, device=device)
-    rows = [tuple(int(x) for x in t.tolist()) for t in exchange.all_gather("plan check", mine)]
+
+def check_agreement(rows: list[tuple[int, ...]]) -> None:
+    """Raise the same one-line :class:`PlanMismatchError` on every rank unless every CP rank's
+    :func:`agreement_row` (``rows``, in CP rank order) holds the same plan and budget."""
     for column, what, fix in ((0, "plans", "every CP rank must plan the same micro-batch: make the dataset return "
                                "the same sample for an index on every rank and give every rank the same planner "
                                "options"),
@@ -454,6 +452,30 @@ def check_plan_agreement(rank_plan: RankPlan, sched: RankSchedule, exchange: P2P
                      f"{'hold' if len(ranks) > 1 else 'holds'} {_label(column, value)}" for value, ranks in ordered]
             raise PlanMismatchError(f"FCP {what} differ across the CP group ({'; '.join(parts)}); nothing was "
                                     f"exchanged: {fix}")
+
+
+def check_plan_agreement(sched: RankSchedule, exchange: P2PExchange, device) -> float:
+    """Check that every CP rank holds the same plan and budget before anything moves; returns the seconds it took.
+
+    One all-gather of three int64 per rank (plan digest, budget, CP rank) on the exchange's group, on ``device``,
+    read back on the host (a stream synchronisation on GPU: the Megatron step checks on a host group instead, see
+    :func:`check_plan_agreement_on_host`). On a mismatch every rank raises the same one-line
+    :class:`PlanMismatchError` naming the ranks that disagree.
+    """
+    start = time.perf_counter()
+    mine = torch.tensor(agreement_row(sched, exchange.cp_rank), dtype=torch.int64, device=device)
+    check_agreement([tuple(int(x) for x in t.tolist()) for t in exchange.all_gather("plan check", mine)])
+    return time.perf_counter() - start
+
+
+def check_plan_agreement_on_host(sched: RankSchedule, group: dist.ProcessGroup) -> float:
+    """:func:`check_plan_agreement` over a host (gloo) process group holding the same ranks as the CP group, in
+    the same order: host tensors only, so the GPU stream is never synchronised. Returns the seconds it took."""
+    start = time.perf_counter()
+    mine = torch.tensor(agreement_row(sched, dist.get_rank(group)), dtype=torch.int64)
+    gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(gathered, mine, group=group)
+    check_agreement([tuple(int(x) for x in t.tolist()) for t in gathered])
     return time.perf_counter() - start
 
 
@@ -463,10 +485,10 @@ def _label(column: int, value: int) -> str:
     return "no budget" if value < 0 else f"budget {value}"
 
 
-def fcp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rank_plan: RankPlan,
+def fcp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rank_plan: RankPlan | RankSchedule,
                   group: dist.ProcessGroup | None = None, softmax_scale: float | None = None, *,
                   backend: str | Backend = "auto", exchange: P2PExchange | None = None,
-                  timeout_s: float = 600.0, kv_budget_tokens: int | str | None = DEFAULT_KV_BUDGET,
+                  timeout_s: float | None = None, kv_budget_tokens: int | str | None = DEFAULT_KV_BUDGET,
                   verify_plan: bool = True) -> torch.Tensor:
     """FCP attention of this CP rank's tokens; differentiable in ``q``, ``k`` and ``v``.
 
@@ -475,26 +497,31 @@ def fcp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rank_plan: 
             in packed THD layout, in the plan's token order (its ``q`` rows one after another, padding last).
         k, v: ``[num_tokens, kv_heads, head_dim]``, same dtype and device as ``q``; ``q_heads`` must be a
             multiple of ``kv_heads`` (grouped-query attention).
-        rank_plan: ``plan.for_rank(cp_rank)``; its mask (causal or full) applies.
+        rank_plan: ``plan.for_rank(cp_rank)`` (its mask, causal or full, applies; the schedule is built here and
+            memoised), or a finished :class:`~megatron_fcp.attention.schedule.RankSchedule` (as the data loader
+            ships it; its own budget applies and ``kv_budget_tokens`` is ignored).
         group: the CP process group (default: the world group); its size must equal the plan's CP size.
         softmax_scale: defaults to ``1 / sqrt(head_dim)``.
         backend: kernel backend name (``auto``, ``cpu``, ``reference``, ``torch-flash``, ``flash-attn``, ``te``)
             or instance.
         exchange: the :class:`P2PExchange` to use (default: one per group, whose ``counter`` counts bytes and whose
             ``memory`` meter measures the received buffers).
-        timeout_s: how long to wait for a peer before raising :class:`ExchangeTimeout` naming it.
+        timeout_s: None (default): wait for peers without a deadline of FCP's own (the process group's timeout
+            applies; on NCCL the stream waits, the host does not). A number: each wait polls with that deadline
+            and raises :class:`ExchangeTimeout` naming the silent peer (a debugging aid; on NCCL every round then
+            synchronises the host).
         kv_budget_tokens: key/value tokens received per stage (:mod:`megatron_fcp.planner.stages`): a positive
             integer, ``"auto"`` (default: the rank's own token count, so at most twice its own key/values from
             other ranks are held at once and at most once its own are kept for backward) or ``None`` (one stage:
             everything received is held and kept). Every rank must pass the same value.
         verify_plan: first check, with one small all-gather, that every CP rank holds the same plan and budget;
             raises :class:`PlanMismatchError` on every rank otherwise. Once per micro-batch is enough (layers of
-            one micro-batch share the plan).
+            one micro-batch share the plan); the Megatron step checks on the host before the model runs and
+            passes False.
 
     Returns:
         ``[num_tokens, q_heads, head_dim]`` in ``q``'s dtype; padding rows are zero.
     """
-    kv_budget_tokens = parse_kv_budget(kv_budget_tokens)
     cp = rank_plan.cp
     if cp == 1 and (group is None or not dist.is_initialized()):
         group_rank, group_size, exchange = 0, 1, _NoExchange()
@@ -507,9 +534,11 @@ def fcp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rank_plan: 
     check_inputs(q, k, v, rank_plan, group_rank, group_size)
     kernels = get_backend(backend, q.device)
     kernels.check(q, k)
-    sched = cached_schedule(rank_plan, str(q.device), kv_budget_tokens)
+    if isinstance(rank_plan, RankSchedule):
+        sched = rank_plan
+    else:
+        sched = cached_schedule(rank_plan, str(q.device), parse_kv_budget(kv_budget_tokens))
     if verify_plan and group_size > 1:
-        check_plan_agreement(rank_plan, sched, exchange, q.device)
+        check_plan_agreement(sched, exchange, q.device)
     scale = resolve_softmax_scale(softmax_scale, q.shape[2])
     return _FcpAttentionFunction.apply(q, k, v, sched, exchange, Kernels(kernels, scale))
-

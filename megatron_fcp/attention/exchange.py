@@ -1,5 +1,5 @@
-"""Peer-to-peer key/value exchange over torch.distributed, with byte counters, a memory meter and named-peer
-timeouts.
+"""Peer-to-peer key/value exchange over torch.distributed, with byte counters, a memory meter and opt-in
+named-peer timeouts.
 
 One call posts every send and receive of a round at once with ``batch_isend_irecv`` (arbitrary peers of the CP
 group, group ranks translated to global ranks, contiguous tensors, never a self-send) and returns a handle; the
@@ -7,11 +7,20 @@ caller computes while the messages are in flight and waits when it needs them. M
 matched in the order they are posted, so every rank posts its rounds in the same order (see
 :mod:`megatron_fcp.attention.engine`). Forward moves key/values from owners to the ranks that need them;
 backward fetches again what was not kept and moves the key/value gradients back to their owners.
+
+Waiting: by default (``timeout_s=None``) a wait is torch's plain ``Work.wait()``. On NCCL that only makes the
+current CUDA stream wait for the messages (no host synchronisation, so the CPU keeps queueing kernels); on gloo it
+blocks until the messages arrive or the process group's own timeout runs out. A failure is raised as
+:class:`ExchangeError` naming the peer. A number of seconds (``timeout_s=S``) is for debugging hangs: every wait
+then gives up after ``S`` seconds with :class:`ExchangeTimeout` naming the silent peer, but on NCCL a timed wait
+makes the CPU poll ``isCompleted()`` with short sleeps, a host synchronisation in every round.
 """
 
 from __future__ import annotations
 
 import datetime
+import math
+import numbers
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -30,18 +39,24 @@ class ExchangeTimeout(ExchangeError):
 
 @dataclass
 class ByteCounter:
-    """Bytes this rank sent and received, per phase (``forward``, ``backward``)."""
+    """Bytes this rank posted to send and to receive, and seconds the host spent waiting for messages, per phase
+    (``forward``, ``backward_kv``, ``backward_grad``...)."""
 
     sent: dict[str, int] = field(default_factory=dict)
     received: dict[str, int] = field(default_factory=dict)
+    wait_s: dict[str, float] = field(default_factory=dict)
 
     def add(self, phase: str, sent: int, received: int) -> None:
         self.sent[phase] = self.sent.get(phase, 0) + sent
         self.received[phase] = self.received.get(phase, 0) + received
 
+    def add_wait(self, phase: str, seconds: float) -> None:
+        self.wait_s[phase] = self.wait_s.get(phase, 0.0) + seconds
+
     def reset(self) -> None:
         self.sent.clear()
         self.received.clear()
+        self.wait_s.clear()
 
 
 class MemoryMeter:
@@ -84,56 +99,89 @@ _CLOCK_SLACK_S = 1e-3
 
 
 class Pending:
-    """Messages in flight; :meth:`wait` returns once all arrived or raises :class:`ExchangeTimeout`.
+    """Messages in flight; :meth:`wait` returns once all arrived (see the module docstring for how it waits).
 
+    ``timeout_s``: None waits as torch does by default (failures raise :class:`ExchangeError` naming the peer);
+    a number of seconds bounds each wait and raises :class:`ExchangeTimeout` naming the peer that did not answer.
     ``posted_at`` (``time.monotonic()``, default: now) is when the messages were posted, the start of the
     deadline bookkeeping that tells a timeout from other failures (see :meth:`timed_out`).
     """
 
-    def __init__(self, works, peers, phase: str, cp_rank: int, timeout_s: float, buffers=(),
+    def __init__(self, works, peers, phase: str, cp_rank: int, timeout_s: float | None = None, buffers=(),
                  posted_at: float | None = None):
         self.works, self.peers, self.phase, self.cp_rank, self.timeout_s = works, peers, phase, cp_rank, timeout_s
         self.buffers = buffers  # keeps the send and receive buffers alive until the messages are done
         self.posted_at = time.monotonic() if posted_at is None else posted_at
         self.result = None
+        self.counter: ByteCounter | None = None
+        """Where :meth:`wait` adds the seconds the host spent waiting (the exchange's counter)."""
 
     def timed_out(self) -> bool:
-        """Whether ``timeout_s`` has passed since the messages were posted.
+        """Whether our own ``timeout_s`` has passed since the messages were posted (never, without one).
 
         torch raises no timeout type for a wait that runs out of time: gloo raises a plain ``RuntimeError``
         (gloo's ``IoException`` for a point-to-point receive, ``c10::Error`` "Operation timed out!" for a
         collective), NCCL a ``DistBackendError``, as for any NCCL failure. Both deadlines lie at or after
         ``posted_at + timeout_s`` (gloo counts from the wait, NCCL from the post), so a wait that fails after that
-        is a timeout and one that fails before is another failure.
+        is a timeout and one that fails before is another failure. Without ``timeout_s`` a failure may still be the
+        process group's own timeout, but that is torch's, reported as :class:`ExchangeError` with torch's words.
         """
+        if self.timeout_s is None:
+            return False
         return time.monotonic() - self.posted_at >= self.timeout_s - _CLOCK_SLACK_S
+
+    def _wait_one(self, work) -> None:
+        """Wait for one work: plain ``wait()`` without a timeout of ours, a timed wait with one."""
+        if self.timeout_s is None:
+            work.wait()
+        else:
+            work.wait(timeout=datetime.timedelta(seconds=self.timeout_s))
+
+    def _error(self, kind: str, peer, err: RuntimeError) -> ExchangeError:
+        """The one-line error of a failed wait on ``peer``: a timeout of ours, or another failure."""
+        if self.timed_out():
+            return ExchangeTimeout(
+                f"FCP {self.phase} exchange: CP rank {self.cp_rank} waited {self.timeout_s:g} s to {kind} CP rank "
+                f"{peer} and gave up. CP rank {peer} is not running the same plan step (hung, slow, or given a "
+                "different plan); check its log.")
+        return ExchangeError(f"FCP {self.phase} exchange: CP rank {self.cp_rank} failed to {kind} CP rank {peer} "
+                             f"({err}); check rank {peer}'s log.")
 
     def wait(self):
         """Wait for every message; returns (and forgets) :attr:`result`, the receive buffer it was posted with."""
+        start = time.perf_counter()
         for work, (kind, peer) in zip(self.works, self.peers, strict=True):
             try:
-                work.wait(timeout=datetime.timedelta(seconds=self.timeout_s))
+                self._wait_one(work)
             except RuntimeError as err:  # torch.distributed.DistError is a RuntimeError too
-                if self.timed_out():
-                    raise ExchangeTimeout(
-                        f"FCP {self.phase} exchange: CP rank {self.cp_rank} waited {self.timeout_s:g} s to {kind} "
-                        f"CP rank {peer} and gave up. CP rank {peer} is not running the same plan step (hung, slow, "
-                        "or given a different plan); check its log.") from err
-                raise ExchangeError(f"FCP {self.phase} exchange: CP rank {self.cp_rank} failed to {kind} CP rank "
-                                    f"{peer} ({err}); check rank {peer}'s log.") from err
+                raise self._error(kind, peer, err) from err
+        if self.counter is not None and self.works:
+            self.counter.add_wait(self.phase, time.perf_counter() - start)
         self.works, self.buffers = [], ()
         result, self.result = self.result, None
         return result
 
 
-class P2PExchange:
-    """Exchange for one CP process group. ``timeout_s`` bounds every wait."""
+def check_timeout(timeout_s: float | None) -> float | None:
+    """``timeout_s`` if it is None (no timeout of ours) or a number of seconds > 0; ValueError otherwise."""
+    if timeout_s is None:
+        return None
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, numbers.Real) or not 0 < timeout_s < math.inf:
+        raise ValueError(f"exchange timeout must be None (wait as torch does) or a finite number of seconds > 0, "
+                         f"got {timeout_s!r}")
+    return float(timeout_s)
 
-    def __init__(self, group: dist.ProcessGroup | None = None, timeout_s: float = 600.0):
+
+class P2PExchange:
+    """Exchange for one CP process group. ``timeout_s``: None (default) waits as torch does, with no host
+    synchronisation on NCCL; a number of seconds bounds every wait and names a silent peer (debugging; on NCCL the
+    CPU polls every round)."""
+
+    def __init__(self, group: dist.ProcessGroup | None = None, timeout_s: float | None = None):
         self.group = group if group is not None else dist.group.WORLD
         self.cp_rank = dist.get_rank(self.group)
         self.cp = dist.get_world_size(self.group)
-        self.timeout_s = timeout_s
+        self.timeout_s = check_timeout(timeout_s)
         self.counter = ByteCounter()
         self.memory = MemoryMeter()
         self._global = [dist.get_global_rank(self.group, r) for r in range(self.cp)]
@@ -154,7 +202,8 @@ class P2PExchange:
         return self._launch(phase, ops, peers, sent, received, (sends, recvs))
 
     def all_gather(self, phase: str, tensor: torch.Tensor) -> list[torch.Tensor]:
-        """Every CP rank's ``tensor`` (same shape everywhere), waiting at most ``timeout_s`` for the others."""
+        """Every CP rank's ``tensor`` (same shape everywhere), waiting as :class:`Pending` does (at most
+        ``timeout_s`` for the others when one is set)."""
         gathered = [torch.empty_like(tensor) for _ in range(self.cp)]
         posted_at = time.monotonic()
         work = dist.all_gather(gathered, tensor, group=self.group, async_op=True)
@@ -174,4 +223,6 @@ class P2PExchange:
         if len(works) != len(ops):  # coalesced backends (NCCL) return one work for the batch
             peers = [("exchange with", "any of " + ", ".join(str(p) for _, p in peers))] * len(works)
         self.counter.add(phase, sent, received)
-        return Pending(works, peers, phase, self.cp_rank, self.timeout_s, buffers, posted_at)
+        pending = Pending(works, peers, phase, self.cp_rank, self.timeout_s, buffers, posted_at)
+        pending.counter = self.counter
+        return pending

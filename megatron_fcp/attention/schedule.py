@@ -1,5 +1,11 @@
 """A rank's plan turned into kernel calls and exchange messages, built once per micro-batch (and budget).
 
+The schedule is built on the host, in numpy, as **one int64 array** (:func:`encode_schedule`): the data loader's
+worker builds it next to the plan and ships it with the sample, and the training process turns it into a
+:class:`RankSchedule` with :func:`decode_schedule`, which reads the structure on the host and moves every device
+array (cumulative segment lengths, row indices) with one host-to-device copy (pinned, non-blocking on GPU). No
+kernel call, message or index is built in the attention layer. :func:`build_schedule` is the two together.
+
 Local token order is the order of the rank's ``q`` rows (the plan's order), then padding.
 
 Received key/values travel in **stages** of at most ``kv_budget_tokens`` tokens
@@ -35,7 +41,8 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from megatron_fcp.kernels.base import VarlenCall
+from megatron_fcp.errors import InputError
+from megatron_fcp.kernels.base import VarlenCall, check_segments
 from megatron_fcp.planner.plan import RankPlan
 from megatron_fcp.planner.stages import DEFAULT_KV_BUDGET, resolve_kv_budget, split_stages
 
@@ -89,6 +96,8 @@ class RankSchedule:
     """Per backward round: own rows sent again to destinations that did not keep them (round 0 is empty)."""
     return_rounds: tuple[tuple[Message, ...], ...]
     """Per backward round: own rows whose key/value gradients come back from each destination."""
+    plan_digest: int = 0
+    """The digest of the plan the schedule was built from (every CP rank of one micro-batch holds the same)."""
 
     @property
     def num_rounds(self) -> int:
@@ -104,6 +113,31 @@ class RankSchedule:
         return sum(b - a for messages in self.send_rounds for _, a, b in messages)
 
 
+# -- kernel calls on the host ----------------------------------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class CallSpec:
+    """A kernel call before any device tensor exists: segment lengths and row indices as int64 numpy arrays."""
+
+    name: str
+    causal: bool
+    q_lens: np.ndarray
+    k_lens: np.ndarray
+    q_index: np.ndarray | None
+    """None: the identity ``0 .. sum(q_lens) - 1``."""
+    k_index: np.ndarray | None
+    """None: the identity ``0 .. sum(k_lens) - 1``."""
+
+    def to_device(self, device) -> CallPlan:
+        """The :class:`CallPlan` of this call with its arrays on ``device`` (several small copies: for tools and
+        tests; the training path moves a whole schedule at once with :func:`decode_schedule`)."""
+        call = VarlenCall.make(self.q_lens, self.k_lens, self.causal, device)
+
+        def index(values):
+            return None if values is None else torch.from_numpy(values).to(device)
+
+        return CallPlan(name=self.name, call=call, q_index=index(self.q_index), k_index=index(self.k_index))
+
+
 def _aranges(rows) -> np.ndarray:
     """Concatenated ``arange(a, b)`` for ``(a, b)`` pairs."""
     if not rows:
@@ -111,15 +145,15 @@ def _aranges(rows) -> np.ndarray:
     return np.concatenate([np.arange(a, b, dtype=np.int64) for a, b in rows])
 
 
-def _index(values: np.ndarray, device) -> torch.Tensor | None:
-    """An index tensor, or None where it is the identity ``0..n-1``."""
+def _index(values: np.ndarray) -> np.ndarray | None:
+    """``values``, or None where it is the identity ``0..n-1``."""
     if np.array_equal(values, np.arange(values.shape[0])):
         return None
-    return torch.from_numpy(values).to(device)
+    return values
 
 
-def visible_call(name: str, q_rows, key_rows, mask: str, device, skip_self: bool = False) -> CallPlan | None:
-    """Full-visible blocks of local query rows against key rows.
+def visible_segments(name: str, q_rows, key_rows, mask: str, skip_self: bool = False) -> CallSpec | None:
+    """Full-visible blocks of local query rows against key rows, on the host.
 
     ``q_rows``: ``(doc, start, end, offset)`` with ``offset`` the local index of ``start``; ``key_rows`` the same
     with offsets into the key buffer. Each query row gets one segment: the key rows of its document that it sees
@@ -145,8 +179,15 @@ def visible_call(name: str, q_rows, key_rows, mask: str, device, skip_self: bool
             k_parts.extend(keys)
     if not q_lens:
         return None
-    return CallPlan(name=name, call=VarlenCall.make(q_lens, k_lens, False, device),
-                    q_index=_index(_aranges(q_parts), device), k_index=_index(_aranges(k_parts), device))
+    return CallSpec(name=name, causal=False, q_lens=np.asarray(q_lens, np.int64),
+                    k_lens=np.asarray(k_lens, np.int64), q_index=_index(_aranges(q_parts)),
+                    k_index=_index(_aranges(k_parts)))
+
+
+def visible_call(name: str, q_rows, key_rows, mask: str, device, skip_self: bool = False) -> CallPlan | None:
+    """:func:`visible_segments` as a :class:`CallPlan` on ``device`` (None if no row sees any key)."""
+    spec = visible_segments(name, q_rows, key_rows, mask, skip_self)
+    return None if spec is None else spec.to_device(device)
 
 
 def offset_rows(rows) -> list[tuple[int, int, int, int]]:
@@ -171,10 +212,17 @@ def _merge_messages(rows: np.ndarray) -> list[tuple[int, int, int, int]]:
     return [tuple(m) for m in out]
 
 
-def _stages(rank_plan: RankPlan, own, budget: int | None, device) -> tuple[Stage, ...]:
+@dataclass(frozen=True)
+class _StageSpec:
+    num_tokens: int
+    recv: tuple[tuple[int, int, int, int], ...]
+    call: CallSpec | None
+
+
+def _stages(rank_plan: RankPlan, own, budget: int | None) -> list[_StageSpec]:
     pieces = np.asarray(rank_plan.recv_pieces, dtype=np.int64).reshape(-1, 6)  # src, doc, start, end, src_off, pos
     if pieces.shape[0] == 0:
-        return ()
+        return []
     lens = pieces[:, 3] - pieces[:, 2]
     index, offset, length, stage, _ = split_stages(pieces[:, 5], lens, np.full(lens.shape, int(lens.sum())), budget)
     src, doc = pieces[index, 0], pieces[index, 1]
@@ -187,9 +235,9 @@ def _stages(rank_plan: RankPlan, own, budget: int | None, device) -> tuple[Stage
         messages = _merge_messages(np.column_stack([src[sel], src_offset[sel], length[sel], buf]))
         rows = [(int(d), int(s), int(s + n), int(b)) for d, s, n, b in
                 zip(doc[sel], start[sel], length[sel], buf, strict=True)]
-        call = visible_call(f"stage{j}", own, rows, rank_plan.mask, device)
-        stages.append(Stage(index=j, num_tokens=int(length[sel].sum()), recv=tuple(messages), call=call))
-    return tuple(stages)
+        call = visible_segments(f"stage{j}", own, rows, rank_plan.mask)
+        stages.append(_StageSpec(num_tokens=int(length[sel].sum()), recv=tuple(messages), call=call))
+    return stages
 
 
 def _send_messages(rank_plan: RankPlan, budget: int | None) -> list[tuple[int, int, int, int, int]]:
@@ -211,38 +259,212 @@ def _send_messages(rank_plan: RankPlan, budget: int | None) -> list[tuple[int, i
     return [tuple(m) for m in out]
 
 
-def build_schedule(rank_plan: RankPlan, device: torch.device | str = "cpu",
-                   kv_budget_tokens: int | str | None = DEFAULT_KV_BUDGET) -> RankSchedule:
-    """Kernel calls and exchange messages of one rank under a key/value budget (see the module docstring)."""
-    device = torch.device(device)
+def _local_calls(rank_plan: RankPlan, own) -> list[CallSpec]:
+    if not own:
+        return []
+    if rank_plan.mask != "causal":
+        return [visible_segments("own", own, own, "full")]
+    sizes = np.asarray([e - s for _, s, e, _ in own], np.int64)
+    earlier = visible_segments("earlier", own, own, "causal", skip_self=True)
+    return [CallSpec(name="own", causal=True, q_lens=sizes, k_lens=sizes, q_index=None, k_index=None),
+            *([earlier] if earlier else [])]
+
+
+# -- the schedule as one int64 array ---------------------------------------------------------------------------
+MAGIC = 0x46435053  # "FCPS"
+VERSION = 1
+HEADER = ("magic", "version", "cp", "cp_rank", "num_tokens", "num_real", "kv_budget_tokens", "plan_digest",
+          "num_local_calls", "num_calls", "num_stages", "num_rounds", "num_recv_messages", "device_offset", "length")
+"""Header fields of an encoded schedule, in order. ``kv_budget_tokens`` is -1 for one unbounded stage."""
+_CALL_COLS, _STAGE_COLS, _RECV_COLS, _ROUND_COLS, _MESSAGE_COLS = 5, 3, 4, 2, 3
+"""Columns of the call table (causal, segments, q index offset, k index offset, cu offset; offsets into the
+device block, -1 for an identity index), stage table (tokens, recv messages, call id or -1), recv messages
+(src, start, end, src offset), round counts (sends, returns) and messages (peer, start, end)."""
+_STAGE_NAME = "stage"
+
+
+def encode_schedule(rank_plan: RankPlan, kv_budget_tokens: int | str | None = DEFAULT_KV_BUDGET) -> np.ndarray:
+    """The schedule of ``rank_plan`` under the budget as one int64 array (see :data:`HEADER`): a host part (header,
+    call, stage, message and round tables) and a device block (per call: cumulative query and key lengths, then
+    the query and key row indices that are not the identity). Pure numpy; runs in data-loader workers."""
     budget = resolve_kv_budget(kv_budget_tokens, rank_plan.num_tokens)
     own = offset_rows(rank_plan.q)
     num_real = sum(e - s for _, s, e, _ in own)
-    local_calls = []
-    if own:
-        sizes = [e - s for _, s, e, _ in own]
-        if rank_plan.mask == "causal":
-            local_calls.append(CallPlan(name="own", call=VarlenCall.make(sizes, sizes, True, device),
-                                        q_index=None, k_index=None))
-            earlier = visible_call("earlier", own, own, "causal", device, skip_self=True)
-            local_calls += [earlier] if earlier else []
-        else:
-            local_calls.append(visible_call("own", own, own, "full", device))
-    stages = _stages(rank_plan, own, budget, device)
+    local = _local_calls(rank_plan, own)
+    stages = _stages(rank_plan, own, budget)
     sends = _send_messages(rank_plan, budget)
     if any(b > num_real for _, _, b, _, _ in sends):
         raise ValueError(f"rank {rank_plan.cp_rank} is asked to send key/values it does not own")
     num_rounds = max([len(stages)] + [max(j, t) + 1 for *_, j, t in sends])
-    send_rounds = tuple(tuple((d, a, b) for d, a, b, j, _ in sends if j == r) for r in range(num_rounds))
-    return_rounds = tuple(tuple((d, a, b) for d, a, b, _, t in sends if t == r) for r in range(num_rounds))
+    send_rounds = [[(d, a, b) for d, a, b, j, _ in sends if j == r] for r in range(num_rounds)]
+    return_rounds = [[(d, a, b) for d, a, b, _, t in sends if t == r] for r in range(num_rounds)]
+
+    calls = local + [stage.call for stage in stages if stage.call is not None]
+    device: list[np.ndarray] = []
+    device_len = 0
+
+    def put(values: np.ndarray) -> int:
+        nonlocal device_len
+        device.append(values)
+        device_len += values.shape[0]
+        return device_len - values.shape[0]
+
+    call_rows = []
+    for call in calls:
+        cu = put(np.concatenate([[0], np.cumsum(call.q_lens), [0], np.cumsum(call.k_lens)]))
+        q_off = -1 if call.q_index is None else put(call.q_index)
+        k_off = -1 if call.k_index is None else put(call.k_index)
+        call_rows.append((int(call.causal), call.q_lens.shape[0], q_off, k_off, cu))
+    stage_rows, recv_rows, call_id = [], [], len(local)
+    for stage in stages:
+        stage_rows.append((stage.num_tokens, len(stage.recv), call_id if stage.call is not None else -1))
+        call_id += stage.call is not None
+        recv_rows += stage.recv
+    round_rows = [(len(send_rounds[r]), len(return_rounds[r])) for r in range(num_rounds)]
+    messages = [m for r in range(num_rounds) for m in (*send_rounds[r], *return_rounds[r])]
+    host = [np.asarray(rows, np.int64).reshape(-1) for rows in (call_rows, stage_rows, recv_rows, round_rows,
+                                                                 messages)]
+    device_offset = len(HEADER) + sum(part.shape[0] for part in host)
+    header = [MAGIC, VERSION, rank_plan.cp, rank_plan.cp_rank, rank_plan.num_tokens, num_real,
+              -1 if budget is None else budget, rank_plan.plan_digest, len(local), len(calls), len(stages),
+              num_rounds, len(recv_rows), device_offset, device_offset + device_len]
+    return np.concatenate([np.asarray(header, np.int64), *host, *[d.astype(np.int64) for d in device]])
+
+
+def _bad(what: str) -> InputError:
+    return InputError(f"encoded FCP schedule is malformed ({what}): the batch was not made by FcpBatchDataset of "
+                      "this megatron-fcp version")
+
+
+def _host_array(data) -> np.ndarray:
+    if isinstance(data, torch.Tensor):
+        if data.device.type != "cpu":
+            raise _bad("it must stay on the host until decoded; do not move it to the GPU first")
+        return data.reshape(-1).numpy()
+    return np.asarray(data, dtype=np.int64).reshape(-1)
+
+
+def read_header(data) -> dict[str, int]:
+    """The header fields of an encoded schedule (a numpy array or a CPU tensor), checked."""
+    host = _host_array(data)
+    if host.shape[0] < len(HEADER):
+        raise _bad(f"{host.shape[0]} values, fewer than its header")
+    head = dict(zip(HEADER, (int(x) for x in host[: len(HEADER)]), strict=True))
+    if head["magic"] != MAGIC or head["version"] != VERSION:
+        raise _bad(f"magic {head['magic']:#x} version {head['version']}, expected {MAGIC:#x} version {VERSION}")
+    if head["length"] != host.shape[0] or not len(HEADER) <= head["device_offset"] <= head["length"]:
+        raise _bad(f"{host.shape[0]} values, its header says {head['length']}")
+    return head
+
+
+def _device_block(data, host: np.ndarray, offset: int, device: torch.device) -> torch.Tensor:
+    """The device block as an int64 tensor on ``device``: one copy (pinned and non-blocking on GPU)."""
+    if isinstance(data, torch.Tensor):
+        block = data.reshape(-1)[offset:]
+    else:
+        block = torch.from_numpy(np.ascontiguousarray(host[offset:]))
+    if device.type == "cpu":
+        return block
+    if not block.is_pinned():
+        block = block.pin_memory()
+    return block.to(device, non_blocking=True)
+
+
+class _Reader:
+    """Reads the host tables of an encoded schedule in order."""
+
+    def __init__(self, host: np.ndarray, start: int):
+        self.host, self.pos = host, start
+
+    def rows(self, count: int, cols: int) -> np.ndarray:
+        end = self.pos + count * cols
+        if count < 0 or end > self.host.shape[0]:
+            raise _bad("a table runs past the end")
+        out, self.pos = self.host[self.pos:end].reshape(count, cols), end
+        return out
+
+
+def _decode_call(name: str, row, host_block: np.ndarray, dev64: torch.Tensor, dev32: torch.Tensor) -> CallPlan:
+    causal, num_segments, q_off, k_off, cu = (int(x) for x in row)
+    if num_segments < 1 or cu < 0 or cu + 2 * num_segments + 2 > host_block.shape[0]:
+        raise _bad(f"call {name} has bad segments")
+    cu_q, cu_k = host_block[cu: cu + num_segments + 1], host_block[cu + num_segments + 1: cu + 2 * num_segments + 2]
+    q_lens, k_lens = tuple(np.diff(cu_q).tolist()), tuple(np.diff(cu_k).tolist())
+    try:
+        check_segments(q_lens, k_lens, bool(causal))
+    except ValueError as err:
+        raise _bad(f"call {name}: {err}") from None
+
+    def index(off: int, n: int) -> torch.Tensor | None:
+        if off == -1:
+            return None
+        if off < 0 or off + n > host_block.shape[0]:
+            raise _bad(f"call {name} has an index past the end")
+        return dev64[off: off + n]
+
+    call = VarlenCall(q_lens=q_lens, k_lens=k_lens, cu_q=dev32[cu: cu + num_segments + 1],
+                      cu_k=dev32[cu + num_segments + 1: cu + 2 * num_segments + 2], causal=bool(causal))
+    return CallPlan(name=name, call=call, q_index=index(q_off, call.num_q), k_index=index(k_off, call.num_k))
+
+
+def _messages(rows: np.ndarray) -> tuple[Message, ...]:
+    return tuple((int(p), int(a), int(b)) for p, a, b in rows)
+
+
+def decode_schedule(data, device: torch.device | str = "cpu") -> RankSchedule:
+    """The :class:`RankSchedule` of an encoded schedule (a numpy array or a CPU tensor, pinned for a fast copy).
+
+    The structure is read on the host; the device block moves to ``device`` in one copy (non-blocking from pinned
+    memory), and every call's cumulative lengths and indices are views of it. No stream synchronisation.
+    """
+    device = torch.device(device)
+    host = _host_array(data)
+    head = read_header(host)
+    reader = _Reader(host, len(HEADER))
+    call_rows = reader.rows(head["num_calls"], _CALL_COLS)
+    stage_rows = reader.rows(head["num_stages"], _STAGE_COLS)
+    recv_rows = reader.rows(head["num_recv_messages"], _RECV_COLS)
+    round_rows = reader.rows(head["num_rounds"], _ROUND_COLS)
+    message_rows = reader.rows(int(round_rows.sum()), _MESSAGE_COLS)
+    if reader.pos != head["device_offset"]:
+        raise _bad("its tables do not end where the device block starts")
+    offset = head["device_offset"]
+    dev64 = _device_block(data, host, offset, device)
+    dev32 = dev64.to(torch.int32)
+    host_block = host[offset:]
+    num_local = head["num_local_calls"]
+    names = ["own", "earlier"][:num_local] + [""] * (head["num_calls"] - num_local)
+    stage_of_call = {int(row[2]): j for j, row in enumerate(stage_rows) if row[2] >= 0}
+    calls = [_decode_call(names[i] or f"{_STAGE_NAME}{stage_of_call.get(i, i)}", row, host_block, dev64, dev32)
+             for i, row in enumerate(call_rows)]
+    stages, first = [], 0
+    for j, (num_tokens, num_recv, call_id) in enumerate(stage_rows.tolist()):
+        recv = tuple(tuple(int(x) for x in r) for r in recv_rows[first: first + num_recv])
+        first += num_recv
+        stages.append(Stage(index=j, num_tokens=num_tokens, recv=recv, call=calls[call_id] if call_id >= 0 else None))
+    send_rounds, return_rounds, first = [], [], 0
+    for num_send, num_return in round_rows.tolist():
+        send_rounds.append(_messages(message_rows[first: first + num_send]))
+        return_rounds.append(_messages(message_rows[first + num_send: first + num_send + num_return]))
+        first += num_send + num_return
     refetch_rounds = tuple(messages if r else () for r, messages in enumerate(return_rounds))
-    return RankSchedule(cp_rank=rank_plan.cp_rank, cp=rank_plan.cp, num_tokens=rank_plan.num_tokens,
-                        num_real=num_real, kv_budget_tokens=budget, local_calls=tuple(local_calls), stages=stages,
-                        send_rounds=send_rounds, refetch_rounds=refetch_rounds, return_rounds=return_rounds)
+    budget = head["kv_budget_tokens"]
+    return RankSchedule(cp_rank=head["cp_rank"], cp=head["cp"], num_tokens=head["num_tokens"],
+                        num_real=head["num_real"], kv_budget_tokens=None if budget < 0 else budget,
+                        local_calls=tuple(calls[:num_local]), stages=tuple(stages), send_rounds=tuple(send_rounds),
+                        refetch_rounds=refetch_rounds, return_rounds=tuple(return_rounds),
+                        plan_digest=head["plan_digest"])
+
+
+def build_schedule(rank_plan: RankPlan, device: torch.device | str = "cpu",
+                   kv_budget_tokens: int | str | None = DEFAULT_KV_BUDGET) -> RankSchedule:
+    """Kernel calls and exchange messages of one rank under a key/value budget (see the module docstring):
+    :func:`encode_schedule` then :func:`decode_schedule`, the path the data loader and the step take."""
+    return decode_schedule(encode_schedule(rank_plan, kv_budget_tokens), device)
 
 
 @lru_cache(maxsize=16)
 def cached_schedule(rank_plan: RankPlan, device: str, kv_budget_tokens: int | str | None = DEFAULT_KV_BUDGET
                     ) -> RankSchedule:
-    """:func:`build_schedule`, memoised per plan view, device and budget (layers of one micro-batch share it)."""
+    """:func:`build_schedule`, memoised per plan view, device and budget (for callers that pass plan views)."""
     return build_schedule(rank_plan, device, kv_budget_tokens)

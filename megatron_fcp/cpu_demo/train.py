@@ -105,6 +105,9 @@ class RunConfig:
     """Activation recompute: one of :data:`RECOMPUTE`."""
     records: str | None = None
     """If set, rank 0 appends one JSON line per step to this file (kept across resumed attempts)."""
+    tensorboard_dir: str | None = None
+    """If set, rank 0 writes the loss and FCP's per-step figures (``megatron_fcp.megatron.step.FIGURES``, the names
+    Megatron's log line and TensorBoard use) as TensorBoard scalars here."""
 
     def __post_init__(self):
         object.__setattr__(self, "kv_budget_tokens", parse_kv_budget(self.kv_budget_tokens, flag="kv_budget_tokens"))
@@ -391,7 +394,7 @@ def _train(rank: int, run: RunConfig, out_path: str | None, quiet: bool, stop: _
 
     from megatron_fcp.attention.engine import get_exchange
     from megatron_fcp.megatron.model import FcpCoreAttention
-    from megatron_fcp.megatron.step import STEP_STATS, fcp_forward_step, per_token_loss
+    from megatron_fcp.megatron.step import FcpStep, per_token_loss
 
     cp = run.cp if run.mode == "fcp" else 1
     ps.initialize_model_parallel(tensor_model_parallel_size=run.tp, context_parallel_size=cp)
@@ -412,8 +415,12 @@ def _train(rank: int, run: RunConfig, out_path: str | None, quiet: bool, stop: _
                                 run.vocab_size, seed=run.seed)
     steps = range(run.first_step, run.first_step + run.steps)
     indices = [s * run.dp + dp_rank * micro_batches + m for s in steps for m in range(micro_batches)]
+    fcp_step = None
     if run.mode == "fcp":
-        data = _loader(FcpBatchDataset(inner, fcp_config(run), cp_rank), indices, run.planning_workers)
+        data = _loader(FcpBatchDataset(inner, fcp_config(run), cp_rank, with_plan_view=cp > 1), indices,
+                       run.planning_workers)
+        cp_group = ps.get_context_parallel_group() if cp > 1 else None  # gloo: also the plan check's host group
+        fcp_step = FcpStep(fcp_config(run), cp_group, cp_group, device="cpu", keep_records=True)
     else:
         data = _loader(_DenseBatches(inner), indices, run.planning_workers)
     memory = None
@@ -421,21 +428,23 @@ def _train(rank: int, run: RunConfig, out_path: str | None, quiet: bool, stop: _
         exchange = get_exchange(ps.get_context_parallel_group(), fcp_config(run).exchange_timeout_s)
         memory = AttentionMemory(exchange.memory, [m for m in model.modules() if isinstance(m, FcpCoreAttention)])
 
-    records = []
+    records, writer = [], _tensorboard(run) if rank == 0 else None
     for step in steps:
         start = time.perf_counter()
         totals = torch.zeros(2, dtype=torch.float64)
         if memory is not None:
             memory.start_step()
+        dense_samples = []
         for _ in range(micro_batches):
             if run.mode == "fcp":
-                output, loss_fn = fcp_forward_step(data, model, device="cpu")
+                output, loss_fn = fcp_step(data, model)
                 if memory is not None:
                     memory.forward_done()
             else:
                 wait_start = time.perf_counter()
                 b = next(data)
-                STEP_STATS.add(time.perf_counter() - wait_start, b["fcp_stats"][0].tolist())
+                dense_samples.append({**dict(zip(STATS, b["fcp_stats"][0].tolist(), strict=True)),
+                                      "fcp loader wait ms": 1e3 * (time.perf_counter() - wait_start)})
                 output = model(b["tokens"], b["position_ids"], b["attention_mask"], labels=b["labels"],
                                loss_mask=b["loss_mask"])
                 loss_fn = partial(per_token_loss, b["loss_mask"].float())
@@ -455,20 +464,20 @@ def _train(rank: int, run: RunConfig, out_path: str | None, quiet: bool, stop: _
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step_s = time.perf_counter() - start
-        s = STEP_STATS.take_summary()
+        samples = fcp_step.take() if fcp_step is not None else dense_samples
         rec = {"step": step, "loss": (totals[0] / totals[1]).item(), "tokens": int(totals[1].item()),
-               "step_s": step_s, "loader_wait_s": s["loader_wait_s"], "plan_s": s["plan_s"],
-               "pairs_imbalance": s["pairs_imbalance"], "comm_vs_ring": s["comm_vs_ring"], "docs": s["num_docs"]}
+               "step_s": step_s, **step_summary(samples)}
+        if writer is not None:
+            _write_scalars(writer, rec, step)
         if memory is not None:
-            models = [modeled_memory(view, run.kv_budget_tokens, kv_bytes_per_token(run), run.num_layers,
-                                     run.recompute) for view in s["rank_plans"]]
+            models = [modeled_memory(s["rank_plan"], run.kv_budget_tokens, kv_bytes_per_token(run), run.num_layers,
+                                     run.recompute) for s in samples]
             rec["memory"] = dict(memory.figures)
             rec["memory_model"] = {k: max(m[k] for m in models) for k in models[0]}
             rec["own_kv_bytes"] = own_kv_bytes(run)
         records.append(rec)
         if rank == 0 and not quiet:
-            extra = (f" | plan {1e3 * rec['plan_s']:6.2f} ms  imbalance {rec['pairs_imbalance']:.3f}"
-                     f"  kv comm {100 * rec['comm_vs_ring']:5.1f}% of ring" if run.mode == "fcp" else "")
+            extra = f" | {figures_line(rec['fcp'])}" if run.mode == "fcp" else ""
             if memory is not None:
                 extra += " | " + memory_line(rec)
             print(f"[{run.mode} cp={cp} tp={run.tp} dp={run.dp}] step {step:3d}  loss {rec['loss']:.6f}  "
@@ -491,8 +500,51 @@ def _train(rank: int, run: RunConfig, out_path: str | None, quiet: bool, stop: _
                 print(f"stopping after step {step} on SIGTERM (checkpoint saved: {bool(run.save_interval)})",
                       flush=True)
             break
+    if writer is not None:
+        writer.close()
     if rank == 0 and out_path:
         Path(out_path).write_text(json.dumps({"run": asdict(run), "steps": records}))
+
+
+def step_summary(samples: list[dict]) -> dict:
+    """A step's figures from its micro-batches' records: data-loader wait and planning seconds (sums), mean pairs
+    imbalance, key/value traffic over ring's and documents, and ``fcp``: the mean of each of
+    ``megatron_fcp.megatron.step.FIGURES`` per micro-batch, as Megatron's log line averages them (FCP runs)."""
+    from megatron_fcp.megatron.step import FIGURES
+
+    n = max(len(samples), 1)
+    out = {"loader_wait_s": sum(s["fcp loader wait ms"] for s in samples) / 1e3,
+           "plan_s": sum(s["plan_seconds"] for s in samples),
+           **{key: sum(s[name] for s in samples) / n
+              for key, name in (("pairs_imbalance", "pairs_imbalance"), ("comm_vs_ring", "comm_vs_ring"),
+                                ("docs", "num_docs"))}}
+    if samples and all(name in samples[0] for name in FIGURES):
+        out["fcp"] = {name: sum(s[name] for s in samples) / n for name in FIGURES}
+    return out
+
+
+def figures_line(figures: dict) -> str:
+    """FCP's per-micro-batch figures for the step's log line (the loader wait is on the line already)."""
+    return (f"fcp imbalance {figures['fcp planned imbalance']:.3f}  kv sent {figures['fcp kv sent MiB']:.3f} MiB"
+            f"  received {figures['fcp kv received MiB']:.3f} MiB  exchange wait "
+            f"{figures['fcp exchange wait ms']:.2f} ms  planning {figures['fcp planning ms']:.2f} ms (in the loader)")
+
+
+def _tensorboard(run: RunConfig):
+    """A TensorBoard writer on ``run.tensorboard_dir`` (None without one)."""
+    if not run.tensorboard_dir:
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(log_dir=run.tensorboard_dir)
+
+
+def _write_scalars(writer, rec: dict, step: int) -> None:
+    """The step's loss and FCP figures as TensorBoard scalars, under the names Megatron's training log uses."""
+    writer.add_scalar("lm loss", rec["loss"], step)
+    for name, value in rec.get("fcp", {}).items():
+        writer.add_scalar(name, value, step)
+    writer.flush()
 
 
 def _agree(flag: bool) -> bool:

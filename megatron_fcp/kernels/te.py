@@ -13,6 +13,11 @@ flash-attn's LSE), laid out as ``[total_q, heads, 1]`` when the cuDNN runtime is
 not sm120, and as padded ``[batch, heads, max_seqlen_q, 1]`` otherwise (the rule of TE's ``context_parallel.py``
 and ``fused_attn_f16_arbitrary_seqlen.cu``). Both layouts are converted to and from ``[tokens, heads]``.
 ``fused_attn_bwd`` takes ``aux_ctx_tensors=[stats, rng_state]`` and returns ``dq, dk, dv, ...``.
+
+Where it runs: Transformer Engine 2.17.1 enables THD fused attention only on sm90 or newer GPUs, and with cuDNN 9.6
+or newer when query and key/value head counts differ (``nvte_get_fused_attn_backend``); elsewhere
+``fused_attn_fwd`` fails with an NVTE_ERROR. :meth:`TransformerEngineBackend.check` refuses those cases first,
+with :func:`te_thd_problem`'s one line.
 Untested on GPU in this repository unless a test says otherwise (see tests/unit/test_gpu_backends.py).
 """
 
@@ -26,6 +31,40 @@ from megatron_fcp.kernels.torch_flash import check_gpu_inputs
 
 MISSING = ("Transformer Engine is not usable here: pip install transformer-engine[pytorch] (needs CUDA) or use "
            "backend 'torch-flash'")
+MIN_CAPABILITY = (9, 0)
+"""The oldest GPU (compute capability) on which Transformer Engine runs THD fused attention (Hopper, sm90)."""
+MIN_GQA_CUDNN = (9, 6, 0)
+"""The oldest cuDNN with which Transformer Engine runs THD fused attention when query and key/value head counts
+differ (grouped-query attention)."""
+INSTEAD = "use backend 'torch-flash' or 'flash-attn' instead (--fcp-attention-backend torch-flash)"
+
+
+def _dotted(version: tuple[int, ...]) -> str:
+    return ".".join(str(part) for part in version)
+
+
+def _sm(capability: tuple[int, int]) -> str:
+    """``sm90`` for compute capability ``(9, 0)``."""
+    return f"sm{capability[0]}{capability[1]}"
+
+
+def te_thd_problem(capability: tuple[int, int], cudnn_version: tuple[int, ...], q_heads: int,
+                   kv_heads: int) -> str | None:
+    """Why Transformer Engine cannot run THD fused attention on this GPU and cuDNN for these head counts (one
+    line, with what to use instead), or None when it can.
+
+    ``capability`` is the GPU's compute capability ``(major, minor)``; ``cudnn_version`` the cuDNN runtime's
+    ``(major, minor, patch)``, as Transformer Engine reports it.
+    """
+    if tuple(capability) < MIN_CAPABILITY:
+        return (f"backend 'te': Transformer Engine runs THD fused attention only on {_sm(MIN_CAPABILITY)} (Hopper) "
+                f"or newer GPUs, this GPU has compute capability {_dotted(tuple(capability))} "
+                f"({_sm(capability)}); {INSTEAD}")
+    if q_heads != kv_heads and tuple(cudnn_version) < MIN_GQA_CUDNN:
+        return (f"backend 'te': grouped-query THD fused attention ({q_heads} query heads, {kv_heads} key/value "
+                f"heads) needs cuDNN {_dotted(MIN_GQA_CUDNN)} or newer, found {_dotted(tuple(cudnn_version))}; "
+                f"upgrade cuDNN or {INSTEAD}")
+    return None
 
 
 @register_backend
@@ -43,13 +82,21 @@ class TransformerEngineBackend(Backend):
             raise BackendUnavailable(f"Transformer Engine {transformer_engine.__version__} is too old: backend 'te' "
                                      "needs 2.15 or newer (fused_attn_fwd/bwd keywords o_format, do_format)")
         self._fa, self._utils = fused_attn, utils
+        self._problems: dict[tuple, str | None] = {}  # te_thd_problem by (device, q heads, kv heads)
 
     def _packed_stats(self) -> bool:
         """True if stats come as ``[total_q, heads, 1]``, False if padded ``[batch, heads, max_q, 1]``."""
         return self._utils.get_cudnn_version() >= (9, 6, 0) and self._utils.get_device_compute_capability() != (12, 0)
 
     def check(self, q: torch.Tensor, k: torch.Tensor) -> None:
+        """The GPU input checks of every GPU backend, then :func:`te_thd_problem` for this GPU and cuDNN."""
         check_gpu_inputs(q, k, self.name)
+        key = (q.device, q.shape[1], k.shape[1])
+        if key not in self._problems:
+            self._problems[key] = te_thd_problem(torch.cuda.get_device_capability(q.device),
+                                                 tuple(self._utils.get_cudnn_version()), q.shape[1], k.shape[1])
+        if self._problems[key] is not None:
+            raise BackendUnavailable(self._problems[key])
 
     def _common(self, call: VarlenCall, scale: float) -> dict:
         return dict(max_seqlen_q=call.max_q, max_seqlen_kv=call.max_k, cu_seqlens_q=call.cu_q,

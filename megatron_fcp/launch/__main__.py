@@ -1,8 +1,10 @@
-"""``python -m megatron_fcp.launch print|check|env CONFIG``: what a run config resolves to, without running it.
+"""``python -m megatron_fcp.launch print|check|env|rehearse CONFIG``: a run config, resolved and checked, no training.
 
 - ``print``: the derived sizes and the torchrun command of every node.
 - ``check``: exit 0 if the config is fine; otherwise each problem on its own line and exit 2.
 - ``env``: the ``KEY=VALUE`` lines the sbatch script reads.
+- ``rehearse``: the run's data path on this machine, no GPU needed (:mod:`megatron_fcp.launch.rehearse`); a data
+  path the cluster would reject fails with the training entry point's own line and exit 2.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import sys
 import warnings
 
 from megatron_fcp.errors import InputError
+from megatron_fcp.launch import rehearse
 from megatron_fcp.launch.command import MASTER_PORT, entry_module, launcher_env, node_commands
 from megatron_fcp.launch.spec import RunSpec, load_run_config
 
@@ -52,7 +55,39 @@ def _env(spec: RunSpec, args) -> list[str]:
     return launcher_env(spec)
 
 
-COMMANDS = {"print": _print, "check": _check, "env": _env}
+def _rehearse(spec: RunSpec, args) -> list[str]:
+    options = rehearse.Options(data=args.data, samples=args.samples, null_tokenizer=args.null_tokenizer,
+                               cache_dir=args.cache_dir, hardware=args.hardware)
+    return rehearse.rehearse(args.config, spec, options)
+
+
+COMMANDS = {"print": _print, "check": _check, "env": _env, "rehearse": _rehearse}
+ENTRY_PROG = "megatron-fcp"
+"""How the training entry point names itself in its error lines (``rehearse`` repeats them word for word)."""
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _add_rehearse(commands) -> None:
+    sub = commands.add_parser("rehearse", help="run the data path of the config on this machine (no GPU): "
+                                               "datasets, FCP data hooks of every CP rank, memory")
+    sub.add_argument("--data", metavar="PREFIX", help="indexed dataset (PREFIX.bin, PREFIX.idx) instead of the "
+                                                      "config's data.blend")
+    sub.add_argument("--samples", type=_positive, default=rehearse.DEFAULT_SAMPLES,
+                     help=f"micro-batches each CP rank reads (default {rehearse.DEFAULT_SAMPLES})")
+    sub.add_argument("--null-tokenizer", type=_positive, metavar="VOCAB",
+                     help="read the data with Megatron's NullTokenizer of VOCAB ids (end of document: VOCAB - 1) "
+                          "instead of the config's tokenizer, e.g. where that is not on this machine")
+    sub.add_argument("--cache-dir", metavar="DIR", help="Megatron's dataset index cache (--data-cache-path); "
+                                                        "default a temporary folder, removed afterwards")
+    sub.add_argument("--hardware", default=rehearse.DEFAULT_HARDWARE,
+                     help="hardware profile of the modeled attention times (megatron_fcp.sim; default "
+                          f"{rehearse.DEFAULT_HARDWARE})")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -63,6 +98,7 @@ def _parser() -> argparse.ArgumentParser:
                                       "(default node1..nodeN)")
     commands.add_parser("check", help="exit 0, or print each problem and exit 2")
     commands.add_parser("env", help="KEY=VALUE lines for the sbatch script")
+    _add_rehearse(commands)
     for sub in commands.choices.values():
         sub.add_argument("config", help="run config (YAML)")
     return parser
@@ -77,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
         for warning in caught:
             print(f"{PROG}: warning: {warning.message}", file=sys.stderr)
         lines = COMMANDS[args.command](spec, args)
+    except rehearse.EntryPointError as err:  # the training entry point's line, word for word
+        print(f"{ENTRY_PROG}: error: {err}", file=sys.stderr, flush=True)
+        return 2
     except InputError as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return 2

@@ -7,7 +7,8 @@
 The checks FCP's entry point runs at start-up (``fcp_arg_problems``, which lists every problem with its flag) run
 here on what Megatron's parser reads back from the generated command line; each problem is reported at the config
 key of its flag. Megatron's own rules for sequence length and heads are the same as FCP's, so those two run in ring
-mode too.
+mode too. The rule about the GPU (backend te needs sm90+) is left to the entry point: the launcher does not run on
+the nodes' GPUs.
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ from megatron_fcp.launch.command import FLAG_KEYS, first_key, in_config_terms, m
 from megatron_fcp.megatron.config import fcp_arg_problems
 
 Problem = tuple[str, str]
+NODES_GPU = None
+"""The compute capability FCP's start-up check is given here: unknown (the launcher does not run on the nodes'
+GPUs; the entry point checks its own GPU at start-up)."""
 
 CPU_WORKER = "the CPU worker (python -m megatron_fcp.cpu_demo.worker)"
 CPU_FIXED = {
@@ -32,6 +36,7 @@ CPU_FIXED = {
 GPU_ONLY = ("training.min_lr", "training.warmup_iters", "training.lr_decay_style", "training.weight_decay",
             "training.clip_grad", "training.adam_beta1", "training.adam_beta2", "training.distributed_optimizer",
             "training.log_interval", "training.eval_iters", "training.eval_interval",
+            "training.distributed_timeout_minutes",
             "context_parallel.edge_cost_tile_size", "context_parallel.planning_workers",
             "context_parallel.exchange_timeout_s", "context_parallel.debug_checks")
 """Keys the CPU worker has no option for (a CPU config that sets one gets a warning)."""
@@ -88,7 +93,8 @@ def run_problems(spec, bad: frozenset[str] = frozenset()) -> list[Problem]:
     no bad key), FCP's start-up check runs once more on the whole generated command line."""
     problems = [p for keys, check in _CHECKS if not _touches(keys, bad) for p in check(spec)]
     if not problems and not bad and spec.context_parallel.mode == "fcp":
-        problems += _as_config_problems(fcp_arg_problems(_namespace(spec), spec.parallel.world_size))
+        problems += _as_config_problems(fcp_arg_problems(_namespace(spec), spec.parallel.world_size,
+                                                         compute_capability=NODES_GPU))
     return one_per_key(problems)
 
 
@@ -236,6 +242,8 @@ FCP_RULES = {
     "--micro-batch-size": (("training.micro_batch_size", "context_parallel.mode"), True),
     "--seq-length": (("training.seq_length", "parallel.context", "parallel.tensor"), False),
     "--num-attention-heads": (("model.num_attention_heads", "model.num_query_groups", "parallel.tensor"), False),
+    "--fcp-exchange-timeout": (("context_parallel.exchange_timeout_s", "training.distributed_timeout_minutes",
+                                "context_parallel.mode"), True),
 }
 """The rules of FCP's start-up check (``fcp_arg_problems``) that a config can break, by flag: the keys each reads,
 and whether it is FCP's only (False: Megatron's own rule is the same, so it holds in ring mode too)."""
@@ -248,7 +256,8 @@ def _fcp_rule(flag: str, reads: tuple[str, ...], fcp_only: bool) -> None:
             return []
         ns = _namespace(spec)
         ns.context_parallel_mode = "fcp"
-        return _as_config_problems(p for p in fcp_arg_problems(ns, spec.parallel.world_size) if p[0] == flag)
+        problems = fcp_arg_problems(ns, spec.parallel.world_size, compute_capability=NODES_GPU)
+        return _as_config_problems(p for p in problems if p[0] == flag)
 
 
 for _flag, (_keys, _fcp_only) in FCP_RULES.items():

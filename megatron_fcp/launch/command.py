@@ -43,7 +43,7 @@ MEGATRON_FLAGS: dict[str, type | str] = {
     "--bf16": SWITCH, "--fp16": SWITCH, "--use-distributed-optimizer": SWITCH, "--recompute-granularity": str,
     "--recompute-method": str, "--recompute-num-layers": int, "--calculate-per-token-loss": SWITCH,
     "--eval-iters": int, "--eval-interval": int, "--log-interval": int, "--seed": int,
-    "--exit-signal-handler": SWITCH,
+    "--exit-signal-handler": SWITCH, "--distributed-timeout-minutes": int,
     "--data-path": LIST, "--split": str, "--tokenizer-type": str, "--tokenizer-model": str,
     "--reset-position-ids": SWITCH, "--reset-attention-mask": SWITCH, "--eod-mask-loss": SWITCH,
     "--mock-data": SWITCH, "--vocab-size": int,
@@ -87,7 +87,7 @@ FLAG_KEYS = {
     "--clip-grad": "training.clip_grad", "--adam-beta1": "training.adam_beta1", "--adam-beta2": "training.adam_beta2",
     "--eval-iters": "training.eval_iters", "--eval-interval": "training.eval_interval",
     "--save-interval": "training.save_interval", "--log-interval": "training.log_interval",
-    "--seed": "training.seed",
+    "--seed": "training.seed", "--distributed-timeout-minutes": "training.distributed_timeout_minutes",
     "--context-parallel-mode": "context_parallel.mode", "--fcp-scheduler": "context_parallel.scheduler",
     "--fcp-attention-backend": "context_parallel.attention_backend",
     "--fcp-kv-budget-tokens": "context_parallel.kv_budget_tokens", TILE_FLAG: "context_parallel.edge_cost_tile_size",
@@ -174,6 +174,8 @@ def _training_pairs(spec: RunSpec) -> list:
              *RECOMPUTE_PAIRS.get(t.recompute, []), ("--calculate-per-token-loss", None),
              ("--eval-iters", t.eval_iters), ("--eval-interval", t.eval_interval),
              ("--log-interval", t.log_interval), ("--seed", t.seed), ("--exit-signal-handler", None)]
+    if t.distributed_timeout_minutes is not None:
+        pairs.append(("--distributed-timeout-minutes", t.distributed_timeout_minutes))
     return pairs + [("--use-distributed-optimizer", None)] * t.distributed_optimizer
 
 
@@ -201,7 +203,9 @@ def _context_parallel_pairs(spec: RunSpec) -> list:
         return pairs  # ring: Megatron's own path, which reads none of the --fcp-* flags
     pairs += [("--fcp-scheduler", c.scheduler), ("--fcp-attention-backend", c.attention_backend),
               ("--fcp-kv-budget-tokens", c.kv_budget_tokens), (TILE_FLAG, c.edge_cost_tile_size),
-              ("--fcp-planning-workers", c.planning_workers), ("--fcp-exchange-timeout", c.exchange_timeout_s)]
+              ("--fcp-planning-workers", c.planning_workers)]
+    if c.exchange_timeout_s is not None:  # unset: no timed wait (the flag's default)
+        pairs.append(("--fcp-exchange-timeout", c.exchange_timeout_s))
     return pairs + [("--fcp-debug-checks", None)] * c.debug_checks
 
 

@@ -185,6 +185,9 @@ class TrainingSpec(_Section):
     """Steps between evaluations (device gpu)."""
     seed: int = _key(r.whole(0), 1234)
     """Seed of the initialisation and of mock data."""
+    distributed_timeout_minutes: int | None = _key(r.optional(r.whole()), None)
+    """Minutes before a stuck collective or message aborts the job (``--distributed-timeout-minutes``; device gpu);
+    None: Megatron's default, 10."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -205,8 +208,11 @@ class ContextParallelSpec(_Section):
     """The kernel tile the FCP scheduler charges partly filled edge tiles with; ``auto`` = 128 (device gpu)."""
     planning_workers: int = _key(r.fcp_setting("planning_workers", "a whole number >= 0", 2), 2)
     """Data-loader workers that plan micro-batches ahead (device gpu)."""
-    exchange_timeout_s: float = _key(r.fcp_setting("exchange_timeout_s", "a number of seconds > 0", 600.0), 600.0)
-    """Seconds to wait for a peer's key/values before failing with its rank (device gpu)."""
+    exchange_timeout_s: float | None = _key(r.optional(r.fcp_setting(
+        "exchange_timeout_s", "a number of seconds > 0", 300.0)), None)
+    """For debugging hangs (device gpu): seconds before a wait for a peer's key/values gives up naming that peer;
+    below ``training.distributed_timeout_minutes`` x 60. A number makes the CPU poll every exchange round on NCCL;
+    None (default): no timed wait."""
     debug_checks: bool = _key(r.flag(), False)
     """Check every plan and attention input; slow (device gpu)."""
 

@@ -7,11 +7,13 @@ such a dataset. For every sample it
 1. reads the document lengths from the position ids (a document starts where its position is 0),
 2. plans the micro-batch for the CP group (deterministic: every CP rank computes the same plan on its own, so
    the ranks need no communication to agree), and
-3. returns only this rank's tokens, labels, loss mask and per-token positions, in the plan's order with the
-   padding slots last (loss mask 0), plus the rank's plan view packed into an int64 array.
+3. builds the rank's finished attention schedule (kernel calls, index arrays, stages, rounds and message sizes)
+   as one int64 array (:func:`megatron_fcp.attention.schedule.encode_schedule`), and
+4. returns only this rank's tokens, labels, loss mask and per-token positions, in the plan's order with the
+   padding slots last (loss mask 0), the schedule (``fcp_schedule``) and the planner's figures (``fcp_stats``).
 
-It runs in the data loader's worker processes, so planning happens ahead of the step, off its critical path.
-The time it took travels with the sample (``fcp_stats``) so the step can report it.
+It runs in the data loader's worker processes, so planning and schedule building happen ahead of the step, off
+its critical path: the training process only copies the schedule to the GPU (one pinned, non-blocking copy).
 
 :class:`MockDocumentDataset` makes packed samples whose document lengths follow a length file (the shipped
 real distributions), for runs without a tokenized corpus.
@@ -24,6 +26,7 @@ import zlib
 
 import numpy as np
 
+from megatron_fcp.attention.schedule import encode_schedule
 from megatron_fcp.data.lengths import LengthDistribution, draw_documents, load_distribution
 from megatron_fcp.errors import InputError
 from megatron_fcp.megatron.config import FcpConfig
@@ -34,9 +37,10 @@ from megatron_fcp.planner.pairs import MASKS
 from megatron_fcp.planner.plan import Plan, RankPlan
 
 SAMPLE_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
-STATS = ("plan_seconds", "pairs_imbalance", "comm_vs_ring", "num_docs", "pad_tokens")
+STATS = ("plan_seconds", "pairs_imbalance", "comm_vs_ring", "num_docs", "pad_tokens", "schedule_seconds")
 """Fields of ``fcp_stats``: planner wall time, max/mean exact attention pairs over ranks, mean received
-key/value tokens per rank over ring CP's, documents in the micro-batch, padding slots on this rank."""
+key/value tokens per rank over ring CP's, documents in the micro-batch, padding slots on this rank, and the wall
+time of building this rank's schedule."""
 
 
 # -- document boundaries ------------------------------------------------------------------------------
@@ -128,8 +132,9 @@ def _as_numpy(x) -> np.ndarray:
     return np.asarray(x)
 
 
-def rank_sample(sample: dict, cfg: FcpConfig, cp_rank: int) -> dict:
-    """This CP rank's share of one packed sample (see module docstring)."""
+def rank_sample(sample: dict, cfg: FcpConfig, cp_rank: int, with_plan_view: bool = False) -> dict:
+    """This CP rank's share of one packed sample (see module docstring); ``with_plan_view`` also ships the rank's
+    plan view (``fcp_plan``, :func:`encode_rank_plan`) for tools that model it."""
     missing = [k for k in SAMPLE_KEYS if k not in sample]
     if missing:
         raise InputError(f"FCP samples need {', '.join(SAMPLE_KEYS)}; this dataset gives no {', '.join(missing)}")
@@ -141,6 +146,8 @@ def rank_sample(sample: dict, cfg: FcpConfig, cp_rank: int) -> dict:
     plan = plan_micro_batch(lens, cfg)
     view = plan.for_rank(cp_rank)
     plan_seconds = time.perf_counter() - start
+    schedule = encode_schedule(view, cfg.kv_budget_tokens)
+    schedule_seconds = time.perf_counter() - start - plan_seconds
     index = plan.token_index(cp_rank)
     n, real = view.num_tokens, index.shape[0]
     out = {}
@@ -150,25 +157,29 @@ def rank_sample(sample: dict, cfg: FcpConfig, cp_rank: int) -> dict:
         out[key] = local
     out["position_ids"] = np.zeros(n, np.int64)
     out["position_ids"][:real] = arrays["position_ids"][index]
-    out["fcp_plan"] = encode_rank_plan(view)
+    out["fcp_schedule"] = schedule
+    if with_plan_view:
+        out["fcp_plan"] = encode_rank_plan(view)
     imbalance, comm = plan_figures(plan)
-    out["fcp_stats"] = np.asarray([plan_seconds, imbalance, comm, lens.shape[0], view.num_pad_tokens], np.float64)
+    out["fcp_stats"] = np.asarray([plan_seconds, imbalance, comm, lens.shape[0], view.num_pad_tokens,
+                                   schedule_seconds], np.float64)
     return out
 
 
 class FcpBatchDataset:
-    """Wraps a packed-sample dataset; item ``i`` is CP rank ``cp_rank``'s share of sample ``i``."""
+    """Wraps a packed-sample dataset; item ``i`` is CP rank ``cp_rank``'s share of sample ``i`` (see
+    :func:`rank_sample`)."""
 
-    def __init__(self, inner, cfg: FcpConfig, cp_rank: int):
+    def __init__(self, inner, cfg: FcpConfig, cp_rank: int, with_plan_view: bool = False):
         if not 0 <= cp_rank < cfg.cp:
             raise InputError(f"cp_rank {cp_rank} is outside the CP group of {cfg.cp}")
-        self.inner, self.cfg, self.cp_rank = inner, cfg, cp_rank
+        self.inner, self.cfg, self.cp_rank, self.with_plan_view = inner, cfg, cp_rank, with_plan_view
 
     def __len__(self) -> int:
         return len(self.inner)
 
     def __getitem__(self, index: int) -> dict:
-        return rank_sample(self.inner[index], self.cfg, self.cp_rank)
+        return rank_sample(self.inner[index], self.cfg, self.cp_rank, self.with_plan_view)
 
 
 # -- mock data with real document lengths ---------------------------------------------------------------

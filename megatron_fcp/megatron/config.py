@@ -7,8 +7,9 @@ Nothing here imports megatron or torch, so the checks run (and are tested) befor
 - :func:`add_fcp_args` is Megatron's ``extra_args_provider`` hook: ``--context-parallel-mode`` and ``--fcp-*``.
 - :func:`fcp_config_from_args` turns a parsed namespace into an :class:`FcpConfig`.
 - :func:`fcp_arg_problems` also checks the Megatron settings FCP depends on (parallel layout, loss reduction,
-  model and data) and lists every problem with its flag; :func:`check_fcp_args` raises the first, before
-  Megatron's own validation and long before training.
+  model and data, process-group timeout) and the GPU the run is on, and lists every problem with its flag;
+  :func:`check_fcp_args` raises the first, before Megatron's own validation and long before training. The GPU
+  rule reads this process's CUDA device (importing torch) only when ``--fcp-attention-backend te`` asks for it.
 """
 
 from __future__ import annotations
@@ -35,6 +36,14 @@ TILE_FLAG = "--fcp-edge-cost-tile-size"
 DEPRECATED_TILE_FLAG = "--fcp-block-size"
 """The old name of :data:`TILE_FLAG` (it never set a block size: the planner cuts at any token); accepted with a
 warning until the next release."""
+TIMEOUT_FLAG = "--fcp-exchange-timeout"
+DEFAULT_DISTRIBUTED_TIMEOUT_MINUTES = 10
+"""Megatron's ``--distributed-timeout-minutes`` default: every process group (and NCCL's watchdog) gives up then."""
+TE_MIN_CAPABILITY = (9, 0)
+"""The oldest GPU on which backend ``te`` runs (Transformer Engine's THD fused attention: sm90); repeated from
+``megatron_fcp.kernels.te.MIN_CAPABILITY`` to keep this module free of torch (a test keeps the two equal)."""
+THIS_GPU = "this-gpu"
+"""``compute_capability`` of :func:`fcp_arg_problems`: read it from this process's CUDA device when needed."""
 
 FLAGS = {
     "cp": "--context-parallel-size",
@@ -44,7 +53,7 @@ FLAGS = {
     "tile_size": TILE_FLAG,
     "backend": "--fcp-attention-backend",
     "kv_budget_tokens": "--fcp-kv-budget-tokens",
-    "exchange_timeout_s": "--fcp-exchange-timeout",
+    "exchange_timeout_s": TIMEOUT_FLAG,
     "planning_workers": "--fcp-planning-workers",
 }
 """The command-line flag of each :class:`FcpConfig` field, for messages."""
@@ -60,6 +69,11 @@ class FlagError(InputError):
 
 def _whole(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _positive_seconds(value) -> bool:
+    """Whether ``value`` is a finite number of seconds > 0 (not a bool)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -86,8 +100,11 @@ class FcpConfig:
     debug_checks: bool = False
     """Check every plan (ownership, delivery, token counts) and every attention input; slow
     (``--fcp-debug-checks``)."""
-    exchange_timeout_s: float = 600.0
-    """Seconds to wait for a CP peer's key/values before failing with the peer's rank (``--fcp-exchange-timeout``)."""
+    exchange_timeout_s: float | None = None
+    """Debugging hangs (``--fcp-exchange-timeout``): None (default) waits for a CP peer's key/values as torch does
+    (on NCCL the stream waits, no host synchronisation; a stuck peer ends in the process group's own timeout); a
+    number of seconds makes every wait give up after that long naming the silent peer, at the price of the CPU
+    polling each exchange round on NCCL. Must be shorter than ``--distributed-timeout-minutes``."""
     kv_budget_tokens: int | str | None = DEFAULT_KV_BUDGET
     """Key/value tokens received per stage of the exchange (``--fcp-kv-budget-tokens``): a positive number,
     ``auto`` (a rank's own token slots) or None (one unbounded stage). Strings such as ``"4096"`` or ``"none"``
@@ -120,9 +137,9 @@ class FcpConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 return name, f"{FLAGS[name]} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}"
-        if not isinstance(self.exchange_timeout_s, numbers.Real) or not self.exchange_timeout_s > 0:
-            return "exchange_timeout_s", f"{FLAGS['exchange_timeout_s']} must be > 0 seconds, got " \
-                                         f"{self.exchange_timeout_s!r}"
+        if self.exchange_timeout_s is not None and not _positive_seconds(self.exchange_timeout_s):
+            return "exchange_timeout_s", (f"{TIMEOUT_FLAG} must be > 0 seconds and finite, got "
+                                          f"{self.exchange_timeout_s!r} (leave it unset for no timed wait)")
         if not _whole(self.planning_workers) or self.planning_workers < 0:
             return "planning_workers", f"{FLAGS['planning_workers']} must be >= 0, got {self.planning_workers!r}"
         return None
@@ -175,8 +192,12 @@ def add_fcp_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                             "backward). auto (default): the rank's own tokens, --seq-length / "
                             "--context-parallel-size; none: one unbounded stage (everything received is held and "
                             "kept)")
-    group.add_argument("--fcp-exchange-timeout", type=float, default=600.0,
-                       help="seconds to wait for a CP peer's key/values before failing with the peer's rank")
+    group.add_argument(TIMEOUT_FLAG, type=parse_exchange_timeout, default=None, metavar="SECONDS",
+                       help="for debugging hangs: give up waiting for a CP peer's key/values after SECONDS and name "
+                            "the silent peer. Unset (default) or 'none': no timed wait (on NCCL the stream waits, "
+                            "no host synchronisation; a stuck peer ends in the process group's own timeout). A "
+                            "number makes the CPU poll every exchange round on NCCL, a host synchronisation per "
+                            "round; it must be below --distributed-timeout-minutes x 60")
     group.add_argument("--fcp-mock-doclens", default=None,
                        help="with --mock-data: draw document lengths from this length file or shipped "
                             "distribution (linux_files, linux_dirs, spamassassin, magi_hist)")
@@ -196,6 +217,21 @@ def parse_tile_size(value) -> int:
     return size
 
 
+def parse_exchange_timeout(value) -> float | None:
+    """The value of :data:`TIMEOUT_FLAG`: a number of seconds, or None for unset or ``none`` (no timed wait).
+
+    Raises ``argparse.ArgumentTypeError`` (argparse reports it with the flag) for anything else; whether the number
+    is > 0 is :class:`FcpConfig`'s check.
+    """
+    if value is None or (isinstance(value, str) and value.strip().lower() == "none"):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{TIMEOUT_FLAG} takes a number of seconds or 'none', got {value!r}") \
+            from None
+
+
 def fcp_config_from_args(args) -> FcpConfig:
     """The :class:`FcpConfig` of Megatron's parsed namespace (raises :class:`InputError` naming a bad flag)."""
     return FcpConfig(
@@ -205,7 +241,7 @@ def fcp_config_from_args(args) -> FcpConfig:
         tile_size=parse_tile_size(getattr(args, "fcp_edge_cost_tile_size", "auto")),
         backend=getattr(args, "fcp_attention_backend", "auto"),
         debug_checks=bool(getattr(args, "fcp_debug_checks", False)),
-        exchange_timeout_s=float(getattr(args, "fcp_exchange_timeout", 600.0)),
+        exchange_timeout_s=getattr(args, "fcp_exchange_timeout", None),
         kv_budget_tokens=getattr(args, "fcp_kv_budget_tokens", DEFAULT_KV_BUDGET),
         planning_workers=int(getattr(args, "fcp_planning_workers", 2)),
     )
@@ -295,6 +331,10 @@ def _heads_problem(args, world_size: int) -> Problem | None:
 
 
 def _attention_problem(args, world_size: int) -> Problem | None:
+    if _get(args, "multi_latent_attention", False):
+        return ("--multi-latent-attention", "FCP replaces the core attention of standard self-attention; multi-latent "
+                                            "attention (MLA) carries a separate rotary part FCP does not apply: drop "
+                                            "--multi-latent-attention or use --context-parallel-mode ring")
     dropout = float(_get(args, "attention_dropout", 0.0) or 0.0)
     if dropout:
         return ("--attention-dropout", f"FCP attention kernels have no attention dropout (--attention-dropout "
@@ -327,18 +367,77 @@ def _data_problem(args, world_size: int) -> Problem | None:
     return None
 
 
+def _exchange_timeout_problem(args, world_size: int) -> Problem | None:
+    """A timed FCP wait must end before the process group's own timeout, or it never names the silent peer."""
+    timeout_s = _get(args, "fcp_exchange_timeout")
+    if not _positive_seconds(timeout_s):
+        return None  # unset: no timed wait; a bad value is FcpConfig's problem
+    minutes = _get(args, "distributed_timeout_minutes") or DEFAULT_DISTRIBUTED_TIMEOUT_MINUTES
+    limit_s = minutes * 60
+    if timeout_s < limit_s:
+        return None
+    return (TIMEOUT_FLAG,
+            f"{TIMEOUT_FLAG} {timeout_s:g} s is not shorter than --distributed-timeout-minutes {minutes:g} "
+            f"({limit_s:g} s), so the process group would abort before FCP names the silent peer; pass "
+            f"{TIMEOUT_FLAG} {limit_s / 2:g} (below {limit_s:g}), raise --distributed-timeout-minutes to "
+            f"{math.floor(timeout_s / 60) + 1} or more, or leave {TIMEOUT_FLAG} unset (no timed wait)")
+
+
 _MEGATRON_CHECKS = (_pipeline_problem, _layout_problem, _loss_problem, _micro_batch_problem, _sequence_problem,
-                    _heads_problem, _attention_problem, _data_problem)
+                    _heads_problem, _attention_problem, _data_problem, _exchange_timeout_problem)
 """Each rule of the Megatron settings FCP depends on, in the order their problems are reported."""
 
 
-def fcp_arg_problems(args, world_size: int) -> list[Problem]:
+def this_gpu_capability() -> tuple[int, int] | None:
+    """The compute capability ``(major, minor)`` of this process's CUDA device, or None without torch or CUDA.
+
+    Imports torch (and initialises CUDA): called only at start-up, by a rule that needs the GPU.
+    """
+    try:
+        import torch
+    except ImportError:
+        return None
+    if not torch.cuda.is_available():
+        return None
+    return tuple(torch.cuda.get_device_capability())
+
+
+def te_capability_problem(backend: str, capability: tuple[int, int] | None) -> Problem | None:
+    """``--fcp-attention-backend te`` on a GPU older than sm90, where Transformer Engine has no THD fused attention;
+    None for other backends, a new enough GPU, or an unknown one (``capability`` None)."""
+    if backend != "te" or capability is None or tuple(capability) >= TE_MIN_CAPABILITY:
+        return None
+    need = f"sm{TE_MIN_CAPABILITY[0]}{TE_MIN_CAPABILITY[1]}"
+    return ("--fcp-attention-backend",
+            f"--fcp-attention-backend te needs a {need} (Hopper) or newer GPU, where Transformer Engine runs THD "
+            f"fused attention; this GPU has compute capability {capability[0]}.{capability[1]} "
+            f"(sm{capability[0]}{capability[1]}): use --fcp-attention-backend torch-flash (or flash-attn)")
+
+
+def _gpu_problems(args, compute_capability) -> list[Problem]:
+    """The rules that depend on the GPU the run is on (see :func:`fcp_arg_problems` for ``compute_capability``)."""
+    backend = _get(args, "fcp_attention_backend", "auto")
+    if backend != "te":
+        return []  # no need to look at the GPU (nor to import torch)
+    capability = this_gpu_capability() if compute_capability == THIS_GPU else compute_capability
+    problem = te_capability_problem(backend, capability)
+    return [problem] if problem else []
+
+
+def fcp_arg_problems(args, world_size: int,
+                     compute_capability: tuple[int, int] | str | None = THIS_GPU) -> list[Problem]:
     """Every problem FCP finds in Megatron's parsed namespace, each ``(flag, one-line message)``, in check order:
-    the Megatron settings first, then FCP's own flags (:class:`FcpConfig`); empty in ring mode (Megatron's path,
-    left to Megatron's checks). ``world_size`` is the launcher's WORLD_SIZE."""
+    the Megatron settings first, then the GPU, then FCP's own flags (:class:`FcpConfig`); empty in ring mode
+    (Megatron's path, left to Megatron's checks). ``world_size`` is the launcher's WORLD_SIZE.
+
+    ``compute_capability``: the ``(major, minor)`` of the GPU the run is on; None when it is not known here (a
+    launcher on another machine: the GPU rules are skipped); :data:`THIS_GPU` (default) reads this process's CUDA
+    device when a rule needs it (None without CUDA).
+    """
     if _get(args, "context_parallel_mode", "ring") != "fcp":
         return []
     problems = [p for check in _MEGATRON_CHECKS if (p := check(args, world_size)) is not None]
+    problems += _gpu_problems(args, compute_capability)
     try:
         fcp_config_from_args(args)
     except FlagError as err:
@@ -347,13 +446,13 @@ def fcp_arg_problems(args, world_size: int) -> list[Problem]:
     return problems
 
 
-def check_fcp_args(args, world_size: int) -> None:
+def check_fcp_args(args, world_size: int, compute_capability: tuple[int, int] | str | None = THIS_GPU) -> None:
     """Raise :class:`InputError` (one line: what is wrong and what to do) for the first configuration problem FCP
-    cannot run with (see :func:`fcp_arg_problems`).
+    cannot run with (see :func:`fcp_arg_problems`, also for ``compute_capability``).
 
     ``args`` is Megatron's parsed namespace (before ``validate_args``); ``world_size`` the launcher's WORLD_SIZE.
     """
-    problems = fcp_arg_problems(args, world_size)
+    problems = fcp_arg_problems(args, world_size, compute_capability)
     if problems:
         raise FlagError(*problems[0])
 

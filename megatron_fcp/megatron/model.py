@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from megatron_fcp.attention.engine import fcp_attention
+from megatron_fcp.attention.schedule import RankSchedule
 from megatron_fcp.errors import InputError
 from megatron_fcp.megatron.config import FcpConfig
-from megatron_fcp.planner.plan import RankPlan
 
 try:  # megatron-core is an optional dependency: the rest of the package works without it
     from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
@@ -38,19 +38,45 @@ except ImportError as err:  # pragma: no cover - exercised only without megatron
 
 @dataclass
 class FcpPackedSeqParams(PackedSeqParams):
-    """Megatron's packed-sequence parameters plus what FCP attention needs for this rank's micro-batch."""
+    """Megatron's packed-sequence parameters plus what FCP attention needs for this rank's micro-batch. Made by the
+    step; the layers only read it."""
 
-    rank_plan: RankPlan | None = None
-    """This rank's view of the micro-batch plan (its token order is the order of q, k and v)."""
+    fcp_schedule: RankSchedule | None = None
+    """This rank's attention schedule of the micro-batch (its token order is the order of q, k and v), decoded from
+    what the data loader shipped; the step has checked that every CP rank holds the same plan."""
     fcp_position_ids: torch.Tensor | None = None
     """int64 ``[num_tokens]``: each local token's position in its document (padding: 0)."""
     fcp_max_position: int = 0
     """The largest of ``fcp_position_ids``, known on the host (sizes the rotary table without a device sync)."""
-    fcp_freqs: torch.Tensor | None = field(default=None, repr=False, compare=False)
-    """Rotary frequencies at ``fcp_position_ids``: gathered by the first layer, reused by the others."""
-    fcp_plan_verified: bool = field(default=False, repr=False, compare=False)
-    """Set once the CP ranks have confirmed they hold the same plan (by the first layer's attention); every rank
-    runs the layers in the same order, so every rank skips the check from then on, recomputation included."""
+
+
+class RotaryTable:
+    """The rotary frequencies every FCP layer of a model shares: one table, and the frequencies at the current
+    micro-batch's per-token positions gathered once (the first layer that asks) for all layers."""
+
+    def __init__(self, rotary: RotaryEmbedding, min_length: int):
+        self.rotary, self.min_length = rotary, min_length
+        self._table: torch.Tensor | None = None
+        self._positions: torch.Tensor | None = None
+        self._freqs: torch.Tensor | None = None
+
+    def freqs(self, params: FcpPackedSeqParams, device) -> torch.Tensor:
+        """Rotary frequencies ``[tokens, 1, 1, dim]`` at ``params.fcp_position_ids``."""
+        if self._positions is params.fcp_position_ids and self._freqs is not None:
+            return self._freqs
+        need = max(self.min_length, params.fcp_max_position + 1)
+        if self._table is None or self._table.shape[0] < need or self._table.device != torch.device(device):
+            self._table = self.rotary.get_emb(need).to(device)  # [need, 1, 1, dim]
+        self._positions = params.fcp_position_ids
+        self._freqs = self._table.index_select(0, params.fcp_position_ids)
+        return self._freqs
+
+
+def _skips_rope(config, layer_number: int) -> bool:
+    """Whether Megatron's ``config.no_rope_freq`` (one 0/1 entry per layer, 1-based layer numbers) turns rotary
+    embeddings off in this layer, as Megatron's attention does."""
+    pattern = getattr(config, "no_rope_freq", None)
+    return bool(pattern[layer_number - 1]) if pattern else False
 
 
 @dataclass(frozen=True)
@@ -76,7 +102,7 @@ class FcpCoreAttention(MegatronModule):
     def __init__(self, config, layer_number: int, attn_mask_type, attention_type: str = "self",
                  attention_dropout: float | None = None, softmax_scale: float | None = None,
                  cp_comm_type: str | None = None, pg_collection=None, *, fcp: FcpConfig,
-                 rope: RopeSettings | None = None):
+                 rotary: RotaryTable | None = None):
         super().__init__(config=config)
         dropout = config.attention_dropout if attention_dropout is None else attention_dropout
         if dropout:
@@ -87,60 +113,60 @@ class FcpCoreAttention(MegatronModule):
         self.layer_number = layer_number
         self.softmax_scale = softmax_scale
         self.cp_group = getattr(pg_collection, "cp", None) if pg_collection is not None else None
-        self.rotary = None
-        if rope is not None:
-            kv_channels = config.kv_channels or config.hidden_size // config.num_attention_heads
-            self.rotary = RotaryEmbedding(
-                kv_channels=kv_channels, rotary_percent=rope.rotary_percent,
-                rotary_interleaved=config.rotary_interleaved,
-                seq_len_interpolation_factor=rope.seq_len_interpolation_factor, rotary_base=rope.rotary_base,
-                rope_scaling=rope.rope_scaling, rope_scaling_factor=rope.rope_scaling_factor,
-                use_cpu_initialization=config.use_cpu_initialization)
-        self._table: torch.Tensor | None = None
-
-    def _freqs(self, params: FcpPackedSeqParams, device) -> torch.Tensor:
-        """Rotary frequencies ``[tokens, 1, 1, dim]`` at the micro-batch's per-token positions, gathered once per
-        micro-batch (every layer has the same rotary embedding), so only the first layer keeps a table."""
-        if params.fcp_freqs is None:
-            need = max(int(self.fcp.seq_length), params.fcp_max_position + 1)
-            if self._table is None or self._table.shape[0] < need or self._table.device != device:
-                self._table = self.rotary.get_emb(need).to(device)  # [need, 1, 1, dim]
-            params.fcp_freqs = self._table.index_select(0, params.fcp_position_ids)
-        return params.fcp_freqs
+        self.rotary = None if rotary is None or _skips_rope(config, layer_number) else rotary
 
     def _rope(self, t: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
         return apply_rotary_pos_emb(t.unsqueeze(1), freqs, config=self.config).squeeze(1)
 
     def forward(self, query, key, value, attention_mask=None, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None, **unused):
-        if not isinstance(packed_seq_params, FcpPackedSeqParams) or packed_seq_params.rank_plan is None:
-            raise InputError("FCP core attention got a batch without an FCP plan: feed it batches from "
-                             "megatron_fcp's data hooks (get_batch / FcpBatchDataset), or run with "
-                             "--context-parallel-mode ring")
+        if not isinstance(packed_seq_params, FcpPackedSeqParams) or packed_seq_params.fcp_schedule is None:
+            raise InputError("FCP core attention got a batch without an FCP schedule: feed it batches from "
+                             "megatron_fcp's data hooks (FcpBatchDataset and megatron_fcp.megatron.step.FcpStep), "
+                             "or run with --context-parallel-mode ring")
         if attention_bias is not None:
             raise InputError("FCP attention does not take an attention bias")
-        plan = packed_seq_params.rank_plan
+        sched = packed_seq_params.fcp_schedule
         if self.rotary is not None:
-            freqs = self._freqs(packed_seq_params, query.device)
+            freqs = self.rotary.freqs(packed_seq_params, query.device)
             query, key = self._rope(query, freqs), self._rope(key, freqs)
-        group = self.cp_group if plan.cp > 1 else None
-        out = fcp_attention(query.contiguous(), key.contiguous(), value.contiguous(), plan, group,
+        group = self.cp_group if sched.cp > 1 else None
+        out = fcp_attention(query.contiguous(), key.contiguous(), value.contiguous(), sched, group,
                             self.softmax_scale, backend=self.fcp.backend, timeout_s=self.fcp.exchange_timeout_s,
-                            kv_budget_tokens=self.fcp.kv_budget_tokens,
-                            verify_plan=not packed_seq_params.fcp_plan_verified)
-        packed_seq_params.fcp_plan_verified = True
+                            verify_plan=False)
         return out.reshape(out.shape[0], -1)
 
 
-def install_fcp_core_attention(spec, fcp: FcpConfig, rope: RopeSettings | None):
+def _rotary_table(config, rope: RopeSettings, seq_length: int) -> RotaryTable:
+    kv_channels = config.kv_channels or config.hidden_size // config.num_attention_heads
+    rotary = RotaryEmbedding(
+        kv_channels=kv_channels, rotary_percent=rope.rotary_percent, rotary_interleaved=config.rotary_interleaved,
+        seq_len_interpolation_factor=rope.seq_len_interpolation_factor, rotary_base=rope.rotary_base,
+        rope_scaling=rope.rope_scaling, rope_scaling_factor=rope.rope_scaling_factor,
+        use_cpu_initialization=config.use_cpu_initialization)
+    return RotaryTable(rotary, seq_length)
+
+
+def _attention_problem(attention) -> str | None:
+    """Why FCP cannot take over this self-attention spec, or None."""
+    if not isinstance(attention, ModuleSpec) or not hasattr(attention.submodules, "core_attention"):
+        return f"this layer spec has {type(attention).__name__} (linear attention is not supported)"
+    name = getattr(attention.module, "__name__", "") + type(attention.submodules).__name__
+    if "MLA" in name or "MultiLatent" in name:
+        return ("it uses multi-latent attention (MLA), whose queries and keys carry a separate rotary part FCP does "
+                "not apply; use standard self-attention (no --multi-latent-attention)")
+    return None
+
+
+def install_fcp_core_attention(spec, fcp: FcpConfig, rotary: RotaryTable | None):
     """Swap the core attention of a layer spec (or of every layer of a block spec) for FCP's, in place."""
     layers = getattr(spec, "layer_specs", None) or [spec]
-    core = functools.partial(FcpCoreAttention, fcp=fcp, rope=rope)
+    core = functools.partial(FcpCoreAttention, fcp=fcp, rotary=rotary)
     for layer in layers:
         attention = getattr(getattr(layer, "submodules", None), "self_attention", None)
-        if not isinstance(attention, ModuleSpec) or not hasattr(attention.submodules, "core_attention"):
-            raise InputError(f"FCP can only replace the core attention of self-attention layers; this layer spec "
-                             f"has {type(attention).__name__} (multi-latent or linear attention is not supported)")
+        problem = _attention_problem(attention)
+        if problem:
+            raise InputError(f"FCP can only replace the core attention of standard self-attention layers; {problem}")
         attention.submodules.core_attention = core
     return spec
 
@@ -165,6 +191,7 @@ def fcp_model_config(model_cfg, fcp: FcpConfig):
             layer_spec = base
         else:
             layer_spec = base(config)
-        return install_fcp_core_attention(layer_spec, fcp, rope)
+        rotary = _rotary_table(config, rope, fcp.seq_length) if rope is not None else None
+        return install_fcp_core_attention(layer_spec, fcp, rotary)
 
     return dataclasses.replace(model_cfg, transformer_layer_spec=spec, position_embedding_type="none")

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 
 from megatron_fcp.errors import InputError
 from megatron_fcp.megatron import dataset_helpers
@@ -55,43 +54,33 @@ def parse_checked_args():
 
 # -- data ------------------------------------------------------------------------------------------------
 def _gpt_dataset_config(args):
-    from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
-    from megatron.core.tokenizers.utils.build_tokenizer import build_tokenizer
-    from megatron.training.utils import get_blend_and_blend_per_split
+    """Megatron's GPTDatasetConfig of the run, without the dense attention mask (see
+    ``megatron_fcp.megatron.datasets.gpt_dataset_config``)."""
+    from megatron_fcp.megatron.datasets import gpt_dataset_config
 
-    blend, blend_per_split = get_blend_and_blend_per_split(args)
-    return GPTDatasetConfig(
-        random_seed=args.seed, sequence_length=args.seq_length, blend=blend, blend_per_split=blend_per_split,
-        split=args.split, path_to_cache=args.data_cache_path, mmap_bin_files=args.mmap_bin_files,
-        tokenizer=build_tokenizer(args), reset_position_ids=args.reset_position_ids,
-        reset_attention_mask=args.reset_attention_mask, eod_mask_loss=args.eod_mask_loss,
-        create_attention_mask=args.create_attention_mask_in_dataloader)
+    return gpt_dataset_config(args)
 
 
 def datasets_provider(train_val_test_num_samples, vp_stage=None):
-    """Train/valid/test datasets: Megatron's GPT datasets; under FCP wrapped so each CP rank gets its plan."""
+    """Train/valid/test datasets: Megatron's GPT datasets; under FCP wrapped so each CP rank gets its plan
+    (``megatron_fcp.megatron.datasets.build_datasets``). A data path that cannot work (missing .bin/.idx,
+    documents without end-of-document tokens, ...) stops the run with one line, as the start-up checks do."""
     from megatron.core import mpu
-    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-    from megatron.core.datasets.gpt_dataset import GPTDataset, MockGPTDataset
     from megatron.training import get_args, print_rank_0
 
-    from megatron_fcp.megatron.batch import FcpBatchDataset, MockDocumentDataset
+    from megatron_fcp.megatron.datasets import build_datasets
 
     args = get_args()
-    if args.context_parallel_mode == "fcp" and args.mock_data:
-        vocab = getattr(args, "padded_vocab_size", None) or args.vocab_size
-        datasets = [MockDocumentDataset(int(n), args.seq_length, args.fcp_mock_doclens, vocab, seed=args.seed + i)
-                    if n else None for i, n in enumerate(train_val_test_num_samples)]
-    else:
-        kind = MockGPTDataset if args.mock_data else GPTDataset
-        datasets = BlendedMegatronDatasetBuilder(kind, train_val_test_num_samples, lambda: True,
-                                                 _gpt_dataset_config(args)).build()
+    try:
+        datasets = build_datasets(args, train_val_test_num_samples, mpu.get_context_parallel_rank())
+    except InputError as err:
+        print(f"megatron-fcp: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
     if args.context_parallel_mode == "fcp":
-        cfg, cp_rank = fcp_config_from_args(args), mpu.get_context_parallel_rank()
-        datasets = [FcpBatchDataset(ds, cfg, cp_rank) if ds is not None else None for ds in datasets]
+        cfg = fcp_config_from_args(args)
         print_rank_0(f"> FCP: micro-batches of {cfg.seq_length} tokens planned by '{cfg.scheduler}' over CP "
                      f"{cfg.cp} in {args.num_workers} data-loader worker(s) per rank")
-    return tuple(datasets)
+    return datasets
 
 
 datasets_provider.is_distributed = True  # every rank builds its datasets (each CP rank its own plan share)
@@ -99,47 +88,51 @@ datasets_provider.is_distributed = True  # every rank builds its datasets (each 
 
 # -- steps -------------------------------------------------------------------------------------------------
 def ring_forward_step(data_iterator, model):
-    """Megatron's plain GPT step: the CP rank's zigzag chunks of the micro-batch, Megatron's CP attention."""
+    """Megatron's GPT step on its per-document THD path: every document of the packed micro-batch padded to a
+    multiple of 2*cp, this CP rank's chunks r and 2cp-1-r of each document, Megatron's CP attention restricted to
+    documents through ``packed_seq_params`` (see ``megatron_fcp.megatron.thd``; with ``--transformer-impl local``,
+    CP 1 only, a dense document mask instead). Returns the per-token losses and the loss function (Megatron's
+    per-token loss; padding slots have loss mask 0)."""
     import torch
-    from megatron.core.parallel_state import get_context_parallel_group
-    from megatron.core.utils import get_batch_on_this_cp_rank
+    from megatron.core import parallel_state
+    from megatron.core.utils import get_attr_wrapped_model
 
     from megatron_fcp.megatron.step import per_token_loss
+    from megatron_fcp.megatron.thd import ring_step_inputs, thd_sample
 
     batch = next(data_iterator)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
-    batch = {k: batch[k].to(device, non_blocking=True) for k in ("tokens", "labels", "loss_mask", "position_ids")}
-    batch["attention_mask"] = None
-    batch = get_batch_on_this_cp_rank(batch, is_hybrid_cp=False, cp_group=get_context_parallel_group())
-    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"],
-                   loss_mask=batch["loss_mask"])
-    return output, lambda out, mask=batch["loss_mask"]: per_token_loss(mask, out)
+    sample = thd_sample(batch["tokens"], batch["labels"], batch["loss_mask"], batch["position_ids"],
+                        cp=parallel_state.get_context_parallel_world_size(),
+                        tp=parallel_state.get_tensor_model_parallel_world_size())
+    local_attention = getattr(get_attr_wrapped_model(model, "config"), "transformer_impl", None) == "local"
+    local, attention_mask, packed_seq_params = ring_step_inputs(
+        sample.to(device), parallel_state.get_context_parallel_rank(), parallel_state.get_context_parallel_group(),
+        local_attention)
+    output = model(local["tokens"], local["position_ids"], attention_mask, labels=local["labels"],
+                   loss_mask=local["loss_mask"], packed_seq_params=packed_seq_params)
+    return output, lambda out, mask=local["loss_mask"]: per_token_loss(mask, out)
 
 
 class FcpForwardStep:
-    """FCP's ``forward_step_func``; every ``log_interval`` micro-batches rank 0 prints the FCP figures."""
+    """FCP's ``forward_step_func`` for Megatron's ``pretrain``: a :class:`~megatron_fcp.megatron.step.FcpStep` made
+    at the first call, once Megatron has made its process groups (with a gloo twin of the CP group, on which each
+    micro-batch's plan is checked without synchronising the GPU). FCP's figures travel in the loss report, so
+    Megatron's log line and TensorBoard show them (``megatron_fcp.megatron.step.FIGURES``)."""
 
-    def __init__(self, log_interval: int):
-        self.log_interval = max(1, log_interval)
-        self.last = time.perf_counter()
+    def __init__(self, cfg):
+        self.cfg, self.step = cfg, None
 
     def __call__(self, data_iterator, model):
-        from megatron.training import print_rank_0
+        if self.step is None:
+            from megatron.core import parallel_state
 
-        from megatron_fcp.megatron.step import STEP_STATS, fcp_forward_step
+            from megatron_fcp.megatron.step import FcpStep, host_cp_group
 
-        out = fcp_forward_step(data_iterator, model)
-        if len(STEP_STATS.samples) >= self.log_interval:
-            s = STEP_STATS.take_summary()
-            now, n = time.perf_counter(), s["micro_batches"]
-            per_mb = (now - self.last) / n
-            self.last = now
-            print_rank_0(
-                f" fcp | per micro-batch: {1e3 * per_mb:.1f} ms wall, planning {1e3 * s['plan_s'] / n:.2f} ms "
-                f"(in data-loader workers), data-loader wait {1e3 * s['loader_wait_s'] / n:.2f} ms | attention "
-                f"pairs imbalance {s['pairs_imbalance']:.3f}, key/value traffic {100 * s['comm_vs_ring']:.1f}% of "
-                f"ring's | {s['num_docs']:.1f} documents per micro-batch")
-        return out
+            cp_group = parallel_state.get_context_parallel_group() if self.cfg.cp > 1 else None
+            host_group = host_cp_group(cp_group) if cp_group is not None else None
+            self.step = FcpStep(self.cfg, cp_group, host_group)
+        return self.step(data_iterator, model)
 
 
 def main() -> None:
@@ -154,8 +147,9 @@ def main() -> None:
         start_checkpoint_results_queue()
     model_cfg = gpt_config_from_args(args)
     if args.context_parallel_mode == "fcp":
-        model_cfg = fcp_model_config(model_cfg, fcp_config_from_args(args))
-        forward_step = FcpForwardStep(args.log_interval)
+        fcp_cfg = fcp_config_from_args(args)
+        model_cfg = fcp_model_config(model_cfg, fcp_cfg)
+        forward_step = FcpForwardStep(fcp_cfg)
     else:
         forward_step = ring_forward_step
     pretrain(pretrain_cfg_container_from_args(args, model_cfg), datasets_provider, ModelType.encoder_or_decoder,

@@ -126,6 +126,14 @@ CASES = {
     "model option the CPU worker lacks": ("tiny_cpu", {"model__swiglu": True}, "model.swiglu", "always uses"),
     "bf16 on CPU": ("tiny_cpu", {"training__precision": "bf16"}, "training.precision", "fp32"),
     "bad mount": ("llama3_8b", {"container__mounts": ["/a:/b,/c:/d"]}, "container.mounts", "without commas"),
+    "exchange timeout not positive": ("llama3_8b", {"context_parallel__exchange_timeout_s": 0},
+                                      "context_parallel.exchange_timeout_s", "must be > 0 seconds"),
+    "exchange timeout as long as the distributed one": (
+        "llama3_8b", {"context_parallel__exchange_timeout_s": 600}, "context_parallel.exchange_timeout_s",
+        "600 s is not shorter than training.distributed_timeout_minutes 10 (600 s)"),
+    "exchange timeout longer than a set distributed one": (
+        "llama3_8b", {"context_parallel__exchange_timeout_s": 300, "training__distributed_timeout_minutes": 5},
+        "context_parallel.exchange_timeout_s", "raise training.distributed_timeout_minutes to 6 or more"),
 }
 
 
@@ -182,7 +190,7 @@ def test_keys_the_run_ignores_are_warned_about():
     assert _warnings(edited("tiny_cpu", training__weight_decay=0.1)) == [
         "run config: training.weight_decay is not used on device cpu: the CPU worker (python -m "
         "megatron_fcp.cpu_demo.worker) has no such option"]
-    ring = _warnings(edited("llama3_8b", context_parallel__mode="ring"))
+    ring = _warnings(edited("llama3_8b", context_parallel__mode="ring", context_parallel__exchange_timeout_s=300))
     assert len(ring) == 6 and all("not used with context_parallel.mode ring" in w for w in ring)
 
 
@@ -256,6 +264,18 @@ def test_kv_budget_is_read_as_fcp_reads_it(budget, read):
     assert entry_args(spec)[entry_args(spec).index("--kv-budget-tokens") + 1] == shown
     ns = megatron_parser().parse_args(megatron_args(spec))
     assert ns.fcp_kv_budget_tokens == shown
+    check_fcp_args(ns, world_size=spec.parallel.world_size)
+
+
+@pytest.mark.parametrize("timeout, minutes", [(None, None), (300, None), (900, 20)])
+def test_exchange_timeout_is_opt_in_and_below_the_distributed_timeout(timeout, minutes):
+    spec = load_run_config(edited("llama3_8b", context_parallel__exchange_timeout_s=timeout,
+                                  training__distributed_timeout_minutes=minutes))
+    args = megatron_args(spec)
+    assert ("--fcp-exchange-timeout" in args) == (timeout is not None)
+    assert ("--distributed-timeout-minutes" in args) == (minutes is not None)
+    ns = megatron_parser().parse_args(args)
+    assert ns.fcp_exchange_timeout == timeout and ns.distributed_timeout_minutes == minutes
     check_fcp_args(ns, world_size=spec.parallel.world_size)
 
 

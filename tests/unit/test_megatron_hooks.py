@@ -9,6 +9,7 @@ import pytest
 
 from megatron_fcp.errors import InputError
 from megatron_fcp.megatron.batch import (
+    STATS,
     MockDocumentDataset,
     decode_rank_plan,
     doc_lengths_from_positions,
@@ -23,7 +24,7 @@ GOOD = dict(context_parallel_mode="fcp", context_parallel_size=4, tensor_model_p
             pipeline_model_parallel_size=1, seq_length=4096, micro_batch_size=1, calculate_per_token_loss=True,
             num_attention_heads=8, group_query_attention=True, num_query_groups=4, position_embedding_type="rope",
             attention_dropout=0.0, attention_backend="auto", mock_data=False, reset_position_ids=True,
-            sequence_parallel=True, fcp_edge_cost_tile_size="auto", fcp_planning_workers=2, fcp_exchange_timeout=600.0)
+            sequence_parallel=True, fcp_edge_cost_tile_size="auto", fcp_planning_workers=2, fcp_exchange_timeout=None)
 
 
 def args(**changes):
@@ -51,6 +52,9 @@ def test_good_configuration_passes_and_ring_mode_is_left_to_megatron():
     ({"reset_position_ids": False}, 16, "document boundaries"),
     ({"mock_data": True, "fcp_mock_doclens": None}, 16, "--fcp-mock-doclens"),
     ({"attention_backend": "AttnBackend.local"}, 16, "--attention-backend local"),
+    ({"multi_latent_attention": True}, 16, "drop --multi-latent-attention"),
+    ({"fcp_exchange_timeout": 600.0}, 16, "--fcp-exchange-timeout 600 s is not shorter than "
+                                          "--distributed-timeout-minutes 10 (600 s)"),
 ])
 def test_misconfigurations_get_one_line_naming_the_fix(changes, world, needle):
     with pytest.raises(InputError) as err:
@@ -172,7 +176,7 @@ def test_rank_samples_cover_every_token_once_with_its_label_and_position(schedul
     seen = np.zeros(2048, int)
     # the global token index of each local token, recovered from (tokens, labels, positions) by the plan
     for r in range(4):
-        part = rank_sample(sample, cfg, r)
+        part = rank_sample(sample, cfg, r, with_plan_view=True)
         view = decode_rank_plan(part["fcp_plan"])
         assert view.cp_rank == r and part["tokens"].shape == (view.num_tokens,)
         if scheduler == "fcp":
@@ -185,7 +189,8 @@ def test_rank_samples_cover_every_token_once_with_its_label_and_position(schedul
         for key in ("tokens", "labels", "loss_mask", "position_ids"):
             assert np.array_equal(part[key][:real], sample[key][index]), key
         assert not part["loss_mask"][real:].any(), "padding slots must not count in the loss"
-        assert part["fcp_stats"].shape == (5,) and part["fcp_stats"][0] >= 0
+        assert part["fcp_stats"].shape == (len(STATS),) and part["fcp_stats"][0] >= 0
+        assert part["fcp_schedule"].dtype == np.int64 and part["fcp_schedule"].ndim == 1
     assert (seen == 1).all()
 
 

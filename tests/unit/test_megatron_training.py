@@ -39,7 +39,8 @@ class _Runs:
         self.root, self.cache = root, {}
 
     def _prepare(self, name: str, run: RunConfig) -> RunConfig:
-        return replace(run, grads_out=str(self.root / f"{name}.grads.pt"))
+        return replace(run, grads_out=str(self.root / f"{name}.grads.pt"),
+                       tensorboard_dir=str(self.root / f"{name}.tb"))
 
     def together(self, named: dict[str, RunConfig]) -> None:
         """Launch the runs not launched yet, those of equal world size in one series (saves process start-ups)."""
@@ -86,6 +87,31 @@ def test_fcp_training_matches_training_without_cp(runs, layout):
     run = replace(BASE, **LAYOUTS[layout])
     ref = baseline_of(run)
     _assert_matches_no_cp(*runs(layout, run), *runs(f"nocp_dp{ref.dp}", ref), loss_tol=1e-4)
+
+
+@pytest.mark.parametrize("layout", ["cp2", "cp4"])
+def test_cpu_run_writes_fcp_figures_to_tensorboard_and_its_log_line(runs, layout):
+    """Rank 0's TensorBoard event files hold every FCP figure (the names Megatron's log line and TensorBoard use) at
+    every step, equal to the step records; the step's log line shows them."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from megatron_fcp.megatron.step import FIGURES
+
+    runs.together(_with_baselines(LAYOUTS))
+    steps, _ = runs(layout, replace(BASE, **LAYOUTS[layout]))
+    events = EventAccumulator(str(runs.root / f"{layout}.tb"))
+    events.Reload()
+    assert set(FIGURES) | {"lm loss"} <= set(events.Tags()["scalars"])
+    for name in FIGURES:
+        scalars = events.Scalars(name)
+        assert [s.step for s in scalars] == [rec["step"] for rec in steps]
+        for got, rec in zip(scalars, steps, strict=True):
+            assert got.value == pytest.approx(rec["fcp"][name], rel=1e-6, abs=1e-6), (name, rec["step"])
+    assert all(rec["fcp"]["fcp kv sent MiB"] > 0 and rec["fcp"]["fcp kv received MiB"] > 0 for rec in steps[1:])
+    assert all(1.0 <= rec["fcp"]["fcp planned imbalance"] < 2.0 for rec in steps)
+    line = train.figures_line(steps[-1]["fcp"])
+    for label in ("fcp imbalance", "kv sent", "received", "exchange wait", "planning"):
+        assert label in line
 
 
 MEASURED_AS_MODELED = ("kv_peak", "kv_kept", "grad_peak", "returned_peak", "kv_kept_all_layers", "kv_held_all_layers")
