@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 from megatron_fcp.data.lengths import SHIPPED, load_distribution, pack_batches, read_lengths, resolve_lengths_source
 from megatron_fcp.errors import InputError
-from megatron_fcp.planner.api import STRATEGIES, STRATEGY_HELP, check_batch, make_plan
+from megatron_fcp.planner.api import STRATEGIES, STRATEGY_HELP, check_batch, check_sizes, make_plan
 from megatron_fcp.planner.checks import plan_problems
 from megatron_fcp.planner.pairs import MASKS
 from megatron_fcp.planner.stages import DEFAULT_KV_BUDGET, MEMORY_FIELDS, parse_kv_budget
 from megatron_fcp.sim.model import HARDWARE, evaluate, load_hardware, mfu
 from megatron_fcp.sim.simulate import SimConfig, cells_to_json, format_table, simulate
+
+_MAX_BUDGET = 1 << 40
+"""Largest ``--kv-budget-tokens`` (2^40 tokens, more than any rank receives; the memory model doubles it in int64)."""
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -55,12 +60,13 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--mask", choices=MASKS, default="causal")
     plan.add_argument("--strategy", choices=tuple(STRATEGIES), default="fcp", help=strategies)
     plan.add_argument("--num-batches", type=int, default=1, help="micro-batches to pack from the distribution")
-    plan.add_argument("--seed", type=int, default=0)
+    plan.add_argument("--seed", type=int, default=0, help="seed of the packing (a whole number >= 0)")
     plan.add_argument("--as-batch", action="store_true",
                       help="treat the file as ONE micro-batch (its lengths must sum to cp x tokens-per-rank)")
     plan.add_argument("--json", type=Path, help="write the plan(s) as JSON here")
     plan.add_argument("--hardware", default="h100_node", help=f"hardware profile: {', '.join(HARDWARE)} or a YAML")
-    plan.add_argument("--ranks", type=int, default=8, help="ranks to print per plan")
+    plan.add_argument("--ranks", type=int, default=8, metavar="COUNT",
+                      help="how many ranks to print per plan (the first COUNT; a count, not rank ids; default 8)")
     plan.add_argument("--kv-budget-tokens", default=DEFAULT_KV_BUDGET, help=budget_help)
 
     sim = sub.add_parser("simulate", help="compare strategies over CP sizes on a length distribution")
@@ -70,8 +76,8 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--tokens-per-rank", type=int, default=16384)
     sim.add_argument("--masks", type=_name_list(MASKS), default=MASKS, help="causal,full")
     sim.add_argument("--strategies", type=_name_list(tuple(STRATEGIES)), default=tuple(STRATEGIES), help=strategies)
-    sim.add_argument("--num-batches", type=int, default=20)
-    sim.add_argument("--seed", type=int, default=0)
+    sim.add_argument("--num-batches", type=int, default=20, help="micro-batches per cell")
+    sim.add_argument("--seed", type=int, default=0, help="seed of the packing (a whole number >= 0)")
     sim.add_argument("--hardware", default="h100_node", help=f"hardware profile: {', '.join(HARDWARE)} or a YAML")
     sim.add_argument("--json", type=Path, help="write all figures as JSON here")
     sim.add_argument("--plot", type=Path, help="write a PNG: per-rank load of one batch and MFU vs CP; and next to "
@@ -94,15 +100,62 @@ def _max_ratio(mem: dict, key: str) -> float:
     return max((v / o for v, o in zip(mem[key], own, strict=True)), default=0.0)
 
 
+def _budget(text) -> int | str | None:
+    """``--kv-budget-tokens`` parsed, refusing numbers above :data:`_MAX_BUDGET`."""
+    budget = parse_kv_budget(text, flag="--kv-budget-tokens")
+    if isinstance(budget, int) and budget > _MAX_BUDGET:
+        raise InputError(f"--kv-budget-tokens {budget} is above {_MAX_BUDGET} (2^40), more than any rank receives; "
+                         "use none for one unbounded stage, auto, or a number of tokens such as 4096")
+    return budget
+
+
+def _check_counts(args) -> None:
+    """Refuse a negative seed and counts below 1 (one line each, before any work)."""
+    if args.seed < 0:
+        raise InputError(f"--seed must be a whole number >= 0 (numpy's generator takes no negative seed), got "
+                         f"{args.seed}")
+    if args.num_batches < 1:
+        raise InputError(f"--num-batches must be a whole number >= 1, got {args.num_batches}")
+    if getattr(args, "ranks", 1) < 1:
+        raise InputError(f"--ranks is how many ranks to print per plan, a whole number >= 1; got {args.ranks}")
+
+
+def _check_writable(path: Path | None, flag: str) -> None:
+    """Refuse ``path`` unless a file can be written there, before any work: its folder is made if missing (as the
+    write would) and a scratch file is created in it and removed; the path itself must not be a folder."""
+    if path is None:
+        return
+    if path.is_dir():
+        raise InputError(f"{flag} {path} is a folder; pass a file path")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path.parent, prefix=".fcp-write-check-"):
+            pass
+        if path.exists() and not os.access(path, os.W_OK):
+            raise PermissionError(13, "Permission denied")
+    except OSError as err:
+        raise InputError(f"{flag} {path}: cannot write there ({err.strerror or err}); pass a path in a writable "
+                         "folder") from None
+
+
+def _write_json(path: Path, flag: str, record, indent: int | None = None) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(record, indent=indent))
+    except OSError as err:
+        raise InputError(f"{flag} {path}: cannot write it ({err.strerror}); pass a path in a writable folder") from None
+
+
 def _cmd_plan(args) -> int:
-    budget = parse_kv_budget(args.kv_budget_tokens, flag="--kv-budget-tokens")
+    _check_counts(args)
+    budget = _budget(args.kv_budget_tokens)
     hw = load_hardware(args.hardware)
+    _check_writable(args.json, "--json")
     if args.as_batch:
         batches = [check_batch(read_lengths(resolve_lengths_source(args.lengths)), args.cp, args.tokens_per_rank,
                                args.mask, exact=True)]
     else:
-        if args.cp < 1 or args.tokens_per_rank < 1:
-            raise InputError("--cp and --tokens-per-rank must be integers >= 1")
+        check_sizes(args.cp, args.tokens_per_rank)  # before packing cp * tokens_per_rank tokens
         dist = load_distribution(args.lengths)
         batches = pack_batches(dist, args.cp * args.tokens_per_rank, args.num_batches, args.seed)
     records = []
@@ -134,15 +187,23 @@ def _cmd_plan(args) -> int:
         metrics["memory"] = memory
         records.append(plan.to_dict(metrics))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(records[0] if len(records) == 1 else {"plans": records}))
+        _write_json(args.json, "--json", records[0] if len(records) == 1 else {"plans": records})
         print(f"wrote {args.json}")
     return 1 if any(r["metrics"]["problems"] for r in records) else 0
 
 
 def _cmd_simulate(args) -> int:
-    budget = parse_kv_budget(args.kv_budget_tokens, flag="--kv-budget-tokens")
+    _check_counts(args)
+    budget = _budget(args.kv_budget_tokens)
     hw = load_hardware(args.hardware)
+    _check_writable(args.json, "--json")
+    _check_writable(args.plot, "--plot")
+    if args.plot:
+        from megatron_fcp.sim.plot import memory_plot_path
+
+        _check_writable(memory_plot_path(args.plot), "--plot")
+    for source in args.lengths:  # every name and file, before any cell is simulated
+        load_distribution(source)
     config = SimConfig(lengths=args.lengths, cps=args.cp, tokens_per_rank=args.tokens_per_rank, masks=args.masks,
                        strategies=args.strategies, num_batches=args.num_batches, seed=args.seed,
                        kv_budget_tokens=budget)
@@ -150,8 +211,7 @@ def _cmd_simulate(args) -> int:
     cells = simulate(config, hw, progress)
     print(format_table(cells))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(cells_to_json(cells, config, hw), indent=1))
+        _write_json(args.json, "--json", cells_to_json(cells, config, hw), indent=1)
         print(f"wrote {args.json}")
     if args.plot:
         _write_plot(args, config, cells, hw)

@@ -6,13 +6,24 @@ simulator and ``fcp plan`` report). Each is timed on its own, so the machine's d
 into the additions.
 
     .venv/bin/python scripts/planning_speed.py [--runs 7]
+
+With ``--scale`` it prints instead the table of the issue "Bad input, faults and scale limits": the FCP plan
+time (median of ``--runs``) of micro-batches of many short documents, the shipped mixes and an adversarial mix,
+with the balance (p95 over ``--batches`` batches of the pairs imbalance max/mean of ``rank_pairs()``) and the
+traffic (sum of ``recv_tokens``, mean over the batches) beside. Run it on another checkout of the package with
+``PYTHONPATH=<checkout>`` to compare.
+
+    .venv/bin/python scripts/planning_speed.py --scale [--runs 5] [--batches 8] [--only NAME ...]
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import time
 import timeit
+
+import numpy as np
 
 from megatron_fcp.attention.schedule import build_schedule
 from megatron_fcp.data.lengths import SHIPPED, load_distribution, pack_batches
@@ -33,7 +44,13 @@ def median_ms(fn, runs: int) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=7)
+    parser.add_argument("--scale", action="store_true", help="the short-document scale table instead")
+    parser.add_argument("--batches", type=int, default=8, help="batches per mix for balance and traffic (--scale)")
+    parser.add_argument("--only", nargs="*", default=None, help="names of the --scale rows to run")
     args = parser.parse_args()
+    if args.scale:
+        scale_table(args.runs, args.batches, args.only)
+        return
     print(f"CP {CP} x {TOKENS_PER_RANK} tokens per rank, median (min) of {args.runs} runs, ms")
     print(f"{'lengths':<13} {'mask':<7} {'plan':>13} {'view':>13} {'schedule':>13} {'all ranks':>13}")
     for name in SHIPPED:
@@ -60,6 +77,68 @@ def _figures(lens, mask: str, runs: int):
     return (median_ms(lambda: make_plan(lens, CP, TOKENS_PER_RANK, mask), runs),
             median_ms(lambda: _fresh(plan).for_rank(CP // 2), runs),
             median_ms(lambda: build_schedule(view, "cpu", "auto"), runs), median_ms(every_rank, runs))
+
+def _fill(lens: np.ndarray, total: int) -> np.ndarray:
+    """The first documents of ``lens`` holding ``total`` tokens, the last one cut to fit."""
+    ends = np.cumsum(lens)
+    count = int(np.searchsorted(ends, total))
+    out = lens[: count + 1].copy()
+    out[-1] -= int(ends[count]) - total
+    return out[out > 0]
+
+
+def scale_batches(name: str, num_batches: int) -> list[np.ndarray]:
+    """``num_batches`` micro-batches of CP x TOKENS_PER_RANK tokens of the scale table's row ``name``."""
+    total = CP * TOKENS_PER_RANK
+    if name in SHIPPED:
+        return pack_batches(load_distribution(name), total, num_batches, seed=0)
+    batches = []
+    for seed in range(num_batches):
+        rng = np.random.default_rng(seed)
+        if name == "ones":
+            lens = np.ones(total, np.int64)
+        elif name == "x50":
+            lens = _fill(np.full(total // 50 + 1, 50, np.int64), total)
+        elif name == "x16":
+            lens = np.full(total // 16, 16, np.int64)
+        elif name == "u1_64":
+            lens = _fill(rng.integers(1, 65, total // 16, dtype=np.int64), total)
+        elif name == "adversarial":  # one document of half the batch among documents of 1 to 64 tokens
+            short = rng.integers(1, 65, total // 16, dtype=np.int64)
+            lens = _fill(np.concatenate([[total // 2], short]), total)
+            lens = rng.permutation(lens)
+        else:
+            raise ValueError(f"unknown scale row {name!r}")
+        batches.append(lens)
+    return batches
+
+
+SCALE_ROWS = ("ones", "x50", "u1_64", "x16", *SHIPPED, "adversarial")
+"""Rows of the scale table: 4,194,304 one-token documents, 50-token documents, documents of 1 to 64 tokens,
+16-token documents, the shipped mixes, and one document of half the batch among documents of 1 to 64 tokens."""
+
+
+def scale_table(runs: int, num_batches: int, only=None) -> None:
+    print(f"FCP plan, causal, CP {CP} x {TOKENS_PER_RANK} tokens per rank; plan time median of {runs} (ms); "
+          f"balance p95 and traffic mean over {num_batches} batches")
+    print(f"{'batch':<13} {'documents':>10} {'plan ms':>9} {'p95 imbalance':>14} {'recv tokens':>13}")
+    for name in only or SCALE_ROWS:
+        batches = scale_batches(name, 1 if name in ("ones", "x50", "x16") else num_batches)  # the same every time
+        lens = batches[0]
+        times = []
+        for _ in range(runs):
+            start = time.perf_counter()
+            make_plan(lens, CP, TOKENS_PER_RANK)
+            times.append(time.perf_counter() - start)
+        imbalance, traffic = [], []
+        for index, batch in enumerate(batches):
+            plan = make_plan(batch, CP, TOKENS_PER_RANK) if index else make_plan(lens, CP, TOKENS_PER_RANK)
+            pairs = plan.rank_pairs()
+            imbalance.append(float(pairs.max() / pairs.mean()))
+            traffic.append(int(plan.recv_tokens.sum()))
+        print(f"{name:<13} {lens.shape[0]:>10} {1e3 * statistics.median(times):>9.1f} "
+              f"{np.percentile(imbalance, 95):>14.4f} {statistics.mean(traffic):>13.0f}", flush=True)
+
 
 if __name__ == "__main__":
     main()

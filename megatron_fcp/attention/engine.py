@@ -29,6 +29,7 @@ import math
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -431,39 +432,77 @@ def _budget_code(budget: int | None) -> int:
     return -1 if budget is None else int(budget)
 
 
-def agreement_row(sched: RankSchedule, cp_rank: int) -> list[int]:
-    """What CP ranks compare before anything moves: plan digest, key/value budget (-1: none) and CP rank."""
-    return [sched.plan_digest, _budget_code(sched.kv_budget_tokens), cp_rank]
+AGREEMENT = ("plan", "budget", "cp_rank", "dtype", "q_heads", "kv_heads", "head_dim", "softmax_scale")
+"""What every CP rank of one attention call must share (``cp_rank`` only names the rank); the columns of
+:func:`agreement_row`."""
+_NOT_CHECKED = -2
+"""A column value every rank uses for what it does not check (the step's host check before the model runs knows
+the plan and budget, not the tensors)."""
+_AGREEMENT_FIXES = {
+    "plan": "every CP rank must plan the same micro-batch: make the dataset return the same sample for an index on "
+            "every rank and give every rank the same planner options",
+    "budget": "pass the same kv_budget_tokens on every rank",
+    "dtype": "every CP rank must call attention with the same dtype (same --bf16/--fp16 and model config)",
+    "q_heads": "every CP rank must have the same query heads (same model config and tensor-parallel size)",
+    "kv_heads": "every CP rank must have the same key/value heads (same model config and tensor-parallel size)",
+    "head_dim": "every CP rank must have the same head dimension (same model config)",
+    "softmax_scale": "pass the same softmax_scale on every rank",
+}
+
+
+def agreement_row(sched: RankSchedule, cp_rank: int, q: torch.Tensor | None = None, k: torch.Tensor | None = None,
+                  scale: float | None = None) -> list[int]:
+    """This rank's values of :data:`AGREEMENT` as int64 (the scale as its float64 bits); the tensor columns are
+    :data:`_NOT_CHECKED` where ``q``/``k``/``scale`` are not given."""
+    tensors = [_NOT_CHECKED] * 5
+    if q is not None and k is not None and scale is not None:
+        scale_bits = int(np.array(scale, dtype=np.float64).view(np.int64))
+        tensors = [DTYPES.index(q.dtype) if q.dtype in DTYPES else -1, q.shape[1], k.shape[1], q.shape[2], scale_bits]
+    return [sched.plan_digest, _budget_code(sched.kv_budget_tokens), cp_rank, *tensors]
+
+
+def _label(column: str, value: int) -> str:
+    if column == "plan":
+        return f"plan {value:015x}"
+    if column == "budget":
+        return "no budget" if value < 0 else f"budget {value}"
+    if column == "dtype":
+        return f"dtype {str(DTYPES[value]).removeprefix('torch.')}" if 0 <= value < len(DTYPES) else "another dtype"
+    if column == "softmax_scale":
+        return f"softmax scale {float(np.array(value, dtype=np.int64).view(np.float64)):g}"
+    return f"{column.replace('_', ' ')} {value}"
 
 
 def check_agreement(rows: list[tuple[int, ...]]) -> None:
     """Raise the same one-line :class:`PlanMismatchError` on every rank unless every CP rank's
-    :func:`agreement_row` (``rows``, in CP rank order) holds the same plan and budget."""
-    for column, what, fix in ((0, "plans", "every CP rank must plan the same micro-batch: make the dataset return "
-                               "the same sample for an index on every rank and give every rank the same planner "
-                               "options"),
-                              (1, "key/value budgets", "pass the same kv_budget_tokens on every rank")):
+    :func:`agreement_row` (``rows``, in CP rank order) holds the same values of every shared column."""
+    for column, name in enumerate(AGREEMENT):
+        if name == "cp_rank":
+            continue
         groups: dict[int, list[int]] = {}
         for rank, row in enumerate(rows):
             groups.setdefault(row[column], []).append(rank)
         if len(groups) > 1:
             ordered = sorted(groups.items(), key=lambda item: (-len(item[1]), item[1][0]))
             parts = [f"CP rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))} "
-                     f"{'hold' if len(ranks) > 1 else 'holds'} {_label(column, value)}" for value, ranks in ordered]
+                     f"{'hold' if len(ranks) > 1 else 'holds'} {_label(name, value)}" for value, ranks in ordered]
+            what = {"plan": "plans", "budget": "key/value budgets"}.get(name, f"attention inputs ({name})")
             raise PlanMismatchError(f"FCP {what} differ across the CP group ({'; '.join(parts)}); nothing was "
-                                    f"exchanged: {fix}")
+                                    f"exchanged: {_AGREEMENT_FIXES[name]}")
 
 
-def check_plan_agreement(sched: RankSchedule, exchange: P2PExchange, device) -> float:
-    """Check that every CP rank holds the same plan and budget before anything moves; returns the seconds it took.
+def check_plan_agreement(sched: RankSchedule, exchange: P2PExchange, device, q: torch.Tensor | None = None,
+                         k: torch.Tensor | None = None, scale: float | None = None) -> float:
+    """Check that every CP rank holds the same plan and budget, and (given ``q``, ``k`` and ``scale``) calls with the
+    same dtype, heads, head dimension and softmax scale, before anything moves; returns the seconds it took.
 
-    One all-gather of three int64 per rank (plan digest, budget, CP rank) on the exchange's group, on ``device``,
+    One all-gather of :data:`AGREEMENT` (8 int64) per rank on the exchange's group, on ``device``,
     read back on the host (a stream synchronisation on GPU: the Megatron step checks on a host group instead, see
     :func:`check_plan_agreement_on_host`). On a mismatch every rank raises the same one-line
     :class:`PlanMismatchError` naming the ranks that disagree.
     """
     start = time.perf_counter()
-    mine = torch.tensor(agreement_row(sched, exchange.cp_rank), dtype=torch.int64, device=device)
+    mine = torch.tensor(agreement_row(sched, exchange.cp_rank, q, k, scale), dtype=torch.int64, device=device)
     check_agreement([tuple(int(x) for x in t.tolist()) for t in exchange.all_gather("plan check", mine)])
     return time.perf_counter() - start
 
@@ -477,12 +516,6 @@ def check_plan_agreement_on_host(sched: RankSchedule, group: dist.ProcessGroup) 
     dist.all_gather(gathered, mine, group=group)
     check_agreement([tuple(int(x) for x in t.tolist()) for t in gathered])
     return time.perf_counter() - start
-
-
-def _label(column: int, value: int) -> str:
-    if column == 0:
-        return f"plan {value:015x}"
-    return "no budget" if value < 0 else f"budget {value}"
 
 
 def fcp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rank_plan: RankPlan | RankSchedule,
@@ -514,10 +547,11 @@ def fcp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rank_plan: 
             integer, ``"auto"`` (default: the rank's own token count, so at most twice its own key/values from
             other ranks are held at once and at most once its own are kept for backward) or ``None`` (one stage:
             everything received is held and kept). Every rank must pass the same value.
-        verify_plan: first check, with one small all-gather, that every CP rank holds the same plan and budget;
-            raises :class:`PlanMismatchError` on every rank otherwise. Once per micro-batch is enough (layers of
-            one micro-batch share the plan); the Megatron step checks on the host before the model runs and
-            passes False.
+        verify_plan: first check, with one small all-gather, that every CP rank holds the same plan and budget and
+            calls with the same dtype, query and key/value heads, head dimension and softmax scale
+            (:data:`AGREEMENT`); raises :class:`PlanMismatchError` on every rank otherwise. Once per micro-batch
+            is enough (layers of one micro-batch share the plan); the Megatron step checks the plan on the host
+            before the model runs, and each FCP layer checks the tensors at its first call.
 
     Returns:
         ``[num_tokens, q_heads, head_dim]`` in ``q``'s dtype; padding rows are zero.
@@ -538,7 +572,7 @@ def fcp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rank_plan: 
         sched = rank_plan
     else:
         sched = cached_schedule(rank_plan, str(q.device), parse_kv_budget(kv_budget_tokens))
-    if verify_plan and group_size > 1:
-        check_plan_agreement(sched, exchange, q.device)
     scale = resolve_softmax_scale(softmax_scale, q.shape[2])
+    if verify_plan and group_size > 1:
+        check_plan_agreement(sched, exchange, q.device, q, k, scale)
     return _FcpAttentionFunction.apply(q, k, v, sched, exchange, Kernels(kernels, scale))

@@ -4,13 +4,16 @@ the same run without CP, and the comparison (see README, "Quickstart")."""
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from megatron_fcp.cpu_demo.train import MEMORY_FIGURES, RECOMPUTE, RunConfig, baseline_of, launch
+from megatron_fcp.cpu_demo.train import MEMORY_FIGURES, RECOMPUTE, RunConfig, baseline_of, fcp_config, launch
+from megatron_fcp.data.lengths import SHIPPED, load_distribution
 from megatron_fcp.errors import InputError
+from megatron_fcp.megatron.config import SCHEDULERS
 from megatron_fcp.planner.stages import DEFAULT_KV_BUDGET, parse_kv_budget
 
 MEMORY_LABELS = {"kv_peak": "received key/values held at once, per layer",
@@ -27,8 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--seq-length", type=int, default=4096, help="tokens per packed micro-batch over the CP group")
     p.add_argument("--doclens", default="linux_files",
-                   help="document lengths: linux_files, linux_dirs, spamassassin, magi_hist or a file")
-    p.add_argument("--scheduler", default="fcp", help="block placement: fcp, ring, hybrid or magi")
+                   help=f"document lengths: {', '.join(SHIPPED)} or a lengths file")
+    p.add_argument("--scheduler", default="fcp", choices=SCHEDULERS,
+                   help=f"block placement: {', '.join(SCHEDULERS)}")
     p.add_argument("--planning-workers", type=int, default=0,
                    help="data-loader worker processes that plan ahead (default 0: plan in the training process, "
                         "which is cheaper than extra processes on a 2-core machine)")
@@ -45,10 +49,10 @@ def main(argv: list[str] | None = None) -> int:
         budget = parse_kv_budget(a.kv_budget_tokens, flag="--kv-budget-tokens")
         run = RunConfig(cp=a.cp, steps=a.steps, seq_length=a.seq_length, doclens=a.doclens, scheduler=a.scheduler,
                         planning_workers=a.planning_workers, kv_budget_tokens=budget, recompute=a.recompute)
+        check_before_spawning(run, a.out)
     except InputError as err:
         p.error(str(err))
     out = Path(a.out or tempfile.mkdtemp(prefix="fcp-demo-"))
-    out.mkdir(parents=True, exist_ok=True)
     print(f"== FCP: tiny GPT (megatron-core, {run.num_layers} layers, hidden {run.hidden_size}), CP={run.cp} on "
           f"{run.world_size} CPU processes (gloo), {run.seq_length}-token packed batches from '{run.doclens}', "
           f"key/value budget {budget if budget is not None else 'none'}"
@@ -85,6 +89,39 @@ def main(argv: list[str] | None = None) -> int:
         print_memory_summary(fcp)
     print(f"records: {out}")
     return 0
+
+
+MAX_PROCESSES = 64
+"""Most CPU processes the demo starts (``--cp``): each one is a whole Python with torch and megatron-core."""
+MAX_SEQ_LENGTH = 1 << 15
+"""Longest ``--seq-length``: the no-CP reference run holds dense ``seq_length x seq_length`` attention scores
+(4 GiB per head at this length in float32)."""
+
+
+def check_before_spawning(run: RunConfig, out: str | None) -> None:
+    """Everything the spawned processes would fail on, checked here first (InputError, one line): the document
+    lengths (a shipped name, or a file that exists and parses), FCP's settings, the process count and the records
+    folder ``out`` (made here if missing; it must be a writable folder)."""
+    if run.world_size > MAX_PROCESSES:
+        raise InputError(f"--cp {run.cp} would start {run.world_size} CPU processes, above {MAX_PROCESSES}; use a "
+                         "smaller --cp (the demo's point is the same loss, not scale)")
+    if run.seq_length > MAX_SEQ_LENGTH:
+        raise InputError(f"--seq-length {run.seq_length} is above {MAX_SEQ_LENGTH}: the no-CP reference run holds "
+                         "dense seq_length x seq_length attention scores; use a shorter --seq-length")
+    try:
+        load_distribution(run.doclens)
+    except InputError as err:
+        raise InputError(f"--doclens: {err}") from None
+    fcp_config(run)
+    if out is not None:
+        folder = Path(out)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise InputError(f"--out {out}: cannot make the records folder ({err.strerror}); pass a writable "
+                             "folder") from None
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise InputError(f"--out {out}: the records folder is not writable; pass a writable folder")
 
 
 def print_memory_summary(steps: list[dict]) -> None:

@@ -16,8 +16,14 @@ exchange's buffers over each step (:class:`AttentionMemory`) next to the planner
 
 from __future__ import annotations
 
+import contextlib
+import datetime
+import hashlib
 import json
 import os
+import re
+import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from functools import partial
@@ -108,6 +114,11 @@ class RunConfig:
     tensorboard_dir: str | None = None
     """If set, rank 0 writes the loss and FCP's per-step figures (``megatron_fcp.megatron.step.FIGURES``, the names
     Megatron's log line and TensorBoard use) as TensorBoard scalars here."""
+    collective_timeout_s: float = 300.0
+    """Seconds any collective of the run may wait for its peers (the process groups' timeout: start-up rendezvous,
+    the loss and gradient all-reduces, barriers, checkpoint saves and loads, the SIGTERM agreement; FCP's key/value
+    exchange waits at most 0.9 x this long). A peer that stops ends the run after this long with one
+    :class:`CollectiveFailure` line naming the step and what was waited for."""
 
     def __post_init__(self):
         object.__setattr__(self, "kv_budget_tokens", parse_kv_budget(self.kv_budget_tokens, flag="kv_budget_tokens"))
@@ -125,6 +136,9 @@ class RunConfig:
         for name, allowed in (("mode", MODES), ("recompute", RECOMPUTE)):
             if getattr(self, name) not in allowed:
                 return f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}"
+        timeout = self.collective_timeout_s
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 < timeout < float("inf"):
+            return f"collective_timeout_s must be > 0 seconds and finite, got {timeout!r}"
         if self.vocab_size < 2 or self.planning_workers < 0 or min(self.save_after_step, self.save_interval) < 0:
             return (f"vocab_size must be >= 2, planning_workers, save_after_step and save_interval >= 0; got "
                     f"{self.vocab_size}, {self.planning_workers}, {self.save_after_step}, {self.save_interval}")
@@ -140,9 +154,15 @@ class RunConfig:
         return self.dp * self.tp * (self.cp if self.mode == "fcp" else 1)
 
 
+EXCHANGE_TIMEOUT_S = 120.0
+"""The longest FCP's key/value exchange waits for a CP peer in the CPU trainer; at most 0.9 x the run's
+``collective_timeout_s``, so the exchange's own error (naming the silent peer) comes before gloo's."""
+
+
 def fcp_config(run: RunConfig) -> FcpConfig:
     return FcpConfig(cp=run.cp if run.mode == "fcp" else 1, seq_length=run.seq_length,
-                     scheduler=run.scheduler, backend="cpu", exchange_timeout_s=120.0,
+                     scheduler=run.scheduler, backend="cpu",
+                     exchange_timeout_s=min(EXCHANGE_TIMEOUT_S, 0.9 * run.collective_timeout_s),
                      kv_budget_tokens=run.kv_budget_tokens)
 
 
@@ -306,20 +326,171 @@ def own_kv_bytes(run: RunConfig) -> int:
 
 
 LATEST = "latest_step.txt"
-"""The file in a checkpoint folder naming the step of its latest complete checkpoint."""
+"""The file in a checkpoint folder naming the step of its latest complete checkpoint (written atomically, after the
+checkpoint's :data:`MANIFEST`)."""
+MANIFEST = "checksums.sha256"
+"""The file in a saved checkpoint listing the sha256 of every other file of it (``sha256sum`` format, checkable
+with ``sha256sum -c``); written by rank 0 once every rank has saved, checked before the checkpoint is loaded."""
+_STEP_FOLDER = re.compile(r"step_(\d{6,})")
+_WRITE_CHECK = ".write-check-"
+
+
+class CheckpointError(InputError):
+    """A checkpoint that cannot be used (a file differs from its checksum, no intact checkpoint is left, ...)."""
+
+
+class CollectiveFailure(RuntimeError):
+    """A collective of the CPU trainer failed or timed out: the message names the step, what was waited for (the
+    collective or the checkpoint save) and the ranks it waited on."""
 
 
 def checkpoint_folder(root: str | Path, step: int) -> Path:
     return Path(root) / f"step_{step:06d}"
 
 
-def latest_checkpoint(root: str | Path) -> tuple[int, Path] | None:
-    """``(step, folder)`` of the latest complete checkpoint under ``root``, or None if there is none."""
-    tracker = Path(root) / LATEST
-    if not tracker.is_file():
-        return None
-    step = int(tracker.read_text().strip())
-    return step, checkpoint_folder(root, step)
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def write_manifest(folder: str | Path) -> None:
+    """Record the sha256 of every file of the checkpoint in ``folder`` (dist_checkpointing writes no subfolders) in
+    its :data:`MANIFEST` (atomically)."""
+    folder = Path(folder)
+    # not: the manifest, the marker (a checkpoint saved into the root itself) or their temporary files, the probes
+    ours = (MANIFEST, f".{MANIFEST}.", LATEST, f".{LATEST}.", _WRITE_CHECK)
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(ours))
+    _write_atomically(folder / MANIFEST, "".join(f"{_sha256(p)}  {p.relative_to(folder).as_posix()}\n"
+                                                 for p in files))
+
+
+def checkpoint_problem(folder: str | Path, require_manifest: bool = True) -> str | None:
+    """Why the checkpoint in ``folder`` cannot be loaded (a missing folder or file, a file that differs from its
+    checksum in :data:`MANIFEST`), or None if it is intact. Without a manifest (a checkpoint of an older version, or
+    a save that did not finish): a problem if ``require_manifest``, else not checked."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return f"{folder} does not exist"
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        return f"{folder} has no {MANIFEST} (its save did not finish)" if require_manifest else None
+    try:
+        lines = manifest.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        return f"{manifest} cannot be read: {err}"
+    for line in lines:
+        want, sep, name = line.partition("  ")
+        if not sep or not re.fullmatch(r"[0-9a-f]{64}", want):
+            return f"{manifest} is damaged (line {line[:60]!r})"
+        path = folder / name
+        if not path.is_file():
+            return f"{path} is missing (listed in {MANIFEST})"
+        if _sha256(path) != want:
+            return f"{path} does not match its sha256 in {MANIFEST}: the checkpoint is damaged"
+    return None
+
+
+def verify_checkpoint(folder: str | Path) -> None:
+    """Raise :class:`CheckpointError` (one line naming the file) if the checkpoint in ``folder`` is damaged; one
+    without a :data:`MANIFEST` (an older version's) is taken as it is."""
+    problem = checkpoint_problem(folder, require_manifest=False)
+    if problem:
+        raise CheckpointError(f"cannot load checkpoint: {problem}")
+
+
+def _warn(message: str) -> None:
+    print(f"megatron-fcp: warning: {message}", file=sys.stderr, flush=True)
+
+
+def latest_checkpoint(root: str | Path, warn=_warn) -> tuple[int, Path] | None:
+    """``(step, folder)`` of the latest intact checkpoint under ``root``, or None if there is none (a fresh start).
+
+    ``LATEST`` names it; its files are checked against their checksums (:data:`MANIFEST`). If the marker cannot be
+    read or names a missing or damaged checkpoint, the previous intact ``step_NNNNNN`` folder (one with a manifest
+    whose files match) is taken, and ``warn`` gets one line naming both. :class:`CheckpointError` if checkpoints
+    were saved but none is intact."""
+    root = Path(root)
+    tracker = root / LATEST
+    saved = sorted((int(m[1]), p) for p in root.glob("step_*")
+                   if p.is_dir() and (m := _STEP_FOLDER.fullmatch(p.name)))
+    if not tracker.exists():
+        if not saved:
+            return None
+        problem, below = f"{tracker} is missing", None
+    else:
+        try:
+            text = tracker.read_text().strip()
+        except (OSError, UnicodeDecodeError) as err:
+            text, problem = None, f"{tracker} cannot be read ({err})"
+        if text is not None and not text.isdigit():
+            problem = f"{tracker} holds {text[:40]!r}, not a step number" if text else f"{tracker} is empty"
+        below = None
+        if text is not None and text.isdigit():
+            below = int(text)
+            # the checkpoint the marker names; one without a manifest is an older version's, taken unverified
+            problem = checkpoint_problem(checkpoint_folder(root, below), require_manifest=False)
+            if problem is None:
+                return below, checkpoint_folder(root, below)
+            problem = f"{tracker} names step {below}, but {problem}"
+    skipped = []
+    for step, folder in reversed(saved):
+        if below is not None and step >= below:
+            continue
+        reason = checkpoint_problem(folder)
+        if reason is None:
+            warn(f"{problem}; resuming from the previous intact checkpoint {folder} instead")
+            return step, folder
+        skipped.append(reason)
+    raise CheckpointError(f"no intact checkpoint in {root} to resume from: {problem}"
+                          + "".join(f"; {r}" for r in skipped)
+                          + " (remove the folder's contents to start from step 1)")
+
+
+def check_paths(run: RunConfig, rank: int = 0) -> None:
+    """Start-up checks of the run's files (before any training): the checkpoint folder can be created and written,
+    the loaded checkpoint is intact, and (on rank 0) the records file can be appended to. :class:`InputError`, one
+    line naming the path."""
+    if run.save_dir:
+        folder = Path(run.save_dir)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=folder, prefix=_WRITE_CHECK):
+                pass
+        except OSError as err:
+            raise InputError(f"save_dir {folder}: cannot write checkpoints there ({err.strerror or err})") from None
+    if run.load_dir:
+        verify_checkpoint(run.load_dir)
+    if run.records and rank == 0:
+        records = Path(run.records)
+        try:
+            if records.exists():
+                with open(records, "a"):
+                    pass
+            else:
+                if not records.parent.is_dir():
+                    raise FileNotFoundError(f"its folder {records.parent} does not exist")
+                with tempfile.NamedTemporaryFile(dir=records.parent, prefix=_WRITE_CHECK):
+                    pass
+        except OSError as err:
+            raise InputError(f"records {records}: cannot append records there ({err.strerror or err})") from None
 
 
 class _StopRequest:
@@ -337,11 +508,55 @@ class _StopRequest:
         self.requested = True
 
 
+def _timeout(run: RunConfig) -> datetime.timedelta:
+    return datetime.timedelta(seconds=run.collective_timeout_s)
+
+
+def _gloo_reason(err: BaseException) -> str:
+    """The first line of a torch/gloo error, without gloo's source location."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    text = re.sub(r"^\[[^\]]*\.(cc|cpp|h|py):\d+\]\s*", "", text)
+    text = text.split(" This is typically caused", 1)[0]
+    return text[:300]
+
+
+@contextlib.contextmanager
+def _waiting(what: str, step: int | None, run: RunConfig, group=None):
+    """Turn a failure or timeout of the collectives inside into one :class:`CollectiveFailure` line naming the step,
+    ``what`` was waited for and the peers of ``group`` (default: every rank)."""
+    start = time.monotonic()
+    try:
+        yield
+    except CollectiveFailure:
+        raise
+    except BaseException as err:  # gloo: RuntimeError; a save: also OSError, torch's CheckpointException
+        if not isinstance(err, Exception) and type(err).__name__ != "CheckpointException":
+            raise
+        raise CollectiveFailure(_failure_line(what, step, run, group, err, time.monotonic() - start)) from err
+
+
+def _failure_line(what: str, step: int | None, run: RunConfig, group, err: BaseException, waited: float) -> str:
+    rank = dist.get_rank() if dist.is_initialized() else None
+    try:
+        ranks = dist.get_process_group_ranks(group) if group is not None else list(range(dist.get_world_size()))
+    except (RuntimeError, ValueError):
+        ranks = []
+    peers = [r for r in ranks if r != rank]
+    on = f"rank {rank}: " if rank is not None else ""
+    at = f"step {step}: " if step is not None else "start-up: "
+    peer = f" waiting for rank{'s' if len(peers) > 1 else ''} {', '.join(map(str, peers))}" if peers else ""
+    timed_out = "timed out" if waited >= 0.9 * run.collective_timeout_s else "failed"
+    return (f"{on}{at}{what} {timed_out} after {waited:.1f} s{peer} (collective timeout "
+            f"{run.collective_timeout_s:g} s): {_gloo_reason(err)}")
+
+
 def train_in_group(run: RunConfig, quiet: bool = False) -> None:
     """Train ``run`` in a process of an already launched job (torchrun sets RANK, WORLD_SIZE, MASTER_ADDR/PORT):
-    gloo, records to ``run.records``; saves on SIGTERM when ``run.save_interval`` is set."""
+    gloo, records to ``run.records``; saves on SIGTERM when ``run.save_interval`` is set. Every collective waits at
+    most ``run.collective_timeout_s`` (:class:`CollectiveFailure` otherwise)."""
     torch.set_num_threads(1)
-    dist.init_process_group("gloo")
+    with _waiting("process group start-up (rendezvous of every rank)", None, run):
+        dist.init_process_group("gloo", timeout=_timeout(run))
     if run.save_dir:  # before the SIGTERM handler: the checkpoint writer's helper must outlive Slurm's SIGTERM
         from megatron_fcp.megatron.signals import start_checkpoint_results_queue
 
@@ -360,7 +575,8 @@ def train_in_group(run: RunConfig, quiet: bool = False) -> None:
 def _worker(rank: int, runs: list[RunConfig], port: int, out_paths: list[str], quiet: bool) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=runs[0].world_size)
+    with _waiting("process group start-up (rendezvous of every rank)", None, runs[0]):
+        dist.init_process_group("gloo", rank=rank, world_size=runs[0].world_size, timeout=_timeout(runs[0]))
     try:
         for run, out_path in zip(runs, out_paths, strict=True):
             try:
@@ -373,14 +589,20 @@ def _worker(rank: int, runs: list[RunConfig], port: int, out_paths: list[str], q
         dist.destroy_process_group()
 
 
-def _save(model, optimizer, folder: Path, rank: int) -> None:
+def _save(model, optimizer, folder: Path, rank: int, run: RunConfig, step: int) -> None:
+    """Save the model (dist_checkpointing, every rank) and the optimizer (rank 0) into ``folder``, then rank 0 writes
+    its :data:`MANIFEST`; every wait bounded by ``run.collective_timeout_s``."""
     from megatron.core import dist_checkpointing
 
-    folder.mkdir(parents=True, exist_ok=True)
-    dist_checkpointing.save(model.sharded_state_dict(), str(folder))
-    if rank == 0:
-        torch.save(optimizer.state_dict(), folder / "optimizer.pt")
-    dist.barrier()
+    with _waiting(f"checkpoint save into {folder}", step, run):
+        folder.mkdir(parents=True, exist_ok=True)
+        dist_checkpointing.save(model.sharded_state_dict(), str(folder))
+        if rank == 0:
+            torch.save(optimizer.state_dict(), folder / "optimizer.pt")
+    with _waiting(f"barrier after the checkpoint save into {folder}", step, run):
+        dist.barrier()
+    if rank == 0:  # once every rank's files are complete
+        write_manifest(folder)
 
 
 def _train(rank: int, run: RunConfig, out_path: str | None, quiet: bool, stop: _StopRequest | None = None) -> None:
@@ -397,12 +619,15 @@ def _train(rank: int, run: RunConfig, out_path: str | None, quiet: bool, stop: _
     from megatron_fcp.megatron.step import FcpStep, per_token_loss
 
     cp = run.cp if run.mode == "fcp" else 1
-    ps.initialize_model_parallel(tensor_model_parallel_size=run.tp, context_parallel_size=cp)
+    with _waiting("Megatron's process groups start-up", None, run):
+        ps.initialize_model_parallel(tensor_model_parallel_size=run.tp, context_parallel_size=cp,
+                                     distributed_timeout_minutes=run.collective_timeout_s / 60)
     torch.manual_seed(run.seed)
     model_parallel_cuda_manual_seed(run.seed)
     model = _model(run, ProcessGroupCollection.use_mpu_process_groups())
     if run.load_dir:
-        state = dist_checkpointing.load(model.sharded_state_dict(), run.load_dir)
+        with _waiting(f"checkpoint load from {run.load_dir}", None, run):
+            state = dist_checkpointing.load(model.sharded_state_dict(), run.load_dir)
         model.load_state_dict(state)
     optimizer = torch.optim.Adam(model.parameters(), lr=run.lr)
     if run.load_dir:
@@ -451,14 +676,17 @@ def _train(rank: int, run: RunConfig, out_path: str | None, quiet: bool, stop: _
             loss, num_tokens, _ = loss_fn(output)
             loss.backward()
             totals += torch.stack([loss.detach().double(), num_tokens.double()])
-        dist.all_reduce(totals, group=dp_cp_group)
-        for param in model.parameters():
-            if param.grad is None:
-                continue
-            dist.all_reduce(param.grad, group=dp_cp_group)
-            param.grad /= totals[1].item()
+        with _waiting("all-reduce of the loss", step, run, dp_cp_group):
+            dist.all_reduce(totals, group=dp_cp_group)
+        with _waiting("all-reduce of the gradients", step, run, dp_cp_group):
+            for param in model.parameters():
+                if param.grad is None:
+                    continue
+                dist.all_reduce(param.grad, group=dp_cp_group)
+                param.grad /= totals[1].item()
         if step == run.first_step and run.grads_out:
-            grads = {n: _gather_tp(p, p.grad, tp_group).clone() for n, p in model.named_parameters()}
+            with _waiting("all-gather of the gradients over TP", step, run, tp_group):
+                grads = {n: _gather_tp(p, p.grad, tp_group).clone() for n, p in model.named_parameters()}
             if rank == 0:
                 torch.save(grads, run.grads_out)
         optimizer.step()
@@ -487,14 +715,19 @@ def _train(rank: int, run: RunConfig, out_path: str | None, quiet: bool, stop: _
         if rank == 0 and run.records:
             with open(run.records, "a") as f:
                 f.write(json.dumps({"mode": run.mode, "scheduler": run.scheduler, "cp": cp, **rec}) + "\n")
-        stopping = stop is not None and _agree(stop.requested)
+        if stop is not None:
+            with _waiting("agreement on stopping (SIGTERM)", step, run):
+                stopping = _agree(stop.requested)
+        else:
+            stopping = False
         if run.save_dir and step == run.save_after_step:
-            _save(model, optimizer, Path(run.save_dir), rank)
+            _save(model, optimizer, Path(run.save_dir), rank, run, step)
         if run.save_dir and run.save_interval and (step % run.save_interval == 0 or stopping):
-            _save(model, optimizer, checkpoint_folder(run.save_dir, step), rank)
-            if rank == 0:
-                (Path(run.save_dir) / LATEST).write_text(f"{step}\n")
-            dist.barrier()
+            _save(model, optimizer, checkpoint_folder(run.save_dir, step), rank, run, step)
+            if rank == 0:  # after the checkpoint and its checksums: the marker never names a partial save
+                _write_atomically(Path(run.save_dir) / LATEST, f"{step}\n")
+            with _waiting(f"barrier after recording {LATEST}", step, run):
+                dist.barrier()
         if stopping:
             if rank == 0:
                 print(f"stopping after step {step} on SIGTERM (checkpoint saved: {bool(run.save_interval)})",
@@ -596,8 +829,7 @@ def launch_series(runs: list[RunConfig], out_paths: list[str | Path], quiet: boo
     if len(sizes) != 1:
         raise ValueError(f"runs launched together need the same number of processes, got {sorted(sizes)}")
     for run in runs:
-        if run.save_dir:
-            Path(run.save_dir).mkdir(parents=True, exist_ok=True)
+        check_paths(run)
     out_paths = [str(p) for p in out_paths]
     mp.spawn(_worker, args=(list(runs), _free_port(), out_paths, quiet), nprocs=sizes.pop(), join=True)
     return [json.loads(Path(p).read_text()) for p in out_paths]

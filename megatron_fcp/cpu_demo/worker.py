@@ -10,6 +10,12 @@ Ranks, world size and the rendezvous come from torchrun's environment (``RANK``,
 ``--save``/``--load``/``--save-interval``; on SIGTERM (Slurm's ``--signal``, a preemption, ``scontrol requeue``)
 it saves after the step it is in and exits 0, like Megatron's ``--exit-signal-handler``. Rank 0 appends one
 JSON line per step to ``--records``, so the losses of every attempt of a requeued job end in one file.
+
+Faults end the process with one line: a checkpoint folder that cannot be written, a ``--records`` file that cannot
+be appended to, or no intact checkpoint to resume from (exit 2, before training); a damaged latest checkpoint (an
+unreadable marker, a missing folder, a file that differs from its checksum) is skipped for the previous intact one
+with a warning; a collective that fails or waits longer than ``--collective-timeout`` seconds (a stopped or lost
+peer) names the step and what it waited for (exit 1).
 """
 
 from __future__ import annotations
@@ -18,7 +24,15 @@ import argparse
 import os
 import sys
 
-from megatron_fcp.cpu_demo.train import MODES, RECOMPUTE, RunConfig, latest_checkpoint, train_in_group
+from megatron_fcp.cpu_demo.train import (
+    MODES,
+    RECOMPUTE,
+    CollectiveFailure,
+    RunConfig,
+    check_paths,
+    latest_checkpoint,
+    train_in_group,
+)
 from megatron_fcp.errors import InputError
 from megatron_fcp.planner.stages import DEFAULT_KV_BUDGET
 
@@ -35,6 +49,9 @@ def _parser() -> argparse.ArgumentParser:
                           ("planning-workers", 0)):
         p.add_argument(f"--{name}", type=int, default=default)
     p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--collective-timeout", type=float, default=RunConfig.collective_timeout_s, metavar="SECONDS",
+                   help="the longest any collective (all-reduce, barrier, checkpoint save, start-up) waits for the "
+                        "other ranks before the run stops with one line naming it (default %(default)g)")
     p.add_argument("--doclens", default="linux_files", help="shipped length distribution or a lengths file")
     p.add_argument("--scheduler", default="fcp", help="block placement: fcp, ring, hybrid or magi")
     p.add_argument("--kv-budget-tokens", default=DEFAULT_KV_BUDGET, metavar="N|auto|none")
@@ -53,7 +70,7 @@ def run_config(args: argparse.Namespace, first_step: int, load_dir: str | None) 
                      planning_workers=args.planning_workers, scheduler=args.scheduler,
                      save_dir=args.checkpoints, save_interval=args.save_interval, load_dir=load_dir,
                      first_step=first_step, kv_budget_tokens=args.kv_budget_tokens, recompute=args.recompute,
-                     records=args.records)
+                     records=args.records, collective_timeout_s=args.collective_timeout)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,7 +80,13 @@ def main(argv: list[str] | None = None) -> int:
         if missing:
             raise InputError(f"{', '.join(missing)} not set: launch with torchrun (python -m torch.distributed.run) "
                              "or set the torch.distributed environment")
-        latest = latest_checkpoint(args.checkpoints) if args.checkpoints else None
+        rank = int(os.environ["RANK"])
+
+        def warn(message: str) -> None:  # once per job, not once per process
+            if rank == 0:
+                print(f"megatron-fcp worker: warning: {message}", file=sys.stderr, flush=True)
+
+        latest = latest_checkpoint(args.checkpoints, warn) if args.checkpoints else None
         first_step = 1 if latest is None else latest[0] + 1
         if first_step > args.steps:
             print(f"megatron-fcp worker: checkpoint of step {latest[0]} already covers --steps {args.steps}")
@@ -72,10 +95,15 @@ def main(argv: list[str] | None = None) -> int:
         if int(os.environ["WORLD_SIZE"]) != run.world_size:
             raise InputError(f"the run needs {run.world_size} processes (dp x tp x cp), torchrun started "
                              f"{os.environ['WORLD_SIZE']}")
+        check_paths(run, rank)
     except InputError as err:
-        print(f"megatron-fcp worker: error: {err}", file=sys.stderr)
+        print(f"megatron-fcp worker: error: {err}", file=sys.stderr, flush=True)
         return 2
-    train_in_group(run)
+    try:
+        train_in_group(run)
+    except CollectiveFailure as err:
+        print(f"megatron-fcp worker: error: {err}", file=sys.stderr, flush=True)
+        return 1
     return 0
 
 

@@ -27,6 +27,9 @@ SHIPPED = {
 }
 
 _HISTOGRAM_CHUNK = 1 << 16
+MAX_LENGTH = 1 << 40
+"""Largest document length (and histogram bound or count) read from a file: 2^40 tokens, far above any real
+document, so that sums of many of them stay inside int64."""
 _INTEGER = re.compile(r"[+-]?[0-9]+")
 _COUNT = re.compile(r"[0-9]+")
 _RANGE = re.compile(r"\[\s*([0-9]+)\s*,\s*([0-9]+)\s*\]")
@@ -48,9 +51,21 @@ def resolve_lengths_source(name_or_path: str | Path) -> Path:
 def _data_lines(path: Path) -> Iterator[tuple[int, str]]:
     """Yield (line number, stripped text) of the lines of `path` that are neither blank nor '#' comments."""
     try:
-        text = path.read_text()
+        data = path.read_bytes()
     except FileNotFoundError:
         raise InputError(f"{path}: no such file; pass an existing lengths file") from None
+    except OSError as err:
+        raise InputError(f"{path}: cannot read it ({err.strerror}); pass a readable lengths file") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise InputError(f"{path}:{line}: not UTF-8 text (a binary file?); pass a text file with one document "
+                         "length per line") from None
+    if "\0" in text:
+        line = text.count("\n", 0, text.index("\0")) + 1
+        raise InputError(f"{path}:{line}: holds NUL bytes (a binary file?); pass a text file with one document "
+                         "length per line")
     for line_number, line in enumerate(text.splitlines(), start=1):
         stripped = line.strip()
         if stripped and not stripped.startswith("#"):
@@ -61,25 +76,40 @@ def _parse_length(path: Path, line_number: int, text: str) -> int:
     """Parse one document length, naming the file and line in any error."""
     if not _INTEGER.fullmatch(text):
         raise InputError(
-            f"{path}:{line_number}: {text!r} is not an integer; each line must hold one document length "
+            f"{path}:{line_number}: {_clip(text)!r} is not an integer; each line must hold one document length "
             "in tokens (or start with '#')"
         )
+    if len(text.lstrip("+-0")) > 19:  # more digits than any int64; int() would also take long on millions
+        raise InputError(f"{path}:{line_number}: document length {_clip(text)} is above {MAX_LENGTH}, the largest "
+                         "a length may be")
     length = int(text)
     if length < 0:
         raise InputError(f"{path}:{line_number}: negative document length {length}; lengths must be >= 0")
+    if length > MAX_LENGTH:
+        raise InputError(f"{path}:{line_number}: document length {length} is above {MAX_LENGTH}, the largest "
+                         "a length may be")
     return length
+
+
+def _clip(text: str, width: int = 40) -> str:
+    """``text`` cut to ``width`` characters for a message."""
+    return text if len(text) <= width else text[:width] + "..."
 
 
 def read_lengths(path: str | Path) -> np.ndarray:
     """Read a lengths file: one integer (tokens of one document) per line; '#' and blank lines are skipped.
 
-    Returns an int64 array in file order. Raises InputError naming the file and line for a missing or empty
-    file, a line that is not an integer, or a negative length. Zero lengths (empty documents) are kept.
+    Returns an int64 array in file order. Raises InputError naming the file and line for a missing, unreadable,
+    binary or empty file, a line that is not an integer, a negative length or one above :data:`MAX_LENGTH` (and for
+    lengths that add up to more). Zero lengths (empty documents) are kept.
     """
     path = Path(path)
     lengths = [_parse_length(path, number, text) for number, text in _data_lines(path)]
     if not lengths:
         raise InputError(f"{path}: holds no lengths; put one document length per line")
+    if sum(lengths) > MAX_LENGTH:
+        raise InputError(f"{path}: its lengths add up to {sum(lengths)} tokens, above {MAX_LENGTH}; pass fewer or "
+                         "shorter documents")
     return np.asarray(lengths, dtype=np.int64)
 
 
@@ -167,6 +197,9 @@ def _parse_bin(path: Path, line_number: int, row: dict) -> tuple[int, int, int]:
             f'{path}:{line_number}: expected a range like "[0, 10]" and a non-negative integer number, '
             f"got range={row.get('range')!r} number={row.get('number')!r}"
         )
+    if max(len(match[1]), len(match[2]), len(count_text)) > 19 or max(
+            int(match[1]), int(match[2]), int(count_text)) > MAX_LENGTH:
+        raise InputError(f"{path}:{line_number}: a bound or number above {MAX_LENGTH}, the largest this reads")
     low, high = int(match[1]), int(match[2])
     if low > high:
         raise InputError(

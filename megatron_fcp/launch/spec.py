@@ -10,26 +10,25 @@
     paths: {checkpoints: /ckpt/llama3_8b, logs: /logs/llama3_8b}
     container: {image: /images/megatron-fcp.sqsh, mounts: [/data:/data]}
 
-:func:`load_run_config` reports every problem it finds at once, each as one line ``dotted.key: what is wrong and
-what would work``, in a :class:`ConfigError`. Each section checks its own keys when it is made; :class:`RunSpec`
-checks the keys together (:mod:`megatron_fcp.launch.checks`), FCP's own start-up checks included.
+The file is read by :mod:`megatron_fcp.launch.yamlsafe` (a key given twice, ``.nan``/``.inf``, more than a few
+aliases, deep nesting and oversized files are refused in one line). :func:`load_run_config` reports every problem it
+finds at once, each as one line ``dotted.key: what is wrong and what would work``, in a :class:`ConfigError`. Each
+section checks its own keys when it is made; :class:`RunSpec` checks the keys together
+(:mod:`megatron_fcp.launch.checks`), FCP's own start-up checks included.
 :func:`megatron_fcp.launch.command.entry_args` turns a RunSpec into the entry point's arguments.
 """
 
 from __future__ import annotations
 
 import posixpath
-import re
 import warnings
 from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
-import yaml
-
 from megatron_fcp.errors import InputError
-from megatron_fcp.launch import checks
+from megatron_fcp.launch import checks, yamlsafe
 from megatron_fcp.launch import rules as r
 from megatron_fcp.megatron.config import BACKENDS, CP_MODES, SCHEDULERS, FcpConfig
 
@@ -323,25 +322,34 @@ class RunSpec(_Section):
 
 
 # -- loading ----------------------------------------------------------------------------------------------------
-class _Loader(yaml.SafeLoader):
-    """YAML 1.1 reads ``3e-4`` (no dot) as text; this loader reads it as a number, as YAML 1.2 does."""
-
-
-_Loader.add_implicit_resolver("tag:yaml.org,2002:float",
-                              re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
-
-
 def _read(source) -> tuple[Any, str]:
     if isinstance(source, Mapping):
         return dict(source), "run config"
     path = Path(source)
+    if path.exists() and not path.is_file():
+        raise InputError(f"{path}: is not a regular file; pass a run config YAML file")
     try:
-        return yaml.load(path.read_text(), Loader=_Loader), str(path)
+        with path.open("rb") as file:
+            data = file.read(yamlsafe.MAX_BYTES + 1)  # load_yaml refuses anything longer
     except OSError as err:
         raise InputError(f"{path}: cannot read the run config ({err.strerror}); pass a YAML file") from None
-    except yaml.YAMLError as err:
-        where = f" (line {err.problem_mark.line + 1})" if getattr(err, "problem_mark", None) else ""
-        raise InputError(f"{path}: not valid YAML{where}: {getattr(err, 'problem', err)}") from None
+    try:
+        return yamlsafe.load_yaml(data), str(path)
+    except InputError as err:
+        raise InputError(f"{path}: {err}") from None
+
+
+def _doclens_problem(value) -> str | None:
+    """Why the mock lengths ``value`` (a shipped name or a file) cannot be read on this machine, or None."""
+    from megatron_fcp.data.lengths import SHIPPED, load_distribution
+
+    if not isinstance(value, str) or value in SHIPPED:
+        return None
+    try:
+        load_distribution(value)
+    except InputError as err:
+        return f"{err} (paths are read from the folder the launcher runs in)"
+    return None
 
 
 def _unchecked(cls, values: dict):
@@ -438,6 +446,8 @@ def load_run_config(source: str | Path | Mapping) -> RunSpec:
     if not isinstance(raw, Mapping):
         raise ConfigError([checks.line(*problems[0])], name)
     problems += checks.run_problems(draft, frozenset(bad))
+    if "data.mock_doclens" not in bad and (problem := _doclens_problem(draft.data.mock_doclens)) is not None:
+        problems.append(("data.mock_doclens", problem))
     if problems:
         raise ConfigError([checks.line(key, message) for key, message in checks.one_per_key(problems)], name)
     spec = _construct(RunSpec, raw)

@@ -114,6 +114,7 @@ class FcpCoreAttention(MegatronModule):
         self.softmax_scale = softmax_scale
         self.cp_group = getattr(pg_collection, "cp", None) if pg_collection is not None else None
         self.rotary = None if rotary is None or _skips_rope(config, layer_number) else rotary
+        self._inputs_checked = False  # every CP rank's dtype, heads and scale: checked at the first call
 
     def _rope(self, t: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
         return apply_rotary_pos_emb(t.unsqueeze(1), freqs, config=self.config).squeeze(1)
@@ -133,7 +134,8 @@ class FcpCoreAttention(MegatronModule):
         group = self.cp_group if sched.cp > 1 else None
         out = fcp_attention(query.contiguous(), key.contiguous(), value.contiguous(), sched, group,
                             self.softmax_scale, backend=self.fcp.backend, timeout_s=self.fcp.exchange_timeout_s,
-                            verify_plan=False)
+                            verify_plan=not self._inputs_checked)
+        self._inputs_checked = True
         return out.reshape(out.shape[0], -1)
 
 

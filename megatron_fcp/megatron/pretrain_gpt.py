@@ -136,6 +136,15 @@ class FcpForwardStep:
 
 
 def main() -> None:
+    """Parse and check the arguments, start the checkpoint helper, and run Megatron's ``pretrain``.
+
+    Waits are bounded by Megatron's ``--distributed-timeout-minutes`` (default 10): Megatron passes it to
+    ``init_process_group`` and to every process group it makes, and nothing of FCP's waits longer. FCP's gloo twin of
+    the CP group (``megatron_fcp.megatron.step.host_cp_group``, ``dist.new_group`` without a timeout) inherits the
+    default group's timeout, which is that flag's; a timed key/value exchange wait (``--fcp-exchange-timeout``) must
+    be shorter, checked at start-up (``config.check_fcp_args``). The checkpoint results queue's helper ignores
+    SIGTERM (for the save on SIGTERM) but dies with this process (``megatron_fcp.megatron.signals``), so a killed
+    trainer leaves nothing holding the job's output."""
     from megatron.core.enums import ModelType
     from megatron.training import pretrain
     from megatron.training.argument_utils import gpt_config_from_args, pretrain_cfg_container_from_args

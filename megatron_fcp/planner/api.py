@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
 from collections.abc import Callable
 
@@ -33,17 +34,52 @@ STRATEGY_HELP = {
 }
 
 
-def check_batch(doc_lens, cp, tokens_per_rank, mask: str = "causal", exact: bool = False) -> np.ndarray:
-    """Validate one micro-batch and return its lengths as int64; raise :class:`InputError` naming the problem.
+MAX_CP = 1 << 16
+"""Largest context-parallel size the planner accepts (65,536 ranks)."""
+MAX_TOKENS_PER_RANK = 1 << 24
+"""Largest number of token slots per rank the planner accepts (16,777,216 tokens)."""
+MAX_TOTAL_TOKENS = 1 << 32
+"""Largest ``cp * tokens_per_rank`` the planner accepts (4,294,967,296 tokens). The number of documents of a
+micro-batch is bounded by it as well (see :data:`MIN_DOCS_BOUND`; empty entries count too), so every
+array the planner builds stays within a few tens of GiB at worst and far below int64 in its sums."""
+MIN_DOCS_BOUND = 1 << 20
+"""Entries (empty documents included) a micro-batch may hold: ``max(cp * tokens_per_rank, MIN_DOCS_BOUND)``."""
 
-    ``exact=True`` requires the lengths to fill ``cp * tokens_per_rank`` exactly (no padding).
+
+def check_sizes(cp, tokens_per_rank) -> None:
+    """Check ``cp`` and ``tokens_per_rank`` against the planner's bounds (:data:`MAX_CP`,
+    :data:`MAX_TOKENS_PER_RANK`, :data:`MAX_TOTAL_TOKENS`); raise a one-line :class:`InputError` otherwise.
+
+    Cheap: call it before packing a micro-batch of ``cp * tokens_per_rank`` tokens.
     """
     _check_int("cp", cp, minimum=1)
     _check_int("tokens_per_rank", tokens_per_rank, minimum=1)
+    if cp > MAX_CP:
+        raise InputError(f"cp={cp} is above the largest supported CP size {MAX_CP}; use a smaller --cp")
+    if tokens_per_rank > MAX_TOKENS_PER_RANK:
+        raise InputError(f"tokens_per_rank={tokens_per_rank} is above the largest supported {MAX_TOKENS_PER_RANK}; "
+                         "use a smaller --tokens-per-rank")
+    if cp * tokens_per_rank > MAX_TOTAL_TOKENS:
+        raise InputError(f"cp x tokens_per_rank = {cp} x {tokens_per_rank} = {cp * tokens_per_rank} tokens is above "
+                         f"the largest supported micro-batch of {MAX_TOTAL_TOKENS} tokens; use a smaller --cp or "
+                         "--tokens-per-rank")
+
+
+def check_batch(doc_lens, cp, tokens_per_rank, mask: str = "causal", exact: bool = False) -> np.ndarray:
+    """Validate one micro-batch and return its lengths as int64; raise :class:`InputError` naming the problem.
+
+    ``exact=True`` requires the lengths to fill ``cp * tokens_per_rank`` exactly (no padding). ``cp``,
+    ``tokens_per_rank`` and their product are bounded (:func:`check_sizes`), and so is the number of documents.
+    """
+    check_sizes(cp, tokens_per_rank)
     if mask not in MASKS:
         raise InputError(f"mask {mask!r} is not supported; use one of: {', '.join(MASKS)}")
-    lens = _as_lengths(doc_lens)
     capacity = cp * tokens_per_rank
+    num_docs = len(doc_lens) if isinstance(doc_lens, (list, tuple)) else np.size(doc_lens)
+    if num_docs > max(capacity, MIN_DOCS_BOUND):
+        raise InputError(f"the micro-batch has {num_docs} document lengths but cp x tokens_per_rank = {capacity} "
+                         "token slots; pass at most one length per token slot (drop empty documents)")
+    lens = _as_lengths(doc_lens)
     total = sum(lens.tolist())  # Python ints: no int64 wrap-around on absurd lengths
     if total > capacity or (exact and total != capacity):
         raise InputError(
@@ -66,8 +102,10 @@ def make_plan(doc_lens, cp: int, tokens_per_rank: int, mask: str = "causal", str
         raise InputError(f"planner options apply to the fcp strategy only, not to {strategy!r}")
     lens = check_batch(doc_lens, cp, tokens_per_rank, mask)
     if options is not None:
-        return plan_fcp(lens, int(cp), int(tokens_per_rank), mask, options)
-    return STRATEGIES[strategy](lens, int(cp), int(tokens_per_rank), mask)
+        plan = plan_fcp(lens, int(cp), int(tokens_per_rank), mask, options)
+    else:
+        plan = STRATEGIES[strategy](lens, int(cp), int(tokens_per_rank), mask)
+    return dataclasses.replace(plan, tokens_per_rank=int(tokens_per_rank))  # so the checker sees the request
 
 
 def _check_int(name: str, value, minimum: int) -> None:
@@ -75,8 +113,19 @@ def _check_int(name: str, value, minimum: int) -> None:
         raise InputError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
+INT64_MAX = np.iinfo(np.int64).max
+
+
 def _as_lengths(doc_lens) -> np.ndarray:
     raw = np.asarray(doc_lens)
+    if raw.dtype == object and raw.ndim == 1:  # Python ints beyond uint64 (and mixed types) stay objects
+        huge = [(index, value) for index, value in enumerate(raw.tolist())
+                if isinstance(value, numbers.Integral) and value > INT64_MAX]
+        if huge:
+            raise _too_long(*huge[0])
+    if raw.dtype.kind == "u" and raw.size and raw.max() > INT64_MAX:  # Python ints in [2**63, 2**64)
+        index = int(np.argmax(raw > INT64_MAX))
+        raise _too_long(index, int(raw[index]))
     if raw.ndim != 1:
         raise InputError(f"document lengths must be a flat list of integers, got an array of shape {raw.shape}")
     if raw.size == 0:
@@ -92,3 +141,8 @@ def _as_lengths(doc_lens) -> np.ndarray:
         raise InputError(f"document lengths must be >= 0; got {int(lens[lens < 0][0])} at index "
                          f"{int(np.flatnonzero(lens < 0)[0])}")
     return lens
+
+
+def _too_long(index: int, value: int) -> InputError:
+    return InputError(f"document length {value} at index {index} is above the largest integer the planner holds "
+                      f"({INT64_MAX}); pass real document lengths (at most cp x tokens_per_rank tokens in all)")

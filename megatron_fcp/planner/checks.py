@@ -1,9 +1,9 @@
 """Independent checks that a plan is sound; used by tests, ``fcp plan --check`` and debug runs.
 
 A sound plan: every token of every document is owned by exactly one rank; every rank has the same number of
-token slots; for point-to-point plans each rank's owned plus received key/values tile exactly the keys its
-queries need (so every need is met, nothing arrives twice and nothing arrives needlessly), and every received
-range is owned by the rank it comes from.
+token slots, no more than requested (``tokens_per_rank``, where the plan records it); for point-to-point plans
+each rank's owned plus received key/values tile exactly the keys its queries need (so every need is met, nothing
+arrives twice and nothing arrives needlessly), and every received range is owned by the rank it comes from.
 """
 
 from __future__ import annotations
@@ -18,12 +18,17 @@ class PlanError(AssertionError):
     """A plan breaks one of the invariants above."""
 
 
-def plan_problems(plan: Plan) -> list[str]:
-    """Every broken invariant of ``plan``, as sentences; empty when the plan is sound."""
+def plan_problems(plan: Plan, tokens_per_rank: int | None = None) -> list[str]:
+    """Every broken invariant of ``plan``, as sentences; empty when the plan is sound.
+
+    ``tokens_per_rank`` (default: the plan's own ``tokens_per_rank``, which :func:`~megatron_fcp.planner.api.
+    make_plan` records) is the request: a rank whose token slots exceed it is a problem.
+    """
     problems = _ownership_problems(plan) + _token_problems(plan)
     if not problems and plan.exchange != "ring":
         need_mask = plan.mask if plan.exchange == "p2p" else "full"
         problems += _source_problems(plan) + _delivery_problems(plan, need_mask)
+    problems += request_problems(plan, tokens_per_rank)  # after the others: it does not hide them
     return problems
 
 
@@ -65,6 +70,23 @@ def _token_problems(plan: Plan) -> list[str]:
     if tokens.shape[0] and tokens.min() != tokens.max():
         return [f"token slots differ across ranks: min {int(tokens.min())}, max {int(tokens.max())}"]
     return []
+
+
+def request_problems(plan: Plan, tokens_per_rank: int | None = None) -> list[str]:
+    """The one problem of a plan whose ranks hold more token slots than ``tokens_per_rank`` (default: the plan's
+    ``tokens_per_rank``; nothing to check when neither is known), with the figures; empty otherwise. Baselines
+    can do this (a ring pads documents to ``2 * cp`` chunks, a hybrid group or a whole document may not fit).
+    """
+    if tokens_per_rank is None:
+        tokens_per_rank = plan.tokens_per_rank
+    tokens = plan.num_tokens
+    if tokens_per_rank is None or not tokens.shape[0] or int(tokens.max()) <= tokens_per_rank:
+        return []
+    real = plan.num_real_tokens
+    rank = int(np.argmax(real))
+    return [f"rank {rank} holds {int(real[rank])} tokens ({int(tokens.max())} slots with padding), above "
+            f"tokens_per_rank={tokens_per_rank} ({int(tokens.max()) / tokens_per_rank:.1f}x): the {plan.strategy} "
+            "plan does not fit the requested memory"]
 
 
 def _source_problems(plan: Plan) -> list[str]:

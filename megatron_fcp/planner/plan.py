@@ -117,6 +117,9 @@ class Plan:
     """How key/values travel: ``p2p``, ``ring`` or ``group_ring`` (see module docstring)."""
     notes: tuple[tuple[str, str], ...] = field(default=())
     """Free-form ``(key, value)`` facts the strategy wants reported (for example the block size it used)."""
+    tokens_per_rank: int | None = None
+    """Token slots per rank that the caller asked for (set by :func:`megatron_fcp.planner.api.make_plan`); the
+    checker reports a rank whose slots exceed it. Not part of the plan's value (equality, digest, JSON)."""
 
     def __post_init__(self):
         check_mask(self.mask)

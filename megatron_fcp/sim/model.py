@@ -157,7 +157,8 @@ def load_hardware(name_or_path: str | Path = "h100_node") -> HardwareProfile:
     else:
         path = Path(name_or_path)
         if not path.is_file():
-            raise InputError(f"hardware profile {str(name_or_path)!r} is neither {HARDWARE} nor an existing file")
+            raise InputError(f"hardware profile {str(name_or_path)!r} is neither a shipped profile "
+                             f"({', '.join(HARDWARE)}) nor an existing file; pass one of those names or a YAML file")
         text, folder = path.read_text(), path.parent
     raw = yaml.safe_load(text)
     flat = {k: v for k, v in raw.items() if k != "model"} | dict(raw.get("model", {}))

@@ -212,7 +212,10 @@ def simulate(config: SimConfig, hw: HardwareProfile, progress: Callable[[str], N
 def cells_to_json(cells: list[Cell], config: SimConfig, hw: HardwareProfile) -> dict:
     """A JSON-ready record of a simulation (``kv_budget_tokens``: the setting; ``kv_budget_tokens_resolved``:
     tokens per stage of point-to-point plans, whose ranks all hold ``tokens_per_rank`` slots; null: one stage)."""
-    return {"config": asdict(config), "hardware": asdict(hw), "modeled": True,
+    hardware = asdict(hw)
+    if hardware.get("laws"):  # keyed by (kernel, direction) tuples: JSON keys must be text
+        hardware["laws"] = {"/".join(key): law for key, law in hardware["laws"].items()}
+    return {"config": asdict(config), "hardware": hardware, "modeled": True,
             "kv_budget_tokens": config.kv_budget_tokens,
             "kv_budget_tokens_resolved": resolve_kv_budget(config.kv_budget_tokens, config.tokens_per_rank),
             "kv_bytes_per_token": hw.kv_bytes_per_token, "cells": [asdict(c) for c in cells]}

@@ -21,6 +21,7 @@ from megatron_fcp.attention.engine import (
     add_returned,
     backward_local,
     backward_stage,
+    check_inputs,
     finish_backward,
     forward_local,
     forward_stage,
@@ -31,6 +32,7 @@ from megatron_fcp.attention.engine import (
 )
 from megatron_fcp.attention.exchange import ByteCounter, MemoryMeter
 from megatron_fcp.attention.schedule import RankSchedule, Stage, build_schedule
+from megatron_fcp.errors import InputError
 from megatron_fcp.kernels import Backend, get_backend, resolve_softmax_scale
 from megatron_fcp.planner.plan import Plan
 from megatron_fcp.planner.stages import DEFAULT_KV_BUDGET
@@ -123,11 +125,37 @@ def _backward_stages(ranks: _Ranks, step: RankStep, queries: BackwardQueries, ke
     return grads, stage_grads
 
 
+def check_rank_inputs(plan: Plan, q, k, v, dout=None) -> None:
+    """The input checks of :func:`run_in_process` (see there)."""
+    lists = {"q": q, "k": k, "v": v, **({"dout": dout} if dout is not None else {})}
+    for name, tensors in lists.items():
+        if not isinstance(tensors, list | tuple) or len(tensors) != plan.cp:
+            count = len(tensors) if isinstance(tensors, list | tuple) else type(tensors).__name__
+            raise InputError(f"run_in_process: {name} must be a list of {plan.cp} tensors (one per CP rank of the "
+                             f"plan), got {count}")
+    for r in range(plan.cp):
+        check_inputs(q[r], k[r], v[r], plan.for_rank(r), r, plan.cp)
+        for name, t in (("q", q[r]), ("k", k[r])):
+            first = q[0] if name == "q" else k[0]
+            if t.dtype != first.dtype or t.shape[1:] != first.shape[1:]:
+                raise InputError(f"run_in_process: {name}[{r}] is {t.dtype} {tuple(t.shape)} but {name}[0] is "
+                                 f"{first.dtype} {tuple(first.shape)}; every rank needs the same dtype, heads and "
+                                 "head dimension")
+        if dout is not None and (not isinstance(dout[r], torch.Tensor) or dout[r].shape != q[r].shape):
+            got = tuple(dout[r].shape) if isinstance(dout[r], torch.Tensor) else type(dout[r]).__name__
+            raise InputError(f"run_in_process: dout[{r}] must be shaped like q[{r}], {tuple(q[r].shape)}; got {got}")
+
+
 def run_in_process(plan: Plan, q: list[torch.Tensor], k: list[torch.Tensor], v: list[torch.Tensor],
                    dout: list[torch.Tensor] | None = None, *, backend: str | Backend = "auto",
                    softmax_scale: float | None = None,
                    kv_budget_tokens: int | str | None = DEFAULT_KV_BUDGET) -> InProcessResult:
-    """Forward (and backward, if ``dout`` is given) of every rank; tensors per rank as for ``fcp_attention``."""
+    """Forward (and backward, if ``dout`` is given) of every rank; tensors per rank as for ``fcp_attention``.
+
+    Raises :class:`~megatron_fcp.errors.InputError` naming the tensor and the expected shape unless the lists hold
+    one tensor per rank of the plan, each fitting the rank's plan view, alike across ranks (dtype, heads, head
+    dimension), with ``dout`` shaped like ``q``."""
+    check_rank_inputs(plan, q, k, v, dout)
     kernels = Kernels(get_backend(backend, q[0].device), resolve_softmax_scale(softmax_scale, q[0].shape[2]))
     scheds = [build_schedule(plan.for_rank(r), q[0].device, kv_budget_tokens) for r in range(plan.cp)]
     steps = [RankStep(sched, kernels, q[r], k[r], v[r]) for r, sched in enumerate(scheds)]

@@ -161,18 +161,29 @@ MISMATCHES = {  # world: (per-rank document lengths of one micro-batch, tokens p
 
 
 def _plan_mismatch(rank, world):
-    """Ranks planning different micro-batches (or budgets) stop before anything moves, with the same one line."""
+    """Ranks planning different micro-batches (or budgets), or calling with different dtypes, key/value heads, head
+    dimensions or softmax scales, stop before anything moves, with the same one line."""
     cases = [(lens[rank], tokens, words, "auto") for lens, tokens, words in MISMATCHES.get(world, [])]
     budget = 64 if rank == world - 1 else "auto"
     cases.append(([256 * world - 100, 100], 256, "budget 64", budget))
-    for lens, tokens, words, kv_budget in cases:
+    last = rank == world - 1
+    same = [512 * world - 100, 100]
+    cases += [(same, 512, "dtype float64", "auto", dict(dtype=torch.float64 if last else torch.float32)),
+              (same, 512, "kv heads 1", "auto", dict(kv_heads=1 if last else 2)),
+              (same, 512, "head dim 4", "auto", dict(head_dim=4 if last else 8)),
+              (same, 512, "softmax scale 0.5", "auto", dict(scale=0.5 if last else None))]
+    for lens, tokens, words, kv_budget, *differ in cases:
+        differ = differ[0] if differ else {}
         plan = make_plan(lens, world, tokens, "causal")
         gen = torch.Generator().manual_seed(rank)
-        q, k, v = (torch.randn(tokens, 2, 8, generator=gen) for _ in range(3))
+        dtype, head_dim = differ.get("dtype", torch.float32), differ.get("head_dim", 8)
+        q = torch.randn(tokens, 2, head_dim, generator=gen, dtype=dtype)
+        k, v = (torch.randn(tokens, differ.get("kv_heads", 2), head_dim, generator=gen, dtype=dtype) for _ in "kv")
         exchange = get_exchange(None, timeout_s=20)
         exchange.counter.reset()
         try:
-            fcp_attention(q, k, v, plan.for_rank(rank), None, backend="cpu", kv_budget_tokens=kv_budget)
+            fcp_attention(q, k, v, plan.for_rank(rank), None, differ.get("scale"), backend="cpu",
+                          kv_budget_tokens=kv_budget, exchange=exchange)
         except PlanMismatchError as err:
             text = str(err)
             assert words in text and "\n" not in text and "nothing was exchanged" in text, text

@@ -100,7 +100,7 @@ def test_cli_plan_as_batch_requires_exact_sum(tmp_path, capsys):
         ("# nothing\n", [], "holds no lengths"),
         ("10\n-3\n", [], "negative"),
         ("10\n2.5\n", [], "not an integer"),
-        ("10\n", ["--cp", "0"], "must be integers >= 1"),
+        ("10\n", ["--cp", "0"], "cp must be an integer >= 1, got 0"),
     ],
 )
 def test_cli_bad_input_is_one_clear_line(tmp_path, capsys, content, args, message):

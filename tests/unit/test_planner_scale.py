@@ -1,0 +1,160 @@
+"""Scale limits of the planner (issue "Bad input, faults and scale limits"): size guards, lengths beyond int64,
+the checker's rule for a plan that holds more tokens per rank than requested, balance and traffic of the FCP
+plans kept, and the planning-time target for micro-batches of very many short documents.
+
+The 50 ms figure at CP 256 x 16K is measured by ``scripts/planning_speed.py --scale``; the test here has a
+generous bound.
+"""
+
+import statistics
+import time
+
+import numpy as np
+import pytest
+
+from megatron_fcp.cli import main
+from megatron_fcp.data.lengths import load_distribution, pack_batches
+from megatron_fcp.errors import InputError
+from megatron_fcp.planner.api import MAX_CP, MAX_TOKENS_PER_RANK, MAX_TOTAL_TOKENS, check_batch, check_sizes, make_plan
+from megatron_fcp.planner.checks import plan_problems, request_problems
+from megatron_fcp.planner.plan import Plan
+
+# ---- size guards ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("cp", "tokens_per_rank", "match"),
+    [
+        (100_000, 16384, "above the largest supported CP size 65536"),
+        (MAX_CP + 1, 1, "above the largest supported CP size"),
+        (2, 100_000_000_000, "tokens_per_rank=100000000000 is above the largest supported"),
+        (1, MAX_TOKENS_PER_RANK + 1, "tokens_per_rank=.* is above the largest supported"),
+        (MAX_CP, MAX_TOKENS_PER_RANK, f"is above the largest supported micro-batch of {MAX_TOTAL_TOKENS} tokens"),
+        (2**70, 1, "cp=.* is above"),
+        (1, 2**70, "tokens_per_rank=.* is above"),
+    ],
+)
+def test_sizes_beyond_the_bounds_are_refused_at_once_in_one_line(cp, tokens_per_rank, match):
+    start = time.perf_counter()
+    for call in (lambda: check_sizes(cp, tokens_per_rank), lambda: make_plan([1], cp, tokens_per_rank)):
+        with pytest.raises(InputError, match=match) as error:
+            call()
+        assert "\n" not in str(error.value)
+    assert time.perf_counter() - start < 1.0
+
+
+def test_sizes_at_the_bounds_are_accepted():
+    check_sizes(MAX_CP, MAX_TOTAL_TOKENS // MAX_CP)
+    check_sizes(MAX_TOTAL_TOKENS // MAX_TOKENS_PER_RANK, MAX_TOKENS_PER_RANK)
+    assert make_plan([1, 0, 2], 3, 1).num_tokens.tolist() == [1, 1, 1]
+
+
+def test_more_document_entries_than_token_slots_are_refused():
+    check_batch([0] * 1000 + [4], 2, 2)  # empty entries are fine in moderation
+    with pytest.raises(InputError, match="document lengths but cp x tokens_per_rank"):
+        check_batch(np.zeros((1 << 20) + 1, np.int64), 2, 2)
+
+
+@pytest.mark.parametrize("lens", [[2**63], [2**64], [5, 2**70], [1, 2**100, 3]])
+def test_lengths_beyond_int64_are_an_input_error(lens):
+    with pytest.raises(InputError, match="above the largest integer the planner holds") as error:
+        make_plan(lens, 2, 8)
+    assert "\n" not in str(error.value)
+
+
+def test_cli_refuses_a_batch_too_large_as_one_line(tmp_path, capsys):
+    lengths = tmp_path / "lengths.txt"
+    lengths.write_text("4\n4\n")
+    assert main(["plan", "--lengths", str(lengths), "--cp", "100000", "--tokens-per-rank", "16384", "--as-batch"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "above the largest supported CP size" in err
+
+
+# ---- the checker's rule: a rank above the requested tokens ------------------------------------------------------
+
+
+def test_a_rank_above_tokens_per_rank_is_a_problem_with_the_figures():
+    plan = make_plan([100] + [1] * 5, 3, 40, "causal", "hybrid")  # a 100-token document on a group of one rank
+    problems = plan_problems(plan)
+    assert problems == request_problems(plan) and len(problems) == 1
+    assert "holds 100 tokens" in problems[0] and "above tokens_per_rank=40" in problems[0]
+    assert plan_problems(plan, tokens_per_rank=100) == []  # within a larger request
+    bare = Plan(strategy=plan.strategy, cp=plan.cp, mask=plan.mask, doc_lens=plan.doc_lens, q=plan.q, kv=plan.kv,
+                num_pad_tokens=plan.num_pad_tokens, exchange=plan.exchange)
+    assert bare == plan and plan_problems(bare) == []  # the request is not part of the value; unknown, unchecked
+    assert make_plan([100] + [1] * 5, 3, 40, "causal", "fcp").tokens_per_rank == 40
+    assert plan_problems(make_plan([100] + [1] * 5, 3, 40, "causal", "fcp")) == []
+
+
+def test_cli_exits_non_zero_on_a_hybrid_plan_above_the_request(tmp_path, capsys):
+    lengths = tmp_path / "lengths.txt"
+    lengths.write_text("\n".join(["100"] + ["1"] * 20) + "\n")
+    assert main(["plan", "--lengths", str(lengths), "--cp", "3", "--tokens-per-rank", "40", "--strategy", "hybrid",
+                 "--as-batch"]) == 1
+    assert "above tokens_per_rank=40" in capsys.readouterr().out
+
+
+# ---- balance and traffic of FCP plans kept ---------------------------------------------------------------------
+
+CP, TOKENS_PER_RANK = 64, 4096
+
+RECORDED = {
+    "linux_files": [(1.015038, 1619462), (1.014461, 1727693), (1.015813, 3745253)],
+    "linux_dirs": [(1.006247, 7804934), (1.006173, 9265742), (1.001278, 6500547)],
+    "spamassassin": [(1.039394, 1824160), (1.036211, 430543), (1.037346, 585567)],
+    "magi_hist": [(1.007664, 2472991), (1.002799, 6592788), (1.029005, 1229070)],
+}
+"""Pairs imbalance (max/mean of ``rank_pairs``) and the sum of ``recv_tokens`` of causal FCP plans of three
+batches (``pack_batches(..., 3, seed=1)``) at CP 64 x 4096, recorded from the planner at commit ea9edac."""
+RECORDED_ADVERSARIAL = (1.0, 6193152)
+"""The same of the adversarial batch of :func:`adversarial_batch`, recorded from the planner at commit ea9edac."""
+
+
+def adversarial_batch(total: int, seed: int = 5) -> np.ndarray:
+    """One document of half the batch among documents of 1 to 64 tokens, shuffled."""
+    rng = np.random.default_rng(seed)
+    lens = np.concatenate([[total // 2], rng.integers(1, 65, total // 16)])
+    ends = np.cumsum(lens)
+    count = int(np.searchsorted(ends, total))
+    lens = lens[: count + 1].copy()
+    lens[-1] -= int(ends[count]) - total
+    return rng.permutation(lens[lens > 0])
+
+
+def figures(plan: Plan) -> tuple[float, int]:
+    pairs = plan.rank_pairs()
+    return float(pairs.max() / pairs.mean()), int(plan.recv_tokens.sum())
+
+
+@pytest.mark.parametrize("name", sorted(RECORDED))
+def test_fcp_balance_and_traffic_of_the_shipped_mixes_are_kept(name):
+    batches = pack_batches(load_distribution(name), CP * TOKENS_PER_RANK, 3, seed=1)
+    for lens, (imbalance, traffic) in zip(batches, RECORDED[name], strict=True):
+        got_imbalance, got_traffic = figures(make_plan(lens, CP, TOKENS_PER_RANK))
+        assert got_imbalance <= imbalance + 0.005
+        assert got_traffic <= 1.02 * traffic
+
+
+def test_fcp_balance_and_traffic_of_an_adversarial_batch_are_kept():
+    lens = adversarial_batch(CP * TOKENS_PER_RANK)
+    plan = make_plan(lens, CP, TOKENS_PER_RANK)
+    assert plan_problems(plan) == []
+    got_imbalance, got_traffic = figures(plan)
+    assert got_imbalance <= RECORDED_ADVERSARIAL[0] + 0.005
+    assert got_traffic <= 1.02 * RECORDED_ADVERSARIAL[1]
+
+
+# ---- planning time with very many documents ----------------------------------------------------------------------
+
+
+@pytest.mark.skip(reason="target not met yet: today's planner takes about 17 s here (3.5 us per document); "
+                  "see scripts/planning_speed.py --scale")
+def test_four_million_one_token_documents_plan_in_half_a_second():
+    lens = np.ones(256 * 16384, np.int64)
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        plan = make_plan(lens, 256, 16384)
+        times.append(time.perf_counter() - start)
+    assert statistics.median(times) < 0.5
+    assert plan.num_real_tokens.tolist() == [16384] * 256
