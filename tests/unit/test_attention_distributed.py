@@ -245,6 +245,35 @@ def _exchange_per_group(rank, world):
     assert get_exchange(second, timeout_s=60) is not exchange and get_exchange(second, timeout_s=60).group is second
 
 
+def _host_twin_group(rank, world):
+    """The Megatron step's plan check on GPUs runs on a gloo twin of the NCCL CP group (host_cp_group): made
+    collectively over the world, one per CP group, with the same ranks in the same order; it passes when the ranks
+    agree and names the ranks that differ otherwise. (The NCCL branch is taken here by reporting the CP groups as
+    NCCL; the groups themselves are gloo, as everything on CPU.)"""
+    from unittest import mock
+
+    from megatron_fcp.attention.schedule import build_schedule
+    from megatron_fcp.megatron import step as step_module
+
+    halves = [list(range(world // 2)), list(range(world // 2, world))]
+    cp_groups = [dist.new_group(ranks) for ranks in halves]
+    mine = cp_groups[rank // (world // 2)]
+    with mock.patch.object(step_module.dist, "get_backend", lambda group=None: "nccl"):
+        twin = step_module.host_cp_group(mine)
+    assert twin is not mine and dist.get_process_group_ranks(twin) == dist.get_process_group_ranks(mine)
+    cp_rank = dist.get_rank(mine)
+    plan = make_plan([300, 212], world // 2, 256, "causal")
+    check = step_module.check_plan_agreement_on_host
+    check(build_schedule(plan.for_rank(cp_rank)), twin)
+    other = make_plan([212, 300] if cp_rank == 0 else [300, 212], world // 2, 256, "causal")
+    try:
+        check(build_schedule(other.for_rank(cp_rank)), twin)
+    except PlanMismatchError as err:
+        assert "CP rank 0 holds plan" in str(err) and "\n" not in str(err), str(err)
+    else:
+        raise AssertionError("no PlanMismatchError on the twin group")
+
+
 def _worker(rank, world, store_path, result_dir):
     torch.set_num_threads(1)
     status = "ok"
@@ -262,6 +291,8 @@ def _worker(rank, world, store_path, result_dir):
         _plan_mismatch(rank, world)
         if world == 2:
             _exchange_per_group(rank, world)
+        if world == 4:
+            _host_twin_group(rank, world)
         dist.barrier()
         if world == 2:
             _silent_peer(rank, world)
