@@ -69,8 +69,8 @@ def plan_micro_batch(doc_lens, cfg: FcpConfig) -> Plan:
     """The plan of one micro-batch of ``cfg.seq_length`` tokens over ``cfg.cp`` ranks."""
     options = FcpOptions(tile_size=cfg.tile_size) if cfg.scheduler == "fcp" else None
     plan = make_plan(doc_lens, cfg.cp, cfg.tokens_per_rank, cfg.mask, strategy=cfg.scheduler, options=options)
-    if cfg.debug_checks:
-        assert_plan_ok(plan)
+    if cfg.debug_checks:  # the ring and hybrid placements may hold more slots than seq_length / cp by design
+        assert_plan_ok(plan, check_request=cfg.scheduler not in ("ring", "hybrid"))
     return plan
 
 
