@@ -61,7 +61,8 @@ class ByteCounter:
 
 class MemoryMeter:
     """Bytes of tracked buffers alive now and at most, per kind (``kv``: received key/values; ``grad``: key/value
-    gradients of received rows and gradients coming back), measured from the buffers' storages.
+    gradients of received rows; ``returned``: gradients of this rank's own key/values coming back), measured from
+    the buffers' storages.
 
     A tracked storage counts while anything holds it (a view, a message in flight, autograd) and at its current
     size (a storage resized to 0 counts 0). Memory only grows when a buffer is created, so sampling at each

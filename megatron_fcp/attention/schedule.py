@@ -108,10 +108,6 @@ class RankSchedule:
     def num_recv(self) -> int:
         return sum(stage.num_tokens for stage in self.stages)
 
-    @property
-    def num_send(self) -> int:
-        return sum(b - a for messages in self.send_rounds for _, a, b in messages)
-
 
 # -- kernel calls on the host ----------------------------------------------------------------------------------
 @dataclass(frozen=True, eq=False)

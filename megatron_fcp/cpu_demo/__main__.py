@@ -69,8 +69,8 @@ def _run(run: RunConfig, budget, out: Path, keep: bool) -> int:
           f"{f' ({run.seq_length // run.cp} tokens)' if budget == 'auto' else ''}, recompute {run.recompute}")
     fcp = launch(run, out / "fcp.json")["steps"]
     print("== the same run without CP (1 process, Megatron's own attention with a document mask)")
-    print("   (a correctness reference, not a benchmark: one process computes every CP rank's share, with dense "
-          "seq x seq masked scores, so its steps are several times slower)")
+    print("   (a correctness reference, not a benchmark: one process computes every CP rank's share with dense "
+          "seq x seq masked scores; its step times say nothing about CP's speed)")
     ref = launch(baseline_of(run), out / "nocp.json")["steps"]
     print("\n== comparison (loss: per-token mean over the global batch)")
     print(f" step | loss FCP CP={run.cp} | loss no CP  | rel. diff")

@@ -20,11 +20,13 @@ import contextlib
 import datetime
 import hashlib
 import json
+import logging
 import os
 import re
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -572,7 +574,17 @@ def train_in_group(run: RunConfig, quiet: bool = False) -> None:
         dist.destroy_process_group()
 
 
+def quiet_third_party_notices() -> None:
+    """Silence what megatron-core and torch tell every process of a CPU run (no Apex, no Transformer Engine, no
+    CUDA runtime, deprecation notices): each spawned process would print the same dozen lines again. FCP's own
+    warnings and every error are kept."""
+    warnings.filterwarnings("ignore", module=r"megatron(\.|$)")
+    for name in ("megatron", "torch.utils.cpp_extension"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def _worker(rank: int, runs: list[RunConfig], port: int, out_paths: list[str], quiet: bool) -> None:
+    quiet_third_party_notices()
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     with _waiting("process group start-up (rendezvous of every rank)", None, runs[0]):
