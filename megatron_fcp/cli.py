@@ -6,11 +6,11 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 from megatron_fcp.data.lengths import SHIPPED, load_distribution, pack_batches, read_lengths, resolve_lengths_source
 from megatron_fcp.errors import InputError
+from megatron_fcp.paths import folder_write_problem
 from megatron_fcp.planner.api import STRATEGIES, STRATEGY_HELP, check_batch, check_sizes, make_plan
 from megatron_fcp.planner.checks import plan_problems
 from megatron_fcp.planner.pairs import MASKS
@@ -127,15 +127,12 @@ def _check_writable(path: Path | None, flag: str) -> None:
         return
     if path.is_dir():
         raise InputError(f"{flag} {path} is a folder; pass a file path")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path.parent, prefix=".fcp-write-check-"):
-            pass
-        if path.exists() and not os.access(path, os.W_OK):
-            raise PermissionError(13, "Permission denied")
-    except OSError as err:
+    err = folder_write_problem(path.parent)
+    if err is None and path.exists() and not os.access(path, os.W_OK):
+        err = PermissionError(13, "Permission denied")
+    if err is not None:
         raise InputError(f"{flag} {path}: cannot write there ({err.strerror or err}); pass a path in a writable "
-                         "folder") from None
+                         "folder")
 
 
 def _write_json(path: Path, flag: str, record, indent: int | None = None) -> None:

@@ -105,17 +105,17 @@ class Pending:
     ``timeout_s``: None waits as torch does by default (failures raise :class:`ExchangeError` naming the peer);
     a number of seconds bounds each wait and raises :class:`ExchangeTimeout` naming the peer that did not answer.
     ``posted_at`` (``time.monotonic()``, default: now) is when the messages were posted, the start of the
-    deadline bookkeeping that tells a timeout from other failures (see :meth:`timed_out`).
+    deadline bookkeeping that tells a timeout from other failures (see :meth:`timed_out`). ``counter``: where
+    :meth:`wait` adds the seconds the host spent waiting (the exchange's :class:`ByteCounter`; None: not counted).
     """
 
     def __init__(self, works, peers, phase: str, cp_rank: int, timeout_s: float | None = None, buffers=(),
-                 posted_at: float | None = None):
+                 posted_at: float | None = None, counter: ByteCounter | None = None):
         self.works, self.peers, self.phase, self.cp_rank, self.timeout_s = works, peers, phase, cp_rank, timeout_s
         self.buffers = buffers  # keeps the send and receive buffers alive until the messages are done
         self.posted_at = time.monotonic() if posted_at is None else posted_at
         self.result = None
-        self.counter: ByteCounter | None = None
-        """Where :meth:`wait` adds the seconds the host spent waiting (the exchange's counter)."""
+        self.counter = counter
 
     def timed_out(self) -> bool:
         """Whether our own ``timeout_s`` has passed since the messages were posted (never, without one).
@@ -224,6 +224,4 @@ class P2PExchange:
         if len(works) != len(ops):  # coalesced backends (NCCL) return one work for the batch
             peers = [("exchange with", "any of " + ", ".join(str(p) for _, p in peers))] * len(works)
         self.counter.add(phase, sent, received)
-        pending = Pending(works, peers, phase, self.cp_rank, self.timeout_s, buffers, posted_at)
-        pending.counter = self.counter
-        return pending
+        return Pending(works, peers, phase, self.cp_rank, self.timeout_s, buffers, posted_at, self.counter)

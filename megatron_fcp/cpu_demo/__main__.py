@@ -4,7 +4,6 @@ the same run without CP, and the comparison (see README, "Quickstart")."""
 from __future__ import annotations
 
 import argparse
-import os
 import tempfile
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from megatron_fcp.cpu_demo.train import MEMORY_FIGURES, RECOMPUTE, RunConfig, ba
 from megatron_fcp.data.lengths import SHIPPED, load_distribution
 from megatron_fcp.errors import InputError
 from megatron_fcp.megatron.config import SCHEDULERS
+from megatron_fcp.paths import folder_write_problem
 from megatron_fcp.planner.stages import DEFAULT_KV_BUDGET, parse_kv_budget
 
 MEMORY_LABELS = {"kv_peak": "received key/values held at once, per layer",
@@ -127,15 +127,10 @@ def check_before_spawning(run: RunConfig, out: str | None) -> None:
     except InputError as err:
         raise InputError(f"--doclens: {err}") from None
     fcp_config(run)
-    if out is not None:
-        folder = Path(out)
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise InputError(f"--out {out}: cannot make the records folder ({err.strerror}); pass a writable "
-                             "folder") from None
-        if not os.access(folder, os.W_OK | os.X_OK):
-            raise InputError(f"--out {out}: the records folder is not writable; pass a writable folder")
+    err = folder_write_problem(out) if out is not None else None
+    if err is not None:
+        raise InputError(f"--out {out}: cannot make the records folder or write in it ({err.strerror or err}); "
+                         "pass a writable folder")
 
 
 def print_memory_summary(steps: list[dict]) -> None:

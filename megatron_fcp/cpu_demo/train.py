@@ -38,6 +38,7 @@ import torch.distributed as dist
 from megatron_fcp.errors import InputError
 from megatron_fcp.megatron.batch import STATS, FcpBatchDataset, MockDocumentDataset, doc_lengths_from_positions
 from megatron_fcp.megatron.config import FcpConfig
+from megatron_fcp.paths import folder_write_problem
 from megatron_fcp.planner.plan import RankPlan
 from megatron_fcp.planner.stages import DEFAULT_KV_BUDGET, parse_kv_budget
 from megatron_fcp.testing.reference import document_mask
@@ -334,7 +335,6 @@ MANIFEST = "checksums.sha256"
 """The file in a saved checkpoint listing the sha256 of every other file of it (``sha256sum`` format, checkable
 with ``sha256sum -c``); written by rank 0 once every rank has saved, checked before the checkpoint is loaded."""
 _STEP_FOLDER = re.compile(r"step_(\d{6,})")
-_WRITE_CHECK = ".write-check-"
 
 
 class CheckpointError(InputError):
@@ -377,8 +377,8 @@ def write_manifest(folder: str | Path) -> None:
     """Record the sha256 of every file of the checkpoint in ``folder`` (dist_checkpointing writes no subfolders) in
     its :data:`MANIFEST` (atomically)."""
     folder = Path(folder)
-    # not: the manifest, the marker (a checkpoint saved into the root itself) or their temporary files, the probes
-    ours = (MANIFEST, f".{MANIFEST}.", LATEST, f".{LATEST}.", _WRITE_CHECK)
+    # not: the manifest, the marker (a checkpoint saved into the root itself) or their temporary files
+    ours = (MANIFEST, f".{MANIFEST}.", LATEST, f".{LATEST}.")
     files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(ours))
     _write_atomically(folder / MANIFEST, "".join(f"{_sha256(p)}  {p.relative_to(folder).as_posix()}\n"
                                                  for p in files))
@@ -472,25 +472,21 @@ def check_paths(run: RunConfig, rank: int = 0) -> None:
     line naming the path."""
     if run.save_dir:
         folder = Path(run.save_dir)
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=folder, prefix=_WRITE_CHECK):
-                pass
-        except OSError as err:
-            raise InputError(f"save_dir {folder}: cannot write checkpoints there ({err.strerror or err})") from None
+        err = folder_write_problem(folder)
+        if err is not None:
+            raise InputError(f"save_dir {folder}: cannot write checkpoints there ({err.strerror or err})")
     if run.load_dir:
         verify_checkpoint(run.load_dir)
     if run.records and rank == 0:
         records = Path(run.records)
         try:
+            if not records.parent.is_dir():
+                raise FileNotFoundError(f"its folder {records.parent} does not exist")
             if records.exists():
                 with open(records, "a"):
                     pass
-            else:
-                if not records.parent.is_dir():
-                    raise FileNotFoundError(f"its folder {records.parent} does not exist")
-                with tempfile.NamedTemporaryFile(dir=records.parent, prefix=_WRITE_CHECK):
-                    pass
+            elif (problem := folder_write_problem(records.parent, make=False)) is not None:
+                raise problem
         except OSError as err:
             raise InputError(f"records {records}: cannot append records there ({err.strerror or err})") from None
 

@@ -41,8 +41,8 @@ import numpy as np
 from megatron_fcp.errors import InputError
 from megatron_fcp.launch.command import megatron_args
 from megatron_fcp.launch.spec import RunSpec
-from megatron_fcp.megatron import dataset_helpers
-from megatron_fcp.megatron.config import add_fcp_args, check_fcp_args, fcp_config_from_args
+from megatron_fcp.megatron.config import add_fcp_args, fcp_config_from_args
+from megatron_fcp.megatron.pretrain_gpt import check_startup
 from megatron_fcp.planner.stages import resolve_kv_budget
 from megatron_fcp.sim.model import HardwareProfile, PlanCost, evaluate, load_hardware
 
@@ -172,12 +172,9 @@ def entry_args(argv: list[str], world_size: int):
             warnings.simplefilter("ignore", DeprecationWarning)  # Python 3.12 on argparse types in Megatron's parser
             args = parse_args(extra_args_provider=add_fcp_args)
         try:
-            check_fcp_args(args, world_size=world_size)
-            dataset_helpers.check()
+            check_startup(args, world_size=world_size)
         except InputError as err:
             raise EntryPointError(str(err)) from None
-        if args.context_parallel_mode == "fcp":
-            args.num_workers = max(args.num_workers, args.fcp_planning_workers)
         _validate(args)
     return args
 

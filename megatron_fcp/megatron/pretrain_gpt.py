@@ -33,6 +33,16 @@ def wants_fcp(argv: list[str]) -> bool:
     return False
 
 
+def check_startup(args, world_size: int) -> None:
+    """FCP's start-up checks on Megatron's parsed arguments (:class:`InputError`, one line: FCP's flags and the
+    Megatron settings it depends on, megatron-core's dataset helpers), then FCP's planning workers as data-loader
+    workers. Shared with ``python -m megatron_fcp.launch rehearse``, so both fail alike."""
+    check_fcp_args(args, world_size=world_size)
+    dataset_helpers.check()
+    if args.context_parallel_mode == "fcp":
+        args.num_workers = max(args.num_workers, args.fcp_planning_workers)
+
+
 def parse_checked_args():
     """Megatron's arguments plus FCP's; FCP's start-up checks run before Megatron's validation."""
     from megatron.training.arguments import parse_args, validate_args
@@ -40,13 +50,10 @@ def parse_checked_args():
 
     args = parse_args(extra_args_provider=add_fcp_args)
     try:
-        check_fcp_args(args, world_size=int(os.environ.get("WORLD_SIZE", "1")))
-        dataset_helpers.check()
+        check_startup(args, world_size=int(os.environ.get("WORLD_SIZE", "1")))
     except InputError as err:
         print(f"megatron-fcp: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
-    if args.context_parallel_mode == "fcp":
-        args.num_workers = max(args.num_workers, args.fcp_planning_workers)
     validate_args(args, {"tokenizer_type": "GPT2BPETokenizer"})
     set_global_variables(args)
     return args
