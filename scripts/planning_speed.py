@@ -8,7 +8,8 @@ into the additions.
     .venv/bin/python scripts/planning_speed.py [--runs 7]
 
 With ``--scale`` it prints instead the table of the issue "Bad input, faults and scale limits": the FCP plan
-time (median of ``--runs``) of micro-batches of many short documents, the shipped mixes and an adversarial mix,
+time (median of ``--runs``) and the view time of one rank on it (``view``, as above) of micro-batches of many
+short documents, the shipped mixes and an adversarial mix,
 with the balance (p95 over ``--batches`` batches of the pairs imbalance max/mean of ``rank_pairs()``) and the
 traffic (sum of ``recv_tokens``, mean over the batches) beside. Run it on another checkout of the package with
 ``PYTHONPATH=<checkout>`` to compare.
@@ -19,6 +20,7 @@ traffic (sum of ``recv_tokens``, mean over the batches) beside. Run it on anothe
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import time
 import timeit
@@ -62,8 +64,7 @@ def main() -> None:
 
 def _fresh(plan: Plan) -> Plan:
     """The same plan with nothing cached."""
-    return Plan(strategy=plan.strategy, cp=plan.cp, mask=plan.mask, doc_lens=plan.doc_lens, q=plan.q, kv=plan.kv,
-                num_pad_tokens=plan.num_pad_tokens, exchange=plan.exchange, notes=plan.notes)
+    return dataclasses.replace(plan)
 
 
 def _figures(lens, mask: str, runs: int):
@@ -121,7 +122,7 @@ SCALE_ROWS = ("ones", "x50", "u1_64", "x16", *SHIPPED, "adversarial")
 def scale_table(runs: int, num_batches: int, only=None) -> None:
     print(f"FCP plan, causal, CP {CP} x {TOKENS_PER_RANK} tokens per rank; plan time median of {runs} (ms); "
           f"balance p95 and traffic mean over {num_batches} batches")
-    print(f"{'batch':<13} {'documents':>10} {'plan ms':>9} {'p95 imbalance':>14} {'recv tokens':>13}")
+    print(f"{'batch':<13} {'documents':>10} {'plan ms':>9} {'view ms':>9} {'p95 imbalance':>14} {'recv tokens':>13}")
     for name in only or SCALE_ROWS:
         batches = scale_batches(name, 1 if name in ("ones", "x50", "x16") else num_batches)  # the same every time
         lens = batches[0]
@@ -130,13 +131,15 @@ def scale_table(runs: int, num_batches: int, only=None) -> None:
             start = time.perf_counter()
             make_plan(lens, CP, TOKENS_PER_RANK)
             times.append(time.perf_counter() - start)
+        plan = make_plan(lens, CP, TOKENS_PER_RANK)
+        view_ms, _ = median_ms(lambda plan=plan: _fresh(plan).for_rank(CP // 2), runs)
         imbalance, traffic = [], []
         for index, batch in enumerate(batches):
             plan = make_plan(batch, CP, TOKENS_PER_RANK) if index else make_plan(lens, CP, TOKENS_PER_RANK)
             pairs = plan.rank_pairs()
             imbalance.append(float(pairs.max() / pairs.mean()))
             traffic.append(int(plan.recv_tokens.sum()))
-        print(f"{name:<13} {lens.shape[0]:>10} {1e3 * statistics.median(times):>9.1f} "
+        print(f"{name:<13} {lens.shape[0]:>10} {1e3 * statistics.median(times):>9.1f} {view_ms:>9.1f} "
               f"{np.percentile(imbalance, 95):>14.4f} {statistics.mean(traffic):>13.0f}", flush=True)
 
 

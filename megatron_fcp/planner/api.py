@@ -80,7 +80,10 @@ def check_batch(doc_lens, cp, tokens_per_rank, mask: str = "causal", exact: bool
         raise InputError(f"the micro-batch has {num_docs} document lengths but cp x tokens_per_rank = {capacity} "
                          "token slots; pass at most one length per token slot (drop empty documents)")
     lens = _as_lengths(doc_lens)
-    total = sum(lens.tolist())  # Python ints: no int64 wrap-around on absurd lengths
+    longest = int(lens.max())
+    # no int64 wrap-around on absurd lengths (Python ints where one is above the capacity); with every length at
+    # most the capacity (<= 2**32) and at most 2**32 entries, an unsigned 64-bit sum is exact
+    total = sum(lens.tolist()) if longest > capacity else int(lens.sum(dtype=np.uint64))
     if total > capacity or (exact and total != capacity):
         raise InputError(
             f"the documents hold {total} tokens but cp x tokens_per_rank = {cp} x {tokens_per_rank} = {capacity}; "
@@ -136,8 +139,8 @@ def _as_lengths(doc_lens) -> np.ndarray:
             raise InputError(f"document lengths must be integers; got {fractional[0].item()!r}")
     elif raw.dtype.kind not in "iu":
         raise InputError(f"document lengths must be integers; got values like {raw.tolist()[:3]!r}")
-    lens = raw.astype(np.int64)
-    if np.any(lens < 0):
+    lens = raw.astype(np.int64)  # a copy: the plan is a value, apart from the caller's array
+    if lens.min() < 0:
         raise InputError(f"document lengths must be >= 0; got {int(lens[lens < 0][0])} at index "
                          f"{int(np.flatnonzero(lens < 0)[0])}")
     return lens

@@ -59,7 +59,7 @@ def plan_ring(lens: np.ndarray, cp: int, tokens_per_rank: int, mask: str) -> Pla
     """Transformer Engine's ring CP on a packed batch (see module docstring)."""
     rows, padded = _zigzag_rows(lens, np.full(lens.shape, cp), np.zeros(lens.shape, np.int64))
     slots = max(int(padded.sum()) // cp, tokens_per_rank)
-    return Plan(strategy="ring", cp=cp, mask=mask, doc_lens=lens, q=rows, kv=np.zeros((0, 5), np.int64),
+    return Plan(strategy="ring", cp=cp, mask=mask, doc_lens=lens, q_rows=rows, kv=np.zeros((0, 5), np.int64),
                 num_pad_tokens=_pad_to_equal(rows, cp, slots), exchange="ring")
 
 
@@ -77,7 +77,7 @@ def plan_hybrid(lens: np.ndarray, cp: int, tokens_per_rank: int, mask: str) -> P
         slot_use[first_rank[doc] : first_rank[doc] + group[doc]] += padded[doc] // group[doc]
     slots = max(int(slot_use.max()), tokens_per_rank)
     num_pad = _pad_to_equal(rows, cp, slots)
-    return Plan(strategy="hybrid", cp=cp, mask=mask, doc_lens=lens, q=rows, kv=derive_kv(rows, lens, cp, "full"),
+    return Plan(strategy="hybrid", cp=cp, mask=mask, doc_lens=lens, q_rows=rows, kv=derive_kv(rows, lens, cp, "full"),
                 num_pad_tokens=num_pad, exchange="group_ring")
 
 
@@ -117,7 +117,7 @@ def plan_magi(lens: np.ndarray, cp: int, tokens_per_rank: int, mask: str, chunk:
     owner = _heap_dispatch(cost, cp, tokens_per_rank // chunk)
     rows = np.column_stack([owner[pieces[:, 0]], pieces[:, 1:]])
     rows = merge_adjacent_q(rows)
-    return Plan(strategy="magi", cp=cp, mask=mask, doc_lens=lens, q=rows, kv=derive_kv(rows, lens, cp, mask),
+    return Plan(strategy="magi", cp=cp, mask=mask, doc_lens=lens, q_rows=rows, kv=derive_kv(rows, lens, cp, mask),
                 num_pad_tokens=_pad_to_equal(rows, cp, tokens_per_rank), exchange="p2p",
                 notes=(("chunk", str(chunk)),))
 
@@ -186,5 +186,5 @@ def plan_nocp(lens: np.ndarray, cp: int, tokens_per_rank: int, mask: str) -> Pla
     rows = np.column_stack([owner[docs], docs, np.zeros_like(docs), lens[docs]])
     rows = rows[np.lexsort((rows[:, 1], rows[:, 0]))]
     slots = max(int(tokens.max()), tokens_per_rank)
-    return Plan(strategy="nocp", cp=cp, mask=mask, doc_lens=lens, q=rows, kv=np.zeros((0, 5), np.int64),
+    return Plan(strategy="nocp", cp=cp, mask=mask, doc_lens=lens, q_rows=rows, kv=np.zeros((0, 5), np.int64),
                 num_pad_tokens=slots - tokens, exchange="p2p")

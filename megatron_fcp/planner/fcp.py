@@ -7,46 +7,50 @@ kernel tile with which the edge cost of a piece is modeled (step 1); it is not a
 
 How it works (all integers, no device, no communication):
 
-1. Every non-empty document is a *unit*: a token range with a work, the exact number of query-key pairs its
-   queries see plus a share (``edge_weight``) of the kernel's edge work (``tile_size**2 / 4`` pairs for a
-   partly filled tile and half a tile row along the keys, as in :mod:`megatron_fcp.sim.model`), so tiny pieces
-   are never free. Units are ordered by work density (work per token).
+1. A range of tokens has a work: the exact number of query-key pairs its queries see plus a share
+   (``edge_weight``) of the kernel's edge work (``tile_size**2 / 4`` pairs for a partly filled tile and half a
+   tile row along the keys, as in :mod:`megatron_fcp.sim.model`), so tiny pieces are never free. Entries of
+   the pool are ordered by work density (work per token).
 2. A causal document that costs more than one rank's share of work, or holds more tokens than a rank, will be
    spread over several ranks. It becomes a *zigzag unit*: every take removes tokens from both of its ends at
    once (the early end gets the odd token), so each rank holding part of it owns an early range and a late
    range (the zigzag pairing of ring CP, but with range lengths in tokens chosen by balance). Its density stays
    constant as it is consumed, and the early key/values that every later range needs are owned by many ranks,
-   so no single rank has to send them to all the others.
-3. Ranks are filled one after another. A rank's work target is the work still unplaced divided by the ranks
+   so no single rank has to send them to all the others. A full-mask document too expensive for one rank is
+   cut into the fewest pieces that fit, equal to within one token.
+3. Every other document is placed whole unless it lies at the boundary of a rank. Documents of one length
+   have the same density, so they are held in aggregate: one *bin* per length, a count of documents that are
+   handed out in batch order. Planning therefore costs the same for 4M one-token documents as for one bin
+   of 4M tokens; only the number of distinct lengths and of cut documents counts.
+4. Before the fill, documents of at most ``small_tokens`` tokens are dealt evenly over the ranks (a bin at a
+   time, longest first, its count shared equally and the remainder to the ranks with the fewest dealt
+   tokens), so each rank carries the same share of the overhead of small kernels.
+5. Ranks are filled one after another. A rank's work target is the work still unplaced divided by the ranks
    still empty (plus the edge work that cuts have been adding per rank), so deviations never accumulate. The
    rank takes the ``num_dense`` densest tokens from the dense end of the order and the rest of its token share
-   from the sparse end, whole units first, cutting only the two boundary units (at any token);
-   ``num_dense`` is found by bisection over token counts so that the work hits the target. Short documents
-   therefore stay whole but for at most two cuts per rank. A full-mask document too expensive for one rank is
-   first cut into the fewest pieces that fit, equal to within one token.
-4. Before the fill, documents of at most ``small_tokens`` tokens are dealt evenly over the ranks, so each
-   rank carries the same share of the overhead of small kernels; and a rank does not take parts of two
-   documents that span ranks where a window of middle-density units can make up its work instead.
-5. Key/value exchange follows from ownership: a rank receives exactly the keys its queries need that it does
+   from the sparse end, whole documents first, cutting only the two boundary documents (at any token);
+   ``num_dense`` is found by bisection over token counts so that the work hits the target. A rank does not take
+   parts of two documents that span ranks where a window of middle-density entries can make up its work.
+6. Key/value exchange follows from ownership: a rank receives exactly the keys its queries need that it does
    not own, once, from their owner (:func:`megatron_fcp.planner.plan.derive_kv`).
 
-Every rank gets the same number of token slots; when the documents do not fill ``cp * tokens_per_rank`` the
-rest is padding, spread as evenly as the count allows and reported.
+The plan stores the documents placed whole as one rank per document (``Plan.whole_rank``) and the rows of the
+cut ones (``Plan.q_rows``). Every rank gets the same number of token slots; when the documents do not fill
+``cp * tokens_per_rank`` the rest is padding, spread as evenly as the count allows and reported.
 """
 
 from __future__ import annotations
 
 import bisect
-import heapq
 from dataclasses import dataclass
 
 import numpy as np
 
-from megatron_fcp.planner.pairs import arange_within, check_mask, needed_kv_end, q_pairs
+from megatron_fcp.planner.pairs import check_mask, q_pairs
 from megatron_fcp.planner.plan import Plan, derive_kv, merge_adjacent_q
 
-Piece = tuple[int, int, int, float]
-"""``(doc, start, end, work)``: a token range taken by a rank, and its work."""
+Part = tuple[int, int, int]
+"""``(doc, start, end)``: a token range of one document."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -77,158 +81,310 @@ class FcpOptions:
             raise ValueError(f"small_tokens must be an integer >= 0, got {self.small_tokens!r}")
 
 
-class _Pool:
-    """Units ordered by density, consumed from both ends of the order; Python scalars for speed.
+FULL_PIECE_FILL = 0.95
+"""A full-mask document too expensive for one rank is cut into equal pieces of at most this share of a rank's
+work, so each piece stays whole on its rank and leaves room for cheaper documents."""
 
-    Units are indices into the order (parallel lists ``doc``, ``start``, ``end``, ...). The live ones lie in
-    ``[sparsest, densest]`` (both ends included). A plain unit is taken from its front (sparse end of the order)
-    or its back (dense end). A zigzag unit is taken from both of its ends at once, whichever end of the order
-    takes it.
+
+@dataclass(frozen=True)
+class _Batch:
+    """The micro-batch grouped by length: the bins of documents placed whole, and the spread documents."""
+
+    bin_docs: np.ndarray
+    """Document indices sorted by length (batch order within a length); a bin is a slice of it."""
+    bin_first: list[int]
+    """Per bin: where its documents start in ``bin_docs``."""
+    bin_count: list[int]
+    bin_length: list[int]
+    spread_docs: np.ndarray
+    """Documents too large or too expensive for one rank, in batch order."""
+
+
+def group_by_length(lens: np.ndarray, cp: int, tokens_per_rank: int, mask: str) -> _Batch:
+    """Bins of the documents that fit one rank in tokens and in work, and the documents that do not.
+
+    One stable sort of the lengths (clipped above ``tokens_per_rank``, so 16-bit keys where they fit: a radix
+    sort); the work of the batch follows from the bins, so nothing else runs once per document.
+    """
+    clip = tokens_per_rank + 1
+    key_type = np.uint16 if clip < 1 << 16 else np.uint32
+    key = lens.astype(key_type) if lens.max(initial=0) < clip else np.minimum(lens, clip).astype(key_type)
+    order = np.argsort(key, kind="stable")
+    sorted_key = key[order]
+    if clip < lens.shape[0]:  # many documents: where each possible length starts (fewer lengths than documents)
+        bounds = np.searchsorted(sorted_key, np.arange(clip + 2))
+        length = np.flatnonzero(np.diff(bounds))
+        first = bounds[length]
+    else:
+        first = np.flatnonzero(np.concatenate([[True], sorted_key[1:] != sorted_key[:-1]])) if lens.shape[0] else \
+            np.zeros(0, np.int64)
+        length = sorted_key[first].astype(np.int64)
+    count = np.diff(np.append(first, lens.shape[0]))
+    over = length == clip
+    work = q_pairs(0, length, length, mask).astype(np.float64)
+    long_docs = order[first[over][0]:] if over.any() else np.zeros(0, np.int64)
+    total_work = float((count * work)[~over].sum()) + float(q_pairs(0, lens[long_docs], lens[long_docs], mask).sum())
+    whole = (length > 0) & ~over & (work <= total_work / cp)
+    spread = ~whole & (length > 0)
+    spread_docs = np.sort(np.concatenate([order[f:f + c] for f, c in zip(first[spread], count[spread], strict=True)]
+                                         or [np.zeros(0, np.int64)]))
+    return _Batch(bin_docs=order, bin_first=first[whole].tolist(), bin_count=count[whole].tolist(),
+                  bin_length=length[whole].tolist(), spread_docs=spread_docs)
+
+
+def spread_units(lens: np.ndarray, docs: np.ndarray, cp: int, tokens_per_rank: int, mask: str, total_work: float,
+                 zigzag: bool = True) -> list[tuple[Part, bool]]:
+    """The units of the documents too large or expensive for one rank: ``((doc, start, end), is_zigzag)``.
+
+    A causal one is a zigzag unit (taken from both ends). A full-mask one is cut into the fewest pieces that
+    each fit, equal to within one token: under a full mask every holder of a piece fetches the whole document,
+    so the number of holders is what communication costs.
+    """
+    units = []
+    for doc in docs.tolist():
+        length = int(lens[doc])
+        num_pieces = 1
+        if mask == "full":
+            by_work = int(np.ceil(length * length / (FULL_PIECE_FILL * total_work / cp)))
+            num_pieces = min(max(by_work, -(-length // tokens_per_rank)), length)
+        units += [((doc, k * length // num_pieces, (k + 1) * length // num_pieces), mask == "causal" and zigzag)
+                  for k in range(num_pieces)]
+    return units
+
+
+class _Pool:
+    """Entries ordered by work density, consumed from both ends of the order; Python scalars for speed.
+
+    An entry is a *run*: ``count`` whole documents of one length (a bin, or none), with possibly a partial
+    document at its front and one at its back (``(doc, start, end)`` each); or a *zigzag* unit (its remaining
+    range in ``front``). The sparse end of the order takes a run from its front (the front partial, then whole
+    documents, then the back partial), the dense end from its back; a zigzag unit is taken from both of its
+    ends at once, whichever end of the order takes it. The live entries lie in ``[sparsest, densest]``.
+
+    Takes are recorded: the rows ``(rank, doc, start, end)`` of partial documents, and the whole documents of
+    each bin as ``(bin, first, count, rank)`` (rank -1 for a document cut at a rank boundary, whose parts are
+    rows). A bin hands out its documents in order.
     """
 
-    def __init__(self, lens: np.ndarray, units: np.ndarray, mask: str, tile_size: int, edge_weight: float):
-        doc, start, end, is_zigzag = units.T
+    def __init__(self, lens: np.ndarray, batch: _Batch, units, mask: str, tile_size: int, edge_weight: float):
         self.piece_overhead = edge_weight * tile_size * tile_size / 4
         self.edge_per_key = edge_weight * tile_size / 2
-        work = (q_pairs(start, end, lens[doc], mask) + self.piece_overhead
-                + self.edge_per_key * needed_kv_end(end, lens[doc], mask))
-        density = work / (end - start)
-        order = np.argsort(density, kind="stable")
-        self.doc = doc[order].tolist()
-        self.start = start[order].tolist()
-        self.end = end[order].tolist()
-        self.doc_len = lens[doc][order].tolist()
-        self.is_zigzag = is_zigzag[order].astype(bool).tolist()
-        self.density = density[order].tolist()
         self.causal = mask == "causal"
-        self.sparsest, self.densest = 0, len(self.doc) - 1
-        self.work = float(work.sum())
-        self.cut_units: set[int] = set()  # units cut while filling the current rank, to be re-sorted
-        in_several_units = np.bincount(doc, minlength=lens.shape[0]) > 1
-        self.spread_docs = set(np.flatnonzero(in_several_units).tolist()) | set(doc[is_zigzag == 1].tolist())
-        """Documents too large or expensive for one rank (cut into pieces up front, or zigzag units)."""
+        self.batch = batch
+        self.bin_next = [0] * len(batch.bin_first)
+        self.rows: list[tuple[int, int, int, int]] = []
+        self.allocs: list[tuple[int, int, int, int]] = []
+        self.dealt: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = []
+        spread_docs = {part[0] for part, zig in units if zig} | _repeated(part[0] for part, _ in units)
+        entries = [(length, count, None, b, False, -1) for b, (length, count)
+                   in enumerate(zip(batch.bin_length, batch.bin_count, strict=True))]
+        entries += [(int(lens[part[0]]), 0, part, -1, zig, part[0] if part[0] in spread_docs else -1)
+                    for part, zig in units]
+        columns = [list(column) for column in zip(*entries, strict=True)] if entries else [[] for _ in range(6)]
+        self.length, self.count, self.front, self.bin, self.zig, self.spread = columns
+        self.back: list[Part | None] = [None] * len(entries)
+        self.whole_work = [self._work(length, 0, length) for length in self.length]
+        self.density = [self.entry_work(e) / self.size(e) for e in range(len(entries))]
+        order = np.argsort(self.density, kind="stable").tolist()
+        for column in self._columns():
+            column[:] = [column[e] for e in order]
+        self.sparsest, self.densest = 0, len(entries) - 1
+        self.work = sum(self.entry_work(e) for e in range(len(entries)))
+        self.touched: set[int] = set()  # entries cut since the last settle, to be re-sorted
 
-    def size(self, unit: int) -> int:
-        return self.end[unit] - self.start[unit]
+    def _columns(self) -> tuple[list, ...]:
+        return (self.length, self.count, self.front, self.back, self.bin, self.zig, self.spread, self.whole_work,
+                self.density)
 
-    def _work(self, unit: int, start: int, end: int) -> float:
+    def _work(self, length: int, start: int, end: int) -> float:
         """Pairs of a piece plus its kernel edges: a partly filled tile and half a tile row along its keys
         (this runs tens of thousands of times per plan, so the pair count is written out)."""
         if end <= start:
             return 0.0
         if self.causal:
             return (end * (end + 1) - start * (start + 1)) / 2 + self.piece_overhead + self.edge_per_key * end
-        num_keys = self.doc_len[unit]
-        return (end - start) * num_keys + self.piece_overhead + self.edge_per_key * num_keys
+        return (end - start) * length + self.piece_overhead + self.edge_per_key * length
 
-    def unit_work(self, unit: int) -> float:
-        return self._work(unit, self.start[unit], self.end[unit])
+    def _part_work(self, length: int, part: Part | None) -> float:
+        return 0.0 if part is None else self._work(length, part[1], part[2])
 
-    def _ranges(self, unit: int, num_tokens: int, from_dense: bool) -> tuple[tuple[int, int], ...]:
-        """The token ranges of ``unit`` that a take of ``num_tokens`` tokens removes."""
-        start, end = self.start[unit], self.end[unit]
-        if self.is_zigzag[unit]:
+    def size(self, e: int) -> int:
+        front, back = self.front[e], self.back[e]
+        return (self.count[e] * self.length[e] + (front[2] - front[1] if front else 0)
+                + (back[2] - back[1] if back else 0))
+
+    def entry_work(self, e: int) -> float:
+        length = self.length[e]
+        return (self.count[e] * self.whole_work[e] + self._part_work(length, self.front[e])
+                + self._part_work(length, self.back[e]))
+
+    def take_work(self, e: int, num_tokens: int, from_dense: bool) -> float:
+        """Work of taking ``num_tokens`` tokens of entry ``e`` from the given end of the order (what
+        :meth:`take` removes, written out for speed: the bisection of the fill calls this most)."""
+        length = self.length[e]
+        if self.zig[e]:
+            _, start, end = self.front[e]
             num_front = (num_tokens + 1) // 2
-            return (start, start + num_front), (end - (num_tokens - num_front), end)
-        return ((end - num_tokens, end),) if from_dense else ((start, start + num_tokens),)
+            return self._work(length, start, start + num_front) + self._work(length, end - num_tokens + num_front, end)
+        near, far = (self.back[e], self.front[e]) if from_dense else (self.front[e], self.back[e])
+        work = 0.0
+        if near is not None:
+            num_taken = min(num_tokens, near[2] - near[1])
+            work += self._end_work(length, near, num_taken, from_dense)
+            num_tokens -= num_taken
+            if not num_tokens:
+                return work
+        num_whole = min(num_tokens // length, self.count[e])
+        work += num_whole * self.whole_work[e]
+        num_tokens -= num_whole * length
+        if not num_tokens:
+            return work
+        if num_whole < self.count[e]:  # one document cut
+            return work + self._end_work(length, (0, 0, length), num_tokens, from_dense)
+        return work + self._end_work(length, far, num_tokens, from_dense)
 
-    def take_work(self, unit: int, num_tokens: int, from_dense: bool) -> float:
-        """Work of taking ``num_tokens`` tokens of ``unit`` from the given end of the order (the ranges of
-        :meth:`_ranges`, written out for speed)."""
-        start, end = self.start[unit], self.end[unit]
-        if self.is_zigzag[unit]:
+    def _end_work(self, length: int, part: Part, num_tokens: int, from_dense: bool) -> float:
+        """Work of the last (``from_dense``) or first ``num_tokens`` tokens of ``part``."""
+        _, start, end = part
+        if from_dense:
+            return self._work(length, end - num_tokens, end)
+        return self._work(length, start, start + num_tokens)
+
+    def take(self, e: int, num_tokens: int, from_dense: bool, rank: int) -> float:
+        """Remove ``num_tokens`` tokens of entry ``e`` for ``rank``, record them, and return their work."""
+        length, old_work, work = self.length[e], self.entry_work(e), 0.0
+        taken: list[Part] = []
+        if self.zig[e]:
+            doc, start, end = self.front[e]
             num_front = (num_tokens + 1) // 2
-            return self._work(unit, start, start + num_front) + self._work(unit, end - (num_tokens - num_front), end)
-        return self._work(unit, end - num_tokens, end) if from_dense else self._work(unit, start, start + num_tokens)
+            taken = [(doc, start, start + num_front), (doc, end - num_tokens + num_front, end)]
+            self.front[e] = (doc, start + num_front, end - num_tokens + num_front)
+        else:
+            near, num_tokens = _cut(self.back[e] if from_dense else self.front[e], num_tokens, from_dense, taken)
+            num_whole = min(num_tokens // length, self.count[e])
+            num_tokens -= num_whole * length
+            work = num_whole * self.whole_work[e]
+            if num_whole:
+                self._allocate(e, num_whole, rank)
+            if num_tokens and self.count[e]:  # cut one document: its rest is the near partial
+                doc = self._allocate(e, 1, -1)
+                near, num_tokens = _cut((doc, 0, length), num_tokens, from_dense, taken)
+            far, num_tokens = _cut(self.front[e] if from_dense else self.back[e], num_tokens, from_dense, taken)
+            self.front[e], self.back[e] = (far, near) if from_dense else (near, far)
+        pieces = [part for part in taken if part[2] > part[1]]
+        self.rows += [(rank, *part) for part in pieces]
+        self.work += self.entry_work(e) - old_work
+        if pieces:
+            self.touched.add(e)
+        return work + sum(self._work(length, start, end) for _, start, end in pieces)
 
-    def take(self, unit: int, num_tokens: int, from_dense: bool) -> list[Piece]:
-        """Remove ``num_tokens`` tokens of ``unit`` and return them as pieces."""
-        ranges = self._ranges(unit, num_tokens, from_dense)
-        pieces = [(self.doc[unit], start, end, self._work(unit, start, end)) for start, end in ranges if end > start]
-        self.work -= self.unit_work(unit)
-        if self.is_zigzag[unit] or not from_dense:
-            self.start[unit] = ranges[0][1]
-        if self.is_zigzag[unit] or from_dense:
-            self.end[unit] = ranges[-1][0]
-        self.work += self.unit_work(unit)  # the remainder is a piece of its own
-        if self.start[unit] < self.end[unit]:
-            self.cut_units.add(unit)
-        return pieces
+    def _allocate(self, e: int, num_docs: int, rank: int) -> int:
+        """Hand out the next ``num_docs`` documents of entry ``e``'s bin to ``rank``; return the first one."""
+        b = self.bin[e]
+        first = self.bin_next[b]
+        self.bin_next[b] += num_docs
+        self.count[e] -= num_docs
+        self.allocs.append((b, first, num_docs, rank))
+        return int(self.batch.bin_docs[self.batch.bin_first[b] + first])
+
+    def deal(self, e: int, counts: np.ndarray) -> None:
+        """Hand out ``counts[rank]`` whole documents of entry ``e``'s bin to every rank at once."""
+        b, total = self.bin[e], int(counts.sum())
+        self.dealt.append((b, self.bin_next[b] + np.cumsum(counts) - counts, counts, np.arange(counts.shape[0])))
+        self.bin_next[b] += total
+        self.count[e] -= total
+        self.work -= total * self.whole_work[e]
 
     def walk(self, from_dense: bool, limit: int) -> tuple[list[int], list[int], list[float]]:
-        """Units from one end until ``limit`` tokens: their indices, and tokens and work before each one."""
+        """Entries from one end until ``limit`` tokens: their indices, and tokens and work before each one."""
         units, tokens_before, work_before = [], [0], [0.0]
-        start, end, sparsest, densest = self.start, self.end, self.sparsest, self.densest
-        unit, step = (densest, -1) if from_dense else (sparsest, 1)
-        while tokens_before[-1] < limit and sparsest <= unit <= densest:
-            if end[unit] > start[unit]:
-                units.append(unit)
-                tokens_before.append(tokens_before[-1] + end[unit] - start[unit])
-                work_before.append(work_before[-1] + self._work(unit, start[unit], end[unit]))
-            unit += step
+        e, step = (self.densest, -1) if from_dense else (self.sparsest, 1)
+        while tokens_before[-1] < limit and self.sparsest <= e <= self.densest:
+            size = self.size(e)
+            if size:
+                units.append(e)
+                tokens_before.append(tokens_before[-1] + size)
+                work_before.append(work_before[-1] + self.entry_work(e))
+            e += step
         return units, tokens_before, work_before
 
     def settle(self) -> None:
-        """Drop used-up units at the ends; move cut units to where their new density belongs (order stays sorted).
+        """Drop used-up entries at the ends; split partial documents off the runs that were cut and move every
+        changed entry to where its density belongs (the order stays sorted).
 
-        Units used up in the middle of the order stay as empty entries that every walk skips.
+        Entries used up in the middle of the order stay as empty entries that every walk skips.
         """
         while self.sparsest <= self.densest and not self.size(self.sparsest):
             self.sparsest += 1
         while self.densest >= self.sparsest and not self.size(self.densest):
             self.densest -= 1
-        to_resort = sorted(
-            (unit for unit in self.cut_units if self.sparsest <= unit <= self.densest and self.size(unit)),
-            reverse=True,
-        )
-        self.cut_units = set()
-        if self.densest <= self.sparsest:
+        to_resort = sorted((e for e in self.touched if self.sparsest <= e <= self.densest and self.size(e)),
+                           reverse=True)
+        self.touched = set()
+        if self.densest <= self.sparsest and not to_resort:
             return
-        for item in [self._pop(unit) for unit in to_resort]:
+        for item in [item for e in to_resort for item in self._pop(e)]:
             insert_at = bisect.bisect_left(self.density, item[-1], self.sparsest, self.densest + 1)
             for column, value in zip(self._columns(), item, strict=True):
                 column.insert(insert_at, value)
             self.densest += 1
 
-    def _columns(self) -> tuple[list, ...]:
-        return self.doc, self.start, self.end, self.doc_len, self.is_zigzag, self.density
-
-    def _pop(self, unit: int) -> tuple:
-        density = self.unit_work(unit) / self.size(unit)
-        item = [column.pop(unit) for column in self._columns()]
+    def _pop(self, e: int) -> list[tuple]:
+        """Remove entry ``e``; return it as entries with their densities: its whole documents (if any) and each
+        partial document apart."""
+        item = [column.pop(e) for column in self._columns()]
         self.densest -= 1
-        item[-1] = density
-        return tuple(item)
+        length, count, front, back, b, zig, spread, whole_work, density = item
+        out = [(length, count, None, None, b, zig, spread, whole_work, density)] if count else []
+        part_spread = spread if b < 0 else -1
+        out += [(length, 0, part, None, -1, zig, part_spread, whole_work,
+                 self._work(length, part[1], part[2]) / (part[2] - part[1])) for part in (front, back) if part]
+        return out
+
+    def whole_rank(self, num_docs: int) -> np.ndarray:
+        """int32 ``[num_docs]``: the rank each binned document went to whole, -1 for the rest."""
+        batch = self.batch
+        chunks = [np.asarray(self.allocs, dtype=np.int64).reshape(-1, 4)]
+        chunks += [np.column_stack([np.full(firsts.shape[0], b), firsts, counts, ranks])
+                   for b, firsts, counts, ranks in self.dealt]
+        allocs = np.concatenate(chunks)
+        allocs = allocs[allocs[:, 2] > 0]
+        position = np.asarray(batch.bin_first, dtype=np.int64)[allocs[:, 0]] + allocs[:, 1]
+        order = np.argsort(position, kind="stable")
+        rank_at = np.repeat(allocs[order, 3].astype(np.int32), allocs[order, 2])
+        binned = sum(batch.bin_count)
+        first = batch.bin_first[0] if batch.bin_first else 0
+        contiguous = np.array_equal(position[order] - first, np.cumsum(allocs[order, 2]) - allocs[order, 2])
+        if rank_at.shape[0] != binned or not contiguous:
+            raise AssertionError(f"the bins handed out {rank_at.shape[0]} of their {binned} documents")
+        rank_at = np.concatenate([np.full(first, -1, np.int32), rank_at,
+                                  np.full(num_docs - first - binned, -1, np.int32)])
+        out = np.empty(num_docs, np.int32)
+        out[batch.bin_docs] = rank_at  # one pass: the documents before and after the bins hold -1
+        return out
 
 
-FULL_PIECE_FILL = 0.95
-"""A full-mask document too expensive for one rank is cut into equal pieces of at most this share of a rank's
-work, so each piece stays whole on its rank and leaves room for cheaper documents."""
+def _repeated(values) -> set[int]:
+    seen, repeated = set(), set()
+    for value in values:
+        (repeated if value in seen else seen).add(value)
+    return repeated
 
 
-def initial_units(lens: np.ndarray, cp: int, tokens_per_rank: int, mask: str, zigzag: bool = True) -> np.ndarray:
-    """Units ``(doc, start, end, zigzag)`` the fill starts from.
-
-    Documents that fit one rank (in tokens and in work) are whole units. A causal document that does not is
-    one zigzag unit (taken from both ends). A full-mask document that does not is cut into the fewest pieces
-    that each fit, equal to within one token: under a full mask every holder of a piece fetches the whole
-    document, so the number of holders is what communication costs.
-    """
-    docs = np.flatnonzero(lens > 0)
-    doc_len = lens[docs]
-    work = q_pairs(0, doc_len, doc_len, mask).astype(np.float64)
-    too_big = (work > work.sum() / cp) | (doc_len > tokens_per_rank)
-    num_pieces = np.ones_like(doc_len)
-    if mask == "full":
-        by_work = np.ceil(work / (FULL_PIECE_FILL * work.sum() / cp)).astype(np.int64)
-        by_tokens = -(-doc_len // tokens_per_rank)
-        num_pieces = np.minimum(np.where(too_big, np.maximum(by_work, by_tokens), 1), doc_len)
-    doc_index = np.repeat(np.arange(docs.shape[0]), num_pieces)  # per piece: its document's index in docs
-    piece_index = arange_within(num_pieces)  # per piece: its index within its document
-    start = piece_index * doc_len[doc_index] // num_pieces[doc_index]
-    end = (piece_index + 1) * doc_len[doc_index] // num_pieces[doc_index]
-    is_zigzag = too_big[doc_index] & (mask == "causal") & zigzag
-    return np.column_stack([docs[doc_index], start, end, is_zigzag.astype(np.int64)])
+def _cut(part: Part | None, num_tokens: int, from_dense: bool, taken: list[Part]) -> tuple[Part | None, int]:
+    """Take up to ``num_tokens`` tokens of ``part`` from its back (``from_dense``) or front into ``taken``;
+    return what is left of it (None when used up) and of ``num_tokens``."""
+    if part is None or not num_tokens:
+        return part, num_tokens
+    doc, start, end = part
+    num_taken = min(num_tokens, end - start)
+    if from_dense:
+        taken.append((doc, end - num_taken, end))
+        part = (doc, start, end - num_taken)
+    else:
+        taken.append((doc, start, start + num_taken))
+        part = (doc, start + num_taken, end)
+    return (part if part[2] > part[1] else None), num_tokens - num_taken
 
 
 def plan_fcp(
@@ -241,69 +397,74 @@ def plan_fcp(
     num_doc_tokens = int(lens.sum())
     real_per_rank = np.full(cp, num_doc_tokens // cp, np.int64)
     real_per_rank[: num_doc_tokens % cp] += 1
-    units = initial_units(lens, cp, tokens_per_rank, mask, options.zigzag)
-    pool = _Pool(lens, units, mask, options.tile_size, options.edge_weight)
-    placed = _deal_small_units(pool, cp, real_per_rank, options.small_tokens)
-    placed_work = [sum(piece[3] for piece in pieces) for pieces in placed]
-    rows: list[tuple[int, int, int, int]] = []
+    batch = group_by_length(lens, cp, tokens_per_rank, mask)
+    spread_lens = lens[batch.spread_docs]
+    total_work = float(np.dot(batch.bin_count, q_pairs(0, batch.bin_length, batch.bin_length, mask))) + float(
+        q_pairs(0, spread_lens, spread_lens, mask).sum())
+    units = spread_units(lens, batch.spread_docs, cp, tokens_per_rank, mask, total_work, options.zigzag)
+    pool = _Pool(lens, batch, units, mask, options.tile_size, options.edge_weight)
+    dealt_tokens, dealt_work = _deal_small_documents(pool, cp, real_per_rank, options.small_tokens)
+    work_after = np.append(np.cumsum(dealt_work[::-1])[::-1], 0.0).tolist()  # dealt work of ranks r, r+1, ...
     cut_work = 0.0  # edge work that cuts have added so far (the pool's work does not foresee it)
     for cp_rank in range(cp):
         pool_work_before = pool.work
-        target = (pool_work_before + sum(placed_work[cp_rank:])) / (cp - cp_rank) + cut_work / max(cp_rank, 1)
-        num_free_tokens = int(real_per_rank[cp_rank]) - sum(piece[2] - piece[1] for piece in placed[cp_rank])
-        pieces = _fill_rank(pool, num_free_tokens, target - placed_work[cp_rank])
-        cut_work += sum(piece[3] for piece in pieces) - (pool_work_before - pool.work)
-        rows += [(cp_rank, doc, start, end) for doc, start, end, _ in placed[cp_rank] + pieces]
-    q = merge_adjacent_q(np.asarray(rows, dtype=np.int64).reshape(-1, 4))
+        target = (pool_work_before + work_after[cp_rank]) / (cp - cp_rank) + cut_work / max(cp_rank, 1)
+        num_free_tokens = int(real_per_rank[cp_rank] - dealt_tokens[cp_rank])
+        taken_work = _fill_rank(pool, num_free_tokens, target - dealt_work[cp_rank], cp_rank)
+        cut_work += taken_work - (pool_work_before - pool.work)
+    q_rows = merge_adjacent_q(np.asarray(pool.rows, dtype=np.int64).reshape(-1, 4))
     return Plan(
         strategy="fcp",
         cp=cp,
         mask=mask,
         doc_lens=lens,
-        q=q,
-        kv=derive_kv(q, lens, cp, mask),
+        q_rows=q_rows,
+        kv=derive_kv(q_rows, lens, cp, mask),
         num_pad_tokens=tokens_per_rank - real_per_rank,
         exchange="p2p",
         notes=(("tile_size", str(options.tile_size)),),
+        whole_rank=pool.whole_rank(lens.shape[0]),
     )
 
 
-def _deal_small_units(pool: _Pool, cp: int, real_per_rank: np.ndarray, small_tokens: int) -> list[list[Piece]]:
-    """Deal whole units of at most ``small_tokens`` tokens over the ranks before the fill, evenly in count and
-    tokens (largest first, each to the rank with the fewest small tokens so far).
+def _deal_small_documents(pool: _Pool, cp: int, real_per_rank: np.ndarray, small_tokens: int):
+    """Deal whole documents of at most ``small_tokens`` tokens over the ranks before the fill, evenly in count
+    and tokens: a bin at a time, longest first, its count shared equally and the remainder to the ranks with
+    the fewest dealt tokens so far. Returns the dealt tokens (int64) and work (float64) per rank.
 
     Small documents cost more per pair (partly filled kernel tiles), so a rank made of many of them is slower
     than one with the same pairs in a few long pieces. Dealt evenly, they give every rank the same share of
     that overhead, and the fill balances the rest. Dealing stops at half of each rank's tokens or work.
     """
-    placed: list[list[Piece]] = [[] for _ in range(cp)]
-    small_units = [unit for unit in range(pool.sparsest, pool.densest + 1) if 0 < pool.size(unit) <= small_tokens]
-    if len(small_units) < cp or small_tokens <= 0:
-        return placed  # too few to matter: the fill places them where balance needs them
-    rank_heap = [(0, rank) for rank in range(cp)]  # (small tokens dealt so far, rank)
-    token_limit, work_limit = (real_per_rank // 2).tolist(), pool.work / cp / 2
-    dealt_work = [0.0] * cp
-    for unit in sorted(small_units, key=pool.size, reverse=True):
-        dealt_tokens, rank = heapq.heappop(rank_heap)
-        unit_tokens, unit_work = pool.size(unit), pool.unit_work(unit)
-        if dealt_tokens + unit_tokens > token_limit[rank] or dealt_work[rank] + unit_work > work_limit:
-            heapq.heappush(rank_heap, (dealt_tokens, rank))
-            continue
-        placed[rank] += pool.take(unit, unit_tokens, False)
-        dealt_work[rank] += unit_work
-        heapq.heappush(rank_heap, (dealt_tokens + unit_tokens, rank))
+    dealt_tokens, dealt_work = np.zeros(cp, np.int64), np.zeros(cp)
+    small = [e for e in range(pool.sparsest, pool.densest + 1)
+             if pool.bin[e] >= 0 and pool.count[e] and pool.length[e] <= small_tokens]
+    if small_tokens <= 0 or sum(pool.count[e] for e in small) < cp:
+        return dealt_tokens, dealt_work  # too few to matter: the fill places them where balance needs them
+    token_limit, work_limit = real_per_rank // 2, pool.work / cp / 2
+    for e in sorted(small, key=lambda e: pool.length[e], reverse=True):
+        length, unit_work = pool.length[e], pool.whole_work[e]
+        room = np.minimum((token_limit - dealt_tokens) // length, np.floor((work_limit - dealt_work) / unit_work))
+        base, extra = divmod(pool.count[e], cp)
+        counts = np.full(cp, base, np.int64)
+        counts[np.argsort(dealt_tokens, kind="stable")[:extra]] += 1
+        counts = np.minimum(counts, np.maximum(room, 0).astype(np.int64))
+        if counts.any():
+            pool.deal(e, counts)
+            dealt_tokens += counts * length
+            dealt_work += counts * unit_work
     pool.settle()
-    return placed
+    return dealt_tokens, dealt_work
 
 
-def _fill_rank(pool: _Pool, num_tokens: int, target: float) -> list[Piece]:
-    """Take exactly ``num_tokens`` tokens: the densest ``num_dense`` from the dense end and the rest from the
-    sparse end.
+def _fill_rank(pool: _Pool, num_tokens: int, target: float, rank: int) -> float:
+    """Take exactly ``num_tokens`` tokens for ``rank``: the densest ``num_dense`` from the dense end and the
+    rest from the sparse end; return their work.
 
     Moving one token of the rank's share from the sparse end to the dense end raises its work by the
     difference of the two boundary tokens' densities, so the work is (close to) increasing in ``num_dense`` and
-    a bisection over token counts finds the ``num_dense`` whose work is closest to ``target``. Whole units are
-    taken from both ends; only the two boundary units are cut (at any token).
+    a bisection over token counts finds the ``num_dense`` whose work is closest to ``target``. Whole documents
+    are taken from both ends; only the two boundary documents are cut (at any token).
     """
     dense_side, sparse_side = pool.walk(True, num_tokens), pool.walk(False, num_tokens)
 
@@ -319,44 +480,44 @@ def _fill_rank(pool: _Pool, num_tokens: int, target: float) -> list[Piece]:
             mid = (left + right) // 2
             left, right = (mid, right) if work(mid) < target else (left, mid)
         left = left if target - work(left) <= work(right) - target else right
-    pieces = _one_spread_document(pool, dense_side, left, num_tokens, target)
-    if pieces is None:
-        pieces = (_take_side(pool, dense_side, left, True)
-                  + _take_side(pool, sparse_side, num_tokens - left, False))
+    taken = _one_spread_document(pool, dense_side, left, num_tokens, target, rank)
+    if taken is None:
+        taken = (_take_side(pool, dense_side, left, True, rank)
+                 + _take_side(pool, sparse_side, num_tokens - left, False, rank))
     pool.settle()
-    return pieces
+    return taken
 
 
-def _one_spread_document(pool: _Pool, dense_side, num_dense: int, num_tokens: int, target: float
-                         ) -> list[Piece] | None:
+def _one_spread_document(pool: _Pool, dense_side, num_dense: int, num_tokens: int, target: float, rank: int
+                         ) -> float | None:
     """Keep a rank from holding parts of two documents that each span several ranks.
 
     Every holder of part of such a document fetches most of it (all of it under a full mask), so a rank that
     holds the tail of one and the start of the next receives twice as much as any other. When the dense side
     would reach into a second spread document, it stops at the first one, and the rest of the rank is a window
-    of whole units from the middle of the density order whose work makes up the difference. Returns the
-    pieces, or None when the two-ended fill should be used (no second document, or no window within
+    of whole entries from the middle of the density order whose work makes up the difference. Returns the work
+    taken, or None when the two-ended fill should be used (no second document, or no window within
     ``WINDOW_SLACK`` of the target).
     """
     units, tokens_before, work_before = dense_side
-    first_doc, k = None, 0
+    first_doc, k = -1, 0
     while k < len(units) and tokens_before[k] < num_dense:
-        doc = pool.doc[units[k]]
-        if doc in pool.spread_docs and first_doc is not None and doc != first_doc:
+        doc = pool.spread[units[k]]
+        if doc >= 0 and first_doc >= 0 and doc != first_doc:
             break
-        if doc in pool.spread_docs:
+        if doc >= 0:
             first_doc = doc
         k += 1
-    if k == len(units) or tokens_before[k] >= num_dense or first_doc is None:
+    if k == len(units) or tokens_before[k] >= num_dense or first_doc < 0:
         return None
     stop = units[k - 1] if k else pool.densest + 1
     window = _middle_window(pool, num_tokens - tokens_before[k], target - work_before[k], stop)
     if window is None or abs(work_before[k] + window[1] - target) > WINDOW_SLACK * target:
         return None
-    pieces = _take_side(pool, dense_side, tokens_before[k], True)
-    for unit, num_taken in window[0]:
-        pieces += pool.take(unit, num_taken, False)
-    return pieces
+    taken = _take_side(pool, dense_side, tokens_before[k], True, rank)
+    for e, num_taken in window[0]:
+        taken += pool.take(e, num_taken, False, rank)
+    return taken
 
 
 WINDOW_SLACK = 0.02
@@ -364,10 +525,10 @@ WINDOW_SLACK = 0.02
 
 
 def _middle_window(pool: _Pool, num_tokens: int, need: float, stop: int):
-    """Consecutive units of the density order (before index ``stop``) holding ``num_tokens`` tokens, the last
-    cut to a prefix, with work closest to ``need``: ``([(unit, tokens), ...], work)``, or None if none fits.
+    """Consecutive entries of the density order (before index ``stop``) holding ``num_tokens`` tokens, the last
+    cut to a prefix, with work closest to ``need``: ``([(entry, tokens), ...], work)``, or None if none fits.
 
-    A window's work grows with its first unit, so the first unit is found by bisection over the order.
+    A window's work grows with its first entry, so the first entry is found by bisection over the order.
     """
     if num_tokens == 0:
         return [], 0.0
@@ -387,34 +548,35 @@ def _middle_window(pool: _Pool, num_tokens: int, need: float, stop: int):
     return min(candidates, key=lambda window: abs(window[1] - need))
 
 
-def _window(pool: _Pool, first_unit: int, num_tokens: int, stop: int):
-    """Whole units from index ``first_unit`` on, then a prefix, holding ``num_tokens`` tokens (None if too few)."""
-    taken, work, unit = [], 0.0, first_unit
-    while num_tokens and unit < stop:
-        num_taken = min(pool.size(unit), num_tokens)
+def _window(pool: _Pool, first: int, num_tokens: int, stop: int):
+    """Entries from index ``first`` on, the last cut to a prefix, holding ``num_tokens`` tokens (None if too
+    few)."""
+    taken, work, e = [], 0.0, first
+    while num_tokens and e < stop:
+        num_taken = min(pool.size(e), num_tokens)
         if num_taken:
-            taken.append((unit, num_taken))
-            work += pool.take_work(unit, num_taken, False) if num_taken < pool.size(unit) else pool.unit_work(unit)
+            taken.append((e, num_taken))
+            work += pool.take_work(e, num_taken, False)
             num_tokens -= num_taken
-        unit += 1
+        e += 1
     return (taken, work) if not num_tokens else None
 
 
 def _side_work(pool: _Pool, side, num_tokens: int, from_dense: bool) -> float:
-    """Work of the first ``num_tokens`` tokens of a walked side (whole units, then a boundary piece)."""
+    """Work of the first ``num_tokens`` tokens of a walked side (whole entries, then a boundary part)."""
     units, tokens_before, work_before = side
     k = bisect.bisect_right(tokens_before, num_tokens) - 1
     num_boundary = num_tokens - tokens_before[k]
     return work_before[k] + (pool.take_work(units[k], num_boundary, from_dense) if num_boundary else 0.0)
 
 
-def _take_side(pool: _Pool, side, num_tokens: int, from_dense: bool) -> list[Piece]:
-    """Take the first ``num_tokens`` tokens of a walked side out of the pool."""
+def _take_side(pool: _Pool, side, num_tokens: int, from_dense: bool, rank: int) -> float:
+    """Take the first ``num_tokens`` tokens of a walked side out of the pool for ``rank``; return their work."""
     units, tokens_before, _ = side
-    pieces: list[Piece] = []
-    for k, unit in enumerate(units):
+    work = 0.0
+    for k, e in enumerate(units):
         num_taken = min(tokens_before[k + 1], num_tokens) - tokens_before[k]
         if num_taken <= 0:
             break
-        pieces += pool.take(unit, num_taken, from_dense)
-    return pieces
+        work += pool.take(e, num_taken, from_dense, rank)
+    return work

@@ -4,6 +4,10 @@ Legend (every range is half-open ``[start, end)`` in token positions inside one 
 
 - ``q``  int64 ``[num_q, 4]``:  rows ``(cp_rank, doc, start, end)``: query tokens the rank owns and computes,
   grouped by rank in the rank's local token order. Owned key/values are the tokens of the rank's own q ranges.
+  A plan stores them as given (``q_rows``) or, for micro-batches of many short documents, compactly: the
+  rank of every document held whole by one rank (``whole_rank``) beside the rows of the documents that are
+  cut (``q_rows``), the rows of each rank then ordered by document and start. ``q`` lists every row either
+  way, built on first use; the per-rank views read only the ranks they need.
 - ``kv`` int64 ``[num_kv, 5]``: rows ``(cp_rank, src_rank, doc, start, end)``: key/value ranges the rank
   receives from their owner ``src_rank``. Send lists are the same rows seen from ``src_rank``; in backward the
   same lists carry key/value gradients back to their owners.
@@ -89,8 +93,9 @@ class RankPlan:
         return hash((self.plan_digest, self.cp_rank, self.num_tokens))
 
 
-def _readonly(array: np.ndarray, ncols: int) -> np.ndarray:
-    out = np.ascontiguousarray(np.asarray(array, dtype=np.int64).reshape(-1, ncols))
+def _readonly(array: np.ndarray, ncols: int, dtype=np.int64) -> np.ndarray:
+    """A read-only view (a copy only where the type or layout differs): the caller's array stays writable."""
+    out = np.ascontiguousarray(np.asarray(array, dtype=dtype).reshape(-1, ncols)).view()
     out.setflags(write=False)
     return out
 
@@ -107,8 +112,9 @@ class Plan:
     """``"causal"`` or ``"full"``."""
     doc_lens: np.ndarray
     """int64 ``[num_docs]``: document lengths of the micro-batch, in batch order."""
-    q: np.ndarray
-    """int64 ``[num_q, 4]``: ``(cp_rank, doc, start, end)``, grouped by rank in local order."""
+    q_rows: np.ndarray
+    """int64 ``[num_rows, 4]``: ``(cp_rank, doc, start, end)``, grouped by rank in local order: every row of the
+    plan, or with ``whole_rank`` the rows of the documents it does not place (see :attr:`q`)."""
     kv: np.ndarray
     """int64 ``[num_kv, 5]``: ``(cp_rank, src_rank, doc, start, end)``; empty for ``exchange="ring"``."""
     num_pad_tokens: np.ndarray
@@ -120,23 +126,57 @@ class Plan:
     tokens_per_rank: int | None = None
     """Token slots per rank that the caller asked for (set by :func:`megatron_fcp.planner.api.make_plan`); the
     checker reports a rank whose slots exceed it. Not part of the plan's value (equality, digest, JSON)."""
+    whole_rank: np.ndarray | None = None
+    """int32 ``[num_docs]`` or None: the rank that holds each document whole, -1 for a document whose rows are
+    in ``q_rows`` (cut, or empty). With it, the rows of each rank are ordered by document and start."""
 
     def __post_init__(self):
         check_mask(self.mask)
         if self.exchange not in EXCHANGES:
             raise ValueError(f"unknown exchange {self.exchange!r}: choose one of {EXCHANGES}")
         object.__setattr__(self, "doc_lens", _readonly(self.doc_lens, 1).reshape(-1))
-        object.__setattr__(self, "q", _readonly(self.q, 4))
+        q_rows, whole_rank = _compact(_readonly(self.q_rows, 4), self.whole_rank, self.doc_lens)
+        object.__setattr__(self, "q_rows", q_rows)
+        if whole_rank is not None:
+            whole_rank = whole_rank.view()
+            whole_rank.setflags(write=False)
+        object.__setattr__(self, "whole_rank", whole_rank)
         object.__setattr__(self, "kv", _readonly(self.kv, 5))
         object.__setattr__(self, "num_pad_tokens", _readonly(self.num_pad_tokens, 1).reshape(-1))
         if self.num_pad_tokens.shape[0] != self.cp:
             raise ValueError(f"num_pad_tokens has {self.num_pad_tokens.shape[0]} entries for cp={self.cp}")
 
+    # -- rows ------------------------------------------------------------------------------------
+    @cached_property
+    def q(self) -> np.ndarray:
+        """int64 ``[num_q, 4]``: every row ``(cp_rank, doc, start, end)``, grouped by rank in local order."""
+        if self.whole_rank is None:
+            return self.q_rows
+        return _readonly(self.rows_of(np.arange(self.cp)), 4)
+
+    def rows_of(self, ranks) -> np.ndarray:
+        """The rows of ``ranks`` (int array), grouped by rank in local order, without building every rank's."""
+        ranks = np.asarray(ranks, dtype=np.int64)
+        rows = self.q_rows[np.isin(self.q_rows[:, 0], ranks)]
+        if self.whole_rank is None:
+            return rows
+        docs = (np.flatnonzero(self.whole_rank == ranks[0]) if ranks.shape[0] == 1
+                else np.flatnonzero(np.isin(self.whole_rank, ranks)))
+        whole = np.column_stack([self.whole_rank[docs], docs, np.zeros_like(docs), self.doc_lens[docs]])
+        rows = np.concatenate([rows, whole.astype(np.int64)])
+        return rows[np.lexsort((rows[:, 2], rows[:, 1], rows[:, 0]))]
+
     # -- derived per-rank quantities -------------------------------------------------------------
     @cached_property
     def num_real_tokens(self) -> np.ndarray:
         """int64 ``[cp]``: real (document) tokens owned per rank."""
-        return np.bincount(self.q[:, 0], weights=self.q[:, 3] - self.q[:, 2], minlength=self.cp).astype(np.int64)
+        rows = self.q_rows
+        tokens = np.bincount(rows[:, 0], weights=rows[:, 3] - rows[:, 2], minlength=self.cp).astype(np.int64)
+        if self.whole_rank is not None:
+            held = self.whole_rank >= 0
+            held_tokens = np.bincount(self.whole_rank[held], weights=self.doc_lens[held], minlength=self.cp)
+            tokens += held_tokens.astype(np.int64)
+        return tokens
 
     @cached_property
     def num_tokens(self) -> np.ndarray:
@@ -173,7 +213,7 @@ class Plan:
     # -- views ------------------------------------------------------------------------------------
     def token_index(self, cp_rank: int) -> np.ndarray:
         """int64: for each real local token of ``cp_rank`` (in plan order), its index in the packed batch."""
-        rows = self.q[self.q[:, 0] == cp_rank]
+        rows = self.rows_of([cp_rank])
         if rows.shape[0] == 0:
             return np.zeros(0, np.int64)
         doc_starts = np.concatenate([[0], np.cumsum(self.doc_lens)])[rows[:, 1]]
@@ -185,7 +225,7 @@ class Plan:
         """The view of one rank: exactly what it computes, receives and sends."""
         if not 0 <= cp_rank < self.cp:
             raise ValueError(f"cp_rank {cp_rank} out of range for cp={self.cp}")
-        own = self.q[self.q[:, 0] == cp_rank, 1:]
+        own = self.rows_of([cp_rank])[:, 1:]
         if self.exchange == "ring":  # one rank's share of ring_kv_rows, without expanding every rank's
             recv, send = _ring_rank_rows(self.q, self.cp, cp_rank)
             recv_pieces, send_pieces = _ring_rank_pieces(self.q, self.doc_lens, self.cp, cp_rank, self.mask)
@@ -216,7 +256,8 @@ class Plan:
             return self.pieces
         kv = self.kv
         receivers = np.append(np.unique(kv[kv[:, 1] == cp_rank, 0]), cp_rank)
-        return plan_pieces(self.q, kv[np.isin(kv[:, 0], receivers)], self.doc_lens, self.mask)
+        kv = kv[np.isin(kv[:, 0], receivers)]
+        return plan_pieces(self.rows_of(np.unique(kv[:, :2])), kv, self.doc_lens, self.mask)
 
     @cached_property
     def pieces(self) -> np.ndarray:
@@ -266,7 +307,7 @@ class Plan:
             cp=int(data["cp"]),
             mask=data["mask"],
             doc_lens=np.asarray(data["docs"], dtype=np.int64),
-            q=np.asarray(q, dtype=np.int64).reshape(-1, 4),
+            q_rows=np.asarray(q, dtype=np.int64).reshape(-1, 4),
             kv=np.zeros((0, 5), np.int64) if exchange == "ring" else np.asarray(kv, dtype=np.int64).reshape(-1, 5),
             num_pad_tokens=np.asarray([rank_data["num_pad_tokens"] for rank_data in data["ranks"]], dtype=np.int64),
             exchange=exchange,
@@ -278,8 +319,9 @@ class Plan:
     def _digest(self) -> str:
         hasher = hashlib.sha256()
         hasher.update(f"{self.strategy}|{self.cp}|{self.mask}|{self.exchange}|{self.notes}".encode())
-        for array in (self.doc_lens, self.q, self.kv, self.num_pad_tokens):
-            hasher.update(array.tobytes())
+        stored = (self.q_rows,) if self.whole_rank is None else (self.q_rows, b"whole", self.whole_rank)
+        for array in (self.doc_lens, *stored, self.kv, self.num_pad_tokens):
+            hasher.update(array)
             hasher.update(b"|")
         return hasher.hexdigest()
 
@@ -294,10 +336,15 @@ class Plan:
     def __hash__(self):
         return hash(self._digest)
 
+    @property
+    def _num_q_rows(self) -> int:
+        held = 0 if self.whole_rank is None else int(np.count_nonzero(self.whole_rank >= 0))
+        return self.q_rows.shape[0] + held
+
     def __repr__(self):
         return (
             f"Plan(strategy={self.strategy!r}, cp={self.cp}, mask={self.mask!r}, exchange={self.exchange!r}, "
-            f"docs={self.doc_lens.shape[0]}, q_ranges={self.q.shape[0]}, kv_ranges={self.kv.shape[0]}, "
+            f"docs={self.doc_lens.shape[0]}, q_ranges={self._num_q_rows}, kv_ranges={self.kv.shape[0]}, "
             f"tokens_per_rank={int(self.num_tokens.max(initial=0))}, pad={int(self.num_pad_tokens.sum())})"
         )
 
@@ -316,6 +363,34 @@ class Plan:
         if self.cp > max_ranks:
             lines.append(f"  ... {self.cp - max_ranks} more ranks")
         return "\n".join(lines)
+
+
+def _compact(q_rows: np.ndarray, whole_rank, doc_lens: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """The stored form of a plan's rows, the same for equal plans however they were given: where every rank's
+    rows are ordered by document and start, each document held whole by one row moves to ``whole_rank``; rows
+    in another order stay as they are (``whole_rank`` None)."""
+    if whole_rank is None:
+        if q_rows.shape[0] < 2 or np.any(_descending(q_rows)):
+            return q_rows, None
+        whole_rank = np.full(doc_lens.shape[0], -1, np.int32)
+    else:
+        whole_rank = np.asarray(whole_rank, dtype=np.int32)
+        if whole_rank.shape != doc_lens.shape:
+            raise ValueError(f"whole_rank has shape {whole_rank.shape}, the documents {doc_lens.shape}")
+    docs, num_rows = np.unique(q_rows[:, 1], return_counts=True)
+    alone = np.isin(q_rows[:, 1], docs[num_rows == 1])
+    whole = alone & (q_rows[:, 2] == 0) & (q_rows[:, 3] == doc_lens[q_rows[:, 1]])
+    if whole.any():
+        whole_rank = whole_rank.copy()
+        whole_rank[q_rows[whole, 1]] = q_rows[whole, 0]
+    return _readonly(q_rows[~whole], 4), whole_rank
+
+
+def _descending(rows: np.ndarray) -> np.ndarray:
+    """Per pair of consecutive rows ``(rank, doc, start, ...)``: whether the second sorts before the first."""
+    a, b = rows[:-1, :3], rows[1:, :3]
+    later_start = (b[:, 1] < a[:, 1]) | ((b[:, 1] == a[:, 1]) & (b[:, 2] < a[:, 2]))
+    return (b[:, 0] < a[:, 0]) | ((b[:, 0] == a[:, 0]) & later_start)
 
 
 def _split_by_rank(rows: np.ndarray, cp: int) -> list[np.ndarray]:
@@ -396,8 +471,8 @@ def derive_kv(q: np.ndarray, doc_lens: np.ndarray, cp: int, mask: str) -> np.nda
     """
     doc_lens = np.asarray(doc_lens, dtype=np.int64)
     q = q[np.lexsort((q[:, 2], q[:, 1]))]
-    counts = np.bincount(q[:, 1], minlength=doc_lens.shape[0])
-    pieces = q[counts[q[:, 1]] > 1]
+    docs, num_rows = np.unique(q[:, 1], return_counts=True)
+    pieces = q[np.isin(q[:, 1], docs[num_rows > 1])]
     if pieces.shape[0] == 0:
         return np.zeros((0, 5), np.int64)
     holders, need_end = _holders(pieces, doc_lens, cp, mask)

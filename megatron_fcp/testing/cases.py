@@ -35,7 +35,7 @@ def tiny_rank_plan(cp: int, tokens_per_rank: int, mask: str) -> Plan:
     q = [(0, d, 0, n) for d, n in enumerate(tiny)]
     q += [(r, len(tiny), (r - 1) * tokens_per_rank, r * tokens_per_rank) for r in range(1, cp)]
     q = np.array(q, dtype=np.int64)
-    plan = Plan(strategy="manual", cp=cp, mask=mask, doc_lens=lens, q=q, kv=derive_kv(q, lens, cp, mask),
+    plan = Plan(strategy="manual", cp=cp, mask=mask, doc_lens=lens, q_rows=q, kv=derive_kv(q, lens, cp, mask),
                 num_pad_tokens=np.zeros(cp, np.int64), exchange="p2p", notes=())
     assert_plan_ok(plan)
     return plan

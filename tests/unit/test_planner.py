@@ -271,7 +271,7 @@ def _corruptions(plan: Plan) -> dict[str, Plan]:
         "wrong source": dataclasses.replace(plan, kv=wrong_source),
         "self send": dataclasses.replace(plan, kv=self_send),
         "needless": dataclasses.replace(plan, kv=np.concatenate([kv, uncomputed_doc])),
-        "unowned token": dataclasses.replace(plan, q=short_q),
+        "unowned token": dataclasses.replace(plan, q_rows=short_q, whole_rank=None),
         "unequal slots": dataclasses.replace(plan, num_pad_tokens=more_pad),
     }
 
@@ -455,7 +455,7 @@ def test_for_rank_rejects_ranks_outside_the_group():
         plan.for_rank(-1)
 
 
-@pytest.mark.parametrize("field", ["doc_lens", "q", "kv", "num_pad_tokens"])
+@pytest.mark.parametrize("field", ["doc_lens", "q", "q_rows", "whole_rank", "kv", "num_pad_tokens"])
 def test_plan_arrays_are_read_only(field):
     plan = make_plan(*EXAMPLE)
     array = getattr(plan, field)

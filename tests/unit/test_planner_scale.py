@@ -79,7 +79,7 @@ def test_a_rank_above_tokens_per_rank_is_a_problem_with_the_figures():
     assert problems == request_problems(plan) and len(problems) == 1
     assert "holds 100 tokens" in problems[0] and "above tokens_per_rank=40" in problems[0]
     assert plan_problems(plan, tokens_per_rank=100) == []  # within a larger request
-    bare = Plan(strategy=plan.strategy, cp=plan.cp, mask=plan.mask, doc_lens=plan.doc_lens, q=plan.q, kv=plan.kv,
+    bare = Plan(strategy=plan.strategy, cp=plan.cp, mask=plan.mask, doc_lens=plan.doc_lens, q_rows=plan.q, kv=plan.kv,
                 num_pad_tokens=plan.num_pad_tokens, exchange=plan.exchange)
     assert bare == plan and plan_problems(bare) == []  # the request is not part of the value; unknown, unchecked
     assert make_plan([100] + [1] * 5, 3, 40, "causal", "fcp").tokens_per_rank == 40
@@ -147,9 +147,9 @@ def test_fcp_balance_and_traffic_of_an_adversarial_batch_are_kept():
 # ---- planning time with very many documents ----------------------------------------------------------------------
 
 
-@pytest.mark.skip(reason="target not met yet: today's planner takes about 17 s here (3.5 us per document); "
-                  "see scripts/planning_speed.py --scale")
 def test_four_million_one_token_documents_plan_in_half_a_second():
+    """The target is 50 ms here (``scripts/planning_speed.py --scale``); CI's bound is ten times that, so a busy
+    machine does not fail it, while the planner of commit ea9edac (about 17 s) would."""
     lens = np.ones(256 * 16384, np.int64)
     times = []
     for _ in range(3):
@@ -158,3 +158,31 @@ def test_four_million_one_token_documents_plan_in_half_a_second():
         times.append(time.perf_counter() - start)
     assert statistics.median(times) < 0.5
     assert plan.num_real_tokens.tolist() == [16384] * 256
+    assert plan.q_rows.shape[0] == 0 and plan.kv.shape[0] == 0  # every document whole, stored as one rank each
+    docs = [doc for doc, start, end in plan.for_rank(7).q if (start, end) == (0, 1)]
+    assert len(docs) == 16384 and docs == sorted(docs) and np.array_equal(plan.whole_rank[docs], np.full(16384, 7))
+
+
+@pytest.mark.parametrize("mask", ["causal", "full"])
+@pytest.mark.parametrize("lens", [[3] * 40 + [1] * 30 + [50, 7, 7], [0, 5, 0, 5, 60, 1, 1, 2, 2, 9] * 6])
+def test_the_compact_rows_are_the_plan_written_out(mask, lens):
+    """A plan keeps documents held whole as one rank each (``whole_rank``); written out as rows it is the same
+    plan (equal, same digest), and every rank's view reads the same from both forms."""
+    plan = make_plan(lens, 4, sum(lens) // 4 + 3, mask)
+    assert plan.whole_rank is not None and (plan.whole_rank >= 0).any()
+    written_out = Plan(strategy=plan.strategy, cp=plan.cp, mask=plan.mask, doc_lens=plan.doc_lens, q_rows=plan.q,
+                       kv=plan.kv, num_pad_tokens=plan.num_pad_tokens, notes=plan.notes)
+    assert written_out == plan and written_out.digest == plan.digest
+    assert np.array_equal(written_out.whole_rank, plan.whole_rank)
+    for rank in range(plan.cp):
+        assert np.array_equal(plan.rows_of([rank]), plan.q[plan.q[:, 0] == rank])
+        assert written_out.for_rank(rank) == plan.for_rank(rank)
+    assert plan_problems(plan) == []
+
+
+def test_rows_in_another_order_are_kept_as_given():
+    """Rows of a rank not ordered by document are the rank's local order: they stay explicit."""
+    q = np.array([[0, 1, 0, 2], [0, 0, 0, 2], [1, 2, 0, 4]])
+    plan = Plan(strategy="hand", cp=2, mask="causal", doc_lens=np.array([2, 2, 4]), q_rows=q,
+                kv=np.zeros((0, 5), np.int64), num_pad_tokens=np.zeros(2, np.int64))
+    assert plan.whole_rank is None and plan.q.tolist() == q.tolist()

@@ -8,6 +8,7 @@ The target is 50 ms per micro-batch; the bound here is 150 ms so that a busy CI 
 import statistics
 import time
 
+import numpy as np
 import pytest
 
 from megatron_fcp.attention.schedule import build_schedule
@@ -49,3 +50,24 @@ def test_fcp_plans_a_cp256_micro_batch_quickly(micro_batch, mask):
 
     seconds = median_seconds(plan_and_stage)
     assert seconds <= BOUND_S, f"{name} {mask}: median {seconds * 1e3:.1f} ms > {BOUND_S * 1e3:.0f} ms"
+
+
+@pytest.mark.parametrize("rows", ["x50", "u1_64", "x16"])
+def test_planning_time_does_not_grow_with_the_number_of_documents(rows):
+    """100 times as many short documents (of the same lengths, on as many ranks) plan in far less than 100 times
+    as long: documents of one length are one bin, handed out by count."""
+    few, many = (_short_batch(rows, 64 * tokens_per_rank) for tokens_per_rank in (512, 51200))
+    assert many.shape[0] > 90 * few.shape[0]
+    few_s, many_s = (median_seconds(lambda lens=lens, slots=slots: make_plan(lens, 64, slots))
+                     for lens, slots in ((few, 512), (many, 51200)))
+    assert many_s < 10 * few_s, (few_s, many_s)
+
+
+def _short_batch(name: str, total: int) -> np.ndarray:
+    if name == "x50":
+        return np.array([50] * (total // 50) + [total % 50], np.int64)
+    if name == "x16":
+        return np.full(total // 16, 16, np.int64)
+    lens = np.random.default_rng(0).integers(1, 65, total // 16)
+    lens = lens[np.cumsum(lens) <= total]
+    return np.append(lens, total - lens.sum())

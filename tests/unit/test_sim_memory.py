@@ -28,7 +28,7 @@ HW = load_hardware("h100_node")
 def _two_rank_plan() -> Plan:
     """One full-mask document of 8 tokens: rank 0 owns [0, 4), rank 1 owns [4, 8); each fetches the other half."""
     return Plan(strategy="hand", cp=2, mask="full", doc_lens=np.array([8]),
-                q=np.array([[0, 0, 0, 4], [1, 0, 4, 8]]),
+                q_rows=np.array([[0, 0, 0, 4], [1, 0, 4, 8]]),
                 kv=np.array([[0, 1, 0, 4, 8], [1, 0, 0, 0, 4]]), num_pad_tokens=np.zeros(2, np.int64))
 
 

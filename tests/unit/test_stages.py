@@ -55,7 +55,7 @@ def test_pieces_are_contiguous_on_the_owner_and_mirror_each_other(strategy, mask
 @pytest.mark.parametrize("mask", ["causal", "full"])
 def test_ring_views_equal_the_generic_pieces(mask):
     plan = make_plan(_batch("linux_files", 4, 1024), 4, 1024, mask, "ring")
-    generic = Plan(strategy="ring-explicit", cp=plan.cp, mask=mask, doc_lens=plan.doc_lens, q=plan.q,
+    generic = Plan(strategy="ring-explicit", cp=plan.cp, mask=mask, doc_lens=plan.doc_lens, q_rows=plan.q,
                    kv=plan.kv_explicit, num_pad_tokens=plan.num_pad_tokens)
     for r in range(plan.cp):
         fast, slow = plan.for_rank(r), generic.for_rank(r)
