@@ -12,7 +12,7 @@ import numpy as np
 from megatron_fcp.cpu_demo.train import MEMORY_FIGURES, RECOMPUTE, RunConfig, baseline_of, fcp_config, launch
 from megatron_fcp.data.lengths import SHIPPED, load_distribution
 from megatron_fcp.errors import InputError
-from megatron_fcp.megatron.config import SCHEDULERS
+from megatron_fcp.megatron.config import SCHEDULERS, SETTINGS
 from megatron_fcp.paths import folder_write_problem
 from megatron_fcp.planner.stages import DEFAULT_KV_BUDGET, parse_kv_budget
 
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq-length", type=int, default=4096, help="tokens per packed micro-batch over the CP group")
     p.add_argument("--doclens", default="linux_files",
                    help=f"document lengths: {', '.join(SHIPPED)} or a lengths file")
-    p.add_argument("--scheduler", default="fcp", choices=SCHEDULERS,
+    p.add_argument("--scheduler", default=SETTINGS["scheduler"].default, choices=SCHEDULERS,
                    help=f"block placement: {', '.join(SCHEDULERS)}")
     p.add_argument("--planning-workers", type=int, default=0,
                    help="data-loader worker processes that plan ahead (default 0: plan in the training process, "

@@ -37,7 +37,7 @@ import torch.distributed as dist
 
 from megatron_fcp.errors import InputError
 from megatron_fcp.megatron.batch import STATS, FcpBatchDataset, MockDocumentDataset, doc_lengths_from_positions
-from megatron_fcp.megatron.config import FcpConfig
+from megatron_fcp.megatron.config import SETTINGS, FcpConfig
 from megatron_fcp.paths import folder_write_problem
 from megatron_fcp.planner.plan import RankPlan
 from megatron_fcp.planner.stages import DEFAULT_KV_BUDGET, parse_kv_budget
@@ -92,7 +92,7 @@ class RunConfig:
     planning_workers: int = 0
     """Data-loader worker processes (0: plan in the training process; on 2 CPU cores, worker processes only add
     contention; the entry point plans in workers, ``--fcp-planning-workers``)."""
-    scheduler: str = "fcp"
+    scheduler: str = SETTINGS["scheduler"].default
     """Block placement of the FCP run: fcp, ring, hybrid or magi (see ``--fcp-scheduler``)."""
     save_dir: str | None = None
     """If set, a checkpoint is saved here after step ``save_after_step``."""

@@ -34,7 +34,7 @@ from megatron_fcp.cpu_demo.train import (
     train_in_group,
 )
 from megatron_fcp.errors import InputError
-from megatron_fcp.planner.stages import DEFAULT_KV_BUDGET
+from megatron_fcp.megatron.config import SETTINGS
 
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -53,8 +53,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="the longest any collective (all-reduce, barrier, checkpoint save, start-up) waits for the "
                         "other ranks before the run stops with one line naming it (default %(default)g)")
     p.add_argument("--doclens", default="linux_files", help="shipped length distribution or a lengths file")
-    p.add_argument("--scheduler", default="fcp", help="block placement: fcp, ring, hybrid or magi")
-    p.add_argument("--kv-budget-tokens", default=DEFAULT_KV_BUDGET, metavar="N|auto|none")
+    for described in SETTINGS.values():  # FCP's settings the worker takes: --scheduler, --kv-budget-tokens
+        if described.worker_flag:
+            p.add_argument(described.worker_flag, default=described.default, choices=described.choices,
+                           metavar=described.metavar, help=described.help)
     p.add_argument("--recompute", choices=RECOMPUTE, default="none")
     p.add_argument("--checkpoints", default=None, help="checkpoint folder: resume from its latest, save into it")
     p.add_argument("--records", default=None, help="JSON lines file rank 0 appends one record per step to")

@@ -4,27 +4,40 @@
 - :func:`run_problems`: keys together (layout, batch, data source, device). A check is skipped when a key it reads
   has a problem of its own, so one broken key does not bring a chain of follow-on lines.
 
-The checks FCP's entry point runs at start-up (``fcp_arg_problems``, which lists every problem with its flag) run
-here on what Megatron's parser reads back from the generated command line; each problem is reported at the config
-key of its flag. Megatron's own rules for sequence length and heads are the same as FCP's, so those two run in ring
-mode too. The rule about the GPU (backend te needs sm90+) is left to the entry point: the launcher does not run on
-the nodes' GPUs.
+The rules of FCP's start-up check that a config can break (parallel layout, pipeline, micro-batch, sequence length,
+heads, exchange timeout) are the entry point's own functions (``megatron_fcp.megatron.config``), run here on the
+config's typed values and told the config's key names (:data:`KEYS`), so each problem names its key. Megatron's own
+rules for layout, sequence length and heads are the same as FCP's, so those run in ring mode too. The rules the
+generated command line always meets (per-token loss, rotary positions, document boundaries) are not repeated here,
+and the rule about the GPU (backend te needs sm90+) is left to the entry point: the launcher does not run on the
+nodes' GPUs.
 """
 
 from __future__ import annotations
 
-import argparse
-import functools
 from collections.abc import Callable, Iterable
 from dataclasses import fields
 
-from megatron_fcp.launch.command import FLAG_KEYS, first_key, in_config_terms, megatron_args, megatron_parser
-from megatron_fcp.megatron.config import fcp_arg_problems
+from megatron_fcp.megatron.config import (
+    CONFIG_SETTINGS,
+    MODE,
+    Names,
+    exchange_timeout_problem,
+    heads_problem,
+    layout_problem,
+    micro_batch_problem,
+    pipeline_problem,
+    sequence_problem,
+)
 
 Problem = tuple[str, str]
-NODES_GPU = None
-"""The compute capability FCP's start-up check is given here: unknown (the launcher does not run on the nodes'
-GPUs; the entry point checks its own GPU at start-up)."""
+KEYS = Names(cp="parallel.context", tp="parallel.tensor", pp="parallel.pipeline", seq_length="training.seq_length",
+             micro_batch_size="training.micro_batch_size", global_batch_size="training.global_batch_size",
+             heads="model.num_attention_heads", query_groups="model.num_query_groups",
+             sequence_parallel="sequence parallelism (on when parallel.tensor > 1)",
+             exchange_timeout="context_parallel.exchange_timeout_s",
+             distributed_timeout="training.distributed_timeout_minutes")
+"""The config keys of the settings FCP's layout rules read."""
 
 CPU_WORKER = "the CPU worker (python -m megatron_fcp.cpu_demo.worker)"
 CPU_FIXED = {
@@ -40,18 +53,13 @@ GPU_ONLY = ("training.min_lr", "training.warmup_iters", "training.lr_decay_style
             "context_parallel.edge_cost_tile_size", "context_parallel.planning_workers",
             "context_parallel.exchange_timeout_s", "context_parallel.debug_checks")
 """Keys the CPU worker has no option for (a CPU config that sets one gets a warning)."""
-FCP_ONLY = ("context_parallel.scheduler", "context_parallel.attention_backend", "context_parallel.kv_budget_tokens",
-            "context_parallel.edge_cost_tile_size", "context_parallel.planning_workers",
-            "context_parallel.exchange_timeout_s", "context_parallel.debug_checks")
+FCP_ONLY = tuple(f"context_parallel.{described.key}" for described in CONFIG_SETTINGS if described is not MODE)
 """Keys Megatron's own ring mode does not read (a ring config that sets one gets a warning)."""
 
 
 def line(key: str, message: str) -> str:
-    """``key: message`` with flags in the message named by their config keys and no repeated leading key."""
-    message = in_config_terms(message)
-    if message.startswith(key + " "):
-        message = message[len(key) + 1:]
-    return f"{key}: {message}"
+    """``key: message`` without a repeated leading key."""
+    return f"{key}: {message.removeprefix(key + ' ')}"
 
 
 # -- single keys ---------------------------------------------------------------------------------------------
@@ -89,13 +97,8 @@ def _touches(keys: Iterable[str], bad: Iterable[str]) -> bool:
 
 
 def run_problems(spec, bad: frozenset[str] = frozenset()) -> list[Problem]:
-    """The problems between keys of ``spec``; checks reading a key in ``bad`` are skipped. When there is none (and
-    no bad key), FCP's start-up check runs once more on the whole generated command line."""
-    problems = [p for keys, check in _CHECKS if not _touches(keys, bad) for p in check(spec)]
-    if not problems and not bad and spec.context_parallel.mode == "fcp":
-        problems += _as_config_problems(fcp_arg_problems(_namespace(spec), spec.parallel.world_size,
-                                                         compute_capability=NODES_GPU))
-    return one_per_key(problems)
+    """The problems between keys of ``spec``; checks reading a key in ``bad`` are skipped."""
+    return one_per_key(p for keys, check in _CHECKS if not _touches(keys, bad) for p in check(spec))
 
 
 def one_per_key(problems: Iterable[Problem]) -> list[Problem]:
@@ -106,27 +109,25 @@ def one_per_key(problems: Iterable[Problem]) -> list[Problem]:
     return list(first.items())
 
 
+def _found(*problems: Problem | None) -> list[Problem]:
+    return [p for p in problems if p is not None]
+
+
+def _fcp(spec) -> bool:
+    return spec.context_parallel.mode == "fcp"
+
+
 @_reads("parallel")
 def _layout(spec) -> list[Problem]:
     p = spec.parallel
-    model_parallel = p.tensor * p.pipeline * p.context
-    if p.world_size % model_parallel == 0:
-        return []
-    room = p.world_size // (p.tensor * p.pipeline) if p.world_size % (p.tensor * p.pipeline) == 0 else 0
-    if room:
-        fits = max(d for d in range(1, p.context + 1) if room % d == 0)
-        fix = f"use a context that divides {room}, e.g. {fits}"
-    else:
-        fix = f"tensor x pipeline = {p.tensor * p.pipeline} alone does not divide them; change tensor or pipeline"
-    return [("parallel.context",
-             f"tensor {p.tensor} x pipeline {p.pipeline} x context {p.context} = {model_parallel} does not divide "
-             f"the {p.world_size} processes (nodes {p.nodes} x gpus_per_node {p.gpus_per_node}); {fix}")]
+    processes = f"processes (nodes {p.nodes} x gpus_per_node {p.gpus_per_node})"
+    return _found(layout_problem(p.world_size, p.tensor, p.pipeline, p.context, KEYS, processes))
 
 
 @_reads("parallel", "training.micro_batch_size", "training.global_batch_size")
 def _global_batch(spec) -> list[Problem]:
     p, t = spec.parallel, spec.training
-    if p.world_size % (p.tensor * p.pipeline * p.context) or t.global_batch_size is None:
+    if _layout(spec) or t.global_batch_size is None:  # no data-parallel size: _layout says why
         return []
     step = t.micro_batch_size * p.data_parallel
     if t.global_batch_size % step == 0:
@@ -194,7 +195,7 @@ def _cpu_backend(spec) -> list[Problem]:
 @_reads("device", "parallel", "training.micro_batch_size", "training.global_batch_size")
 def _cpu_batch(spec) -> list[Problem]:
     p, gbs = spec.parallel, spec.training.global_batch_size
-    if spec.device != "cpu" or gbs is None or p.world_size % (p.tensor * p.pipeline * p.context):
+    if spec.device != "cpu" or gbs is None or _layout(spec):
         return []
     per_step = spec.training.micro_batch_size * p.data_parallel
     if gbs == per_step:
@@ -220,45 +221,31 @@ for _key, _value in CPU_FIXED.items():
     _cpu_fixed(_key, _value)
 
 
-# -- FCP's own start-up checks -----------------------------------------------------------------------------------
-@functools.cache
-def _parser() -> argparse.ArgumentParser:
-    return megatron_parser()
+# -- FCP's start-up rules, in the config's terms -------------------------------------------------------------
+@_reads("parallel.pipeline", "context_parallel.mode")
+def _pipeline(spec) -> list[Problem]:
+    return _found(pipeline_problem(spec.parallel.pipeline, KEYS)) if _fcp(spec) else []
 
 
-def _namespace(spec) -> argparse.Namespace:
-    """What Megatron's parser (with FCP's flags) reads from the generated command line."""
-    return _parser().parse_args(megatron_args(spec))
+@_reads("training.micro_batch_size", "context_parallel.mode")
+def _micro_batch(spec) -> list[Problem]:
+    return _found(micro_batch_problem(spec.training.micro_batch_size, KEYS)) if _fcp(spec) else []
 
 
-def _as_config_problems(problems: Iterable[tuple[str, str]]) -> list[Problem]:
-    """FCP's ``(flag, message)`` problems at the config keys of their flags."""
-    return [(FLAG_KEYS.get(flag) or first_key(message) or "context_parallel", message) for flag, message in problems]
+@_reads("training.seq_length", "parallel.context", "parallel.tensor")
+def _sequence(spec) -> list[Problem]:
+    p = spec.parallel
+    return _found(sequence_problem(spec.training.seq_length, p.context, p.tensor, p.tensor > 1, KEYS))
 
 
-FCP_RULES = {
-    "--context-parallel-size": (("parallel", "context_parallel.mode"), True),
-    "--pipeline-model-parallel-size": (("parallel.pipeline", "context_parallel.mode"), True),
-    "--micro-batch-size": (("training.micro_batch_size", "context_parallel.mode"), True),
-    "--seq-length": (("training.seq_length", "parallel.context", "parallel.tensor"), False),
-    "--num-attention-heads": (("model.num_attention_heads", "model.num_query_groups", "parallel.tensor"), False),
-    "--fcp-exchange-timeout": (("context_parallel.exchange_timeout_s", "training.distributed_timeout_minutes",
-                                "context_parallel.mode"), True),
-}
-"""The rules of FCP's start-up check (``fcp_arg_problems``) that a config can break, by flag: the keys each reads,
-and whether it is FCP's only (False: Megatron's own rule is the same, so it holds in ring mode too)."""
+@_reads("model.num_attention_heads", "model.num_query_groups", "parallel.tensor")
+def _heads(spec) -> list[Problem]:
+    return _found(heads_problem(spec.model.num_attention_heads, spec.model.query_groups, spec.parallel.tensor, KEYS))
 
 
-def _fcp_rule(flag: str, reads: tuple[str, ...], fcp_only: bool) -> None:
-    @_reads(*reads)
-    def check(spec) -> list[Problem]:
-        if fcp_only and spec.context_parallel.mode != "fcp":
-            return []
-        ns = _namespace(spec)
-        ns.context_parallel_mode = "fcp"
-        problems = fcp_arg_problems(ns, spec.parallel.world_size, compute_capability=NODES_GPU)
-        return _as_config_problems(p for p in problems if p[0] == flag)
-
-
-for _flag, (_keys, _fcp_only) in FCP_RULES.items():
-    _fcp_rule(_flag, _keys, _fcp_only)
+@_reads("context_parallel.exchange_timeout_s", "training.distributed_timeout_minutes", "context_parallel.mode")
+def _exchange_timeout(spec) -> list[Problem]:
+    if not _fcp(spec):
+        return []
+    timeout_s, minutes = spec.context_parallel.exchange_timeout_s, spec.training.distributed_timeout_minutes
+    return _found(exchange_timeout_problem(timeout_s, minutes, KEYS))

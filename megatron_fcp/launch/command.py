@@ -3,22 +3,23 @@ environment the sbatch script reads.
 
 :func:`entry_args` is the one place a config becomes arguments. On GPU they are those of
 ``python -m megatron_fcp.megatron.pretrain_gpt`` (:func:`megatron_args`); on CPU those of the gloo trainer
-``python -m megatron_fcp.cpu_demo.worker`` (:func:`worker_args`). :func:`megatron_parser` and :func:`worker_parser`
-read them back from the same flag tables (the launcher's checks run on what the Megatron parser reads back).
-Nothing here imports torch or megatron-core.
+``python -m megatron_fcp.cpu_demo.worker`` (:func:`worker_args`). The FCP flags come from FCP's settings
+(``megatron_fcp.megatron.config``: each setting's flag, worker flag and config key). :func:`megatron_parser` and
+:func:`worker_parser` read the arguments back from the same flag tables (for tests and tools; the launcher checks the
+config itself). Nothing here imports torch or megatron-core.
 """
 
 from __future__ import annotations
 
 import argparse
-import re
 import shlex
 from collections.abc import Sequence
 from operator import attrgetter
 from typing import TYPE_CHECKING
 
 from megatron_fcp.errors import InputError
-from megatron_fcp.megatron.config import TILE_FLAG, add_fcp_args
+from megatron_fcp.megatron.config import CONFIG_SETTINGS, FLAG_SETTINGS, MOCK_DOCLENS, MODE, SETTINGS, add_fcp_args
+from megatron_fcp.megatron.settings import Setting
 
 if TYPE_CHECKING:
     from megatron_fcp.launch.spec import RunSpec
@@ -51,71 +52,29 @@ MEGATRON_FLAGS: dict[str, type | str] = {
 }
 """The Megatron flags :func:`megatron_args` emits, with how each is read (the FCP flags come from ``add_fcp_args``)."""
 FCP_FLAGS: dict[str, type | str] = {
-    "--context-parallel-mode": str, "--fcp-scheduler": str, "--fcp-attention-backend": str,
-    "--fcp-kv-budget-tokens": str, TILE_FLAG: str, "--fcp-planning-workers": int, "--fcp-exchange-timeout": float,
-    "--fcp-debug-checks": SWITCH, "--fcp-mock-doclens": str,
-}
-"""The flags of ``megatron_fcp.megatron.config.add_fcp_args`` that :func:`megatron_args` emits (the parser takes
-them from ``add_fcp_args`` itself)."""
+    described.flag: SWITCH if described.switch else described.flag_type or str for described in FLAG_SETTINGS}
+"""The flags of ``megatron_fcp.megatron.config.add_fcp_args``, with how each is read (the parser takes them from
+``add_fcp_args`` itself)."""
+
+
+def _worker_flag(described: Setting) -> tuple[str, str, type]:
+    """The CPU worker's flag of an FCP setting, taken from its ``context_parallel`` key."""
+    return described.worker_flag, f"context_parallel.{described.key}", str
+
 
 WORKER_FLAGS: tuple[tuple[str, str, type], ...] = (
     ("--cp", "parallel.context", int), ("--tp", "parallel.tensor", int), ("--dp", "parallel.data_parallel", int),
     ("--steps", "training.train_iters", int), ("--seq-length", "training.seq_length", int),
-    ("--doclens", "data.mock_doclens", str), ("--scheduler", "context_parallel.scheduler", str),
+    ("--doclens", "data.mock_doclens", str), _worker_flag(SETTINGS["scheduler"]),
     ("--num-layers", "model.num_layers", int), ("--hidden-size", "model.hidden_size", int),
     ("--num-heads", "model.num_attention_heads", int), ("--num-query-groups", "model.query_groups", int),
     ("--ffn-hidden-size", "model.ffn_hidden_size", int), ("--vocab-size", "model.vocab_size", int),
     ("--lr", "training.lr", float), ("--seed", "training.seed", int),
-    ("--kv-budget-tokens", "context_parallel.kv_budget_tokens", str),
+    _worker_flag(SETTINGS["kv_budget_tokens"]),
     ("--checkpoints", "paths.checkpoints", str), ("--save-interval", "training.save_interval", int),
     ("--records", "paths.records", str),
 )
 """The CPU worker's flags: (flag, attribute of the RunSpec it is taken from, how it is read)."""
-
-FLAG_KEYS = {
-    "--num-layers": "model.num_layers", "--hidden-size": "model.hidden_size",
-    "--ffn-hidden-size": "model.ffn_hidden_size", "--num-attention-heads": "model.num_attention_heads",
-    "--num-query-groups": "model.num_query_groups", "--rotary-base": "model.rotary_base",
-    "--normalization": "model.normalization", "--norm-epsilon": "model.norm_epsilon",
-    "--vocab-size": "model.vocab_size",
-    "--tensor-model-parallel-size": "parallel.tensor", "--pipeline-model-parallel-size": "parallel.pipeline",
-    "--context-parallel-size": "parallel.context",
-    "--seq-length": "training.seq_length", "--micro-batch-size": "training.micro_batch_size",
-    "--global-batch-size": "training.global_batch_size", "--train-iters": "training.train_iters",
-    "--lr": "training.lr", "--min-lr": "training.min_lr", "--lr-warmup-iters": "training.warmup_iters",
-    "--lr-decay-style": "training.lr_decay_style", "--weight-decay": "training.weight_decay",
-    "--clip-grad": "training.clip_grad", "--adam-beta1": "training.adam_beta1", "--adam-beta2": "training.adam_beta2",
-    "--eval-iters": "training.eval_iters", "--eval-interval": "training.eval_interval",
-    "--save-interval": "training.save_interval", "--log-interval": "training.log_interval",
-    "--seed": "training.seed", "--distributed-timeout-minutes": "training.distributed_timeout_minutes",
-    "--context-parallel-mode": "context_parallel.mode", "--fcp-scheduler": "context_parallel.scheduler",
-    "--fcp-attention-backend": "context_parallel.attention_backend",
-    "--fcp-kv-budget-tokens": "context_parallel.kv_budget_tokens", TILE_FLAG: "context_parallel.edge_cost_tile_size",
-    "--fcp-planning-workers": "context_parallel.planning_workers",
-    "--fcp-exchange-timeout": "context_parallel.exchange_timeout_s",
-    "--data-path": "data.blend", "--split": "data.split", "--tokenizer-type": "data.tokenizer.type",
-    "--tokenizer-model": "data.tokenizer.model", "--mock-data": "data.mock_doclens",
-    "--fcp-mock-doclens": "data.mock_doclens", "--save": "paths.checkpoints", "--load": "paths.checkpoints",
-}
-"""The config key behind each Megatron or FCP flag whose value comes straight from one key."""
-
-_PHRASES = {"--sequence-parallel": "sequence parallelism (on when parallel.tensor > 1)"}
-_FLAG = re.compile(r"(?<![\w-])--[a-z0-9][a-z0-9-]*(?![\w-])")
-
-
-def in_config_terms(message: str) -> str:
-    """A Megatron/FCP message in the config's terms: each flag that stands for one key replaced by that key."""
-    terms = FLAG_KEYS | _PHRASES
-    return _FLAG.sub(lambda m: terms.get(m.group(0), m.group(0)), message)
-
-
-def first_key(message: str) -> str | None:
-    """The config key of the first flag named in ``message`` that stands for one, or None."""
-    for match in _FLAG.finditer(message):
-        if match.group(0) in FLAG_KEYS:
-            return FLAG_KEYS[match.group(0)]
-    return None
-
 
 def _text(value) -> str:
     return "none" if value is None else str(value)
@@ -189,24 +148,31 @@ def _data_pairs(spec: RunSpec) -> list:
     if d.mock_doclens is not None:
         pairs += [("--mock-data", None)]
         if spec.context_parallel.mode == "fcp":
-            pairs += [("--fcp-mock-doclens", d.mock_doclens)]
+            pairs += [(MOCK_DOCLENS.flag, d.mock_doclens)]
         pairs += [("--tokenizer-type", "NullTokenizer")]
         if spec.model.vocab_size is not None:
             pairs += [("--vocab-size", spec.model.vocab_size)]
     return pairs
 
 
+def _setting_pairs(described: Setting, value) -> list:
+    """The flag of an FCP setting for ``value``: a switch when on; nothing when unset and unset by default."""
+    if described.switch:
+        return [(described.flag, None)] if value else []
+    if value is None and described.default is None:
+        return []
+    return [(described.flag, value)]
+
+
 def _context_parallel_pairs(spec: RunSpec) -> list:
     c = spec.context_parallel
-    pairs = [("--context-parallel-mode", c.mode)]
+    pairs = [(MODE.flag, c.mode)]
     if c.mode != "fcp":
         return pairs  # ring: Megatron's own path, which reads none of the --fcp-* flags
-    pairs += [("--fcp-scheduler", c.scheduler), ("--fcp-attention-backend", c.attention_backend),
-              ("--fcp-kv-budget-tokens", c.kv_budget_tokens), (TILE_FLAG, c.edge_cost_tile_size),
-              ("--fcp-planning-workers", c.planning_workers)]
-    if c.exchange_timeout_s is not None:  # unset: no timed wait (the flag's default)
-        pairs.append(("--fcp-exchange-timeout", c.exchange_timeout_s))
-    return pairs + [("--fcp-debug-checks", None)] * c.debug_checks
+    for described in CONFIG_SETTINGS:
+        if described is not MODE:
+            pairs += _setting_pairs(described, getattr(c, described.key))
+    return pairs
 
 
 def _path_pairs(spec: RunSpec) -> list:

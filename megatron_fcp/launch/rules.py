@@ -1,13 +1,12 @@
 """Rules for single config values: what each accepts, in words, and the problem with a value it refuses.
 
 A rule never names its key; :mod:`megatron_fcp.launch.checks` puts the dotted key in front of the message.
-The FCP settings are judged by the project's own :class:`~megatron_fcp.megatron.config.FcpConfig`, so a value
-the launcher accepts is one the entry point accepts.
+An FCP setting's rule is its own reader (:func:`fcp_setting`: the reader ``FcpConfig`` uses too), so a value the
+launcher accepts is one the entry point accepts.
 """
 
 from __future__ import annotations
 
-import difflib
 import numbers
 import re
 from collections.abc import Callable, Sequence
@@ -16,7 +15,7 @@ from typing import Any
 
 from megatron_fcp.data.lengths import SHIPPED
 from megatron_fcp.errors import InputError
-from megatron_fcp.megatron.config import FcpConfig, parse_tile_size
+from megatron_fcp.megatron.settings import Setting, suggest
 
 
 @dataclass(frozen=True)
@@ -29,12 +28,6 @@ class Rule:
     """The problem with a value, without its key, or None when the value is accepted."""
     placeholder: Any
     """A value the rule accepts; it stands in for a missing or refused value while the other keys are checked."""
-
-
-def suggest(word: str, known: Sequence[str]) -> str:
-    """`` (did you mean X?)`` for the closest of ``known``, or an empty string."""
-    close = difflib.get_close_matches(str(word), [str(k) for k in known], n=1, cutoff=0.6)
-    return f" (did you mean {close[0]}?)" if close else ""
 
 
 def _is_whole(value) -> bool:
@@ -133,18 +126,16 @@ def doclens() -> Rule:
     return Rule(want, refuse, next(iter(SHIPPED)))
 
 
-def fcp_setting(field_name: str, want: str, placeholder, parse: Callable[[Any], Any] = lambda v: v) -> Rule:
-    """A value :class:`FcpConfig` accepts for ``field_name`` (after ``parse``); FcpConfig's own message if not."""
+def fcp_setting(described: Setting, key: str) -> Rule:
+    """An FCP setting under the launch config key ``key``: the values its reader accepts (the reader's own message
+    if not)."""
 
     def refuse(value) -> str | None:
         try:
-            FcpConfig(cp=1, seq_length=1, **{field_name: parse(value)})
+            described.read(value, key)
         except InputError as err:
-            return str(err)
+            return str(err).removeprefix(f"{key} ")
         return None
 
-    return Rule(want, refuse, placeholder)
-
-
-def tile_size() -> Rule:
-    return fcp_setting("tile_size", "a whole number of tokens >= 1 or auto", "auto", parse_tile_size)
+    want = described.want or f"one of {', '.join(described.choices or ())}"
+    return Rule(want, refuse, described.key_default)

@@ -13,8 +13,9 @@
 The file is read by :mod:`megatron_fcp.launch.yamlsafe` (a key given twice, ``.nan``/``.inf``, more than a few
 aliases, deep nesting and oversized files are refused in one line). :func:`load_run_config` reports every problem it
 finds at once, each as one line ``dotted.key: what is wrong and what would work``, in a :class:`ConfigError`. Each
-section checks its own keys when it is made; :class:`RunSpec` checks the keys together
-(:mod:`megatron_fcp.launch.checks`), FCP's own start-up checks included.
+section checks its own keys when it is made (the ``context_parallel`` keys are FCP's settings, with their own
+readers); :class:`RunSpec` checks the keys together (:mod:`megatron_fcp.launch.checks`), FCP's own start-up rules
+included, on the typed values: no command line is made to check a config.
 :func:`megatron_fcp.launch.command.entry_args` turns a RunSpec into the entry point's arguments.
 """
 
@@ -23,14 +24,15 @@ from __future__ import annotations
 import posixpath
 import warnings
 from collections.abc import Mapping
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields, make_dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 from megatron_fcp.errors import InputError
 from megatron_fcp.launch import checks, yamlsafe
 from megatron_fcp.launch import rules as r
-from megatron_fcp.megatron.config import BACKENDS, CP_MODES, SCHEDULERS, FcpConfig
+from megatron_fcp.megatron.config import CONFIG_SETTINGS
+from megatron_fcp.megatron.settings import Setting
 
 DEVICES = ("gpu", "cpu")
 PRECISIONS = ("bf16", "fp16", "fp32")
@@ -189,36 +191,31 @@ class TrainingSpec(_Section):
     None: Megatron's default, 10."""
 
 
-@dataclass(frozen=True, kw_only=True)
-class ContextParallelSpec(_Section):
-    """How sequences are split over the context-parallel ranks."""
+class _ContextParallelSection(_Section):
+    """How sequences are split over the context-parallel ranks: ``mode`` (``fcp``, this project, or ``ring``,
+    Megatron's own context parallelism on GPU with Transformer Engine) and FCP's settings. Its keys, their defaults
+    and their rules are FCP's settings themselves (``megatron_fcp.megatron.config.CONFIG_SETTINGS``; each key's
+    meaning is its flag's help); values are kept as FCP reads them (``kv_budget_tokens``: ``"none"`` -> None,
+    ``"4096"`` -> 4096)."""
 
     KEY: ClassVar[str] = "context_parallel"
-    mode: str = _key(r.choice(CP_MODES), "fcp")
-    """``fcp`` (this project) or ``ring`` (Megatron's own context parallelism, GPU with Transformer Engine)."""
-    scheduler: str = _key(r.choice(SCHEDULERS), "fcp")
-    """FCP's placement of document pieces: ``fcp`` or a baseline (``ring``, ``hybrid``, ``magi``)."""
-    attention_backend: str = _key(r.choice(BACKENDS), "auto")
-    """FCP's attention kernels; ``auto``: torch-flash on GPU, cpu on CPU."""
-    kv_budget_tokens: int | str | None = _key(r.fcp_setting(
-        "kv_budget_tokens", "a whole number of tokens >= 1, auto or none", "auto"), "auto")
-    """Key/value tokens per exchange stage: a number, ``auto`` (a rank's own tokens) or ``none`` (one stage)."""
-    edge_cost_tile_size: int | str = _key(r.tile_size(), "auto")
-    """The kernel tile the FCP scheduler charges partly filled edge tiles with; ``auto`` = 128 (device gpu)."""
-    planning_workers: int = _key(r.fcp_setting("planning_workers", "a whole number >= 0", 2), 2)
-    """Data-loader workers that plan micro-batches ahead (device gpu)."""
-    exchange_timeout_s: float | None = _key(r.optional(r.fcp_setting(
-        "exchange_timeout_s", "a number of seconds > 0", 300.0)), None)
-    """For debugging hangs (device gpu): seconds before a wait for a peer's key/values gives up naming that peer;
-    below ``training.distributed_timeout_minutes`` x 60. A number makes the CPU poll every exchange round on NCCL;
-    None (default): no timed wait."""
-    debug_checks: bool = _key(r.flag(), False)
-    """Check every plan and attention input; slow (device gpu)."""
 
     def __post_init__(self):
         super().__post_init__()
-        budget = FcpConfig(cp=1, seq_length=1, kv_budget_tokens=self.kv_budget_tokens).kv_budget_tokens
-        object.__setattr__(self, "kv_budget_tokens", budget)  # as FCP reads it: "none" -> None, "4096" -> 4096
+        for described in CONFIG_SETTINGS:
+            value = described.read(getattr(self, described.key), f"{self.KEY}.{described.key}")
+            object.__setattr__(self, described.key, value)
+
+
+def _context_parallel_field(described: Setting) -> tuple[str, type, Any]:
+    rule = r.fcp_setting(described, f"{_ContextParallelSection.KEY}.{described.key}")
+    return described.key, Any, field(default=described.key_default, metadata={"rule": rule})
+
+
+ContextParallelSpec = make_dataclass(
+    "ContextParallelSpec", [_context_parallel_field(described) for described in CONFIG_SETTINGS],
+    bases=(_ContextParallelSection,), namespace={"__doc__": _ContextParallelSection.__doc__}, frozen=True,
+    kw_only=True, module=__name__)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -3,11 +3,15 @@
 Nothing here imports megatron or torch, so the checks run (and are tested) before anything heavy starts.
 
 - :class:`FcpConfig` is everything FCP's hooks need, validated when it is made: each problem is one
-  :class:`InputError` line naming the flag and a value that would work.
-- :func:`add_fcp_args` is Megatron's ``extra_args_provider`` hook: ``--context-parallel-mode`` and ``--fcp-*``.
+  :class:`InputError` line naming the flag and a value that would work. Each of its settings is declared once, on
+  its field (:mod:`megatron_fcp.megatron.settings`): flag, launch config key, default, help and reader.
+- :func:`add_fcp_args` is Megatron's ``extra_args_provider`` hook: ``--context-parallel-mode`` and ``--fcp-*``,
+  one flag per setting (:data:`FLAG_SETTINGS`).
 - :func:`fcp_config_from_args` turns a parsed namespace into an :class:`FcpConfig`.
 - :func:`fcp_arg_problems` also checks the Megatron settings FCP depends on (parallel layout, loss reduction,
-  model and data, process-group timeout) and the GPU the run is on, and lists every problem with its flag;
+  model and data, process-group timeout) and the GPU the run is on, and lists every problem with its flag. The
+  layout rules take plain values and the names to say them with (:class:`Names`), so the launch config runs the
+  same functions in its own keys' terms;
   :func:`check_fcp_args` raises the first, before Megatron's own validation and long before training. The GPU
   rule reads this process's CUDA device (importing torch) only when ``--fcp-attention-backend te`` asks for it.
 """
@@ -16,14 +20,15 @@ from __future__ import annotations
 
 import argparse
 import math
-import numbers
 import warnings
 from dataclasses import dataclass
 
 from megatron_fcp.errors import InputError
+from megatron_fcp.megatron import settings as st
+from megatron_fcp.megatron.settings import Setting
 from megatron_fcp.planner.api import STRATEGIES
 from megatron_fcp.planner.pairs import MASKS
-from megatron_fcp.planner.stages import DEFAULT_KV_BUDGET, parse_kv_budget
+from megatron_fcp.planner.stages import DEFAULT_KV_BUDGET
 
 CP_MODES = ("ring", "fcp")
 SCHEDULERS = tuple(s for s in STRATEGIES if s != "nocp")
@@ -31,11 +36,8 @@ BACKENDS = ("auto", "cpu", "flash-attn", "reference", "te", "torch-flash")
 """Attention backend names (``megatron_fcp.kernels.BACKENDS``, repeated here to keep this module free of torch;
 a test keeps the two equal)."""
 DEFAULT_TILE_SIZE = 128
-"""The attention kernels' tile in tokens (flash-attn and cuDNN work in 128-token tiles)."""
+"""The attention kernels' tile in tokens (flash-attn and cuDNN work in 128-token tiles): what ``auto`` means."""
 TILE_FLAG = "--fcp-edge-cost-tile-size"
-DEPRECATED_TILE_FLAG = "--fcp-block-size"
-"""The old name of :data:`TILE_FLAG` (it never set a block size: the planner cuts at any token); accepted with a
-warning until the next release."""
 TIMEOUT_FLAG = "--fcp-exchange-timeout"
 DEFAULT_DISTRIBUTED_TIMEOUT_MINUTES = 10
 """Megatron's ``--distributed-timeout-minutes`` default: every process group (and NCCL's watchdog) gives up then."""
@@ -44,19 +46,6 @@ TE_MIN_CAPABILITY = (9, 0)
 ``megatron_fcp.kernels.te.MIN_CAPABILITY`` to keep this module free of torch (a test keeps the two equal)."""
 THIS_GPU = "this-gpu"
 """``compute_capability`` of :func:`fcp_arg_problems`: read it from this process's CUDA device when needed."""
-
-FLAGS = {
-    "cp": "--context-parallel-size",
-    "seq_length": "--seq-length",
-    "mask": "mask",
-    "scheduler": "--fcp-scheduler",
-    "tile_size": TILE_FLAG,
-    "backend": "--fcp-attention-backend",
-    "kv_budget_tokens": "--fcp-kv-budget-tokens",
-    "exchange_timeout_s": TIMEOUT_FLAG,
-    "planning_workers": "--fcp-planning-workers",
-}
-"""The command-line flag of each :class:`FcpConfig` field, for messages."""
 
 
 class FlagError(InputError):
@@ -67,86 +56,143 @@ class FlagError(InputError):
         self.flag = flag
 
 
-def _whole(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+def parse_exchange_timeout(value) -> float | None:
+    """The text of :data:`TIMEOUT_FLAG`: a number of seconds, or None for unset or ``none`` (no timed wait).
+
+    Raises ``argparse.ArgumentTypeError`` (argparse reports it with the flag) for anything else; whether the number
+    is > 0 is :class:`FcpConfig`'s check.
+    """
+    if value is None or (isinstance(value, str) and value.strip().lower() == "none"):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{TIMEOUT_FLAG} takes a number of seconds or 'none', got {value!r}") \
+            from None
 
 
-def _positive_seconds(value) -> bool:
-    """Whether ``value`` is a finite number of seconds > 0 (not a bool)."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+def _auto_tile(size: int | str) -> int:
+    return DEFAULT_TILE_SIZE if size == "auto" else size
+
+
+MODE = Setting(
+    default="ring", config_default="fcp", read=st.choice(CP_MODES), choices=CP_MODES,
+    flag="--context-parallel-mode", key="mode",
+    help="ring: Megatron's own context parallelism, unchanged. fcp: token-exact sharding of packed variable-length "
+         "micro-batches with planned peer-to-peer key/value exchange.")
+"""Whether FCP runs: ``fcp``, or ``ring`` (Megatron's own context parallelism). The flag leaves Megatron
+unchanged by default; a launch config runs FCP by default."""
+MOCK_DOCLENS = Setting(
+    default=None, flag="--fcp-mock-doclens",
+    help="with --mock-data: draw document lengths from this length file or shipped distribution (linux_files, "
+         "linux_dirs, spamassassin, magi_hist)")
+"""Mock documents' lengths (the launch config's ``data.mock_doclens``, checked with the data)."""
 
 
 @dataclass(frozen=True, kw_only=True)
 class FcpConfig:
-    """What FCP's data hooks and attention need, independent of Megatron's global args. Validated on creation."""
+    """What FCP's data hooks and attention need, independent of Megatron's global args. Validated on creation.
+
+    Each field but ``cp`` and ``seq_length`` (Megatron's own flags) carries its :class:`Setting`: flag, launch config
+    key, default, help and reader."""
 
     cp: int
     """Context-parallel size: the ranks that share one packed micro-batch (``--context-parallel-size``)."""
     seq_length: int
     """Tokens of one packed micro-batch over the whole CP group (``--seq-length``); each CP rank holds
     ``seq_length / cp`` token slots, so it must be a multiple of ``cp``."""
-    mask: str = "causal"
+    mask: str = st.setting(default="causal", read=st.choice(MASKS))
     """Attention mask inside a document: ``causal`` (GPT) or ``full``."""
-    scheduler: str = "fcp"
+    scheduler: str = st.setting(
+        default="fcp", read=st.choice(SCHEDULERS), choices=SCHEDULERS, flag="--fcp-scheduler", key="scheduler",
+        worker_flag="--scheduler",
+        help="how blocks are placed on CP ranks: fcp (this project) or a baseline placement (ring, hybrid, magi) run "
+             "on the same peer-to-peer exchange")
     """How document pieces are placed on CP ranks (``--fcp-scheduler``): ``fcp`` (this project) or a baseline
     placement (``ring``, ``hybrid``, ``magi``) run on the same peer-to-peer exchange."""
-    tile_size: int = DEFAULT_TILE_SIZE
-    """The attention kernel's tile in tokens (``--fcp-edge-cost-tile-size``). The ``fcp`` scheduler charges each
-    piece the partly filled tiles at its edges with it; it does not round cuts to it (pieces start and end at
-    any token)."""
-    backend: str = "auto"
+    backend: str = st.setting(
+        default="auto", read=st.choice(BACKENDS), choices=BACKENDS, flag="--fcp-attention-backend",
+        key="attention_backend", help="attention kernels: auto picks torch-flash on GPU and cpu on CPU")
     """Attention kernels (``--fcp-attention-backend``): ``auto`` picks ``torch-flash`` on GPU and ``cpu`` on CPU;
     see :mod:`megatron_fcp.kernels`."""
-    debug_checks: bool = False
-    """Check every plan (ownership, delivery, token counts) and every attention input; slow
-    (``--fcp-debug-checks``)."""
-    exchange_timeout_s: float | None = None
+    kv_budget_tokens: int | str | None = st.setting(
+        default=DEFAULT_KV_BUDGET, read=st.kv_budget, flag="--fcp-kv-budget-tokens", key="kv_budget_tokens",
+        worker_flag="--kv-budget-tokens", metavar="N|auto|none", want="a whole number of tokens >= 1, auto or none",
+        help="bounds the key/values a CP rank holds from other ranks in each attention layer: they arrive in stages of "
+             "at most N tokens, at most 2 stages are held at once and at most N tokens are kept from forward to "
+             "backward (the other stages are fetched again in backward). auto (default): the rank's own tokens, "
+             "--seq-length / --context-parallel-size; none: one unbounded stage (everything received is held and "
+             "kept)")
+    """Key/value tokens received per stage of the exchange (``--fcp-kv-budget-tokens``): a positive number,
+    ``auto`` (a rank's own token slots) or None (one unbounded stage). Strings such as ``"4096"`` or ``"none"``
+    are parsed on creation."""
+    tile_size: int = st.setting(
+        default="auto", read=st.tile_size, resolve=_auto_tile, flag=TILE_FLAG, key="edge_cost_tile_size",
+        old_flag="--fcp-block-size", metavar="N|auto", want="a whole number of tokens >= 1 or auto",
+        help="the attention kernel's tile in tokens, with which the FCP scheduler models the cost of each piece's "
+             f"partly filled edge tiles; the planner still cuts documents at any token. 'auto' = {DEFAULT_TILE_SIZE}")
+    """The attention kernel's tile in tokens (``--fcp-edge-cost-tile-size``; ``auto``: :data:`DEFAULT_TILE_SIZE`).
+    The ``fcp`` scheduler charges each piece the partly filled tiles at its edges with it; it does not round cuts
+    to it (pieces start and end at any token)."""
+    planning_workers: int = st.setting(
+        default=2, read=st.whole_at_least_zero, flag="--fcp-planning-workers", key="planning_workers", flag_type=int,
+        want="a whole number >= 0",
+        help="data-loader worker processes that plan micro-batches ahead of the step (raises --num-workers to this "
+             "if lower; 0 plans in the training process)")
+    """Data-loader worker processes that plan micro-batches ahead of the step (``--fcp-planning-workers``;
+    0 plans in the training process)."""
+    exchange_timeout_s: float | None = st.setting(
+        default=None, read=st.optional_seconds, flag=TIMEOUT_FLAG, key="exchange_timeout_s",
+        flag_type=parse_exchange_timeout, metavar="SECONDS", want="a number of seconds > 0, or null",
+        help="for debugging hangs: give up waiting for a CP peer's key/values after SECONDS and name the silent peer. "
+             "Unset (default) or 'none': no timed wait (on NCCL the stream waits, no host synchronisation; a stuck "
+             "peer ends in the process group's own timeout). A number makes the CPU poll every exchange round on "
+             "NCCL, a host synchronisation per round; it must be below --distributed-timeout-minutes x 60")
     """Debugging hangs (``--fcp-exchange-timeout``): None (default) waits for a CP peer's key/values as torch does
     (on NCCL the stream waits, no host synchronisation; a stuck peer ends in the process group's own timeout); a
     number of seconds makes every wait give up after that long naming the silent peer, at the price of the CPU
     polling each exchange round on NCCL. Must be shorter than ``--distributed-timeout-minutes``."""
-    kv_budget_tokens: int | str | None = DEFAULT_KV_BUDGET
-    """Key/value tokens received per stage of the exchange (``--fcp-kv-budget-tokens``): a positive number,
-    ``auto`` (a rank's own token slots) or None (one unbounded stage). Strings such as ``"4096"`` or ``"none"``
-    are parsed on creation."""
-    planning_workers: int = 2
-    """Data-loader worker processes that plan micro-batches ahead of the step (``--fcp-planning-workers``;
-    0 plans in the training process)."""
+    debug_checks: bool = st.setting(
+        default=False, read=st.switch, flag="--fcp-debug-checks", key="debug_checks",
+        help="check every plan (ownership, delivery, token counts) and every attention input; slow")
+    """Check every plan (ownership, delivery, token counts) and every attention input; slow
+    (``--fcp-debug-checks``)."""
 
     def __post_init__(self):
-        try:
-            budget = parse_kv_budget(self.kv_budget_tokens, flag=FLAGS["kv_budget_tokens"])
-        except InputError as err:
-            raise FlagError(FLAGS["kv_budget_tokens"], str(err)) from None
-        object.__setattr__(self, "kv_budget_tokens", budget)
-        problem = self._problem()
-        if problem:
-            raise FlagError(FLAGS[problem[0]], problem[1])
-
-    def _problem(self) -> tuple[str, str] | None:
-        """The first problem of this configuration as ``(field, one-line message)``, or None."""
-        for name in ("cp", "seq_length", "tile_size"):
+        for name in ("cp", "seq_length"):
             value = getattr(self, name)
-            if not _whole(value) or value < 1:
-                return name, f"{FLAGS[name]} must be a whole number >= 1, got {value!r}"
+            if not st.is_whole(value) or value < 1:
+                flag = getattr(FLAG_NAMES, name)
+                raise FlagError(flag, f"{flag} must be a whole number >= 1, got {value!r}")
         if self.seq_length % self.cp:
             fits = self.seq_length - self.seq_length % self.cp + self.cp
-            return "seq_length", (f"--seq-length {self.seq_length} is not a multiple of --context-parallel-size "
-                                  f"{self.cp}: each CP rank holds seq_length / cp tokens (try --seq-length {fits})")
-        choices = {"mask": MASKS, "scheduler": SCHEDULERS, "backend": BACKENDS}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                return name, f"{FLAGS[name]} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}"
-        if self.exchange_timeout_s is not None and not _positive_seconds(self.exchange_timeout_s):
-            return "exchange_timeout_s", (f"{TIMEOUT_FLAG} must be > 0 seconds and finite, got "
-                                          f"{self.exchange_timeout_s!r} (leave it unset for no timed wait)")
-        if not _whole(self.planning_workers) or self.planning_workers < 0:
-            return "planning_workers", f"{FLAGS['planning_workers']} must be >= 0, got {self.planning_workers!r}"
-        return None
+            raise FlagError("--seq-length", f"--seq-length {self.seq_length} is not a multiple of "
+                                            f"--context-parallel-size {self.cp}: each CP rank holds seq_length / cp "
+                                            f"tokens (try --seq-length {fits})")
+        for name, described in SETTINGS.items():
+            object.__setattr__(self, name, _read_field(described, getattr(self, name), name))
 
     @property
     def tokens_per_rank(self) -> int:
         return self.seq_length // self.cp
+
+
+SETTINGS = st.settings_of(FcpConfig)
+"""The :class:`Setting` of each field of :class:`FcpConfig`, by field name."""
+FLAG_SETTINGS = (MODE, *(x for x in SETTINGS.values() if x.flag), MOCK_DOCLENS)
+"""Every FCP flag's setting, in the order ``--help`` lists them."""
+CONFIG_SETTINGS = (MODE, *(x for x in SETTINGS.values() if x.key))
+"""The settings of the launch config's ``context_parallel`` section, in key order."""
+
+
+def _read_field(described: Setting, value, name: str):
+    """An :class:`FcpConfig` field's value as FCP reads it; :class:`FlagError` naming its flag if it is wrong."""
+    label = described.flag or name
+    try:
+        value = described.read(value, label)
+    except InputError as err:
+        raise FlagError(label, str(err)) from None
+    return described.resolve(value) if described.resolve else value
 
 
 class _DeprecatedAlias(argparse.Action):
@@ -163,93 +209,137 @@ class _DeprecatedAlias(argparse.Action):
         setattr(namespace, self.dest, values)
 
 
+def _add_flag(group, described: Setting) -> None:
+    """``described``'s flag (and its deprecated name, if any) in ``group``."""
+    if described.switch:
+        group.add_argument(described.flag, action="store_true", help=described.help)
+        return
+    group.add_argument(described.flag, default=described.default, choices=described.choices,
+                       type=described.flag_type, metavar=described.metavar, help=described.help)
+    if described.old_flag:
+        group.add_argument(described.old_flag, dest=described.dest, action=_DeprecatedAlias, new_flag=described.flag,
+                           metavar=described.metavar, help=f"deprecated name of {described.flag}")
+
+
 def add_fcp_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Megatron ``extra_args_provider``: ``--context-parallel-mode`` and the ``--fcp-*`` options."""
+    """Megatron ``extra_args_provider``: ``--context-parallel-mode`` and the ``--fcp-*`` options (one per setting
+    in :data:`FLAG_SETTINGS`)."""
     group = parser.add_argument_group(title="megatron-fcp")
-    group.add_argument("--context-parallel-mode", choices=CP_MODES, default="ring",
-                       help="ring: Megatron's own context parallelism, unchanged. fcp: token-exact sharding of packed "
-                            "variable-length micro-batches with planned peer-to-peer key/value exchange.")
-    group.add_argument(TILE_FLAG, dest="fcp_edge_cost_tile_size", default="auto", metavar="N|auto",
-                       help="the attention kernel's tile in tokens, with which the FCP scheduler models the cost of "
-                            "each piece's partly filled edge tiles; the planner still cuts documents at any token. "
-                            f"'auto' = {DEFAULT_TILE_SIZE}")
-    group.add_argument(DEPRECATED_TILE_FLAG, dest="fcp_edge_cost_tile_size", action=_DeprecatedAlias,
-                       new_flag=TILE_FLAG, metavar="N|auto", help=f"deprecated name of {TILE_FLAG}")
-    group.add_argument("--fcp-scheduler", choices=SCHEDULERS, default="fcp",
-                       help="how blocks are placed on CP ranks: fcp (this project) or a baseline placement "
-                            "(ring, hybrid, magi) run on the same peer-to-peer exchange")
-    group.add_argument("--fcp-planning-workers", type=int, default=2,
-                       help="data-loader worker processes that plan micro-batches ahead of the step (raises "
-                            "--num-workers to this if lower; 0 plans in the training process)")
-    group.add_argument("--fcp-attention-backend", choices=BACKENDS, default="auto",
-                       help="attention kernels: auto picks torch-flash on GPU and cpu on CPU")
-    group.add_argument("--fcp-debug-checks", action="store_true",
-                       help="check every plan (ownership, delivery, token counts) and every attention input; slow")
-    group.add_argument("--fcp-kv-budget-tokens", default=DEFAULT_KV_BUDGET, metavar="N|auto|none",
-                       help="bounds the key/values a CP rank holds from other ranks in each attention layer: they "
-                            "arrive in stages of at most N tokens, at most 2 stages are held at once and at most N "
-                            "tokens are kept from forward to backward (the other stages are fetched again in "
-                            "backward). auto (default): the rank's own tokens, --seq-length / "
-                            "--context-parallel-size; none: one unbounded stage (everything received is held and "
-                            "kept)")
-    group.add_argument(TIMEOUT_FLAG, type=parse_exchange_timeout, default=None, metavar="SECONDS",
-                       help="for debugging hangs: give up waiting for a CP peer's key/values after SECONDS and name "
-                            "the silent peer. Unset (default) or 'none': no timed wait (on NCCL the stream waits, "
-                            "no host synchronisation; a stuck peer ends in the process group's own timeout). A "
-                            "number makes the CPU poll every exchange round on NCCL, a host synchronisation per "
-                            "round; it must be below --distributed-timeout-minutes x 60")
-    group.add_argument("--fcp-mock-doclens", default=None,
-                       help="with --mock-data: draw document lengths from this length file or shipped "
-                            "distribution (linux_files, linux_dirs, spamassassin, magi_hist)")
+    for described in FLAG_SETTINGS:
+        _add_flag(group, described)
     return parser
 
 
-def parse_tile_size(value) -> int:
-    """The value of :data:`TILE_FLAG`: a whole number of tokens, or ``auto``."""
-    if value in (None, "auto"):
-        return DEFAULT_TILE_SIZE
-    try:
-        size = int(value)
-    except (TypeError, ValueError):
-        raise FlagError(TILE_FLAG, f"{TILE_FLAG} must be a positive integer or 'auto', got {value!r}") from None
-    if size < 1:
-        raise FlagError(TILE_FLAG, f"{TILE_FLAG} must be a positive integer or 'auto', got {value!r}")
-    return size
-
-
-def parse_exchange_timeout(value) -> float | None:
-    """The value of :data:`TIMEOUT_FLAG`: a number of seconds, or None for unset or ``none`` (no timed wait).
-
-    Raises ``argparse.ArgumentTypeError`` (argparse reports it with the flag) for anything else; whether the number
-    is > 0 is :class:`FcpConfig`'s check.
-    """
-    if value is None or (isinstance(value, str) and value.strip().lower() == "none"):
-        return None
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise argparse.ArgumentTypeError(f"{TIMEOUT_FLAG} takes a number of seconds or 'none', got {value!r}") \
-            from None
-
-
 def fcp_config_from_args(args) -> FcpConfig:
-    """The :class:`FcpConfig` of Megatron's parsed namespace (raises :class:`InputError` naming a bad flag)."""
-    return FcpConfig(
-        cp=int(getattr(args, "context_parallel_size", 1) or 1),
-        seq_length=getattr(args, "seq_length", None),
-        scheduler=getattr(args, "fcp_scheduler", "fcp"),
-        tile_size=parse_tile_size(getattr(args, "fcp_edge_cost_tile_size", "auto")),
-        backend=getattr(args, "fcp_attention_backend", "auto"),
-        debug_checks=bool(getattr(args, "fcp_debug_checks", False)),
-        exchange_timeout_s=getattr(args, "fcp_exchange_timeout", None),
-        kv_budget_tokens=getattr(args, "fcp_kv_budget_tokens", DEFAULT_KV_BUDGET),
-        planning_workers=int(getattr(args, "fcp_planning_workers", 2)),
-    )
+    """The :class:`FcpConfig` of Megatron's parsed namespace (raises :class:`InputError` naming a bad flag); a flag
+    missing from the namespace takes its default."""
+    values = {name: getattr(args, x.dest, x.default) for name, x in SETTINGS.items() if x.flag}
+    cp = int(getattr(args, "context_parallel_size", 1) or 1)
+    return FcpConfig(cp=cp, seq_length=getattr(args, "seq_length", None), **values)
 
 
 # -- Megatron settings FCP depends on ---------------------------------------------------------------------------
 Problem = tuple[str, str]
-"""``(flag, one-line message)``: the flag a problem is about, and what is wrong and what to do."""
+"""``(name, one-line message)``: the flag (or config key) a problem is about, and what is wrong and what to do."""
+
+
+@dataclass(frozen=True)
+class Names:
+    """What the settings the layout rules read are called where they were given: Megatron's flags
+    (:data:`FLAG_NAMES`) or the launch config's keys. Each rule below takes plain values and these names, so the
+    entry point and the launch config run the same rules and each says them in its own terms."""
+
+    cp: str
+    tp: str
+    pp: str
+    seq_length: str
+    micro_batch_size: str
+    global_batch_size: str
+    heads: str
+    query_groups: str
+    sequence_parallel: str
+    exchange_timeout: str
+    distributed_timeout: str
+
+
+FLAG_NAMES = Names(cp="--context-parallel-size", tp="--tensor-model-parallel-size", pp="--pipeline-model-parallel-size",
+                   seq_length="--seq-length", micro_batch_size="--micro-batch-size",
+                   global_batch_size="--global-batch-size", heads="--num-attention-heads",
+                   query_groups="--num-query-groups", sequence_parallel="--sequence-parallel",
+                   exchange_timeout=TIMEOUT_FLAG, distributed_timeout="--distributed-timeout-minutes")
+
+
+def layout_problem(world_size: int, tp: int, pp: int, cp: int, names: Names,
+                   processes: str = "launched processes") -> Problem | None:
+    """The parallel layout: tensor x pipeline x context sizes must divide the processes (the rest is data
+    parallel). ``processes`` says what the ``world_size`` processes are."""
+    model_parallel = tp * pp * cp
+    if world_size % model_parallel == 0:
+        return None
+    room = world_size // (tp * pp) if world_size % (tp * pp) == 0 else 0
+    if room:
+        fits = max(d for d in range(1, cp + 1) if room % d == 0)
+        fix = f"use a {names.cp} that divides {room}, e.g. {fits}"
+    else:
+        fix = f"{names.tp} x {names.pp} = {tp * pp} alone does not divide them; change {names.tp} or {names.pp}"
+    return names.cp, (f"{names.tp} {tp} x {names.pp} {pp} x {names.cp} {cp} = {model_parallel} does not divide the "
+                      f"{world_size} {processes}; {fix}")
+
+
+def pipeline_problem(pp: int, names: Names) -> Problem | None:
+    if pp == 1:
+        return None
+    return names.pp, (f"FCP does not support pipeline parallelism yet ({names.pp} {pp}); use {names.pp} 1 with "
+                      "tensor, data and context parallelism")
+
+
+def micro_batch_problem(micro_batch_size: int, names: Names) -> Problem | None:
+    if micro_batch_size == 1:
+        return None
+    return names.micro_batch_size, (f"FCP packs one micro-batch of {names.seq_length} tokens over the CP group; use "
+                                    f"{names.micro_batch_size} 1 (got {micro_batch_size}) and more micro-batches per "
+                                    f"step via {names.global_batch_size}")
+
+
+def sequence_problem(seq: int, cp: int, tp: int, sequence_parallel: bool, names: Names) -> Problem | None:
+    """``seq`` tokens split into whole CP-rank shares (Megatron's own rule with CP > 1: a multiple of 2 x cp), each
+    split evenly over TP ranks with sequence parallelism."""
+    unit = 2 * cp if cp > 1 else 1  # Megatron's own rule for CP > 1 (validate_args); FCP needs seq_length / cp
+    if seq % unit:
+        why = " x 2, which Megatron requires with CP" if cp > 1 else ""
+        return names.seq_length, (f"{names.seq_length} {seq} is not a multiple of {names.cp} {cp}{why} (try "
+                                  f"{names.seq_length} {seq - seq % unit + unit})")
+    if sequence_parallel and (seq // cp) % tp:
+        return names.seq_length, (f"with {names.sequence_parallel} each CP rank's {seq // cp} tokens must split "
+                                  f"evenly over {names.tp} {tp}; pick {names.seq_length} a multiple of "
+                                  f"{math.lcm(unit, cp * tp)}")
+    return None
+
+
+def heads_problem(heads: int, groups: int, tp: int, names: Names) -> Problem | None:
+    """Grouped-query heads: whole query groups, and whole heads and groups on each TP rank."""
+    if groups < 1 or heads % groups:
+        return names.heads, (f"{names.heads} {heads} is not a multiple of {names.query_groups} {groups}; "
+                             "grouped-query attention needs heads % query groups == 0")
+    if heads % tp or groups % tp:
+        return names.heads, (f"{names.heads} {heads} and {names.query_groups} {groups} must both divide by "
+                             f"{names.tp} {tp} (each TP rank holds whole heads)")
+    return None
+
+
+def exchange_timeout_problem(timeout_s, minutes, names: Names) -> Problem | None:
+    """A timed FCP wait must end before the process group's own timeout (``minutes``; None: Megatron's default), or
+    it never names the silent peer."""
+    if not st.is_positive_seconds(timeout_s):
+        return None  # unset: no timed wait; a bad value is the setting's own problem
+    minutes = minutes or DEFAULT_DISTRIBUTED_TIMEOUT_MINUTES
+    limit_s = minutes * 60
+    if timeout_s < limit_s:
+        return None
+    t, d = names.exchange_timeout, names.distributed_timeout
+    return t, (f"{t} {timeout_s:g} s is not shorter than {d} {minutes:g} ({limit_s:g} s), so the process group would "
+               f"abort before FCP names the silent peer; pass {t} {limit_s / 2:g} (below {limit_s:g}), raise {d} to "
+               f"{math.floor(timeout_s / 60) + 1} or more, or leave {t} unset (no timed wait)")
 
 
 def _get(args, name, default=None):
@@ -263,22 +353,12 @@ def _sizes(args) -> tuple[int, int, int]:
 
 
 def _pipeline_problem(args, world_size: int) -> Problem | None:
-    pp = _sizes(args)[2]
-    if pp != 1:
-        return ("--pipeline-model-parallel-size",
-                f"FCP does not support pipeline parallelism yet (--pipeline-model-parallel-size {pp}); use "
-                "--pipeline-model-parallel-size 1 with tensor, data and context parallelism")
-    return None
+    return pipeline_problem(_sizes(args)[2], FLAG_NAMES)
 
 
 def _layout_problem(args, world_size: int) -> Problem | None:
-    cp, tp, _ = _sizes(args)
-    if world_size % (tp * cp):
-        return ("--context-parallel-size",
-                f"--context-parallel-size {cp} x --tensor-model-parallel-size {tp} = {tp * cp} does not divide the "
-                f"{world_size} launched processes; launch a multiple of {tp * cp} processes or change the parallel "
-                "sizes")
-    return None
+    cp, tp, pp = _sizes(args)
+    return layout_problem(world_size, tp, pp, cp, FLAG_NAMES)
 
 
 def _loss_problem(args, world_size: int) -> Problem | None:
@@ -290,11 +370,7 @@ def _loss_problem(args, world_size: int) -> Problem | None:
 
 
 def _micro_batch_problem(args, world_size: int) -> Problem | None:
-    if int(_get(args, "micro_batch_size", 1) or 1) != 1:
-        return ("--micro-batch-size",
-                f"FCP packs one micro-batch of --seq-length tokens over the CP group; use --micro-batch-size 1 (got "
-                f"{_get(args, 'micro_batch_size')}) and more micro-batches per step via --global-batch-size")
-    return None
+    return micro_batch_problem(int(_get(args, "micro_batch_size", 1) or 1), FLAG_NAMES)
 
 
 def _sequence_problem(args, world_size: int) -> Problem | None:
@@ -302,32 +378,15 @@ def _sequence_problem(args, world_size: int) -> Problem | None:
     seq = _get(args, "seq_length")
     if seq is None or seq < 1:
         return "--seq-length", "FCP needs --seq-length (tokens of one packed micro-batch over the whole CP group)"
-    unit = 2 * cp if cp > 1 else 1  # Megatron's own rule for CP > 1 (validate_args); FCP needs seq_length / cp
-    if seq % unit:
-        why = " x 2, which Megatron requires with CP" if cp > 1 else ""
-        return ("--seq-length", f"--seq-length {seq} is not a multiple of --context-parallel-size {cp}{why} (try "
-                                f"--seq-length {seq - seq % unit + unit})")
-    if bool(_get(args, "sequence_parallel", False)) and (seq // cp) % tp:
-        return ("--seq-length", f"with --sequence-parallel each CP rank's {seq // cp} tokens must split evenly over "
-                                f"--tensor-model-parallel-size {tp}; pick --seq-length a multiple of "
-                                f"{math.lcm(unit, cp * tp)}")
-    return None
+    return sequence_problem(seq, cp, tp, bool(_get(args, "sequence_parallel", False)), FLAG_NAMES)
 
 
 def _heads_problem(args, world_size: int) -> Problem | None:
-    tp = _sizes(args)[1]
     heads = _get(args, "num_attention_heads")
     groups = _get(args, "num_query_groups") if _get(args, "group_query_attention", False) else heads
     if heads is None or groups is None:
         return None
-    if groups < 1 or heads % groups:
-        return ("--num-attention-heads", f"--num-attention-heads {heads} is not a multiple of --num-query-groups "
-                                         f"{groups}; grouped-query attention needs heads % query groups == 0")
-    if heads % tp or groups % tp:
-        return ("--num-attention-heads", f"--num-attention-heads {heads} and --num-query-groups {groups} must both "
-                                         f"divide by --tensor-model-parallel-size {tp} (each TP rank holds whole "
-                                         "heads)")
-    return None
+    return heads_problem(heads, groups, _sizes(args)[1], FLAG_NAMES)
 
 
 def _attention_problem(args, world_size: int) -> Problem | None:
@@ -356,7 +415,7 @@ def _data_problem(args, world_size: int) -> Problem | None:
         return ("--sft", "FCP does not take --sft datasets yet; use GPT pretraining data with --reset-position-ids "
                          "(document boundaries) or --mock-data --fcp-mock-doclens NAME")
     if _get(args, "mock_data", False):
-        if not _get(args, "fcp_mock_doclens"):
+        if not _get(args, MOCK_DOCLENS.dest):
             return ("--fcp-mock-doclens", "with --mock-data, FCP needs documents: add --fcp-mock-doclens NAME|FILE "
                                           "(linux_files, linux_dirs, spamassassin, magi_hist, or a file of one "
                                           "length per line)")
@@ -368,19 +427,8 @@ def _data_problem(args, world_size: int) -> Problem | None:
 
 
 def _exchange_timeout_problem(args, world_size: int) -> Problem | None:
-    """A timed FCP wait must end before the process group's own timeout, or it never names the silent peer."""
-    timeout_s = _get(args, "fcp_exchange_timeout")
-    if not _positive_seconds(timeout_s):
-        return None  # unset: no timed wait; a bad value is FcpConfig's problem
-    minutes = _get(args, "distributed_timeout_minutes") or DEFAULT_DISTRIBUTED_TIMEOUT_MINUTES
-    limit_s = minutes * 60
-    if timeout_s < limit_s:
-        return None
-    return (TIMEOUT_FLAG,
-            f"{TIMEOUT_FLAG} {timeout_s:g} s is not shorter than --distributed-timeout-minutes {minutes:g} "
-            f"({limit_s:g} s), so the process group would abort before FCP names the silent peer; pass "
-            f"{TIMEOUT_FLAG} {limit_s / 2:g} (below {limit_s:g}), raise --distributed-timeout-minutes to "
-            f"{math.floor(timeout_s / 60) + 1} or more, or leave {TIMEOUT_FLAG} unset (no timed wait)")
+    timeout_s = _get(args, SETTINGS["exchange_timeout_s"].dest)
+    return exchange_timeout_problem(timeout_s, _get(args, "distributed_timeout_minutes"), FLAG_NAMES)
 
 
 _MEGATRON_CHECKS = (_pipeline_problem, _layout_problem, _loss_problem, _micro_batch_problem, _sequence_problem,
@@ -416,7 +464,7 @@ def te_capability_problem(backend: str, capability: tuple[int, int] | None) -> P
 
 def _gpu_problems(args, compute_capability) -> list[Problem]:
     """The rules that depend on the GPU the run is on (see :func:`fcp_arg_problems` for ``compute_capability``)."""
-    backend = _get(args, "fcp_attention_backend", "auto")
+    backend = _get(args, SETTINGS["backend"].dest, SETTINGS["backend"].default)
     if backend != "te":
         return []  # no need to look at the GPU (nor to import torch)
     capability = this_gpu_capability() if compute_capability == THIS_GPU else compute_capability
@@ -434,7 +482,7 @@ def fcp_arg_problems(args, world_size: int,
     launcher on another machine: the GPU rules are skipped); :data:`THIS_GPU` (default) reads this process's CUDA
     device when a rule needs it (None without CUDA).
     """
-    if _get(args, "context_parallel_mode", "ring") != "fcp":
+    if _get(args, MODE.dest, MODE.default) != "fcp":
         return []
     problems = [p for check in _MEGATRON_CHECKS if (p := check(args, world_size)) is not None]
     problems += _gpu_problems(args, compute_capability)

@@ -16,7 +16,7 @@ from megatron_fcp.errors import InputError
 from megatron_fcp.launch import ConfigError, command, entry_args, launcher_env, load_run_config, node_commands
 from megatron_fcp.launch.__main__ import main
 from megatron_fcp.launch.command import megatron_args, megatron_parser, worker_args, worker_parser
-from megatron_fcp.megatron.config import check_fcp_args
+from megatron_fcp.megatron.config import CONFIG_SETTINGS, check_fcp_args
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 RUN_CONFIGS = sorted(CONFIGS.glob("*.yaml"))
@@ -201,6 +201,27 @@ def _flags(args: list[str]) -> list[str]:
 
 NOT_ONE_KEY = ("--mock-data", "--data-path", "--global-batch-size", "--tokenizer-type")
 """Flags whose value is not one key's value as it stands (checked one by one below)."""
+FLAG_KEYS = {
+    "--num-layers": "model.num_layers", "--hidden-size": "model.hidden_size",
+    "--ffn-hidden-size": "model.ffn_hidden_size", "--num-attention-heads": "model.num_attention_heads",
+    "--num-query-groups": "model.num_query_groups", "--rotary-base": "model.rotary_base",
+    "--normalization": "model.normalization", "--norm-epsilon": "model.norm_epsilon",
+    "--vocab-size": "model.vocab_size",
+    "--tensor-model-parallel-size": "parallel.tensor", "--pipeline-model-parallel-size": "parallel.pipeline",
+    "--context-parallel-size": "parallel.context",
+    "--seq-length": "training.seq_length", "--micro-batch-size": "training.micro_batch_size",
+    "--train-iters": "training.train_iters", "--lr": "training.lr", "--min-lr": "training.min_lr",
+    "--lr-warmup-iters": "training.warmup_iters", "--lr-decay-style": "training.lr_decay_style",
+    "--weight-decay": "training.weight_decay", "--clip-grad": "training.clip_grad",
+    "--adam-beta1": "training.adam_beta1", "--adam-beta2": "training.adam_beta2",
+    "--eval-iters": "training.eval_iters", "--eval-interval": "training.eval_interval",
+    "--save-interval": "training.save_interval", "--log-interval": "training.log_interval",
+    "--seed": "training.seed", "--distributed-timeout-minutes": "training.distributed_timeout_minutes",
+    "--split": "data.split", "--tokenizer-model": "data.tokenizer.model", "--fcp-mock-doclens": "data.mock_doclens",
+    "--save": "paths.checkpoints", "--load": "paths.checkpoints",
+    **{described.flag: f"context_parallel.{described.key}" for described in CONFIG_SETTINGS},
+}
+"""The config key behind each Megatron or FCP flag whose value comes straight from one key."""
 
 
 @pytest.mark.parametrize("path", RUN_CONFIGS, ids=lambda p: p.stem)
@@ -215,8 +236,8 @@ def test_megatron_args_read_back_without_loss(path):
         kind = command.MEGATRON_FLAGS.get(flag) or command.FCP_FLAGS[flag]
         if kind == command.SWITCH:
             assert ns[dest] is True, flag
-        elif flag in command.FLAG_KEYS and flag not in NOT_ONE_KEY:
-            value = attrgetter(command.FLAG_KEYS[flag])(spec)
+        elif flag in FLAG_KEYS and flag not in NOT_ONE_KEY:
+            value = attrgetter(FLAG_KEYS[flag])(spec)
             assert ns[dest] == kind("none" if value is None else value), flag
     assert ns["global_batch_size"] == spec.global_batch_size
     if spec.data.blend:
@@ -357,3 +378,50 @@ def test_launch_imports_neither_torch_nor_megatron_core():
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'megatron')))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def _launch_imports() -> dict[str, set[str]]:
+    """Each module of megatron_fcp.launch -> the launch modules it imports anywhere (type-hint imports too)."""
+    import ast
+
+    folder = Path(__file__).resolve().parents[2] / "megatron_fcp" / "launch"
+    names = {path.stem for path in folder.glob("*.py")} - {"__init__", "__main__"}
+    graph = {}
+    for name in names:
+        found = set()
+        for node in ast.walk(ast.parse((folder / f"{name}.py").read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module == "megatron_fcp.launch":
+                found |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("megatron_fcp.launch."):
+                found.add(node.module.rsplit(".", 1)[1])
+        graph[name] = found & names
+    return graph
+
+
+def test_launch_modules_import_each_other_without_a_loop():
+    graph = _launch_imports()
+    assert "command" not in graph["checks"] and "spec" not in graph["checks"]
+    done: set[str] = set()
+
+    def visit(name: str, path: tuple[str, ...]) -> None:
+        assert name not in path, f"import loop: {' -> '.join((*path, name))}"
+        if name not in done:
+            for imported in graph[name]:
+                visit(imported, (*path, name))
+            done.add(name)
+
+    for name in graph:
+        visit(name, ())
+
+
+def test_context_parallel_keys_are_fcp_settings():
+    from dataclasses import fields
+
+    from megatron_fcp.launch.spec import ContextParallelSpec
+
+    keys = {f.name: f.default for f in fields(ContextParallelSpec)}
+    assert keys == {described.key: described.key_default for described in CONFIG_SETTINGS}
+    assert keys["mode"] == "fcp" and keys["edge_cost_tile_size"] == "auto"
+    worker = {flag: attr for flag, attr, _ in command.WORKER_FLAGS}
+    assert worker["--scheduler"] == "context_parallel.scheduler"
+    assert worker["--kv-budget-tokens"] == "context_parallel.kv_budget_tokens"

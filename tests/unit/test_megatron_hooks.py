@@ -81,11 +81,25 @@ def test_old_block_size_flag_still_sets_the_tile_with_a_deprecation_warning():
     assert "tile" in action.help and "any token" in action.help
 
 
+def test_each_flag_is_made_from_its_setting():
+    from megatron_fcp.megatron.config import FLAG_SETTINGS, SETTINGS
+
+    actions = {a.option_strings[0]: a for a in add_fcp_args(argparse.ArgumentParser())._actions if a.option_strings
+               and a.option_strings[0] != "-h"}
+    assert [flag for flag in actions if flag != "--fcp-block-size"] == [x.flag for x in FLAG_SETTINGS]
+    for described in FLAG_SETTINGS:
+        action = actions[described.flag]
+        assert (action.default, action.help, action.dest) == (described.default, described.help, described.dest)
+    ns = argparse.Namespace(context_parallel_size=4, seq_length=4096)  # every FCP flag left out: the defaults
+    assert fcp_config_from_args(ns) == FcpConfig(cp=4, seq_length=4096)
+    assert FcpConfig(cp=4, seq_length=4096).tile_size == 128 and SETTINGS["tile_size"].default == "auto"
+
+
 @pytest.mark.parametrize("changes, needle", [
     ({"cp": 0}, "--context-parallel-size must be a whole number >= 1, got 0"),
     ({"seq_length": 4095}, "--seq-length 4095 is not a multiple of --context-parallel-size 4"),
     ({"seq_length": 2.5}, "--seq-length must be a whole number >= 1"),
-    ({"tile_size": True}, "--fcp-edge-cost-tile-size must be a whole number >= 1"),
+    ({"tile_size": True}, "--fcp-edge-cost-tile-size must be a positive integer or 'auto', got True"),
     ({"mask": "sliding"}, "mask must be one of causal, full"),
     ({"scheduler": "nocp"}, "--fcp-scheduler must be one of fcp, ring"),
     ({"backend": "cudnn"}, "--fcp-attention-backend must be one of auto, cpu, flash-attn"),
@@ -104,12 +118,16 @@ def test_fcp_config_parses_budget_strings_and_documents_every_field():
 
     assert FcpConfig(cp=2, seq_length=256, kv_budget_tokens=" 64 ").kv_budget_tokens == 64
     assert FcpConfig(cp=2, seq_length=256, kv_budget_tokens="none").kv_budget_tokens is None
+    import ast
     import inspect
+    import textwrap
 
-    text = inspect.getsource(FcpConfig)
+    body = ast.parse(textwrap.dedent(inspect.getsource(FcpConfig))).body[0].body
+    documented = {node.target.id for node, after in zip(body, body[1:], strict=False)
+                  if isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr)
+                  and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)}
     for field in dataclasses.fields(FcpConfig):
-        after = text.split(f"    {field.name}:", 1)[1].split("\n", 2)[1]
-        assert after.strip().startswith('"""'), f"FcpConfig.{field.name} has no docstring"
+        assert field.name in documented, f"FcpConfig.{field.name} has no docstring"
 
 
 @pytest.mark.parametrize("value, want", [("auto", "auto"), ("none", None), ("None", None), ("64", 64),
