@@ -1,7 +1,7 @@
 """Fit the cost model's kernel time laws to the published H100 FlashAttention figures (no GPU).
 
-    .venv/bin/python scripts/calibrate_published.py            # writes configs/hardware/h100_published_*.yaml
-                                                               # and docs/calibration_published.md
+    .venv/bin/python scripts/calibrate_published.py  # writes megatron_fcp/data/kernel_laws/h100_published_*.yaml
+                                                     # and docs/calibration_published.md
 
 For FlashAttention-2 (PyTorch's built-in kernels and flash-attn 2: what this project's `torch-flash` and
 `flash-attn` backends run) and FlashAttention-3, per pass and mask: the fitted law, its error on the figures,
@@ -32,8 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", nargs="+",
-                   default=[str(REPO / "configs/hardware"), str(REPO / "megatron_fcp/data/hardware")],
+    p.add_argument("--out", nargs="+", default=[str(REPO / "megatron_fcp/data/kernel_laws")],
                    help="folders to write the calibration files to (the shipped one is what the cost model loads)")
     p.add_argument("--out-doc", default=str(REPO / "docs/calibration_published.md"))
     args = p.parse_args()
@@ -44,13 +43,13 @@ def main() -> None:
              "Command: `.venv/bin/python scripts/calibrate_published.py`. Law per call: `seconds = launch + "
              "flops_per_pair x (edge_pairs + row_overhead_keys x query_rows) / (peak x max_efficiency)` "
              f"(launch {hw.kernel_launch_us:g} us and tile {tile} from h100_node.yaml, peak {peak} TFLOP/s). "
-             "Figures from megatron_fcp/data/hardware/published_attention_h100.yaml (sources there); "
+             "Figures from megatron_fcp/data/published/published_attention_h100.yaml (sources there); "
              "FA2's causal backward is derived from the FA2 paper's forward + backward figure (read from its "
              "image) and the FA3 paper's FA2 forward figure.", ""]
     for kernel in ("fa2", "fa3"):
         laws = fit_kernel(data, kernel, peak, launch, tile)
         note = (f"{kernel} kernel time laws fitted by scripts/calibrate_published.py to published H100 figures "
-                "(megatron_fcp/data/hardware/published_attention_h100.yaml); modeled, not measured here")
+                "(megatron_fcp/data/published/published_attention_h100.yaml); modeled, not measured here")
         for folder in args.out:
             path = Path(folder) / f"h100_published_{kernel}.yaml"
             path.write_text(f"# {note}\n" + to_yaml(kernel, laws, note))

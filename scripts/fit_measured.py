@@ -4,7 +4,8 @@
 
 Fits megatron_fcp.sim.calibration.fit_calls to every measured call (calibration grid and replayed shapes, forward
 and backward), writes the laws as NAME.yaml and a profile NAME_node.yaml (h200_node with these laws and the
-fitted launch cost) to configs/hardware/ and megatron_fcp/data/hardware/, and prints the fit.
+fitted launch cost) into the package (megatron_fcp/data/kernel_laws/ and megatron_fcp/data/hardware/), or both
+into one folder with ``--out DIR``, and prints the fit.
 """
 
 from __future__ import annotations
@@ -35,8 +36,8 @@ def main(argv=None) -> None:
     p.add_argument("--name", default="h200_measured_torch_flash")
     p.add_argument("--base-profile", default="h200_node")
     p.add_argument("--tile", type=int, default=128)
-    p.add_argument("--out", nargs="+",
-                   default=[str(REPO / "configs/hardware"), str(REPO / "megatron_fcp/data/hardware")])
+    p.add_argument("--out", type=Path, default=None,
+                   help="one folder for the laws and the profile (default: the package's kernel_laws/ and hardware/)")
     args = p.parse_args(argv)
     kernels = json.loads(args.kernels.read_text())
     cfg = kernels["config"]
@@ -50,11 +51,12 @@ def main(argv=None) -> None:
                + base.replace(f"name: {args.base_profile} ", f"name: {args.name}_node ", 1))
     profile = profile.replace("kernel_launch_us: 10  # modeled fixed cost of one attention kernel call, microseconds",
                               f"kernel_launch_us: {launch * 1e6:.2f}  # fitted to the measured calls")
-    laws_line = f"kernel_laws: {args.name}  # measured laws, next to this file\n"
+    laws_line = f"kernel_laws: {args.name}  # measured laws (next to this file, or shipped)\n"
     profile = profile.replace("tile_size:", laws_line + "tile_size:", 1)
-    for folder in args.out:
-        (Path(folder) / f"{args.name}.yaml").write_text(f"# {note}\n" + to_yaml("measured", laws, note))
-        (Path(folder) / f"{args.name}_node.yaml").write_text(profile)
+    data = REPO / "megatron_fcp/data"
+    laws_dir, profile_dir = (args.out, args.out) if args.out else (data / "kernel_laws", data / "hardware")
+    (laws_dir / f"{args.name}.yaml").write_text(f"# {note}\n" + to_yaml("measured", laws, note))
+    (profile_dir / f"{args.name}_node.yaml").write_text(profile)
     print(note)
     for (pass_, mask), law in sorted(laws.items()):
         print(f"{pass_} {mask}: max efficiency {law.max_efficiency:.3f}, row overhead {law.row_overhead_keys:.0f} "

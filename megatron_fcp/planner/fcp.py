@@ -46,7 +46,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from megatron_fcp.planner.pairs import check_mask, q_pairs
+from megatron_fcp.planner.pairs import check_mask, edge_pairs, q_pairs
 from megatron_fcp.planner.plan import Plan, derive_kv, merge_adjacent_q
 
 Part = tuple[int, int, int]
@@ -167,8 +167,8 @@ class _Pool:
     """
 
     def __init__(self, lens: np.ndarray, batch: _Batch, units, mask: str, tile_size: int, edge_weight: float):
-        self.piece_overhead = edge_weight * tile_size * tile_size / 4
-        self.edge_per_key = edge_weight * tile_size / 2
+        self.piece_overhead = edge_weight * edge_pairs(0, 1, tile_size)
+        self.edge_per_key = edge_weight * edge_pairs(1, 0, tile_size)
         self.causal = mask == "causal"
         self.batch = batch
         self.bin_next = [0] * len(batch.bin_first)

@@ -41,6 +41,13 @@ def block_pairs(q_start, q_end, k_start, k_end, mask: str):
     return _causal_prefix(q_end, k_start, k_end) - _causal_prefix(q_start, k_start, k_end)
 
 
+def edge_pairs(num_tokens, num_segments, tile: int):
+    """The attention kernel's edge work, in pairs: the partly filled tiles of a sequence cost half a tile per
+    query or key token along its edges and a quarter tile squared per sequence. The one formula behind the
+    planner's piece cost (:mod:`megatron_fcp.planner.fcp`) and the cost model's (:mod:`megatron_fcp.sim`)."""
+    return tile / 2 * num_tokens + tile * tile / 4 * num_segments
+
+
 def arange_within(counts) -> np.ndarray:
     """For groups of ``counts`` elements laid end to end, each element's position inside its group."""
     counts = np.asarray(counts, dtype=np.int64)

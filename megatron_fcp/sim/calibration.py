@@ -3,7 +3,7 @@
 The fixed utilisations of a hardware profile (60% forward, 45% backward of peak) ignore that attention kernels
 are slow on short sequences. This module fits, per kernel family, pass (forward, backward) and mask (causal
 diagonal, full), a two-parameter kernel time law to the H100 figures of the FlashAttention-2/3 papers
-(``megatron_fcp/data/hardware/published_attention_h100.yaml``, every number with its source):
+(``megatron_fcp/data/published/published_attention_h100.yaml``, every number with its source):
 
     seconds(call) = launch + flops_per_pair * (edge_pairs + row_overhead_keys * query_rows) / (peak * max_efficiency)
 
@@ -29,6 +29,7 @@ import numpy as np
 import yaml
 
 from megatron_fcp.errors import InputError
+from megatron_fcp.planner.pairs import edge_pairs
 
 PUBLISHED = "published_attention_h100.yaml"
 PASSES = ("fwd", "bwd")
@@ -55,14 +56,14 @@ class KernelLaw:
 def load_published(path: str | Path | None = None) -> dict:
     """The published figures file (default: the shipped one)."""
     if path is None:
-        return yaml.safe_load((resources.files("megatron_fcp") / "data" / "hardware" / PUBLISHED).read_text())
+        return yaml.safe_load((resources.files("megatron_fcp") / "data" / "published" / PUBLISHED).read_text())
     return yaml.safe_load(Path(path).read_text())
 
 
 def segment_work(pairs, num_q, num_k, num_segments, tile: int):
     """The cost model's work of a call from its totals: exact pairs plus the partly filled edge tiles of every
     segment (``tile / 2`` per query and key token, ``tile^2 / 4`` per segment)."""
-    return pairs + tile / 2 * (num_q + num_k) + tile * tile / 4 * num_segments
+    return pairs + edge_pairs(num_q + num_k, num_segments, tile)
 
 
 def call_work(q_lens, k_lens, causal: bool, tile: int) -> tuple[float, float, float]:

@@ -67,7 +67,7 @@ import numpy as np
 import yaml
 
 from megatron_fcp.errors import InputError
-from megatron_fcp.planner.pairs import arange_within, block_pairs, matching_rows, q_pairs
+from megatron_fcp.planner.pairs import arange_within, block_pairs, edge_pairs, matching_rows, q_pairs
 from megatron_fcp.planner.plan import Plan
 from megatron_fcp.planner.stages import (
     DEFAULT_KV_BUDGET,
@@ -81,7 +81,7 @@ from megatron_fcp.sim.calibration import KernelLaw, law_seconds, laws_from_yaml
 
 @dataclass(frozen=True, kw_only=True)
 class HardwareProfile:
-    """A GPU node and the attention layer being modeled (see configs/hardware/*.yaml for sources)."""
+    """A GPU node and the attention layer being modeled (see megatron_fcp/data/hardware/*.yaml for sources)."""
 
     name: str
     gpus_per_node: int
@@ -144,8 +144,9 @@ HARDWARE = ("h100_node", "h200_node", "h100_node_fa2_published", "h200_node_fa2_
 OPTIONAL_FIELDS = ("kernel_laws",)
 
 
-def _shipped(name: str) -> str:
-    return (resources.files("megatron_fcp") / "data" / "hardware" / f"{name}.yaml").read_text()
+def _shipped(folder: str, name: str) -> str:
+    """A shipped YAML file: ``hardware`` (profiles) or ``kernel_laws`` (fitted kernel time laws)."""
+    return (resources.files("megatron_fcp") / "data" / folder / f"{name}.yaml").read_text()
 
 
 def load_hardware(name_or_path: str | Path = "h100_node") -> HardwareProfile:
@@ -153,7 +154,7 @@ def load_hardware(name_or_path: str | Path = "h100_node") -> HardwareProfile:
     a shipped calibration file or a path (relative to the profile's folder)."""
     folder = None
     if isinstance(name_or_path, str) and name_or_path in HARDWARE:
-        text = _shipped(name_or_path)
+        text = _shipped("hardware", name_or_path)
     else:
         path = Path(name_or_path)
         if not path.is_file():
@@ -161,6 +162,9 @@ def load_hardware(name_or_path: str | Path = "h100_node") -> HardwareProfile:
                              f"({', '.join(HARDWARE)}) nor an existing file; pass one of those names or a YAML file")
         text, folder = path.read_text(), path.parent
     raw = yaml.safe_load(text)
+    if isinstance(raw, dict) and {"kernel", "laws"} <= raw.keys():
+        raise InputError(f"{name_or_path} is a kernel-law file, not a hardware profile; name it in a profile's "
+                         f"kernel_laws field, or pass a profile ({', '.join(HARDWARE)}) or a profile YAML")
     flat = {k: v for k, v in raw.items() if k != "model"} | dict(raw.get("model", {}))
     names = {f.name for f in fields(HardwareProfile)} - {"laws"}
     missing, unknown = names - flat.keys() - set(OPTIONAL_FIELDS), flat.keys() - names
@@ -176,10 +180,10 @@ def load_hardware(name_or_path: str | Path = "h100_node") -> HardwareProfile:
             laws_text = local.read_text()
         else:
             try:
-                laws_text = _shipped(laws_name)
+                laws_text = _shipped("kernel_laws", laws_name)
             except FileNotFoundError:
                 raise InputError(f"hardware profile {name_or_path}: kernel_laws {laws_name!r} is neither a shipped "
-                                 "calibration (megatron_fcp/data/hardware) nor a file next to the profile") from None
+                                 "calibration (megatron_fcp/data/kernel_laws) nor a file next to the profile") from None
         flat["laws"] = laws_from_yaml(laws_text)
     return HardwareProfile(**flat)
 
@@ -283,7 +287,7 @@ def mfu(plan: Plan, hw: HardwareProfile, cost: PlanCost) -> float:
 
 def _eff_pairs(pairs, q_tokens, k_tokens, tile: int):
     """Effective pairs of kernel sequences: exact pairs plus partly filled edge tiles (zero where no pairs)."""
-    return np.where(pairs > 0, pairs + tile / 2 * (q_tokens + k_tokens) + tile * tile / 4, 0.0)
+    return np.where(pairs > 0, pairs + edge_pairs(q_tokens + k_tokens, 1, tile), 0.0)
 
 
 # -- point-to-point (FCP, MagiAttention-style, no CP): the staged exchange ---------------------------------------
@@ -493,7 +497,7 @@ def _ring_overheads(plan: Plan, group_of_doc: np.ndarray, tile: int) -> np.ndarr
     if plan.mask == "causal":
         steps = np.maximum(steps / 2, 1)
     n_q = q[:, 3] - q[:, 2]
-    return steps * (tile / 2 * n_q + tile * tile / 4) + tile / 2 * plan.doc_lens[q[:, 1]] / 2
+    return edge_pairs(steps * n_q + plan.doc_lens[q[:, 1]] / 2, steps, tile)
 
 
 def _ring_cost(plan: Plan, hw: HardwareProfile, pairs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -69,8 +69,8 @@ def test_ring_flash_attention_single_gpu_figure_is_predicted(data):
 
 @pytest.mark.parametrize("kernel", ["fa2", "fa3"])
 def test_shipped_calibration_files_are_current(data, kernel):
-    """configs/hardware/h100_published_*.yaml are what scripts/calibrate_published.py writes today."""
-    shipped = yaml.safe_load((REPO / f"configs/hardware/h100_published_{kernel}.yaml").read_text())
+    """megatron_fcp/data/kernel_laws/h100_published_*.yaml are what scripts/calibrate_published.py writes today."""
+    shipped = yaml.safe_load((REPO / f"megatron_fcp/data/kernel_laws/h100_published_{kernel}.yaml").read_text())
     fresh = yaml.safe_load(cal.to_yaml(kernel, cal.fit_kernel(data, kernel, PEAK, LAUNCH, TILE), shipped["note"]))
     _assert_same_fit(shipped, fresh)
 
@@ -178,11 +178,19 @@ def test_bad_kernel_laws_say_what_is_wrong(tmp_path):
         load_hardware(bad)
 
 
-def test_configs_hardware_are_the_shipped_profiles():
-    """configs/hardware/ (for users to copy) holds the same files the package ships and the model loads."""
-    shipped = REPO / "megatron_fcp/data/hardware"
-    for path in sorted((REPO / "configs/hardware").glob("*.yaml")):
-        assert path.read_text() == (shipped / path.name).read_text(), path.name
+def test_every_shipped_profile_loads_and_a_kernel_law_file_is_named_as_such():
+    """Profiles (data/hardware) and kernel laws (data/kernel_laws) live apart; each profile loads, and a law file
+    given where a profile is expected says what it is in one line instead of listing missing fields."""
+    from megatron_fcp.errors import InputError
+    from megatron_fcp.sim.model import HARDWARE, load_hardware
+
+    shipped = sorted(path.stem for path in (REPO / "megatron_fcp/data/hardware").glob("*.yaml"))
+    assert shipped == sorted(HARDWARE)
+    for name in HARDWARE:
+        load_hardware(name)
+    with pytest.raises(InputError, match="is a kernel-law file, not a hardware profile") as error:
+        load_hardware(REPO / "megatron_fcp/data/kernel_laws/h100_published_fa2.yaml")
+    assert "\n" not in str(error.value) and "missing fields" not in str(error.value)
 
 
 def test_fit_calls_recovers_laws_and_launch_from_measured_shapes():
