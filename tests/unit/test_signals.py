@@ -12,7 +12,7 @@ psutil = pytest.importorskip("psutil")
 
 # SIGTERM to every child of this process (what Slurm does to every process of a job step), then use the queue
 PROGRAM = """
-import os, signal, sys, time
+import os, signal, sys
 import psutil
 from megatron.core.dist_checkpointing.strategies import filesystem_async
 from megatron_fcp.megatron.signals import start_checkpoint_results_queue
@@ -30,7 +30,9 @@ for mode in ("shielded", "plain"):
     assert len(helpers) == 1, "the queue runs in one helper process"  # (beside multiprocessing's resource tracker)
     for helper in helpers:
         os.kill(helper.pid, signal.SIGTERM)
-    time.sleep(0.5)
+    # plain: wait until the helper has died of it; shielded: it must still be alive after a grace period
+    gone, alive = psutil.wait_procs(helpers, timeout=2 if mode == "shielded" else 60)
+    assert (alive if mode == "shielded" else gone), (mode, gone, alive)
     try:
         queue.put({"rank": 0})
         print(mode, "queue", queue.get(timeout=10))
