@@ -1,12 +1,12 @@
 """CPU benchmark: FCP vs ring attention (forward + backward) on one batch, over several gloo processes.
 
-Both strategies run the same kernels (the ``cpu`` backend) and merge code; they differ in placement (the FCP
-planner vs the planner's ring placement) and exchange (planned peer-to-peer in stages of at most
-``--kv-budget-tokens`` vs ring steps). Per rank it prints the time inside attention kernels, the time spent
-waiting for messages, the key/value (and gradient) bytes received, the total time of the step, and for FCP the
-time of the plan check (one all-gather confirming every rank holds the same plan, once per micro-batch), as
-medians over ``--iters`` timed steps after one warm-up step; then the FCP/ring ratio of the slowest rank's
-total. It measures and prints; it asserts nothing about speed.
+Both strategies run the same kernels (the ``cpu`` backend), merge code and rounds; they differ in placement (the
+FCP planner vs the planner's ring placement) and schedule (planned peer-to-peer in stages of at most
+``--kv-budget-tokens`` vs ring steps: every other rank's whole buffer, one per round). Per rank it prints the
+time inside attention kernels, the time spent waiting for messages, the key/value (and gradient) bytes received,
+the total time of the step, and for FCP the time of the plan check (one all-gather confirming every rank holds
+the same plan, once per micro-batch), as medians over ``--iters`` timed steps after one warm-up step; then the
+FCP/ring ratio of the slowest rank's total. It measures and prints; it asserts nothing about speed.
 
 Each process uses one thread. On a machine with fewer cores than ranks the processes share cores, which
 inflates every figure alike; the ratio is the number to read.
@@ -36,7 +36,7 @@ from megatron_fcp.kernels import Backend, get_backend
 from megatron_fcp.planner.api import make_plan
 from megatron_fcp.planner.stages import parse_kv_budget
 from megatron_fcp.testing.layout import join_from_ranks, split_to_ranks
-from megatron_fcp.testing.ring import ring_attention, ring_steps
+from megatron_fcp.testing.ring import ring_attention, ring_schedule
 
 
 class TimedBackend(Backend):
@@ -104,10 +104,10 @@ def _worker(rank: int, args, store: str, result_path: str) -> None:
                 return fcp_attention(*x, view, None, backend=backend, exchange=exchange,
                                      kv_budget_tokens=args.kv_budget_tokens, verify_plan=False)
         else:
-            steps = ring_steps(plan, rank, "cpu")
+            ring = ring_schedule(plan, rank, "cpu")
 
-            def step(x, plan=plan, steps=steps, backend=backend, exchange=exchange):
-                return ring_attention(*x, plan, exchange, backend=backend, steps=steps)
+            def step(x, plan=plan, ring=ring, backend=backend, exchange=exchange):
+                return ring_attention(*x, plan, exchange, backend=backend, sched=ring)
 
         samples = []
         for it in range(args.iters + 1):

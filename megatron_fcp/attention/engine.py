@@ -3,9 +3,13 @@ each stage while the next one travels.
 
 The stages are plain functions over a :class:`RankStep` (the rank's
 :class:`~megatron_fcp.attention.schedule.RankSchedule`, own tensors and :class:`Kernels`) and the step's state
-(:class:`ForwardState`; :class:`BackwardQueries` and :class:`GradState` in backward), shared by the distributed
-autograd function (:func:`fcp_attention`) and the in-process executor (:mod:`megatron_fcp.testing.executor`), so
-both run the same kernels and the same merges in the same order.
+(:class:`ForwardState`; :class:`BackwardQueries` and :class:`GradState` in backward). The rounds around them are
+written once, :func:`forward_rounds` and :func:`backward_rounds`, over any
+:class:`~megatron_fcp.attention.exchange.Exchange`: the distributed autograd function (:func:`fcp_attention`)
+drives one rank's rounds on a :class:`~megatron_fcp.attention.exchange.P2PExchange` (:func:`run_alone`), and the
+in-process executor (:mod:`megatron_fcp.testing.executor`) drives every rank's on the
+:class:`~megatron_fcp.attention.exchange.InProcessExchange` of one process (:func:`run_together`), so both run
+the same kernels, merges, messages and buffers in the same order.
 Partial outputs are merged in float32 (float64 for float64 inputs); key/value gradients are accumulated in
 float32 (float64) and travel back to their owners in the input dtype.
 
@@ -33,7 +37,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_fcp.attention.exchange import ExchangeError, MemoryMeter, P2PExchange, Pending
+from megatron_fcp.attention.exchange import Exchange, ExchangeError, InProcessExchange, MemoryMeter, P2PExchange
 from megatron_fcp.attention.schedule import CallPlan, Message, RankSchedule, Stage, cached_schedule
 from megatron_fcp.errors import InputError
 from megatron_fcp.kernels import Backend, get_backend, lse_dtype, resolve_softmax_scale
@@ -266,7 +270,7 @@ def release(t: torch.Tensor) -> None:
     t.untyped_storage().resize_(0)
 
 
-# -- the distributed rounds ------------------------------------------------------------------------------------
+# -- the rounds: one loop, any exchange ------------------------------------------------------------------------
 def _kv_messages(messages: tuple[Message, ...], own: KeyValues) -> list[tuple[int, torch.Tensor]]:
     return [m for peer, a, b in messages for m in ((peer, own.k[a:b]), (peer, own.v[a:b]))]
 
@@ -277,10 +281,10 @@ def _stage_messages(stage: Stage | None, buf) -> list[tuple[int, torch.Tensor]]:
     return [m for src, a, b, _ in stage.recv for m in ((src, buf[0, a:b]), (src, buf[1, a:b]))]
 
 
-class _Rounds:
-    """One rank's rounds on the exchange (see the module docstring for their order)."""
+class _Posts:
+    """The messages one rank posts on its exchange in each round (see the module docstring for their order)."""
 
-    def __init__(self, step: RankStep, exchange):
+    def __init__(self, step: RankStep, exchange: Exchange):
         self.sched, self.own, self.exchange = step.sched, step.own, exchange
         self.meter = exchange.memory
 
@@ -289,8 +293,9 @@ class _Rounds:
         j = n - 1 - round_ if backward else round_
         return self.sched.stages[j] if 0 <= j < n else None
 
-    def post_kv(self, round_: int, backward: bool) -> Pending:
-        """Receive this rank's stage of the round (a new buffer, ``Pending.result``) and send the round's rows."""
+    def kv(self, round_: int, backward: bool):
+        """Receive this rank's stage of the round (a new buffer, the handle's ``result``) and send the round's
+        rows."""
         stage = self.stage_at(round_, backward)
         buf = stage_buffer(stage, self.own.k, self.meter)
         sends = (self.sched.refetch_rounds if backward else self.sched.send_rounds)[round_]
@@ -299,9 +304,9 @@ class _Rounds:
         pending.result = buf
         return pending
 
-    def post_grads(self, round_: int, stage_grads: torch.Tensor | None) -> Pending:
-        """Send a stage's key/value gradients to their owners and receive, into one buffer (``Pending.result``),
-        the gradients of this rank's key/values that come back in the round."""
+    def grads(self, round_: int, stage_grads: torch.Tensor | None):
+        """Send a stage's key/value gradients to their owners and receive, into one buffer (the handle's
+        ``result``), the gradients of this rank's key/values that come back in the round."""
         stage = self.stage_at(round_, True) if stage_grads is not None else None
         messages = self.sched.return_rounds[round_]
         k = self.own.k
@@ -316,34 +321,102 @@ class _Rounds:
         return pending
 
 
-class _NoExchange:
-    """Stand-in for CP size 1: nothing to send or receive."""
+def forward_rounds(step: RankStep, exchange: Exchange):
+    """One rank's forward, as a generator: yields each message handle just before waiting for it (where a driver
+    may run other ranks first, see :func:`run_together`); returns ``(out, lse, kept)``: the output shaped like
+    ``q``, the merged log-sum-exp and the last stage, kept for backward (None without stages)."""
+    sched, post = step.sched, _Posts(step, exchange)
+    pending = post.kv(0, backward=False) if sched.num_rounds else None
+    state = forward_local(step)
+    kept = None
+    for j in range(sched.num_rounds):
+        yield pending
+        buf = pending.wait()
+        if j + 1 < sched.num_rounds:
+            pending = post.kv(j + 1, backward=False)
+        if buf is not None:
+            forward_stage(step, sched.stages[j], buf, state)
+            kept = buf if j == len(sched.stages) - 1 else None
+        buf = None
+    return to_local(step.q, state.out), state.lse, kept
 
-    def __init__(self):
-        self.memory = MemoryMeter()
 
-    def post(self, *args) -> Pending:
-        return Pending([], [], "", 0)
+def backward_rounds(step: RankStep, queries: BackwardQueries, kept: torch.Tensor | None, exchange: Exchange):
+    """One rank's backward, as a generator like :func:`forward_rounds` (``kept``: its last stage, released here);
+    returns ``dq, dk, dv`` shaped and typed like ``q, k, v``."""
+    sched, post = step.sched, _Posts(step, exchange)
+    grads = new_grad_state(sched.num_real, step.q, step.k)
+    pending_kv = post.kv(1, backward=True) if sched.num_rounds > 1 else None
+    pending_grad = None
+    for t in range(sched.num_rounds):
+        if t == 0:
+            buf, kept = kept, None
+        else:
+            yield pending_kv
+            buf = pending_kv.wait()
+        if t >= 1 and t + 1 < sched.num_rounds:
+            pending_kv = post.kv(t + 1, backward=True)
+        stage, stage_grads = post.stage_at(t, backward=True), None
+        if stage is not None:
+            stage_grads = backward_stage(step, stage, buf, queries, grads, exchange.memory)
+            if t == 0:
+                release(buf)
+        buf = None
+        if pending_grad is not None:  # the previous round's gradients travelled while this stage computed
+            yield pending_grad
+            add_returned(grads, sched.return_rounds[t - 1], pending_grad.wait())
+        pending_grad = post.grads(t, stage_grads)
+        stage_grads = None
+    backward_local(step, queries, grads)
+    if pending_grad is not None:
+        yield pending_grad
+        add_returned(grads, sched.return_rounds[-1], pending_grad.wait())
+    return finish_backward(step, grads)
+
+
+def run_alone(rounds):
+    """Drive one rank's :func:`forward_rounds` or :func:`backward_rounds` to its end, each wait blocking until
+    its messages arrive (a process of a distributed job); returns what it returns."""
+    while True:
+        try:
+            next(rounds)
+        except StopIteration as done:
+            return done.value
+
+
+def run_together(rounds: list) -> list:
+    """Drive the rounds of every rank of one process (their exchanges those of one :class:`LocalHub`) to their
+    ends, in rank order, each rank running until it waits for messages not yet posted; returns what each returns.
+
+    Raises :class:`ExchangeError` if every rank left waits for messages no other rank will post (a deadlock the
+    distributed job would hang in)."""
+    results: list = [None] * len(rounds)
+    waiting = dict.fromkeys(range(len(rounds)))  # rank -> the handle it waits for (None: not started)
+    while waiting:
+        moved = False
+        for r in list(waiting):
+            pending = waiting[r]
+            try:
+                while pending is None or pending.ready():
+                    pending = next(rounds[r])
+                    moved = True
+            except StopIteration as done:
+                results[r], moved = done.value, True
+                del waiting[r]
+                continue
+            waiting[r] = pending
+        if not moved:
+            stuck = ", ".join(f"CP rank {r} ({p.phase})" for r, p in waiting.items())
+            raise ExchangeError(f"in-process exchange: every rank left waits for messages no rank posts: {stuck}; "
+                                "the ranks' schedules do not match")
+    return results
 
 
 class _FcpAttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, sched: RankSchedule, exchange, kernels: Kernels):
-        step = RankStep(sched, kernels, q, k, v)
-        rounds, stages = _Rounds(step, exchange), sched.stages
-        pending = rounds.post_kv(0, backward=False) if sched.num_rounds else None
-        state = forward_local(step)
-        kept = None
-        for j in range(sched.num_rounds):
-            buf = pending.wait()
-            if j + 1 < sched.num_rounds:
-                pending = rounds.post_kv(j + 1, backward=False)
-            if buf is not None:
-                forward_stage(step, stages[j], buf, state)
-                kept = buf if j == len(stages) - 1 else None
-            buf = None
-        out = to_local(q, state.out)
-        ctx.save_for_backward(q, k, v, out, state.lse, kept)
+    def forward(ctx, q, k, v, sched: RankSchedule, exchange: Exchange, kernels: Kernels):
+        out, lse, kept = run_alone(forward_rounds(RankStep(sched, kernels, q, k, v), exchange))
+        ctx.save_for_backward(q, k, v, out, lse, kept)
         ctx.fcp = (sched, exchange, kernels)
         return out
 
@@ -354,31 +427,16 @@ class _FcpAttentionFunction(torch.autograd.Function):
         if kept is not None and kept.numel() and kept.untyped_storage().nbytes() == 0:
             raise RuntimeError("FCP attention frees its saved key/values during backward, so its backward cannot run "
                                "twice (retain_graph=True); run the forward again instead")
-        step = RankStep(sched, kernels, q, k, v)
         queries = BackwardQueries(dout.contiguous(), q, out, lse)
-        rounds = _Rounds(step, exchange)
-        grads = new_grad_state(sched.num_real, q, k)
-        pending_kv = rounds.post_kv(1, backward=True) if sched.num_rounds > 1 else None
-        pending_grad = None
-        for t in range(sched.num_rounds):
-            buf = kept if t == 0 else pending_kv.wait()
-            kept = None
-            if t >= 1 and t + 1 < sched.num_rounds:
-                pending_kv = rounds.post_kv(t + 1, backward=True)
-            stage, stage_grads = rounds.stage_at(t, backward=True), None
-            if stage is not None:
-                stage_grads = backward_stage(step, stage, buf, queries, grads, exchange.memory)
-                if t == 0:
-                    release(buf)
-            buf = None
-            if pending_grad is not None:  # the previous round's gradients travelled while this stage computed
-                add_returned(grads, sched.return_rounds[t - 1], pending_grad.wait())
-            pending_grad = rounds.post_grads(t, stage_grads)
-            stage_grads = None
-        backward_local(step, queries, grads)
-        if pending_grad is not None:
-            add_returned(grads, sched.return_rounds[-1], pending_grad.wait())
-        return (*finish_backward(step, grads), None, None, None)
+        grads = run_alone(backward_rounds(RankStep(sched, kernels, q, k, v), queries, kept, exchange))
+        return (*grads, None, None, None)
+
+
+def attention_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sched: RankSchedule, exchange: Exchange,
+                   kernels: Kernels) -> torch.Tensor:
+    """The differentiable attention step of one rank on a finished schedule and an exchange, without the checks
+    of :func:`fcp_attention` (for the ring baseline and tools that build their own schedules)."""
+    return _FcpAttentionFunction.apply(q, k, v, sched, exchange, kernels)
 
 
 def check_inputs(q, k, v, rank_plan: RankPlan | RankSchedule, group_rank: int, group_size: int) -> None:
@@ -558,7 +616,7 @@ def fcp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rank_plan: 
     """
     cp = rank_plan.cp
     if cp == 1 and (group is None or not dist.is_initialized()):
-        group_rank, group_size, exchange = 0, 1, _NoExchange()
+        group_rank, group_size, exchange = 0, 1, InProcessExchange.group(1)[0]
     else:
         if not dist.is_initialized():
             raise InputError(f"fcp_attention: the plan is for CP size {cp} but torch.distributed is not "
@@ -575,4 +633,4 @@ def fcp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rank_plan: 
     scale = resolve_softmax_scale(softmax_scale, q.shape[2])
     if verify_plan and group_size > 1:
         check_plan_agreement(sched, exchange, q.device, q, k, scale)
-    return _FcpAttentionFunction.apply(q, k, v, sched, exchange, Kernels(kernels, scale))
+    return attention_step(q, k, v, sched, exchange, Kernels(kernels, scale))

@@ -1,6 +1,10 @@
 """Peer-to-peer key/value exchange over torch.distributed, with byte counters, a memory meter and opt-in
 named-peer timeouts.
 
+Two exchanges share one interface (:class:`Exchange`), so the attention step's rounds are written once
+(:mod:`megatron_fcp.attention.rounds`): :class:`P2PExchange` moves tensors between processes, and
+:class:`InProcessExchange` between the ranks of one process (all ranks simulated in one process, and CP size 1).
+
 One call posts every send and receive of a round at once with ``batch_isend_irecv`` (arbitrary peers of the CP
 group, group ranks translated to global ranks, contiguous tensors, never a self-send) and returns a handle; the
 caller computes while the messages are in flight and waits when it needs them. Messages between two ranks are
@@ -23,7 +27,9 @@ import math
 import numbers
 import time
 import weakref
+from collections import defaultdict, deque
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
@@ -39,8 +45,9 @@ class ExchangeTimeout(ExchangeError):
 
 @dataclass
 class ByteCounter:
-    """Bytes this rank posted to send and to receive, and seconds the host spent waiting for messages, per phase
-    (``forward``, ``backward_kv``, ``backward_grad``...)."""
+    """Bytes this rank posted to send and to receive, and seconds the host spent waiting for messages, per phase:
+    ``forward`` (key/values), ``backward_kv`` (key/values fetched again) and ``backward_grad`` (key/value
+    gradients going back to their owners)."""
 
     sent: dict[str, int] = field(default_factory=dict)
     received: dict[str, int] = field(default_factory=dict)
@@ -173,6 +180,16 @@ def check_timeout(timeout_s: float | None) -> float | None:
     return float(timeout_s)
 
 
+def travelling(messages, cp_rank: int) -> list[tuple[int, torch.Tensor]]:
+    """The ``(peer, tensor)`` messages of ``cp_rank`` that travel: to or from another rank, not empty."""
+    return [(peer, t) for peer, t in messages if peer != cp_rank and t.numel()]
+
+
+def nbytes(messages) -> int:
+    """Bytes of ``(peer, tensor)`` messages."""
+    return sum(t.numel() * t.element_size() for _, t in messages)
+
+
 class P2PExchange:
     """Exchange for one CP process group. ``timeout_s``: None (default) waits as torch does, with no host
     synchronisation on NCCL; a number of seconds bounds every wait and names a silent peer (debugging; on NCCL the
@@ -189,18 +206,11 @@ class P2PExchange:
 
     def post(self, phase: str, sends, recvs) -> Pending:
         """Post ``(peer, tensor)`` sends and receives (contiguous tensors, peers as CP group ranks), in order."""
-        ops, peers, sent, received = [], [], 0, 0
-        for peer, t in recvs:
-            if peer != self.cp_rank and t.numel():
-                ops.append(dist.P2POp(dist.irecv, t, self._global[peer], self.group))
-                peers.append(("receive from", peer))
-                received += t.numel() * t.element_size()
-        for peer, t in sends:
-            if peer != self.cp_rank and t.numel():
-                ops.append(dist.P2POp(dist.isend, t, self._global[peer], self.group))
-                peers.append(("send to", peer))
-                sent += t.numel() * t.element_size()
-        return self._launch(phase, ops, peers, sent, received, (sends, recvs))
+        ins, outs = travelling(recvs, self.cp_rank), travelling(sends, self.cp_rank)
+        ops = [dist.P2POp(dist.irecv, t, self._global[peer], self.group) for peer, t in ins]
+        ops += [dist.P2POp(dist.isend, t, self._global[peer], self.group) for peer, t in outs]
+        peers = [("receive from", peer) for peer, _ in ins] + [("send to", peer) for peer, _ in outs]
+        return self._launch(phase, ops, peers, nbytes(outs), nbytes(ins), (sends, recvs))
 
     def all_gather(self, phase: str, tensor: torch.Tensor) -> list[torch.Tensor]:
         """Every CP rank's ``tensor`` (same shape everywhere), waiting as :class:`Pending` does (at most
@@ -213,11 +223,6 @@ class P2PExchange:
         Pending([work], [("hear from", names)], phase, self.cp_rank, self.timeout_s, posted_at=posted_at).wait()
         return gathered
 
-    def start(self, phase: str, send: torch.Tensor, send_splits, recv: torch.Tensor, recv_splits) -> Pending:
-        """Post the sends of ``send[a:b]`` to each ``(peer, a, b)`` and the receives into ``recv[a:b]``."""
-        return self.post(phase, [(peer, send[a:b]) for peer, a, b in send_splits if b > a],
-                         [(peer, recv[a:b]) for peer, a, b in recv_splits if b > a])
-
     def _launch(self, phase, ops, peers, sent, received, buffers) -> Pending:
         posted_at = time.monotonic()
         works = dist.batch_isend_irecv(ops) if ops else []
@@ -225,3 +230,104 @@ class P2PExchange:
             peers = [("exchange with", "any of " + ", ".join(str(p) for _, p in peers))] * len(works)
         self.counter.add(phase, sent, received)
         return Pending(works, peers, phase, self.cp_rank, self.timeout_s, buffers, posted_at, self.counter)
+
+
+class Exchange(Protocol):
+    """What the attention step's rounds need of an exchange: a rank of a CP group that posts a round's messages
+    and counts them (``counter``) and the buffers it holds (``memory``)."""
+
+    cp_rank: int
+    cp: int
+    counter: ByteCounter
+    memory: MemoryMeter
+
+    def post(self, phase: str, sends, recvs):
+        """Post ``(peer, tensor)`` sends and receives; returns a handle whose ``wait()`` returns its ``result``
+        once every message has arrived (:class:`Pending`, :class:`LocalPending`)."""
+
+
+class LocalPending:
+    """Messages of one round between the ranks of one process; :meth:`ready` once every one has met its other
+    end (and been copied). As :class:`Pending` does, it holds its send and receive buffers until :meth:`wait`
+    (so that they live as long as in the distributed step); ``result``: as :class:`Pending`'s."""
+
+    def __init__(self, phase: str, cp_rank: int, buffers=()):
+        self.phase, self.cp_rank, self.buffers = phase, cp_rank, buffers
+        self.unmatched = 0
+        self.result = None
+
+    def ready(self) -> bool:
+        return self.unmatched == 0
+
+    def wait(self):
+        """Returns (and forgets) :attr:`result`; raises :class:`ExchangeError` if a message has no other end yet."""
+        if not self.ready():
+            raise ExchangeError(f"FCP {self.phase} exchange: CP rank {self.cp_rank} waits for {self.unmatched} "
+                                "messages no other rank has posted yet")
+        self.buffers = ()
+        result, self.result = self.result, None
+        return result
+
+
+class LocalHub:
+    """The channels between the ranks of one process. As between processes, messages from one rank to another
+    meet in the order they are posted: the ``k``-th send from ``src`` to ``dst`` fills ``dst``'s ``k``-th
+    receive from ``src``, copied as soon as both are posted."""
+
+    def __init__(self, cp: int):
+        self.exchanges = [InProcessExchange(self, r, cp) for r in range(cp)]
+        self._sends: dict[tuple[int, int], deque] = defaultdict(deque)
+        self._recvs: dict[tuple[int, int], deque] = defaultdict(deque)
+
+    def send(self, src: int, dst: int, tensor: torch.Tensor, pending: LocalPending) -> None:
+        pending.unmatched += 1
+        receives = self._recvs[(src, dst)]
+        if receives:
+            self._copy((tensor, pending), receives.popleft(), src, dst)
+        else:
+            self._sends[(src, dst)].append((tensor, pending))
+
+    def receive(self, src: int, dst: int, tensor: torch.Tensor, pending: LocalPending) -> None:
+        pending.unmatched += 1
+        sends = self._sends[(src, dst)]
+        if sends:
+            self._copy(sends.popleft(), (tensor, pending), src, dst)
+        else:
+            self._recvs[(src, dst)].append((tensor, pending))
+
+    @staticmethod
+    def _copy(send, recv, src: int, dst: int) -> None:
+        (data, send_pending), (buffer, recv_pending) = send, recv
+        if data.shape != buffer.shape or data.dtype != buffer.dtype:
+            raise ExchangeError(f"FCP {send_pending.phase} exchange: CP rank {src} sends {data.dtype} "
+                                f"{tuple(data.shape)} where CP rank {dst} receives {buffer.dtype} "
+                                f"{tuple(buffer.shape)}: the ranks' schedules do not match")
+        buffer.copy_(data)
+        send_pending.unmatched -= 1
+        recv_pending.unmatched -= 1
+
+
+class InProcessExchange:
+    """One rank's exchange with the other ranks of its :class:`LocalHub` (:meth:`group` makes them): the tensors
+    are copied in this process. Counts bytes as :class:`P2PExchange` does; waits take no time."""
+
+    def __init__(self, hub: LocalHub, cp_rank: int, cp: int):
+        self.hub, self.cp_rank, self.cp = hub, cp_rank, cp
+        self.counter = ByteCounter()
+        self.memory = MemoryMeter()
+
+    @staticmethod
+    def group(cp: int) -> list[InProcessExchange]:
+        """The exchanges of ``cp`` ranks of one process, by rank."""
+        return LocalHub(cp).exchanges
+
+    def post(self, phase: str, sends, recvs) -> LocalPending:
+        """Post ``(peer, tensor)`` sends and receives as :meth:`P2PExchange.post` does."""
+        pending = LocalPending(phase, self.cp_rank, (sends, recvs))
+        ins, outs = travelling(recvs, self.cp_rank), travelling(sends, self.cp_rank)
+        for peer, t in ins:
+            self.hub.receive(peer, self.cp_rank, t, pending)
+        for peer, t in outs:
+            self.hub.send(self.cp_rank, peer, t, pending)
+        self.counter.add(phase, nbytes(outs), nbytes(ins))
+        return pending

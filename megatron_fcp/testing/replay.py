@@ -14,9 +14,10 @@ Which calls a rank issues (:func:`rank_calls`):
   mask one call), then one call per received stage that some query sees, in stage order. Backward: the stages'
   calls in reverse stage order, then the local calls. Hybrid plans run on the p2p engine this way, not stepped as
   Megatron's per-group ring would step them.
-- ``ring`` plans as :func:`megatron_fcp.testing.ring.ring_attention` steps them
-  (:func:`~megatron_fcp.testing.ring.ring_steps`): step 0 the local calls, step ``s`` one call against the whole
-  buffer of rank ``r - s`` if any query sees it; backward repeats the steps in the same order.
+- ``ring`` plans as :func:`megatron_fcp.testing.ring.ring_attention` runs them
+  (:func:`~megatron_fcp.testing.ring.ring_schedule`, a schedule of the same rounds): the local calls, then for
+  step ``s`` one call against the whole buffer of rank ``r - s`` if any query sees it; backward the steps in
+  reverse order, then the local calls.
 
 :func:`record_calls` runs the real runtime (``fcp_attention`` or ``ring_attention`` with an exchange that moves
 nothing, or the in-process executor) with a backend that records every call; the tests check it equals
@@ -192,17 +193,18 @@ def _visible_shape(own: np.ndarray, keys: np.ndarray, mask: str, span: int) -> C
 
 
 def ring_rank_calls(plan: Plan, cp_rank: int, rows: list[np.ndarray] | None = None) -> RankCalls:
-    """Calls of one rank of a ring plan as ``ring_attention`` steps them: the calls of
-    :func:`~megatron_fcp.testing.ring.ring_steps` (step 0 the local calls, step ``s`` the rank's rows against rank
-    ``r - s``'s), without its per-step views and row walks (``cp**2`` of them for a whole plan).
+    """Calls of one rank of a ring plan as ``ring_attention`` issues them: the calls of
+    :func:`~megatron_fcp.testing.ring.ring_schedule` (the local calls, then for step ``s`` the rank's rows against
+    rank ``r - s``'s; backward the steps in reverse, then the local calls), without its per-step views and row
+    walks (``cp**2`` of them for a whole plan).
     ``rows``: :func:`_rank_rows` if already at hand."""
     rows = rows if rows is not None else _rank_rows(plan)
     span = int(plan.doc_lens.max(initial=0)) + 1
-    calls = _ring_local_calls(plan, cp_rank, rows[cp_rank])
+    local, steps = _ring_local_calls(plan, cp_rank, rows[cp_rank]), []
     for s in range(1, plan.cp):
         shape = _visible_shape(rows[cp_rank], rows[(cp_rank - s) % plan.cp], plan.mask, span)
-        calls += [shape] if shape else []
-    return RankCalls(cp_rank, tuple(calls), tuple(calls))
+        steps += [shape] if shape else []
+    return RankCalls(cp_rank, tuple(local + steps), tuple(steps[::-1] + local))
 
 
 def rank_calls(plan: Plan, kv_budget_tokens=DEFAULT_KV_BUDGET) -> list[RankCalls]:

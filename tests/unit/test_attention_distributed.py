@@ -27,7 +27,7 @@ from megatron_fcp.planner.stages import p2p_memory
 from megatron_fcp.testing.cases import Case, batch, rel_err
 from megatron_fcp.testing.executor import run_in_process
 from megatron_fcp.testing.layout import join_from_ranks
-from megatron_fcp.testing.ring import ring_attention
+from megatron_fcp.testing.ring import ring_attention, ring_schedule
 
 pytestmark = pytest.mark.distributed
 
@@ -109,12 +109,21 @@ def _run_case(rank, world, name, mask, dtype, budget="auto", group=None, cp=None
     if dtype in (torch.float32, torch.float64):  # the accumulators are the gradients that travel (no copy)
         assert exchange.memory.peak.get("grad", 0) == mem["peak_grad_tokens"], f"{where}: {exchange.memory.peak}"
     assert exchange.memory.peak.get("returned", 0) == mem["peak_returned_grad_tokens"], f"{where}: returned"
+    # the executor runs the same rounds: the same bytes in every phase, the same buffers held
+    mirror = local.counters[group_rank]
+    assert (mirror.sent, mirror.received) == (c.sent, c.received), f"{where}: executor counted {mirror}"
+    kinds = ("kv", "grad", "returned")
+    assert [local.memory[group_rank].peak.get(kind, 0) for kind in kinds] == \
+        [exchange.memory.peak.get(kind, 0) for kind in kinds], \
+        f"{where}: executor held {local.memory[group_rank].peak}, the step {exchange.memory.peak}"
+    assert local.saved_kv_bytes[group_rank] == kept, f"{where}: executor kept {local.saved_kv_bytes}"
     if budget not in (None, "auto") and mem["recv_kv_tokens"] > 2 * budget * row_bytes:
         assert mem["num_stages"] > 2
 
 
 def _ring_case(rank, world, name, mask):
-    """The ring baseline, stepped over the same engine, also equals the float64 reference."""
+    """The ring baseline, a schedule of the same rounds, also equals the float64 reference, and the executor
+    running the same schedules bit for bit."""
     case = Case(batch(name, world, BATCH_TOKENS // world), world, BATCH_TOKENS // world, mask, strategy="ring")
     q, k, v, dout = case.inputs(torch.float32)
     mine = [x[rank].clone().requires_grad_() for x in (q, k, v)]
@@ -126,6 +135,10 @@ def _ring_case(rank, world, name, mask):
         dist.all_gather(parts, tensor)
         err = rel_err(join_from_ranks(case.plan, parts), case.ref[key])
         assert err <= 1e-5, f"ring {name}/{mask}: {key} relative error {err:.2e}"
+    rings = [ring_schedule(case.plan, r, "cpu") for r in range(world)]
+    local = run_in_process(case.plan, q, k, v, dout, backend="cpu", softmax_scale=case.scale, schedules=rings)
+    for key, tensor in got.items():
+        assert torch.equal(tensor, getattr(local, key)[rank]), f"ring {name}/{mask}: {key} differs from executor"
 
 
 def _expect_input_error(fn, match):

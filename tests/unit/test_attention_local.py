@@ -14,6 +14,7 @@ from megatron_fcp.testing.cases import Case, batch, rel_err
 from megatron_fcp.testing.executor import run_in_process
 from megatron_fcp.testing.layout import join_from_ranks, split_to_ranks
 from megatron_fcp.testing.reference import reference_attention, varlen_mask
+from megatron_fcp.testing.ring import ring_schedule
 
 
 def test_merge_equals_attention_over_the_union_float64():
@@ -77,10 +78,10 @@ def test_layout_round_trip():
 BATCHES = ["linux_files", "spamassassin", "magi_hist", "spanning", "tiny_rank", "ones"]
 
 
-def _check_executor(case: Case, dtype, bound, kv_budget_tokens="auto"):
+def _check_executor(case: Case, dtype, bound, kv_budget_tokens="auto", schedules=None):
     q, k, v, dout = case.inputs(dtype)
     res = run_in_process(case.plan, q, k, v, dout, backend="cpu", softmax_scale=case.scale,
-                         kv_budget_tokens=kv_budget_tokens)
+                         kv_budget_tokens=kv_budget_tokens, schedules=schedules)
     for name, parts in (("out", res.out), ("dq", res.dq), ("dk", res.dk), ("dv", res.dv)):
         for r, part in enumerate(parts):
             assert not part[case.plan.num_tokens[r] - case.plan.num_pad_tokens[r]:].any(), "padding rows not zero"
@@ -101,6 +102,8 @@ def _check_staged_figures(case: Case, res, kv_budget_tokens, row_bytes: int) -> 
         assert c.received.get("backward_kv", 0) == mem["refetch_kv_tokens"][r] * row_bytes, f"rank {r}: refetch"
         assert c.sent.get("backward_grad", 0) == mem["recv_kv_tokens"][r] * row_bytes, f"rank {r}: gradients"
         assert c.received.get("backward_grad", 0) == case.plan.send_tokens[r] * row_bytes
+        assert got.peak.get("grad", 0) == mem["peak_grad_tokens"][r] * row_bytes, f"rank {r}: gradients held"
+        assert got.peak.get("returned", 0) == mem["peak_returned_grad_tokens"][r] * row_bytes, f"rank {r}: returned"
     return mem
 
 
@@ -151,6 +154,22 @@ def test_executor_fp32_matches_float64_dense(name, mask):
 def test_executor_runs_baseline_placements_exactly(strategy, mask):
     case = Case(batch("magi_hist", 4, 512), 4, 512, mask, strategy=strategy, heads=(2, 2))
     _check_executor(case, torch.float32, dict.fromkeys(("out", "dq", "dk", "dv"), 1e-5))
+
+
+@pytest.mark.parametrize("mask", ["causal", "full"])
+def test_ring_baseline_is_a_schedule_of_the_same_rounds(mask):
+    """The ring schedule runs in the executor like any other: the float64 reference's result, every other rank's
+    whole buffer received once forward, all but the kept one again in backward, every gradient sent back."""
+    cp = 3
+    case = Case(batch("linux_files", cp, 512), cp, 512, mask, strategy="ring")
+    rings = [ring_schedule(case.plan, r, "cpu") for r in range(cp)]
+    res = _check_executor(case, torch.float32, FP32, schedules=rings)
+    row_bytes, tokens = 2 * 2 * 16 * 4, [int(n) for n in case.plan.num_tokens]
+    for r, c in enumerate(res.counters):
+        others = [tokens[(r - s) % cp] * row_bytes for s in range(1, cp)]
+        assert c.received == {"forward": sum(others), "backward_kv": sum(others[:-1]),
+                              "backward_grad": (cp - 1) * tokens[r] * row_bytes}, f"rank {r}: {c.received}"
+        assert res.memory[r].peak["kv"] == max(a + b for a, b in zip(others, others[1:], strict=False))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -60,8 +60,8 @@ def run_rounds(exchange: P2PExchange, rounds: int = 3) -> int:
     posted = 0
     for _ in range(rounds):
         send, recv = torch.ones(12), torch.empty(12)
-        splits = [(peer, 4 * (peer - 1), 4 * peer) for peer in range(1, CP)]
-        pending = exchange.start("forward", send, splits, recv, splits)
+        splits = [(peer, recv[4 * (peer - 1):4 * peer]) for peer in range(1, CP)]
+        pending = exchange.post("forward", [(peer, send[4 * (peer - 1):4 * peer]) for peer in range(1, CP)], splits)
         posted += len(pending.works)
         pending.wait()
     return posted
@@ -91,8 +91,8 @@ def test_all_gather_waits_as_the_exchange_does(waits, timeout_s, want):
 def test_coalesced_batch_is_waited_once_without_a_timeout(waits, monkeypatch):
     """NCCL returns one work for a whole batch: it is waited once, plainly."""
     monkeypatch.setattr(exchange_module.dist, "batch_isend_irecv", lambda ops: [RecordingWork(waits)])
-    pending = P2PExchange(object()).start("backward", torch.ones(4), [(1, 0, 2), (2, 2, 4)], torch.empty(4),
-                                          [(3, 0, 4)])
+    send = torch.ones(4)
+    pending = P2PExchange(object()).post("backward_grad", [(1, send[0:2]), (2, send[2:4])], [(3, torch.empty(4))])
     assert pending.peers == [("exchange with", "any of 3, 1, 2")]
     pending.wait()
     assert waits == [((), {})]

@@ -29,7 +29,7 @@ from megatron_fcp.testing.replay import (
     single_call,
     summarise_cell,
 )
-from megatron_fcp.testing.ring import ring_steps
+from megatron_fcp.testing.ring import ring_schedule
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "gpu_perf.py"
 
@@ -66,13 +66,15 @@ def test_listed_calls_of_a_rank_with_only_tiny_documents(mask):
 
 @pytest.mark.parametrize("mask", ["causal", "full"])
 @pytest.mark.parametrize("name", ["spamassassin", "linux_files"])
-def test_ring_calls_equal_ring_steps_on_many_documents(name, mask):
-    """The sorted-array ring derivation against ring_attention's own step list, at CP 8 with over 150 rows."""
+def test_ring_calls_equal_ring_schedule_on_many_documents(name, mask):
+    """The sorted-array ring derivation against ring_attention's own schedule, at CP 8 with over 150 rows."""
     plan = _plan(name, 8, 2048, mask, "ring")
     assert len(plan.q) > 150
     for rc in rank_calls(plan):
-        want = tuple(CallShape.of(c.call) for step in ring_steps(plan, rc.cp_rank, "cpu") for c in step)
-        assert rc.forward == rc.backward == want
+        sched = ring_schedule(plan, rc.cp_rank, "cpu")
+        local = tuple(CallShape.of(c.call) for c in sched.local_calls)
+        steps = tuple(CallShape.of(stage.call.call) for stage in sched.stages if stage.call is not None)
+        assert rc.forward == local + steps and rc.backward == steps[::-1] + local
 
 
 def test_call_shape_pairs_and_flops():
