@@ -5,7 +5,7 @@ plans replayed one after another on the same device (issue "Measured GPU perform
    (a causal diagonal block of ``L`` tokens; a full block of ``q`` queries against ``k >= q`` keys) for lengths
    1 to 128K, and many-piece calls (``n`` equal pieces of ``len`` tokens, causal and full).
 2. Replay: for each length mix, CP size and mask, one packed micro-batch of ``cp * tokens_per_rank`` tokens is
-   planned with every strategy; each rank's calls (``megatron_fcp.testing.replay.rank_calls``: exactly the calls
+   planned with every strategy; each rank's calls (``megatron_fcp.bench.replay.rank_calls``: exactly the calls
    ``fcp_attention`` issues for point-to-point and hybrid plans, and ``ring_attention`` steps for ring plans) are
    timed. Each distinct call shape is timed once (forward and backward, median of its samples); a rank's kernel
    time is the sum of its calls' medians. No communication is run or timed. The ideal of a cell is the time of
@@ -44,11 +44,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from megatron_fcp.data.lengths import load_distribution, pack_batches
-from megatron_fcp.errors import InputError
-from megatron_fcp.planner.api import make_plan
-from megatron_fcp.planner.stages import parse_kv_budget
-from megatron_fcp.testing.replay import (
+from megatron_fcp.bench.replay import (
     BWD_FLOPS_FACTOR,
     H200_PEAK_BF16_FLOPS,
     BudgetExceeded,
@@ -60,6 +56,10 @@ from megatron_fcp.testing.replay import (
     single_call,
     summarise_cell,
 )
+from megatron_fcp.data.lengths import load_distribution, pack_batches
+from megatron_fcp.errors import InputError
+from megatron_fcp.planner.api import make_plan
+from megatron_fcp.planner.stages import parse_kv_budget
 
 MIXES = ("linux_files", "linux_dirs", "spamassassin", "magi_hist")
 STRATEGIES = ("fcp", "ring", "hybrid", "magi")

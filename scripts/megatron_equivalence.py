@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_fcp.cpu_demo.train import (
+from megatron_fcp.cpu_trainer.train import (
     EQUIVALENCE_BASE,
     EQUIVALENCE_LAYOUTS,
     MEMORY_FIGURES,

@@ -41,20 +41,15 @@ def check_segments(q_lens: tuple[int, ...], k_lens: tuple[int, ...], causal: boo
         raise ValueError("causal segments must have equal query and key lengths (diagonal blocks)")
 
 
-@dataclass(frozen=True, eq=False)
-class VarlenCall:
-    """Segments of one kernel call. ``cu_q``/``cu_k`` are int32 on the tensors' device."""
+class SegmentTotals:
+    """Totals of a call's segments, for any class with ``q_lens`` and ``k_lens`` tuples."""
 
     q_lens: tuple[int, ...]
-    """Query tokens per segment (host copy)."""
     k_lens: tuple[int, ...]
-    """Key tokens per segment (host copy)."""
-    cu_q: torch.Tensor
-    """``[num_segments + 1]`` int32 cumulative query lengths, starting at 0."""
-    cu_k: torch.Tensor
-    """``[num_segments + 1]`` int32 cumulative key lengths, starting at 0."""
-    causal: bool
-    """Diagonal blocks (equal lengths, causal inside) if True, else full blocks."""
+
+    @property
+    def num_segments(self) -> int:
+        return len(self.q_lens)
 
     @property
     def max_q(self) -> int:
@@ -71,6 +66,22 @@ class VarlenCall:
     @property
     def num_k(self) -> int:
         return sum(self.k_lens)
+
+
+@dataclass(frozen=True, eq=False)
+class VarlenCall(SegmentTotals):
+    """Segments of one kernel call. ``cu_q``/``cu_k`` are int32 on the tensors' device."""
+
+    q_lens: tuple[int, ...]
+    """Query tokens per segment (host copy)."""
+    k_lens: tuple[int, ...]
+    """Key tokens per segment (host copy)."""
+    cu_q: torch.Tensor
+    """``[num_segments + 1]`` int32 cumulative query lengths, starting at 0."""
+    cu_k: torch.Tensor
+    """``[num_segments + 1]`` int32 cumulative key lengths, starting at 0."""
+    causal: bool
+    """Diagonal blocks (equal lengths, causal inside) if True, else full blocks."""
 
     @staticmethod
     def make(q_lens, k_lens, causal: bool, device: torch.device | str = "cpu") -> VarlenCall:

@@ -39,7 +39,7 @@ KEYS = Names(cp="parallel.context", tp="parallel.tensor", pp="parallel.pipeline"
              distributed_timeout="training.distributed_timeout_minutes")
 """The config keys of the settings FCP's layout rules read."""
 
-CPU_WORKER = "the CPU worker (python -m megatron_fcp.cpu_demo.worker)"
+CPU_WORKER = "the CPU worker (python -m megatron_fcp.cpu_trainer.worker)"
 CPU_FIXED = {
     "model.normalization": "LayerNorm", "model.norm_epsilon": 1e-5, "model.swiglu": False,
     "model.tie_embeddings": True, "model.bias": True, "model.rotary_base": 10000,

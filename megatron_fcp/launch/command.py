@@ -3,7 +3,7 @@ environment the sbatch script reads.
 
 :func:`entry_args` is the one place a config becomes arguments. On GPU they are those of
 ``python -m megatron_fcp.megatron.pretrain_gpt`` (:func:`megatron_args`); on CPU those of the gloo trainer
-``python -m megatron_fcp.cpu_demo.worker`` (:func:`worker_args`). The FCP flags come from FCP's settings
+``python -m megatron_fcp.cpu_trainer.worker`` (:func:`worker_args`). The FCP flags come from FCP's settings
 (``megatron_fcp.megatron.config``: each setting's flag, worker flag and config key). :func:`megatron_parser` and
 :func:`worker_parser` read the arguments back from the same flag tables (for tests and tools; the launcher checks the
 config itself). Nothing here imports torch or megatron-core.
@@ -24,7 +24,7 @@ from megatron_fcp.megatron.settings import Setting
 if TYPE_CHECKING:
     from megatron_fcp.launch.spec import RunSpec
 
-ENTRY_MODULES = {"gpu": "megatron_fcp.megatron.pretrain_gpt", "cpu": "megatron_fcp.cpu_demo.worker"}
+ENTRY_MODULES = {"gpu": "megatron_fcp.megatron.pretrain_gpt", "cpu": "megatron_fcp.cpu_trainer.worker"}
 """The module torchrun starts on each device."""
 MASTER_PORT = 29500
 """The rendezvous port on the first host."""
@@ -189,7 +189,7 @@ def megatron_args(spec: RunSpec) -> list[str]:
 
 
 def worker_args(spec: RunSpec) -> list[str]:
-    """The arguments of the CPU trainer ``python -m megatron_fcp.cpu_demo.worker`` for ``spec``."""
+    """The arguments of the CPU trainer ``python -m megatron_fcp.cpu_trainer.worker`` for ``spec``."""
     return [token for flag, attr, _ in WORKER_FLAGS for token in (flag, _text(attrgetter(attr)(spec)))]
 
 
@@ -225,7 +225,7 @@ def megatron_parser() -> StrictParser:
 
 def worker_parser() -> StrictParser:
     """Reads :func:`worker_args` back from :data:`WORKER_FLAGS`."""
-    parser = StrictParser(prog="cpu_demo.worker", add_help=False, allow_abbrev=False)
+    parser = StrictParser(prog="cpu_trainer.worker", add_help=False, allow_abbrev=False)
     for flag, _, kind in WORKER_FLAGS:
         parser.add_argument(flag, type=kind, required=True)
     return parser

@@ -59,7 +59,7 @@ class Setting:
     old_flag: str | None = None
     """A deprecated name of the flag, still accepted with a warning."""
     worker_flag: str | None = None
-    """The CPU worker's flag for it (``python -m megatron_fcp.cpu_demo.worker``); None: the worker has none."""
+    """The CPU worker's flag for it (``python -m megatron_fcp.cpu_trainer.worker``); None: the worker has none."""
     config_default: Any = SAME
     """The launch config's default where it differs from :attr:`default`."""
     resolve: Callable[[Any], Any] | None = None

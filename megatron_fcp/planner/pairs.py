@@ -10,6 +10,9 @@ from __future__ import annotations
 import numpy as np
 
 MASKS = ("causal", "full")
+BWD_FLOPS_FACTOR = 2.5
+"""Backward FLOPs over forward FLOPs of attention, the FlashAttention papers' convention (five matmuls backward,
+two forward); shared by the cost model and the benchmarks."""
 
 
 def tri(n):

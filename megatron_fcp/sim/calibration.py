@@ -29,12 +29,11 @@ import numpy as np
 import yaml
 
 from megatron_fcp.errors import InputError
-from megatron_fcp.planner.pairs import edge_pairs
+from megatron_fcp.planner.pairs import BWD_FLOPS_FACTOR, edge_pairs
 
 PUBLISHED = "published_attention_h100.yaml"
 PASSES = ("fwd", "bwd")
 MASKS = ("full", "causal")
-BWD_FLOPS_FACTOR = 2.5  # the papers' convention (5 matmuls backward vs 2 forward)
 
 
 @dataclass(frozen=True)

@@ -309,7 +309,7 @@ def test_sbatch_torchrun_launcher_in_the_config_container(tmp_path):
     args = entry_args(load_run_config(config))
     assert argv == ["-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "2", "--node-rank", "1",
                     "--master-addr", "node1", "--master-port", str(20000 + 4321 % 10000), "-m",
-                    "megatron_fcp.cpu_demo.worker", *args]
+                    "megatron_fcp.cpu_trainer.worker", *args]
     assert (tmp_path / "shared_logs/tiny/4321/config.yaml").read_text() == config.read_text()
     assert env["NCCL_IB_SL"] == "1" and env["NCCL_IB_TIMEOUT"] == "19" and env["TORCH_NCCL_AVOID_RECORD_STREAMS"] == "1"
     assert "CUDA_DEVICE_MAX_CONNECTIONS" not in env, "CPU run"
@@ -391,7 +391,7 @@ def _steps(path: Path) -> list[dict]:
 
 def _worker_run(config: Path):
     """The RunConfig the CPU worker starts for ``config`` (its own parser reading the config's entry arguments)."""
-    from megatron_fcp.cpu_demo import worker
+    from megatron_fcp.cpu_trainer import worker
 
     return worker.run_config(worker._parser().parse_args(entry_args(load_run_config(config))), 1, None)
 
@@ -408,7 +408,7 @@ def tiny_jobs(cluster, tmp_path_factory):
     relative to it); while they run, the no-CP run of the same model and data in-process. Returns
     ({name: (job, launch folder, slurm.out text)}, no-CP steps)."""
     pytest.importorskip("megatron.core")
-    from megatron_fcp.cpu_demo.train import baseline_of, launch
+    from megatron_fcp.cpu_trainer.train import baseline_of, launch
 
     folders = {name: tmp_path_factory.mktemp(name) for name in TINY}
     jobs = {name: cluster.submit(CONFIGS / f"{name}.yaml", folders[name]) for name in TINY}

@@ -198,13 +198,13 @@ def test_shipped_configs_still_pass(capsys):
         assert launch_main(["check", str(config)]) == 0, capsys.readouterr().err
 
 
-# -- python -m megatron_fcp.cpu_demo ------------------------------------------------------------------------------
+# -- python -m megatron_fcp.cpu_trainer ------------------------------------------------------------------------------
 @pytest.fixture
 def demo(monkeypatch):
     """The demo's main, with spawning replaced by a failure: every check must come before it."""
-    cpu_demo = pytest.importorskip("megatron_fcp.cpu_demo.__main__")
-    monkeypatch.setattr(cpu_demo, "launch", lambda *a, **k: pytest.fail("spawned processes before checking"))
-    return cpu_demo.main
+    demo = pytest.importorskip("megatron_fcp.cpu_trainer.__main__")
+    monkeypatch.setattr(demo, "launch", lambda *a, **k: pytest.fail("spawned processes before checking"))
+    return demo.main
 
 
 def demo_error(demo, capsys, argv, *words) -> str:
@@ -252,7 +252,7 @@ def test_demo_sequence_too_long(demo, capsys):
 def test_demo_module_answers_before_spawning():
     """As users run it: the bad option is answered in seconds (import time), not after starting processes."""
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "megatron_fcp.cpu_demo", "--doclens", "linux_file", "--steps", "1"],
+    done = subprocess.run([sys.executable, "-m", "megatron_fcp.cpu_trainer", "--doclens", "linux_file", "--steps", "1"],
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     elapsed = time.perf_counter() - start
     assert done.returncode == 2, done.stderr

@@ -16,8 +16,8 @@ import pytest
 
 pytest.importorskip("megatron.core")
 
-from megatron_fcp.cpu_demo import train, worker  # noqa: E402
-from megatron_fcp.cpu_demo.train import (  # noqa: E402
+from megatron_fcp.cpu_trainer import train, worker  # noqa: E402
+from megatron_fcp.cpu_trainer.train import (  # noqa: E402
     LATEST,
     MANIFEST,
     CheckpointError,
@@ -54,7 +54,7 @@ if os.environ["RANK"] == os.environ["STALL_RANK"]:
         time.sleep(3600)
 
     dist_checkpointing.save = stall
-from megatron_fcp.cpu_demo import worker
+from megatron_fcp.cpu_trainer import worker
 sys.exit(worker.main(sys.argv[1:]))
 """
 

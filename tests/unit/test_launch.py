@@ -189,7 +189,7 @@ def _warnings(config) -> list[str]:
 def test_keys_the_run_ignores_are_warned_about():
     assert _warnings(edited("tiny_cpu", training__weight_decay=0.1)) == [
         "run config: training.weight_decay is not used on device cpu: the CPU worker (python -m "
-        "megatron_fcp.cpu_demo.worker) has no such option"]
+        "megatron_fcp.cpu_trainer.worker) has no such option"]
     ring = _warnings(edited("llama3_8b", context_parallel__mode="ring", context_parallel__exchange_timeout_s=300))
     assert len(ring) == 6 and all("not used with context_parallel.mode ring" in w for w in ring)
 
@@ -305,7 +305,7 @@ def test_node_commands_and_hosts():
     commands = node_commands(spec, ["a", "b"])
     assert commands[1][:13] == ["python", "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "2",
                                 "--node-rank", "1", "--master-addr", "a", "--master-port", "29500"]
-    assert commands[1][13:15] == ["-m", "megatron_fcp.cpu_demo.worker"] and commands[1][15:] == entry_args(spec)
+    assert commands[1][13:15] == ["-m", "megatron_fcp.cpu_trainer.worker"] and commands[1][15:] == entry_args(spec)
     with pytest.raises(InputError, match="hosts: 3 given for parallel.nodes 2"):
         node_commands(spec, ["a", "b", "c"])
 

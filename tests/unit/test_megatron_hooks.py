@@ -162,7 +162,7 @@ def test_kv_budget_flag_defaults_to_auto_and_says_what_it_bounds():
 @pytest.mark.parametrize("recompute", ["none", "full"])
 def test_demo_memory_model_from_a_rank_view_is_the_plans(budget, recompute):
     """The demo models a rank's attention memory from its plan view alone: the same as the whole plan's figures."""
-    from megatron_fcp.cpu_demo.train import modeled_memory
+    from megatron_fcp.cpu_trainer.train import modeled_memory
 
     lens = doc_lengths_from_positions(MockDocumentDataset(3, 4096, "linux_files", vocab_size=10, seed=5)[2]
                                       ["position_ids"])

@@ -1,6 +1,6 @@
 """End-to-end: a tiny megatron-core GPT trained with FCP against the same model without CP (float64-free, fp32).
 
-Each run is real training on gloo CPU processes (megatron_fcp.cpu_demo.train): same model, data and seed.
+Each run is real training on gloo CPU processes (megatron_fcp.cpu_trainer.train): same model, data and seed.
 Targets (issue "Megatron-LM integration"): step-1 loss within 1e-6 relative, step-1 gradients within 1e-5
 (every parameter, gathered over TP), loss within 1e-4 through step 20; checkpoints interchange both ways. The
 staged key/value exchange (a small budget) and activation recompute (selective: core attention; full: whole
@@ -21,8 +21,8 @@ import torch
 pytest.importorskip("megatron.core")
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
-from megatron_fcp.cpu_demo import train  # noqa: E402
-from megatron_fcp.cpu_demo.train import RunConfig, baseline_of, kv_bytes_per_token, launch, launch_series  # noqa: E402
+from megatron_fcp.cpu_trainer import train  # noqa: E402
+from megatron_fcp.cpu_trainer.train import RunConfig, baseline_of, kv_bytes_per_token, launch, launch_series  # noqa: E402
 
 BASE, LAYOUTS, STAGED = train.EQUIVALENCE_BASE, train.EQUIVALENCE_LAYOUTS, train.STAGED_LAYOUTS
 STEPS = BASE.steps

@@ -1,4 +1,4 @@
-"""Replay of the runtime's kernel calls (megatron_fcp.testing.replay) and scripts/gpu_perf.py's CPU mode.
+"""Replay of the runtime's kernel calls (megatron_fcp.bench.replay) and scripts/gpu_perf.py's CPU mode.
 
 The key check: the calls listed from a plan (what scripts/gpu_perf.py times) are, rank by rank and in order,
 the calls the real runtime issues: ``fcp_attention`` and ``ring_attention`` run rank by rank with an exchange that
@@ -16,9 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_fcp.planner.api import make_plan
-from megatron_fcp.testing.cases import batch, tiny_rank_plan
-from megatron_fcp.testing.replay import (
+from megatron_fcp.bench.replay import (
     BudgetExceeded,
     CallShape,
     KernelTimer,
@@ -29,6 +27,8 @@ from megatron_fcp.testing.replay import (
     single_call,
     summarise_cell,
 )
+from megatron_fcp.planner.api import make_plan
+from megatron_fcp.testing.cases import batch, tiny_rank_plan
 from megatron_fcp.testing.ring import ring_schedule
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "gpu_perf.py"

@@ -143,7 +143,7 @@ def test_a_batch_without_a_schedule_is_named():
 
 # -- the layer -----------------------------------------------------------------------------------------------------
 def _core(layer_number, no_rope_freq=None):
-    from megatron_fcp.cpu_demo.shims import install_cpu_shims
+    from megatron_fcp.cpu_trainer.shims import install_cpu_shims
 
     install_cpu_shims()
     from megatron.core.transformer.enums import AttnMaskType

@@ -53,21 +53,20 @@ from megatron_fcp.attention.engine import fcp_attention
 from megatron_fcp.attention.exchange import ByteCounter, MemoryMeter, P2PExchange, Pending
 from megatron_fcp.attention.schedule import build_schedule
 from megatron_fcp.kernels import Backend, VarlenCall, get_backend
-from megatron_fcp.kernels.base import check_segments
+from megatron_fcp.kernels.base import SegmentTotals, check_segments
+from megatron_fcp.planner.pairs import BWD_FLOPS_FACTOR
 from megatron_fcp.planner.plan import Plan, RankPlan
 from megatron_fcp.planner.stages import DEFAULT_KV_BUDGET
 from megatron_fcp.testing.executor import run_in_process
 from megatron_fcp.testing.ring import ring_attention
 
-BWD_FLOPS_FACTOR = 2.5
-"""Backward FLOPs over forward FLOPs (FlashAttention convention: two matmuls forward, five backward)."""
 H200_PEAK_BF16_FLOPS = 989.4e12
 """Dense bf16 peak of an H200 (SXM), FLOP/s."""
 
 
 # -- call shapes -----------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class CallShape:
+class CallShape(SegmentTotals):
     """The shape of one varlen kernel call: what its cost depends on (see :class:`~megatron_fcp.kernels.VarlenCall`)."""
 
     q_lens: tuple[int, ...]
@@ -88,18 +87,6 @@ class CallShape:
         """``num_segments`` equal segments of ``q_len`` queries and ``k_len`` keys (default ``q_len``)."""
         k_len = q_len if k_len is None else k_len
         return cls((q_len,) * num_segments, (k_len,) * num_segments, causal)
-
-    @property
-    def num_segments(self) -> int:
-        return len(self.q_lens)
-
-    @property
-    def num_q(self) -> int:
-        return sum(self.q_lens)
-
-    @property
-    def num_k(self) -> int:
-        return sum(self.k_lens)
 
     @functools.cached_property
     def pairs(self) -> int:

@@ -8,7 +8,7 @@ import pytest
 pytest.importorskip("megatron.core")
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
-from megatron_fcp.cpu_demo.__main__ import LOSS_TOLERANCE, main  # noqa: E402
+from megatron_fcp.cpu_trainer.__main__ import LOSS_TOLERANCE, main  # noqa: E402
 
 ARGS = ["--cp", "2", "--steps", "2", "--seq-length", "256", "--doclens", "magi_hist"]
 

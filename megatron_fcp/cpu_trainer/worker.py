@@ -1,7 +1,7 @@
 """The CPU trainer as a ``torchrun`` worker: one process of a multi-node run launched by Slurm (or by hand).
 
     python -m torch.distributed.run --nnodes 2 --nproc-per-node 2 --node-rank I --master-addr HOST \\
-        -m megatron_fcp.cpu_demo.worker --cp 4 --steps 20 --seq-length 1024 --doclens magi_hist \\
+        -m megatron_fcp.cpu_trainer.worker --cp 4 --steps 20 --seq-length 1024 --doclens magi_hist \\
         --checkpoints CKPT --save-interval 5 --records LOGS/losses.jsonl
 
 Ranks, world size and the rendezvous come from torchrun's environment (``RANK``, ``WORLD_SIZE``,
@@ -24,7 +24,7 @@ import argparse
 import os
 import sys
 
-from megatron_fcp.cpu_demo.train import (
+from megatron_fcp.cpu_trainer.train import (
     MODES,
     RECOMPUTE,
     CollectiveFailure,
@@ -40,7 +40,7 @@ TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m megatron_fcp.cpu_demo.worker", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m megatron_fcp.cpu_trainer.worker", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mode", choices=MODES, default="fcp")
     for name, default in (("cp", 4), ("tp", 1), ("dp", 1), ("steps", 30), ("seq-length", 2048),

@@ -1,5 +1,5 @@
-"""``python -m megatron_fcp.cpu_demo``: a tiny megatron-core GPT trained with FCP CP=N on CPU processes, then
-the same run without CP, and the comparison (see README, "Quickstart")."""
+"""``python -m megatron_fcp.cpu_trainer``: a tiny megatron-core GPT trained with FCP CP=N on CPU processes, then
+the same run without CP, and the comparison (see README, "Install and run the demo")."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from megatron_fcp.cpu_demo.train import MEMORY_FIGURES, RECOMPUTE, RunConfig, baseline_of, fcp_config, launch
+from megatron_fcp.cpu_trainer.train import MEMORY_FIGURES, RECOMPUTE, RunConfig, baseline_of, fcp_config, launch
 from megatron_fcp.data.lengths import SHIPPED, load_distribution
 from megatron_fcp.errors import InputError
 from megatron_fcp.megatron.config import SCHEDULERS, SETTINGS
@@ -25,7 +25,7 @@ MEMORY_LABELS = {"kv_peak": "received key/values held at once, per layer",
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m megatron_fcp.cpu_demo", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m megatron_fcp.cpu_trainer", description=__doc__)
     p.add_argument("--cp", type=int, default=4, help="context-parallel size (CPU processes), default 4")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--seq-length", type=int, default=4096, help="tokens per packed micro-batch over the CP group")

@@ -614,7 +614,7 @@ def _save(model, optimizer, folder: Path, rank: int, run: RunConfig, step: int) 
 
 
 def _train(rank: int, run: RunConfig, out_path: str | None, quiet: bool, stop: _StopRequest | None = None) -> None:
-    from megatron_fcp.cpu_demo.shims import install_cpu_shims
+    from megatron_fcp.cpu_trainer.shims import install_cpu_shims
 
     install_cpu_shims()
     from megatron.core import dist_checkpointing
