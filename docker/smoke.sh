@@ -103,4 +103,48 @@ done
 echo "== plan"
 fcp plan --lengths linux_files --cp 8 --tokens-per-rank 16384 --num-batches 1 --ranks 2
 
+# The trainer a Slurm job of configs/tiny_cpu.yaml starts (its entry module and arguments, from the launch), under
+# torchrun as fcp.sbatch starts it: 2 CPU processes at CP 2 for a few steps, then 1 process without CP on the same
+# model and data; each step's loss must match (the arguments given after the config's override them).
+FCP_SMOKE_STEPS=${FCP_SMOKE_STEPS:-4}
+echo "== training: $FCP_SMOKE_STEPS steps of configs/tiny_cpu.yaml's trainer, CP 2 on 2 CPU processes, against no CP"
+scratch=$(mktemp -d)
+trap 'rm -rf "$scratch"' EXIT
+launch_env=$("$PYTHON" -m megatron_fcp.launch env configs/tiny_cpu.yaml)
+eval "$launch_env"
+entry_args=()
+# shellcheck disable=SC2153 # ENTRY_ARGS and ENTRY_MODULE come from the launch env above
+eval "entry_args=($ENTRY_ARGS)"
+# rendezvous and gloo on the loopback address (a container's host name may not resolve)
+train() {
+    local processes=$1 name=$2 port
+    shift 2
+    port=$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    OMP_NUM_THREADS=1 PYTHONWARNINGS=ignore GLOO_SOCKET_IFNAME=lo "$PYTHON" -m torch.distributed.run --nnodes 1 \
+        --node-rank 0 --master-addr 127.0.0.1 --master-port "$port" --nproc-per-node "$processes" \
+        -m "$ENTRY_MODULE" "${entry_args[@]}" --steps "$FCP_SMOKE_STEPS" --save-interval 0 \
+        --checkpoints "$scratch/$name/checkpoints" --records "$scratch/$name.jsonl" "$@"
+}
+train 2 cp2 --cp 2
+train 1 nocp --cp 1 --mode nocp
+"$PYTHON" - "$scratch/cp2.jsonl" "$scratch/nocp.jsonl" "$FCP_SMOKE_STEPS" <<'EOF'
+import json
+import sys
+
+tolerance = 1e-5
+cp2, nocp = ([json.loads(line) for line in open(path) if line.strip()] for path in sys.argv[1:3])
+steps = int(sys.argv[3])
+if [s["step"] for s in cp2] != list(range(1, steps + 1)) or [s["step"] for s in nocp] != [s["step"] for s in cp2]:
+    sys.exit(f"smoke: FAILED: steps recorded: CP 2 {[s['step'] for s in cp2]}, no CP {[s['step'] for s in nocp]}")
+diffs = [abs(a["loss"] - b["loss"]) for a, b in zip(cp2, nocp)]
+rel = max(d / abs(b["loss"]) for d, b in zip(diffs, nocp))
+for a, b, d in zip(cp2, nocp, diffs):
+    print(f"step {a['step']}: loss CP 2 {a['loss']:.8f}  no CP {b['loss']:.8f}  difference {d:.1e}")
+verdict = "ok" if max(diffs) <= tolerance and rel <= tolerance else "FAILED"
+print(f"largest loss difference against no CP over {steps} steps: {max(diffs):.1e} (relative {rel:.1e}); "
+      f"tolerance {tolerance:g}: {verdict}")
+if verdict != "ok":
+    sys.exit(f"smoke: FAILED: CP 2's loss differs from no CP's by {max(diffs):.1e} (relative {rel:.1e})")
+EOF
+
 echo "smoke: ok"

@@ -1,6 +1,8 @@
-"""The Docker image's files (docker/Dockerfile, docker/smoke.sh, .dockerignore), checked without a docker engine:
-pins agree with pyproject.toml, the workdir is the launch's default, the context holds what the Dockerfile copies
-and little else, the smoke command passes on this machine, and hadolint/shellcheck pass where installed."""
+"""The Docker image's files (docker/Dockerfile, docker/smoke.sh, .dockerignore, scripts/build_image.sh), checked
+without building: pins agree with pyproject.toml, the cluster (NGC) and CPU variants are the same instructions but
+for the stack the build arguments select, the workdir is the launch's default, the context holds what the Dockerfile
+copies and little else, no pip configuration of this machine is in the repository, the smoke command passes on this
+machine, and hadolint (on each variant) and shellcheck pass where installed. tests/image builds the CPU variant."""
 
 from __future__ import annotations
 
@@ -18,14 +20,15 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "docker" / "Dockerfile"
 SMOKE = ROOT / "docker" / "smoke.sh"
+BUILD_IMAGE = ROOT / "scripts" / "build_image.sh"
 BASE_IMAGE = "nvcr.io/nvidia/pytorch:26.06-py3"
 VENV_BIN = Path(sys.executable).parent
 
 
-def instructions() -> list[tuple[str, str]]:
+def instructions(text: str | None = None) -> list[tuple[str, str]]:
     """(KEYWORD, arguments) of each Dockerfile instruction, continuation lines joined, comments dropped."""
     result, pending = [], ""
-    for line in DOCKERFILE.read_text().splitlines():
+    for line in (DOCKERFILE.read_text() if text is None else text).splitlines():
         if not pending and (not line.strip() or line.lstrip().startswith("#")):
             continue
         if line.rstrip().endswith("\\"):
@@ -124,7 +127,115 @@ def test_base_image_is_a_build_arg_defaulting_to_megatrons_base():
     steps = instructions()
     first_from = next(i for i, (keyword, _) in enumerate(steps) if keyword == "FROM")
     assert ("ARG", f"BASE_IMAGE={BASE_IMAGE}") in steps[:first_from]
-    assert steps[first_from][1] in ("${BASE_IMAGE}", "$BASE_IMAGE")
+    assert steps[first_from][1].split()[0] in ("${BASE_IMAGE}", "$BASE_IMAGE")
+
+
+# --- the two variants: the build arguments pick the base and one "stack-<STACK>" stage; the rest is shared.
+
+def stages(text: str | None = None) -> tuple[dict[str, str], list[tuple[str, str, list[tuple[str, str]]]]]:
+    """(global ARG defaults, [(stage name, FROM argument, its instructions after FROM)]) of the Dockerfile."""
+    steps = instructions(text)
+    first_from = next(i for i, (keyword, _) in enumerate(steps) if keyword == "FROM")
+    defaults = {}
+    for keyword, args in steps[:first_from]:
+        assert keyword == "ARG", f"{keyword} before the first FROM"
+        name, _, value = args.partition("=")
+        defaults[name] = value
+    result = []
+    for keyword, args in steps[first_from:]:
+        if keyword == "FROM":
+            image, _, name = args.partition(" AS ")
+            result.append((name.strip(), image.strip(), []))
+        else:
+            result[-1][2].append((keyword, args))
+    return defaults, result
+
+
+def substitute(text: str, values: dict[str, str]) -> str:
+    return re.sub(r"\$\{?(\w+)\}?", lambda m: values.get(m.group(1), m.group(0)), text)
+
+
+def variant_by_stage(build_args: dict[str, str], text: str | None = None) -> list[tuple[str, str, str]]:
+    """The instructions a build with ``build_args`` runs, as (stage, KEYWORD, arguments) in one chain: the final
+    stage's FROM followed back to the base image (stages no FROM leads to are skipped, as buildah and BuildKit do),
+    then each stage's own instructions; the first is ("", "FROM", the base image)."""
+    defaults, chain_of = stages(text)
+    values = {**defaults, **build_args}
+    by_name = {name: (image, steps) for name, image, steps in chain_of if name}
+    name, image, steps = chain_of[-1]
+    chain = [(name, steps)]
+    image = substitute(image, values)
+    while image in by_name:
+        name = image
+        image, steps = by_name[name]
+        chain.insert(0, (name, steps))
+        image = substitute(image, values)
+    return [("", "FROM", image)] + [(name, *step) for name, steps in chain for step in steps]
+
+
+def variant(build_args: dict[str, str], text: str | None = None) -> list[tuple[str, str]]:
+    return [(keyword, args) for _, keyword, args in variant_by_stage(build_args, text)]
+
+
+def cpu_build_args() -> dict[str, str]:
+    """The --build-arg NAME=VALUE of scripts/build_image.sh's buildah bud (the CPU variant)."""
+    found = dict(re.findall(r"--build-arg\s+\"?(\w+)=\"?([^\s\"]+)\"?", BUILD_IMAGE.read_text()))
+    base = re.search(r"^BASE=\$\{FCP_BASE_IMAGE:-([^}]+)}", BUILD_IMAGE.read_text(), re.M)
+    assert base and found.get("BASE_IMAGE") == "$BASE", "build_image.sh no longer passes BASE_IMAGE=$BASE"
+    found["BASE_IMAGE"] = base.group(1)
+    found.pop("PIP_CERT", None)  # this machine's certificate, only where it has one: no instruction changes
+    return found
+
+
+def test_cpu_variant_is_the_cluster_variant_but_for_the_selected_stack():
+    cuda, cpu = variant({}), variant(cpu_build_args())
+    assert cuda[0] == ("FROM", BASE_IMAGE) and cpu[0] == ("FROM", cpu_build_args()["BASE_IMAGE"])
+    defaults, chain = stages()
+    stacks = {name: steps for name, _, steps in chain if name.startswith("stack-")}
+    assert set(stacks) == {"stack-cuda", "stack-cpu"} and defaults["STACK"] == "cuda"
+    assert cpu_build_args()["STACK"] == "cpu"
+    # each variant runs its own stack stage, and apart from it (and the base image) the same instructions
+    tagged = {name: variant_by_stage(args) for name, args in (("cuda", {}), ("cpu", cpu_build_args()))}
+    for name, steps in tagged.items():
+        assert [(k, a) for stage, k, a in steps if stage.startswith("stack-")] == stacks[f"stack-{name}"]
+    cuda_rest, cpu_rest = ([(k, a) for stage, k, a in tagged[name][1:] if not stage.startswith("stack-")]
+                           for name in ("cuda", "cpu"))
+    assert cuda_rest == cpu_rest
+    # the stacks: Transformer Engine only where CUDA is, torch installed only where the base has none
+    cuda_text, cpu_text = (" ".join(args for _, args in stacks[name]) for name in ("stack-cuda", "stack-cpu"))
+    assert "transformer_engine" in cuda_text and "transformer_engine" not in cpu_text
+    assert '"torch' in cpu_text and '"torch' not in cuda_text
+    assert ("ENV", "FCP_SMOKE_REQUIRE_GPU_STACK=1") in stacks["stack-cuda"]
+    assert ("ENV", "FCP_SMOKE_REQUIRE_GPU_STACK=0") in stacks["stack-cpu"]
+    # the shared part: megatron-core, the project and its install steps, the workdir, the smoke
+    rest = " ".join(args for _, args in cuda_rest)
+    for needed in ("megatron-core==", 'pip install --no-cache-dir -e ".[megatron]"', "dataset_helpers",
+                   "/opt/megatron-fcp", "docker/smoke.sh"):
+        assert needed in rest, needed
+
+
+def test_variant_follows_the_final_from_back_to_the_base():
+    text = "ARG B=img\nARG S=a\nFROM ${B} AS base\nRUN one\nFROM base AS s-a\nRUN a\nFROM base AS s-b\nRUN b\n" \
+           "FROM s-${S}\nRUN last\n"
+    assert variant({}, text) == [("FROM", "img"), ("RUN", "one"), ("RUN", "a"), ("RUN", "last")]
+    assert variant({"S": "b", "B": "other"}, text) == [("FROM", "other"), ("RUN", "one"), ("RUN", "b"),
+                                                       ("RUN", "last")]
+
+
+def test_no_pip_configuration_of_this_machine_in_the_repository():
+    """The image build finds this machine's pip configuration at run time: no index host of it is in the files
+    that build the image (nor a copy of its configuration files)."""
+    try:
+        out = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True,
+                             timeout=60).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        pytest.skip("pip config list failed")
+    hosts = set(re.findall(r"[a-z][a-z0-9+.-]*://(?:[^@/\s'\"]*@)?([^/:\s'\"]+)", out)) - {""}
+    files = [DOCKERFILE, SMOKE, BUILD_IMAGE, ROOT / ".dockerignore", *(ROOT / "docker").iterdir()]
+    for path in files:
+        text = path.read_text()
+        assert not [h for h in hosts if h in text], f"{path.name} names a host of this machine's pip configuration"
+        assert "[global]" not in text, f"{path.name} holds a pip configuration"
 
 
 def test_workdir_is_the_launch_default():
@@ -172,7 +283,7 @@ def test_context_is_small():
 def smoke(**env: str) -> subprocess.CompletedProcess:
     environ = {k: v for k, v in os.environ.items() if k != "FCP_SMOKE_REQUIRE_GPU_STACK"}
     environ.update(PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}", PYTHON=sys.executable, **env)
-    return subprocess.run(["bash", str(SMOKE)], env=environ, capture_output=True, text=True, timeout=180)
+    return subprocess.run(["bash", str(SMOKE)], env=environ, capture_output=True, text=True, timeout=400)
 
 
 @pytest.mark.slow
@@ -180,7 +291,7 @@ def test_smoke_passes_on_this_machine():
     result = smoke()
     assert result.returncode == 0, result.stdout + result.stderr
     for line in ("megatron-core", "transformer_engine", "flash_attn", "configs/tiny_cpu.yaml: ok",
-                 "configs/llama3_8b.yaml: ok", "smoke: ok"):
+                 "configs/llama3_8b.yaml: ok", "largest loss difference against no CP", "smoke: ok"):
         assert line in result.stdout
 
 
@@ -204,6 +315,21 @@ def test_hadolint_passes():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def render(build_args: dict[str, str]) -> str:
+    """One variant as a single-stage Dockerfile (its chain of instructions, build arguments substituted)."""
+    return "\n".join(f"{keyword} {args}" for keyword, args in variant(build_args)) + "\n"
+
+
+@pytest.mark.parametrize("name", ["cuda", "cpu"])
+def test_hadolint_passes_on_each_variant(name, tmp_path):
+    path = tmp_path / f"Dockerfile.{name}"
+    path.write_text(render({} if name == "cuda" else cpu_build_args()))
+    result = subprocess.run([linter("hadolint"), "--ignore", "DL3006", str(path)], capture_output=True, text=True,
+                            timeout=60)  # DL3006: the CPU base is a local image, untagged
+    assert result.returncode == 0, path.read_text() + result.stdout + result.stderr
+
+
 def test_shellcheck_passes():
-    result = subprocess.run([linter("shellcheck"), str(SMOKE)], capture_output=True, text=True, timeout=60)
+    result = subprocess.run([linter("shellcheck"), str(SMOKE), str(BUILD_IMAGE)], capture_output=True, text=True,
+                            timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
