@@ -43,6 +43,7 @@ import torch
 
 from megatron_fcp.errors import InputError
 from megatron_fcp.kernels.base import VarlenCall, check_segments
+from megatron_fcp.planner.columns import VIEW_RECV_PIECES, VIEW_SEND_PIECES
 from megatron_fcp.planner.plan import RankPlan
 from megatron_fcp.planner.stages import DEFAULT_KV_BUDGET, resolve_kv_budget, split_stages
 
@@ -189,10 +190,11 @@ def visible_call(name: str, q_rows, key_rows, mask: str, device, skip_self: bool
 def offset_rows(rows) -> list[tuple[int, int, int, int]]:
     """``(doc, start, end, offset)`` for rows ending in ``(doc, start, end)``, laid out one after another."""
     out, off = [], 0
-    for row in rows:
-        out.append((*row[-3:], off))
-        off += row[-1] - row[-2]
+    for *_, doc, start, end in rows:
+        out.append((doc, start, end, off))
+        off += end - start
     return out
+
 
 
 def _merge_messages(rows: np.ndarray) -> list[tuple[int, int, int, int]]:
@@ -216,13 +218,14 @@ class _StageSpec:
 
 
 def _stages(rank_plan: RankPlan, own, budget: int | None) -> list[_StageSpec]:
-    pieces = np.asarray(rank_plan.recv_pieces, dtype=np.int64).reshape(-1, 6)  # src, doc, start, end, src_off, pos
+    pieces = np.asarray(rank_plan.recv_pieces, dtype=np.int64).reshape(-1, len(VIEW_RECV_PIECES))
     if pieces.shape[0] == 0:
         return []
-    lens = pieces[:, 3] - pieces[:, 2]
-    index, offset, length, stage, _ = split_stages(pieces[:, 5], lens, np.full(lens.shape, int(lens.sum())), budget)
-    src, doc = pieces[index, 0], pieces[index, 1]
-    start, src_offset = pieces[index, 2] + offset, pieces[index, 4] + offset
+    src, doc, start, end, src_offset, pos = pieces.T
+    lens = end - start
+    index, offset, length, stage, _ = split_stages(pos, lens, np.full(lens.shape, int(lens.sum())), budget)
+    src, doc = src[index], doc[index]  # per sub-piece
+    start, src_offset = start[index] + offset, src_offset[index] + offset
     stages = []
     for j in range(int(stage.max()) + 1):
         sel = np.flatnonzero(stage == j)
@@ -238,11 +241,13 @@ def _stages(rank_plan: RankPlan, own, budget: int | None) -> list[_StageSpec]:
 
 def _send_messages(rank_plan: RankPlan, budget: int | None) -> list[tuple[int, int, int, int, int]]:
     """``(dst, start, end, forward_round, backward_round)`` of the own rows this rank sends."""
-    pieces = np.asarray(rank_plan.send_pieces, dtype=np.int64).reshape(-1, 7)  # dst, doc, s, e, off, pos, total
+    pieces = np.asarray(rank_plan.send_pieces, dtype=np.int64).reshape(-1, len(VIEW_SEND_PIECES))
     if pieces.shape[0] == 0:
         return []
-    index, offset, length, stage, n = split_stages(pieces[:, 5], pieces[:, 3] - pieces[:, 2], pieces[:, 6], budget)
-    dst, own_offset = pieces[index, 0], pieces[index, 4] + offset
+    dst, _, start, end, own_offset, dst_pos, dst_total = pieces.T
+    index, offset, length, stage, n = split_stages(dst_pos, end - start, dst_total, budget)
+    dst, own_offset = dst[index], own_offset[index] + offset  # per sub-piece
+
     order = np.lexsort((own_offset, dst, stage))
     out: list[list[int]] = []
     for d, a, m, j, num in zip(dst[order].tolist(), own_offset[order].tolist(), length[order].tolist(),

@@ -32,6 +32,7 @@ from megatron_fcp.errors import InputError
 from megatron_fcp.megatron.config import FcpConfig
 from megatron_fcp.planner.api import make_plan
 from megatron_fcp.planner.checks import assert_plan_ok
+from megatron_fcp.planner.columns import VIEW_ROWS
 from megatron_fcp.planner.fcp import FcpOptions
 from megatron_fcp.planner.pairs import MASKS
 from megatron_fcp.planner.plan import Plan, RankPlan
@@ -84,8 +85,9 @@ def plan_figures(plan: Plan) -> tuple[float, float]:
 
 
 # -- the rank's plan view as one int64 array (data loaders collate tensors, not objects) -------------------
-_WIDTHS = (3, 4, 4, 6, 7)
-"""Values per row of ``q``, ``kv_recv``, ``kv_send``, ``recv_pieces``, ``send_pieces``."""
+_WIDTHS = tuple(len(columns) for columns in VIEW_ROWS)
+"""Values per row of ``q``, ``kv_recv``, ``kv_send``, ``recv_pieces``, ``send_pieces`` (3, 4, 4, 6, 7)."""
+
 _HEAD = 6 + len(_WIDTHS)
 """Header values: CP size, rank, mask, token slots, padding, plan digest, then the row count of each list."""
 

@@ -20,6 +20,7 @@ import heapq
 import numpy as np
 
 from megatron_fcp.errors import InputError
+from megatron_fcp.planner.columns import KV, Q
 from megatron_fcp.planner.pairs import arange_within, q_pairs
 from megatron_fcp.planner.plan import Plan, derive_kv, merge_adjacent_q
 
@@ -47,19 +48,19 @@ def _zigzag_rows(lens: np.ndarray, group_size: np.ndarray, first_rank: np.ndarra
     end = np.minimum((chunk_index + 1) * chunk[doc_index], lens[docs][doc_index])
     rows = np.column_stack([first_rank[docs][doc_index] + member, docs[doc_index], start, end])
     rows = rows[end > start]
-    return rows[np.lexsort((rows[:, 2], rows[:, 1], rows[:, 0]))], padded
+    return rows[np.lexsort((rows[:, Q.START], rows[:, Q.DOC], rows[:, Q.CP_RANK]))], padded
 
 
 def _pad_to_equal(rows: np.ndarray, cp: int, slots: int) -> np.ndarray:
-    num_real = np.bincount(rows[:, 0], weights=rows[:, 3] - rows[:, 2], minlength=cp).astype(np.int64)
-    return slots - num_real
+    num_real = np.bincount(rows[:, Q.CP_RANK], weights=rows[:, Q.END] - rows[:, Q.START], minlength=cp)
+    return slots - num_real.astype(np.int64)
 
 
 def plan_ring(lens: np.ndarray, cp: int, tokens_per_rank: int, mask: str) -> Plan:
     """Transformer Engine's ring CP on a packed batch (see module docstring)."""
     rows, padded = _zigzag_rows(lens, np.full(lens.shape, cp), np.zeros(lens.shape, np.int64))
     slots = max(int(padded.sum()) // cp, tokens_per_rank)
-    return Plan(strategy="ring", cp=cp, mask=mask, doc_lens=lens, q_rows=rows, kv=np.zeros((0, 5), np.int64),
+    return Plan(strategy="ring", cp=cp, mask=mask, doc_lens=lens, q_rows=rows, kv=np.zeros((0, len(KV)), np.int64),
                 num_pad_tokens=_pad_to_equal(rows, cp, slots), exchange="ring")
 
 
@@ -184,7 +185,8 @@ def plan_nocp(lens: np.ndarray, cp: int, tokens_per_rank: int, mask: str) -> Pla
             heapq.heappush(rank_heap, item)
     docs = np.flatnonzero(lens > 0)
     rows = np.column_stack([owner[docs], docs, np.zeros_like(docs), lens[docs]])
-    rows = rows[np.lexsort((rows[:, 1], rows[:, 0]))]
+    rows = rows[np.lexsort((rows[:, Q.DOC], rows[:, Q.CP_RANK]))]
     slots = max(int(tokens.max()), tokens_per_rank)
-    return Plan(strategy="nocp", cp=cp, mask=mask, doc_lens=lens, q_rows=rows, kv=np.zeros((0, 5), np.int64),
+    return Plan(strategy="nocp", cp=cp, mask=mask, doc_lens=lens, q_rows=rows, kv=np.zeros((0, len(KV)), np.int64),
+
                 num_pad_tokens=slots - tokens, exchange="p2p")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from megatron_fcp.planner.columns import KV, Q
 from megatron_fcp.planner.pairs import needed_kv_end
 from megatron_fcp.planner.plan import Plan
 
@@ -46,24 +47,25 @@ def assert_plan_ok(plan: Plan, check_request: bool = True) -> None:
 
 def _ownership_problems(plan: Plan) -> list[str]:
     q, lens = plan.q, plan.doc_lens
+    rank, doc, start, end = q.T
     problems = []
-    if q.shape[0] and (q[:, 0].min() < 0 or q[:, 0].max() >= plan.cp):
+    if q.shape[0] and (rank.min() < 0 or rank.max() >= plan.cp):
         problems.append("a q range names a rank outside [0, cp)")
-    if q.shape[0] and (q[:, 1].min() < 0 or q[:, 1].max() >= lens.shape[0]):
+    if q.shape[0] and (doc.min() < 0 or doc.max() >= lens.shape[0]):
         return problems + ["a q range names a document that does not exist"]
-    if np.any(q[:, 2] >= q[:, 3]) or np.any(q[:, 2] < 0) or np.any(q[:, 3] > lens[q[:, 1]]):
+    if np.any(start >= end) or np.any(start < 0) or np.any(end > lens[doc]):
         problems.append("a q range is empty or lies outside its document")
-    order = np.lexsort((q[:, 2], q[:, 1]))
-    by_doc = q[order]
-    covered = np.bincount(by_doc[:, 1], weights=by_doc[:, 3] - by_doc[:, 2], minlength=lens.shape[0])
+    order = np.lexsort((start, doc))
+    doc, start, end = doc[order], start[order], end[order]  # by document and start
+    covered = np.bincount(doc, weights=end - start, minlength=lens.shape[0])
     if not np.array_equal(covered.astype(np.int64), lens):
         bad = int(np.flatnonzero(covered.astype(np.int64) != lens)[0])
         problems.append(f"document {bad} has {int(covered[bad])} owned tokens but length {int(lens[bad])}")
-    same_doc = by_doc[1:, 1] == by_doc[:-1, 1]
-    if np.any(same_doc & (by_doc[1:, 2] != by_doc[:-1, 3])):
+    same_doc = doc[1:] == doc[:-1]
+    if np.any(same_doc & (start[1:] != end[:-1])):
         problems.append("q ranges of one document overlap or leave a gap")
-    is_doc_first = np.concatenate([[True], ~same_doc]) if by_doc.shape[0] else np.zeros(0, bool)
-    if np.any(by_doc[is_doc_first, 2] != 0):
+    is_doc_first = np.concatenate([[True], ~same_doc]) if doc.shape[0] else np.zeros(0, bool)
+    if np.any(start[is_doc_first] != 0):
         problems.append("a document's first q range does not start at 0")
     return problems
 
@@ -98,19 +100,21 @@ def _source_problems(plan: Plan) -> list[str]:
     kv, q = plan.kv, plan.q
     if kv.shape[0] == 0:
         return []
-    if np.any(kv[:, 0] == kv[:, 1]):
+    dst, src, doc, start, end = kv.T
+    if np.any(dst == src):
         return ["a rank receives key/values from itself"]
-    if np.any(kv[:, 3] >= kv[:, 4]):
+    if np.any(start >= end):
         return ["an empty or inverted kv range"]
-    owners = q[np.lexsort((q[:, 2], q[:, 1]))]
-    key = owners[:, 1] * (1 << 40) + owners[:, 2]
-    first_row = np.searchsorted(key, kv[:, 2] * (1 << 40) + kv[:, 3], side="right") - 1  # holds the kv start
-    last_row = np.searchsorted(key, kv[:, 2] * (1 << 40) + kv[:, 4] - 1, side="right") - 1  # holds its last token
+    owners = q[np.lexsort((q[:, Q.START], q[:, Q.DOC]))]
+    owner_rank, owner_doc = owners[:, Q.CP_RANK], owners[:, Q.DOC]
+    key = owner_doc * (1 << 40) + owners[:, Q.START]
+    first_row = np.searchsorted(key, doc * (1 << 40) + start, side="right") - 1  # holds the kv start
+    last_row = np.searchsorted(key, doc * (1 << 40) + end - 1, side="right") - 1  # holds its last token
     # per owner row: index of its run of rows with the same (rank, doc)
-    run = np.concatenate([[0], np.cumsum((owners[1:, 0] != owners[:-1, 0]) | (owners[1:, 1] != owners[:-1, 1]))])
-    ok = ((first_row >= 0) & (owners[first_row, 1] == kv[:, 2]) & (owners[first_row, 0] == kv[:, 1])
+    run = np.concatenate([[0], np.cumsum((owner_rank[1:] != owner_rank[:-1]) | (owner_doc[1:] != owner_doc[:-1]))])
+    ok = ((first_row >= 0) & (owner_doc[first_row] == doc) & (owner_rank[first_row] == src)
           & (run[last_row] == run[first_row]))
-    ok &= owners[last_row, 3] >= kv[:, 4]
+    ok &= owners[last_row, Q.END] >= end
     if not np.all(ok):
         bad = kv[int(np.flatnonzero(~ok)[0])].tolist()
         return [f"kv row {bad} (rank, src, doc, start, end) is not owned by its source"]
@@ -119,35 +123,36 @@ def _source_problems(plan: Plan) -> list[str]:
 
 def _delivery_problems(plan: Plan, need_mask: str) -> list[str]:
     q, kv, lens = plan.q, plan.kv, plan.doc_lens
-    own = np.column_stack([q[:, 0], q[:, 1], q[:, 2], q[:, 3]])
-    got = np.column_stack([kv[:, 0], kv[:, 2], kv[:, 3], kv[:, 4]])
-    rows = np.concatenate([own, got])
+    got = kv[:, [KV.CP_RANK, KV.DOC, KV.START, KV.END]]  # as q rows of the receiver
+    rows = np.concatenate([q, got])
     if rows.shape[0] == 0:
         return []
-    rows = rows[np.lexsort((rows[:, 2], rows[:, 1], rows[:, 0]))]
-    same = (rows[1:, 0] == rows[:-1, 0]) & (rows[1:, 1] == rows[:-1, 1])
-    if np.any(same & (rows[1:, 2] != rows[:-1, 3])):
-        bad = int(np.flatnonzero(same & (rows[1:, 2] != rows[:-1, 3]))[0])
-        return [f"rank {int(rows[bad, 0])} doc {int(rows[bad, 1])}: owned+received ranges overlap or leave a gap "
-                f"at token {int(rows[bad, 3])} (something is missing, received twice or received needlessly)"]
+    rows = rows[np.lexsort((rows[:, Q.START], rows[:, Q.DOC], rows[:, Q.CP_RANK]))]
+    rank, doc, start, end = rows.T
+    same = (rank[1:] == rank[:-1]) & (doc[1:] == doc[:-1])
+    if np.any(same & (start[1:] != end[:-1])):
+        bad = int(np.flatnonzero(same & (start[1:] != end[:-1]))[0])
+        return [f"rank {int(rank[bad])} doc {int(doc[bad])}: owned+received ranges overlap or leave a gap "
+                f"at token {int(end[bad])} (something is missing, received twice or received needlessly)"]
     is_first = np.concatenate([[True], ~same])
     is_last = np.concatenate([~same, [True]])
-    if np.any(rows[is_first, 2] != 0):
+    if np.any(start[is_first] != 0):
         return ["a rank's owned+received keys of a document do not start at token 0"]
     need = _need_end_per_rank_doc(q, lens, need_mask)
-    ends = {(int(rank), int(doc)): int(end)
-            for rank, doc, end in zip(rows[is_last, 0], rows[is_last, 1], rows[is_last, 3], strict=True)}
-    for (rank, doc), end in ends.items():
-        if need.get((rank, doc)) != end:
-            what = "receives keys of a document it does not compute" if (rank, doc) not in need else (
-                f"has keys up to {end} but needs up to {need[(rank, doc)]}")
-            return [f"rank {rank} doc {doc}: {what}"]
+    ends = {(int(r), int(d)): int(e) for r, d, e in zip(rank[is_last], doc[is_last], end[is_last], strict=True)}
+    for (at_rank, at_doc), have_end in ends.items():
+        if need.get((at_rank, at_doc)) != have_end:
+            what = "receives keys of a document it does not compute" if (at_rank, at_doc) not in need else (
+                f"has keys up to {have_end} but needs up to {need[(at_rank, at_doc)]}")
+            return [f"rank {at_rank} doc {at_doc}: {what}"]
+
     return []
 
 
 def _need_end_per_rank_doc(q: np.ndarray, lens: np.ndarray, mask: str) -> dict[tuple[int, int], int]:
-    need = needed_kv_end(q[:, 3], lens[q[:, 1]], mask)
+    need = needed_kv_end(q[:, Q.END], lens[q[:, Q.DOC]], mask)
     out: dict[tuple[int, int], int] = {}
-    for rank, doc, end in zip(q[:, 0].tolist(), q[:, 1].tolist(), need.tolist(), strict=True):
+    for rank, doc, end in zip(q[:, Q.CP_RANK].tolist(), q[:, Q.DOC].tolist(), need.tolist(), strict=True):
+
         out[(rank, doc)] = max(out.get((rank, doc), 0), end)
     return out

@@ -46,6 +46,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from megatron_fcp.planner.columns import Q
 from megatron_fcp.planner.pairs import check_mask, edge_pairs, q_pairs
 from megatron_fcp.planner.plan import Plan, derive_kv, merge_adjacent_q
 
@@ -412,7 +413,7 @@ def plan_fcp(
         num_free_tokens = int(real_per_rank[cp_rank] - dealt_tokens[cp_rank])
         taken_work = _fill_rank(pool, num_free_tokens, target - dealt_work[cp_rank], cp_rank)
         cut_work += taken_work - (pool_work_before - pool.work)
-    q_rows = merge_adjacent_q(np.asarray(pool.rows, dtype=np.int64).reshape(-1, 4))
+    q_rows = merge_adjacent_q(np.asarray(pool.rows, dtype=np.int64).reshape(-1, len(Q)))
     return Plan(
         strategy="fcp",
         cp=cp,

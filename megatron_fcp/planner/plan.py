@@ -26,6 +26,16 @@ from functools import cached_property
 
 import numpy as np
 
+from megatron_fcp.planner.columns import (
+    KV,
+    VIEW_KV_RECV,
+    VIEW_KV_SEND,
+    VIEW_Q,
+    VIEW_RECV_PIECES,
+    VIEW_SEND_PIECES,
+    Piece,
+    Q,
+)
 from megatron_fcp.planner.pairs import check_mask, matching_rows, needed_kv_end, q_pairs
 from megatron_fcp.planner.stages import (
     DEFAULT_KV_BUDGET,
@@ -37,13 +47,16 @@ from megatron_fcp.planner.stages import (
 )
 
 EXCHANGES = ("p2p", "ring", "group_ring")
-Q_COLS = ("cp_rank", "doc", "start", "end")
-KV_COLS = ("cp_rank", "src_rank", "doc", "start", "end")
+Q_COLS = tuple(column.name.lower() for column in Q)
+"""``("cp_rank", "doc", "start", "end")``: the columns of ``q`` rows (:class:`~megatron_fcp.planner.columns.Q`)."""
+KV_COLS = tuple(column.name.lower() for column in KV)
+"""``("cp_rank", "src_rank", "doc", "start", "end")``: the columns of ``kv`` rows (:class:`.columns.KV`)."""
 
 
 @dataclass(frozen=True)
 class RankPlan:
-    """What one CP rank computes, receives and sends. Tuples of ``(doc, start, end)`` style rows."""
+    """What one CP rank computes, receives and sends. Tuples of ``(doc, start, end)`` style rows: the plan's rows
+    of the rank, columns :data:`~megatron_fcp.planner.columns.VIEW_Q`, ``VIEW_KV_RECV`` and so on."""
 
     cp_rank: int
     cp: int
@@ -73,7 +86,7 @@ class RankPlan:
     @property
     def num_recv(self) -> int:
         """Key/value tokens this rank receives (the sum of its pieces)."""
-        return sum(p[3] - p[2] for p in self.recv_pieces)
+        return sum(end - start for _, _, start, end, _, _ in self.recv_pieces)
 
     def memory(self, kv_budget_tokens=DEFAULT_KV_BUDGET) -> dict[str, int]:
         """This rank's figures of :func:`megatron_fcp.planner.stages.p2p_memory` (``MEMORY_FIELDS``, tokens), from
@@ -83,7 +96,7 @@ class RankPlan:
                 for src, doc, start, end, offset, pos in self.recv_pieces]
         rows += [(dst, rank, doc, start, end, offset, pos, total)
                  for dst, doc, start, end, offset, pos, total in self.send_pieces]
-        mem = p2p_memory(np.full(self.cp, self.num_tokens), np.asarray(rows, np.int64).reshape(-1, 8),
+        mem = p2p_memory(np.full(self.cp, self.num_tokens), np.asarray(rows, np.int64).reshape(-1, len(Piece)),
                          kv_budget_tokens)
         return {key: int(value[rank]) for key, value in mem.items()}
 
@@ -135,13 +148,13 @@ class Plan:
         if self.exchange not in EXCHANGES:
             raise ValueError(f"unknown exchange {self.exchange!r}: choose one of {EXCHANGES}")
         object.__setattr__(self, "doc_lens", _readonly(self.doc_lens, 1).reshape(-1))
-        q_rows, whole_rank = _compact(_readonly(self.q_rows, 4), self.whole_rank, self.doc_lens)
+        q_rows, whole_rank = _compact(_readonly(self.q_rows, len(Q)), self.whole_rank, self.doc_lens)
         object.__setattr__(self, "q_rows", q_rows)
         if whole_rank is not None:
             whole_rank = whole_rank.view()
             whole_rank.setflags(write=False)
         object.__setattr__(self, "whole_rank", whole_rank)
-        object.__setattr__(self, "kv", _readonly(self.kv, 5))
+        object.__setattr__(self, "kv", _readonly(self.kv, len(KV)))
         object.__setattr__(self, "num_pad_tokens", _readonly(self.num_pad_tokens, 1).reshape(-1))
         if self.num_pad_tokens.shape[0] != self.cp:
             raise ValueError(f"num_pad_tokens has {self.num_pad_tokens.shape[0]} entries for cp={self.cp}")
@@ -152,26 +165,27 @@ class Plan:
         """int64 ``[num_q, 4]``: every row ``(cp_rank, doc, start, end)``, grouped by rank in local order."""
         if self.whole_rank is None:
             return self.q_rows
-        return _readonly(self.rows_of(np.arange(self.cp)), 4)
+        return _readonly(self.rows_of(np.arange(self.cp)), len(Q))
 
     def rows_of(self, ranks) -> np.ndarray:
         """The rows of ``ranks`` (int array), grouped by rank in local order, without building every rank's."""
         ranks = np.asarray(ranks, dtype=np.int64)
-        rows = self.q_rows[np.isin(self.q_rows[:, 0], ranks)]
+        rows = self.q_rows[np.isin(self.q_rows[:, Q.CP_RANK], ranks)]
         if self.whole_rank is None:
             return rows
         docs = (np.flatnonzero(self.whole_rank == ranks[0]) if ranks.shape[0] == 1
                 else np.flatnonzero(np.isin(self.whole_rank, ranks)))
-        whole = np.column_stack([self.whole_rank[docs], docs, np.zeros_like(docs), self.doc_lens[docs]])
+        whole = np.column_stack([self.whole_rank[docs], docs, np.zeros_like(docs), self.doc_lens[docs]])  # Q rows
         rows = np.concatenate([rows, whole.astype(np.int64)])
-        return rows[np.lexsort((rows[:, 2], rows[:, 1], rows[:, 0]))]
+        return rows[np.lexsort((rows[:, Q.START], rows[:, Q.DOC], rows[:, Q.CP_RANK]))]
 
     # -- derived per-rank quantities -------------------------------------------------------------
     @cached_property
     def num_real_tokens(self) -> np.ndarray:
         """int64 ``[cp]``: real (document) tokens owned per rank."""
         rows = self.q_rows
-        tokens = np.bincount(rows[:, 0], weights=rows[:, 3] - rows[:, 2], minlength=self.cp).astype(np.int64)
+        tokens = np.bincount(rows[:, Q.CP_RANK], weights=rows[:, Q.END] - rows[:, Q.START], minlength=self.cp)
+        tokens = tokens.astype(np.int64)
         if self.whole_rank is not None:
             held = self.whole_rank >= 0
             held_tokens = np.bincount(self.whole_rank[held], weights=self.doc_lens[held], minlength=self.cp)
@@ -193,22 +207,26 @@ class Plan:
     def rank_pairs(self) -> np.ndarray:
         """float64 ``[cp]``: exact attention pairs (query-key pairs the mask allows) each rank computes."""
         q = self.q
-        pairs = q_pairs(q[:, 2], q[:, 3], self.doc_lens[q[:, 1]], self.mask)
-        return np.bincount(q[:, 0], weights=pairs, minlength=self.cp)
+        pairs = q_pairs(q[:, Q.START], q[:, Q.END], self.doc_lens[q[:, Q.DOC]], self.mask)
+        return np.bincount(q[:, Q.CP_RANK], weights=pairs, minlength=self.cp)
 
     @cached_property
     def recv_tokens(self) -> np.ndarray:
         """int64 ``[cp]``: key/value tokens each rank receives (for ``ring`` including padding slots)."""
         if self.exchange == "ring":
             return (self.num_tokens.sum() - self.num_tokens).astype(np.int64)
-        return np.bincount(self.kv[:, 0], weights=self.kv[:, 4] - self.kv[:, 3], minlength=self.cp).astype(np.int64)
+        kv = self.kv
+        tokens = np.bincount(kv[:, KV.CP_RANK], weights=kv[:, KV.END] - kv[:, KV.START], minlength=self.cp)
+        return tokens.astype(np.int64)
 
     @cached_property
     def send_tokens(self) -> np.ndarray:
         """int64 ``[cp]``: key/value tokens each rank sends."""
         if self.exchange == "ring":
             return ((self.cp - 1) * self.num_tokens).astype(np.int64)
-        return np.bincount(self.kv[:, 1], weights=self.kv[:, 4] - self.kv[:, 3], minlength=self.cp).astype(np.int64)
+        kv = self.kv
+        tokens = np.bincount(kv[:, KV.SRC_RANK], weights=kv[:, KV.END] - kv[:, KV.START], minlength=self.cp)
+        return tokens.astype(np.int64)
 
     # -- views ------------------------------------------------------------------------------------
     def token_index(self, cp_rank: int) -> np.ndarray:
@@ -216,25 +234,27 @@ class Plan:
         rows = self.rows_of([cp_rank])
         if rows.shape[0] == 0:
             return np.zeros(0, np.int64)
-        doc_starts = np.concatenate([[0], np.cumsum(self.doc_lens)])[rows[:, 1]]
+        doc_starts = np.concatenate([[0], np.cumsum(self.doc_lens)])[rows[:, Q.DOC]]
         return np.concatenate([np.arange(doc_start + start, doc_start + end)
-                               for doc_start, start, end in zip(doc_starts, rows[:, 2], rows[:, 3], strict=True)
+                               for doc_start, start, end in zip(doc_starts, rows[:, Q.START], rows[:, Q.END],
+                                                                strict=True)
                                ]).astype(np.int64)
 
     def for_rank(self, cp_rank: int) -> RankPlan:
         """The view of one rank: exactly what it computes, receives and sends."""
         if not 0 <= cp_rank < self.cp:
             raise ValueError(f"cp_rank {cp_rank} out of range for cp={self.cp}")
-        own = self.rows_of([cp_rank])[:, 1:]
+        own = self.rows_of([cp_rank])[:, VIEW_Q]
         if self.exchange == "ring":  # one rank's share of ring_kv_rows, without expanding every rank's
             recv, send = _ring_rank_rows(self.q, self.cp, cp_rank)
             recv_pieces, send_pieces = _ring_rank_pieces(self.q, self.doc_lens, self.cp, cp_rank, self.mask)
         else:
-            recv = self.kv[self.kv[:, 0] == cp_rank, 1:]
-            send = self.kv[self.kv[:, 1] == cp_rank][:, [0, 2, 3, 4]]
+            kv = self.kv
+            recv = kv[kv[:, KV.CP_RANK] == cp_rank][:, VIEW_KV_RECV]
+            send = kv[kv[:, KV.SRC_RANK] == cp_rank][:, VIEW_KV_SEND]
             pieces = self._pieces_of(cp_rank)
-            recv_pieces = pieces[pieces[:, 0] == cp_rank][:, [1, 2, 3, 4, 5, 6]]
-            send_pieces = pieces[pieces[:, 1] == cp_rank][:, [0, 2, 3, 4, 5, 6, 7]]
+            recv_pieces = pieces[pieces[:, Piece.DST] == cp_rank][:, VIEW_RECV_PIECES]
+            send_pieces = pieces[pieces[:, Piece.SRC] == cp_rank][:, VIEW_SEND_PIECES]
         return RankPlan(
             cp_rank=cp_rank,
             cp=self.cp,
@@ -255,13 +275,14 @@ class Plan:
         if "pieces" in self.__dict__:
             return self.pieces
         kv = self.kv
-        receivers = np.append(np.unique(kv[kv[:, 1] == cp_rank, 0]), cp_rank)
-        kv = kv[np.isin(kv[:, 0], receivers)]
-        return plan_pieces(self.rows_of(np.unique(kv[:, :2])), kv, self.doc_lens, self.mask)
+        receivers = np.append(np.unique(kv[kv[:, KV.SRC_RANK] == cp_rank, KV.CP_RANK]), cp_rank)
+        kv = kv[np.isin(kv[:, KV.CP_RANK], receivers)]
+        ranks = np.unique(kv[:, [KV.CP_RANK, KV.SRC_RANK]])  # the receivers and their sources
+        return plan_pieces(self.rows_of(ranks), kv, self.doc_lens, self.mask)
 
     @cached_property
     def pieces(self) -> np.ndarray:
-        """int64 ``[num_pieces, 8]``: every received key/value piece (columns ``stages.PIECE_COLS``), sorted by
+        """int64 ``[num_pieces, 8]``: every received key/value piece (columns :class:`.columns.Piece`), sorted by
         receiver and staging position; contiguous in the owner's and in the receiver's memory."""
         return plan_pieces(self.q, self.kv_explicit, self.doc_lens, self.mask)
 
@@ -272,8 +293,8 @@ class Plan:
         kv_by_rank = _split_by_rank(kv, self.cp)
         ranks = [
             {
-                "q": q_by_rank[rank][:, 1:].tolist(),
-                "kv_recv": kv_by_rank[rank][:, 1:].tolist(),
+                "q": q_by_rank[rank][:, VIEW_Q].tolist(),
+                "kv_recv": kv_by_rank[rank][:, VIEW_KV_RECV].tolist(),
                 "num_tokens": int(self.num_tokens[rank]),
                 "num_pad_tokens": int(self.num_pad_tokens[rank]),
             }
@@ -307,8 +328,8 @@ class Plan:
             cp=int(data["cp"]),
             mask=data["mask"],
             doc_lens=np.asarray(data["docs"], dtype=np.int64),
-            q_rows=np.asarray(q, dtype=np.int64).reshape(-1, 4),
-            kv=np.zeros((0, 5), np.int64) if exchange == "ring" else np.asarray(kv, dtype=np.int64).reshape(-1, 5),
+            q_rows=np.asarray(q, dtype=np.int64).reshape(-1, len(Q)),
+            kv=np.asarray([] if exchange == "ring" else kv, dtype=np.int64).reshape(-1, len(KV)),
             num_pad_tokens=np.asarray([rank_data["num_pad_tokens"] for rank_data in data["ranks"]], dtype=np.int64),
             exchange=exchange,
             notes=tuple(sorted((data.get("notes") or {}).items())),
@@ -377,26 +398,29 @@ def _compact(q_rows: np.ndarray, whole_rank, doc_lens: np.ndarray) -> tuple[np.n
         whole_rank = np.asarray(whole_rank, dtype=np.int32)
         if whole_rank.shape != doc_lens.shape:
             raise ValueError(f"whole_rank has shape {whole_rank.shape}, the documents {doc_lens.shape}")
-    docs, num_rows = np.unique(q_rows[:, 1], return_counts=True)
-    alone = np.isin(q_rows[:, 1], docs[num_rows == 1])
-    whole = alone & (q_rows[:, 2] == 0) & (q_rows[:, 3] == doc_lens[q_rows[:, 1]])
+    doc = q_rows[:, Q.DOC]
+    docs, num_rows = np.unique(doc, return_counts=True)
+    alone = np.isin(doc, docs[num_rows == 1])
+    whole = alone & (q_rows[:, Q.START] == 0) & (q_rows[:, Q.END] == doc_lens[doc])
     if whole.any():
         whole_rank = whole_rank.copy()
-        whole_rank[q_rows[whole, 1]] = q_rows[whole, 0]
-    return _readonly(q_rows[~whole], 4), whole_rank
+        whole_rank[doc[whole]] = q_rows[whole, Q.CP_RANK]
+    return _readonly(q_rows[~whole], len(Q)), whole_rank
 
 
 def _descending(rows: np.ndarray) -> np.ndarray:
-    """Per pair of consecutive rows ``(rank, doc, start, ...)``: whether the second sorts before the first."""
-    a, b = rows[:-1, :3], rows[1:, :3]
-    later_start = (b[:, 1] < a[:, 1]) | ((b[:, 1] == a[:, 1]) & (b[:, 2] < a[:, 2]))
-    return (b[:, 0] < a[:, 0]) | ((b[:, 0] == a[:, 0]) & later_start)
+    """Per pair of consecutive ``q`` rows: whether the second sorts before the first (by rank, doc and start)."""
+    rank, doc, start = rows[:, Q.CP_RANK], rows[:, Q.DOC], rows[:, Q.START]
+    later_start = (doc[1:] < doc[:-1]) | ((doc[1:] == doc[:-1]) & (start[1:] < start[:-1]))
+    return (rank[1:] < rank[:-1]) | ((rank[1:] == rank[:-1]) & later_start)
 
 
 def _split_by_rank(rows: np.ndarray, cp: int) -> list[np.ndarray]:
-    order = np.argsort(rows[:, 0], kind="stable")
+    """``q`` or ``kv`` rows (both lead with ``cp_rank``: ``Q.CP_RANK == KV.CP_RANK``), one array per rank."""
+    order = np.argsort(rows[:, Q.CP_RANK], kind="stable")
     rows = rows[order]
-    bounds = np.searchsorted(rows[:, 0], np.arange(cp + 1))
+    bounds = np.searchsorted(rows[:, Q.CP_RANK], np.arange(cp + 1))
+
     return [rows[bounds[rank] : bounds[rank + 1]] for rank in range(cp)]
 
 
@@ -404,22 +428,22 @@ def ring_kv_rows(q: np.ndarray, cp: int) -> np.ndarray:
     """Explicit ``kv`` rows of a ring exchange: every rank receives every other rank's ranges."""
     dst = np.tile(np.arange(cp, dtype=np.int64), q.shape[0])
     rows = np.repeat(q, cp, axis=0)
-    keep = dst != rows[:, 0]
-    out = np.column_stack([dst[keep], rows[keep]])
-    order = np.lexsort((out[:, 4], out[:, 3], out[:, 2], out[:, 1], out[:, 0]))
+    keep = dst != rows[:, Q.CP_RANK]
+    out = np.column_stack([dst[keep], rows[keep]])  # the receiver, then the owner's q row: kv columns
+    order = np.lexsort([out[:, column] for column in reversed(KV)])  # by every column, cp_rank first
     return out[order]
 
 
 def _ring_rank_rows(q: np.ndarray, cp: int, cp_rank: int) -> tuple[np.ndarray, np.ndarray]:
     """Rows of :func:`ring_kv_rows` that ``cp_rank`` receives ``(src, doc, start, end)`` and sends
     ``(dst, doc, start, end)``, in the same order."""
-    others = q[q[:, 0] != cp_rank]
-    recv = others[np.lexsort((others[:, 3], others[:, 2], others[:, 1], others[:, 0]))]
-    own = q[q[:, 0] == cp_rank, 1:]
-    own = own[np.lexsort((own[:, 2], own[:, 1], own[:, 0]))]
+    others = q[q[:, Q.CP_RANK] != cp_rank]  # q rows of the owners: (src, doc, start, end)
+    recv = others[np.lexsort([others[:, column] for column in reversed(Q)])]
+    own = q[q[:, Q.CP_RANK] == cp_rank]
+    own = own[np.lexsort([own[:, column] for column in reversed(VIEW_Q)])][:, VIEW_Q]
     dst = np.delete(np.arange(cp, dtype=np.int64), cp_rank)
     send = np.column_stack([np.repeat(dst, own.shape[0]), np.tile(own, (dst.shape[0], 1))])
-    return recv, send.reshape(-1, 4)
+    return recv, send.reshape(-1, len(VIEW_KV_SEND))
 
 
 def _ring_rank_pieces(q: np.ndarray, doc_lens: np.ndarray, cp: int, cp_rank: int, mask: str):
@@ -427,40 +451,42 @@ def _ring_rank_pieces(q: np.ndarray, doc_lens: np.ndarray, cp: int, cp_rank: int
     rank's rows: every rank receives every other rank's rows whole, so a piece is an owner's q row, and a
     receiver's staging position of a row is computed directly (see :mod:`megatron_fcp.planner.stages`)."""
     offsets = local_offsets(q)
-    row_lens = q[:, 3] - q[:, 2]
+    rank, doc, start, end = q.T
+    row_lens = end - start
     num_docs = doc_lens.shape[0]
-    others = np.flatnonzero(q[:, 0] != cp_rank)
-    rows = np.column_stack([np.full(others.shape[0], cp_rank), q[others, :4], offsets[others]])
-    recv = with_positions(rows, q, doc_lens, mask)[:, [1, 2, 3, 4, 5, 6]]
-    mine = np.flatnonzero(q[:, 0] == cp_rank)
-    owned = np.bincount(q[:, 0], weights=row_lens, minlength=cp).astype(np.int64)
+    others = np.flatnonzero(rank != cp_rank)
+    # the rows of the others, whole, as pieces to this rank before their staging positions: (dst, q row, src_offset)
+    rows = np.column_stack([np.full(others.shape[0], cp_rank), q[others], offsets[others]])
+    recv = with_positions(rows, q, doc_lens, mask)[:, VIEW_RECV_PIECES]
+    mine = np.flatnonzero(rank == cp_rank)
+    owned = np.bincount(rank, weights=row_lens, minlength=cp).astype(np.int64)
     total = int(row_lens.sum())
     send = []
     for dst in range(cp):
         if dst == cp_rank or mine.shape[0] == 0:
             continue
-        theirs = np.flatnonzero(q[:, 0] == dst)
-        own_per_doc = np.bincount(q[theirs, 1], weights=row_lens[theirs], minlength=num_docs).astype(np.int64)
+        theirs = np.flatnonzero(rank == dst)
+        own_per_doc = np.bincount(doc[theirs], weights=row_lens[theirs], minlength=num_docs).astype(np.int64)
         base = np.concatenate([[0], np.cumsum(doc_lens - own_per_doc)])  # received tokens of earlier documents
         docs = np.arange(num_docs)
         anchor = staging_anchor(np.full(num_docs, dst), docs, q, doc_lens, mask)
         modulus = np.maximum(doc_lens, 1)
         # staging keys (place in the receiver's staging order inside the document) of my rows and of theirs
-        key_mine = (q[mine, 2] - anchor[q[mine, 1]]) % modulus[q[mine, 1]]
-        key_theirs = (q[theirs, 2] - anchor[q[theirs, 1]]) % modulus[q[theirs, 1]]
+        key_mine = (start[mine] - anchor[doc[mine]]) % modulus[doc[mine]]
+        key_theirs = (start[theirs] - anchor[doc[theirs]]) % modulus[doc[theirs]]
         # their own tokens of the same document that come before each of my rows in their staging order
-        same = q[theirs, 1][None, :] == q[mine, 1][:, None]
+        same = doc[theirs][None, :] == doc[mine][:, None]
         before = (same & (key_theirs[None, :] < key_mine[:, None])) @ row_lens[theirs]
-        dst_pos = base[q[mine, 1]] + key_mine - before
-        send.append(np.column_stack([np.full(mine.shape[0], dst), q[mine, 1:4], offsets[mine], dst_pos,
-                                     np.full(mine.shape[0], total - owned[dst])]))
-    send = np.concatenate(send) if send else np.zeros((0, 7), np.int64)
+        dst_pos = base[doc[mine]] + key_mine - before
+        send.append(np.column_stack([np.full(mine.shape[0], dst), doc[mine], start[mine], end[mine], offsets[mine],
+                                     dst_pos, np.full(mine.shape[0], total - owned[dst])]))
+    send = np.concatenate(send) if send else np.zeros((0, len(VIEW_SEND_PIECES)), np.int64)
     return recv, send
 
 
 def merge_adjacent_q(rows: np.ndarray) -> np.ndarray:
     """Sort q rows ``(cp_rank, doc, start, end)`` by rank, doc and start; merge ranges that continue each other."""
-    return _merge_runs(rows, 2)
+    return _merge_runs(rows, Q.START)
 
 
 def derive_kv(q: np.ndarray, doc_lens: np.ndarray, cp: int, mask: str) -> np.ndarray:
@@ -470,21 +496,22 @@ def derive_kv(q: np.ndarray, doc_lens: np.ndarray, cp: int, mask: str) -> np.nda
     adjacent pieces. For ``mask="full"`` this is every token of each touched document the rank does not own.
     """
     doc_lens = np.asarray(doc_lens, dtype=np.int64)
-    q = q[np.lexsort((q[:, 2], q[:, 1]))]
-    docs, num_rows = np.unique(q[:, 1], return_counts=True)
-    pieces = q[np.isin(q[:, 1], docs[num_rows > 1])]
+    q = q[np.lexsort((q[:, Q.START], q[:, Q.DOC]))]
+    docs, num_rows = np.unique(q[:, Q.DOC], return_counts=True)
+    pieces = q[np.isin(q[:, Q.DOC], docs[num_rows > 1])]  # q rows of the documents cut between ranks
     if pieces.shape[0] == 0:
-        return np.zeros((0, 5), np.int64)
+        return np.zeros((0, len(KV)), np.int64)
     holders, need_end = _holders(pieces, doc_lens, cp, mask)
     rows = _needed_rows(pieces, holders, need_end)
     return _merge_adjacent(rows)
 
 
 def _holders(pieces: np.ndarray, doc_lens: np.ndarray, cp: int, mask: str):
-    """Unique ``(doc, rank)`` pairs among split-document pieces and the key end each one needs."""
-    key = pieces[:, 1] * cp + pieces[:, 0]
+    """Unique ``(doc, rank)`` pairs among split-document pieces (``q`` rows) and the key end each one needs;
+    the pairs as rows ``(rank, doc)``, the first columns of ``q`` rows."""
+    key = pieces[:, Q.DOC] * cp + pieces[:, Q.CP_RANK]
     holder_keys, holder_of_piece = np.unique(key, return_inverse=True)
-    piece_need_end = needed_kv_end(pieces[:, 3], doc_lens[pieces[:, 1]], mask)
+    piece_need_end = needed_kv_end(pieces[:, Q.END], doc_lens[pieces[:, Q.DOC]], mask)
     need_end = np.zeros(holder_keys.shape[0], np.int64)
     np.maximum.at(need_end, holder_of_piece, piece_need_end)
     holders = np.column_stack([holder_keys % cp, holder_keys // cp])  # (rank, doc)
@@ -493,19 +520,20 @@ def _holders(pieces: np.ndarray, doc_lens: np.ndarray, cp: int, mask: str):
 
 def _needed_rows(pieces: np.ndarray, holders: np.ndarray, need_end: np.ndarray):
     """For each holder, the other ranks' pieces of its document that start before its needed end."""
-    holder_row, piece_row = matching_rows(pieces[:, 1], holders[:, 1])
+    holder_row, piece_row = matching_rows(pieces[:, Q.DOC], holders[:, Q.DOC])
     candidate = pieces[piece_row]
     end = need_end[holder_row]
-    keep = (candidate[:, 0] != holders[holder_row, 0]) & (candidate[:, 2] < end)
-    rows = np.column_stack(
-        [holders[holder_row, 0], candidate[:, 0], candidate[:, 1], candidate[:, 2], np.minimum(candidate[:, 3], end)]
-    )[keep]
+    holder_rank = holders[holder_row, Q.CP_RANK]
+    keep = (candidate[:, Q.CP_RANK] != holder_rank) & (candidate[:, Q.START] < end)
+    rows = np.column_stack([holder_rank, candidate[:, Q.CP_RANK], candidate[:, Q.DOC], candidate[:, Q.START],
+                            np.minimum(candidate[:, Q.END], end)])[keep]  # kv rows
     return rows
 
 
 def _merge_adjacent(rows: np.ndarray) -> np.ndarray:
     """Merge rows ``(rank, src, doc, start, end)`` that continue one another from the same source."""
-    return _merge_runs(rows, 3)
+    return _merge_runs(rows, KV.START)
+
 
 
 def _merge_runs(rows: np.ndarray, nkey: int) -> np.ndarray:

@@ -38,9 +38,13 @@ import numbers
 import numpy as np
 
 from megatron_fcp.errors import InputError
+from megatron_fcp.planner.columns import KV, Piece, Q
 from megatron_fcp.planner.pairs import arange_within, matching_rows
 
-PIECE_COLS = ("dst", "src", "doc", "start", "end", "src_offset", "pos", "total")
+PIECE_COLS = tuple(column.name.lower() for column in Piece)
+"""``("dst", "src", "doc", "start", "end", "src_offset", "pos", "total")``: the columns of pieces (:class:`Piece`)."""
+_CUT_COLS = (Piece.DST, Piece.SRC, Piece.DOC, Piece.START, Piece.END, Piece.SRC_OFFSET)
+"""Columns of :func:`cut_at_owners`' rows: a piece before its staging position (the first columns of a piece)."""
 DEFAULT_KV_BUDGET = "auto"
 """``auto``: a stage holds at most as many key/value tokens as the rank owns (its token slots), so a rank never
 holds more than twice its own key/values from other ranks and keeps at most once its own for backward."""
@@ -133,10 +137,10 @@ def split_stages(pos, length, total, budget: int | None):
 def local_offsets(q: np.ndarray) -> np.ndarray:
     """int64 per q row ``(rank, doc, start, end)``: local token index of its start on its rank (rows of a rank
     are laid out in the order they appear)."""
-    row_lens = q[:, 3] - q[:, 2]
-    order = np.argsort(q[:, 0], kind="stable")
+    row_lens = q[:, Q.END] - q[:, Q.START]
+    order = np.argsort(q[:, Q.CP_RANK], kind="stable")
     tokens_before = np.cumsum(row_lens[order]) - row_lens[order]  # over all ranks, in rank order
-    ranks = q[order, 0]
+    ranks = q[order, Q.CP_RANK]
     is_rank_first = np.concatenate([[True], ranks[1:] != ranks[:-1]]) if ranks.shape[0] else np.zeros(0, bool)
     rank_start = tokens_before[np.flatnonzero(is_rank_first)][np.cumsum(is_rank_first) - 1]
     out = np.empty_like(row_lens)
@@ -153,10 +157,10 @@ def _lookup(keys: np.ndarray, values: np.ndarray, wanted: np.ndarray, default: i
 
 def first_own_starts(q: np.ndarray, num_docs: int) -> tuple[np.ndarray, np.ndarray]:
     """Sorted keys ``rank * num_docs + doc`` and the first start each rank owns of each document it holds."""
-    key = q[:, 0] * num_docs + q[:, 1]
+    key = q[:, Q.CP_RANK] * num_docs + q[:, Q.DOC]
     rank_doc_keys, key_of_row = np.unique(key, return_inverse=True)
     first_start = np.full(rank_doc_keys.shape[0], np.iinfo(np.int64).max, np.int64)
-    np.minimum.at(first_start, key_of_row.reshape(-1), q[:, 2])
+    np.minimum.at(first_start, key_of_row.reshape(-1), q[:, Q.START])
     return rank_doc_keys, first_start
 
 
@@ -176,18 +180,18 @@ def staging_anchor(dst: np.ndarray, doc: np.ndarray, q: np.ndarray, doc_lens: np
         return own_first
     target = (own_first * ((dst * _SPREAD) % (1 << 32))) >> 32
     doc_start = np.concatenate([[0], np.cumsum(doc_lens)])
-    row_starts = np.sort(doc_start[q[:, 1]] + q[:, 2])
+    row_starts = np.sort(doc_start[q[:, Q.DOC]] + q[:, Q.START])
     row = np.searchsorted(row_starts, doc_start[doc] + target, "right") - 1
     return row_starts[np.maximum(row, 0)] - doc_start[doc]
 
 
 def staging_key(rows: np.ndarray, q: np.ndarray, doc_lens: np.ndarray, mask: str) -> np.ndarray:
-    """Per row ``(dst, src, doc, start, ...)``: its place in the receiver's staging order inside the document,
-    ``(start - anchor) mod doc_len`` (:func:`staging_anchor`)."""
+    """Per row ``(dst, src, doc, start, ...)`` (the first columns of a :class:`Piece`): its place in the receiver's
+    staging order inside the document, ``(start - anchor) mod doc_len`` (:func:`staging_anchor`)."""
     if rows.shape[0] == 0:
-        return rows[:, 3].copy()
-    anchor = staging_anchor(rows[:, 0], rows[:, 2], q, doc_lens, mask)
-    return (rows[:, 3] - anchor) % np.maximum(doc_lens[rows[:, 2]], 1)
+        return rows[:, Piece.START].copy()
+    anchor = staging_anchor(rows[:, Piece.DST], rows[:, Piece.DOC], q, doc_lens, mask)
+    return (rows[:, Piece.START] - anchor) % np.maximum(doc_lens[rows[:, Piece.DOC]], 1)
 
 
 def _order(major: np.ndarray, middle: np.ndarray, minor: np.ndarray) -> np.ndarray:
@@ -205,19 +209,22 @@ def cut_at_owners(q: np.ndarray, kv: np.ndarray, num_docs: int) -> np.ndarray:
     """Rows ``(dst, src, doc, start, end, src_offset)``: ``kv`` rows ``(dst, src, doc, start, end)`` cut where the
     owner's ``q`` rows end, so each is contiguous in the owner's memory."""
     if kv.shape[0] == 0:
-        return np.zeros((0, 6), np.int64)
+        return np.zeros((0, len(_CUT_COLS)), np.int64)
     offsets = local_offsets(q)
-    order = _order(q[:, 0], q[:, 1], q[:, 2])
+    order = _order(q[:, Q.CP_RANK], q[:, Q.DOC], q[:, Q.START])
     sorted_q, sorted_offsets = q[order], offsets[order]
-    kv_row, q_row = matching_rows(sorted_q[:, 0] * num_docs + sorted_q[:, 1], kv[:, 1] * num_docs + kv[:, 2])
-    start = np.maximum(kv[kv_row, 3], sorted_q[q_row, 2])
-    end = np.minimum(kv[kv_row, 4], sorted_q[q_row, 3])
+    kv_row, q_row = matching_rows(sorted_q[:, Q.CP_RANK] * num_docs + sorted_q[:, Q.DOC],
+                                  kv[:, KV.SRC_RANK] * num_docs + kv[:, KV.DOC])
+    start = np.maximum(kv[kv_row, KV.START], sorted_q[q_row, Q.START])
+    end = np.minimum(kv[kv_row, KV.END], sorted_q[q_row, Q.END])
     keep = np.flatnonzero(start < end)
     kv_row, q_row, start = kv_row[keep], q_row[keep], start[keep]
-    rows = np.empty((keep.shape[0], 6), np.int64)
-    rows[:, :3] = kv[kv_row, :3]
-    rows[:, 3], rows[:, 4] = start, end[keep]
-    rows[:, 5] = sorted_offsets[q_row] + start - sorted_q[q_row, 2]
+    rows = np.empty((keep.shape[0], len(_CUT_COLS)), np.int64)
+    rows[:, Piece.DST] = kv[kv_row, KV.CP_RANK]
+    rows[:, Piece.SRC] = kv[kv_row, KV.SRC_RANK]
+    rows[:, Piece.DOC] = kv[kv_row, KV.DOC]
+    rows[:, Piece.START], rows[:, Piece.END] = start, end[keep]
+    rows[:, Piece.SRC_OFFSET] = sorted_offsets[q_row] + start - sorted_q[q_row, Q.START]
     return rows
 
 
@@ -225,16 +232,16 @@ def with_positions(rows: np.ndarray, q: np.ndarray, doc_lens: np.ndarray, mask: 
     """Rows ``(dst, src, doc, start, end, src_offset)`` -> pieces (:data:`PIECE_COLS`) sorted by ``(dst, pos)``."""
     if rows.shape[0] == 0:
         return np.zeros((0, len(PIECE_COLS)), np.int64)
-    rows = rows[_order(rows[:, 0], rows[:, 2], staging_key(rows, q, doc_lens, mask))]
-    piece_lens = rows[:, 4] - rows[:, 3]
-    dst = rows[:, 0]
+    rows = rows[_order(rows[:, Piece.DST], rows[:, Piece.DOC], staging_key(rows, q, doc_lens, mask))]
+    piece_lens = rows[:, Piece.END] - rows[:, Piece.START]
+    dst = rows[:, Piece.DST]
     is_dst_first = np.concatenate([[True], dst[1:] != dst[:-1]])
     dst_group = np.cumsum(is_dst_first) - 1  # per row: index of its receiver among the receivers present
     tokens_before = np.cumsum(piece_lens) - piece_lens  # over all receivers, in order
     out = np.empty((rows.shape[0], len(PIECE_COLS)), np.int64)
-    out[:, :6] = rows
-    out[:, 6] = tokens_before - tokens_before[np.flatnonzero(is_dst_first)][dst_group]
-    out[:, 7] = np.bincount(dst_group, weights=piece_lens).astype(np.int64)[dst_group]
+    out[:, _CUT_COLS] = rows
+    out[:, Piece.POS] = tokens_before - tokens_before[np.flatnonzero(is_dst_first)][dst_group]
+    out[:, Piece.TOTAL] = np.bincount(dst_group, weights=piece_lens).astype(np.int64)[dst_group]
     return out
 
 
@@ -266,15 +273,17 @@ def p2p_memory(num_tokens: np.ndarray, pieces: np.ndarray, budget) -> dict[str, 
     num_tokens = np.asarray(num_tokens, dtype=np.int64)
     cp = num_tokens.shape[0]
     budget = resolve_kv_budget(budget, int(num_tokens.max(initial=1)))
-    recv = np.bincount(pieces[:, 0], weights=pieces[:, 4] - pieces[:, 3], minlength=cp).astype(np.int64)
+    piece_lens = pieces[:, Piece.END] - pieces[:, Piece.START]
+    recv = np.bincount(pieces[:, Piece.DST], weights=piece_lens, minlength=cp).astype(np.int64)
     mem = stage_memory(recv, budget)
     peak_returned = np.zeros(cp, np.int64)
     if pieces.shape[0]:
-        index, _, length, stage, num_recv_stages = split_stages(pieces[:, 6], pieces[:, 4] - pieces[:, 3],
-                                                                pieces[:, 7], budget)
+        index, _, length, stage, num_recv_stages = split_stages(pieces[:, Piece.POS], piece_lens,
+                                                                pieces[:, Piece.TOTAL], budget)
         num_rounds = int(num_recv_stages.max())
-        returned = np.bincount(pieces[index, 1] * num_rounds + (num_recv_stages - 1 - stage), weights=length,
+        returned = np.bincount(pieces[index, Piece.SRC] * num_rounds + (num_recv_stages - 1 - stage), weights=length,
                                minlength=cp * num_rounds)  # per (owner, backward round)
+
         peak_returned = returned.reshape(cp, num_rounds).max(axis=1).astype(np.int64)
     return {"own_kv_tokens": num_tokens.copy(), "recv_kv_tokens": recv, "num_stages": mem["stages"],
             "peak_remote_kv_tokens": mem["peak"], "saved_remote_kv_tokens": mem["saved"],

@@ -67,6 +67,7 @@ import numpy as np
 import yaml
 
 from megatron_fcp.errors import InputError
+from megatron_fcp.planner.columns import Piece, Q
 from megatron_fcp.planner.pairs import arange_within, block_pairs, edge_pairs, matching_rows, q_pairs
 from megatron_fcp.planner.plan import Plan
 from megatron_fcp.planner.stages import (
@@ -256,11 +257,12 @@ def plan_memory(plan: Plan, kv_budget_tokens=DEFAULT_KV_BUDGET) -> dict[str, np.
 
 def _group_ring_memory(plan: Plan) -> dict[str, np.ndarray]:
     q, cp = plan.q, plan.cp
-    rank_doc, inv = np.unique(q[:, [0, 1]], axis=0, return_inverse=True)
-    chunk = np.bincount(inv.reshape(-1), weights=q[:, 3] - q[:, 2], minlength=rank_doc.shape[0]).astype(np.int64)
-    group = np.bincount(rank_doc[:, 1], minlength=plan.doc_lens.shape[0])[rank_doc[:, 1]]
+    rank_doc, inv = np.unique(q[:, [Q.CP_RANK, Q.DOC]], axis=0, return_inverse=True)
+    rank, doc = rank_doc.T
+    chunk = np.bincount(inv.reshape(-1), weights=q[:, Q.END] - q[:, Q.START], minlength=rank_doc.shape[0])
+    chunk = chunk.astype(np.int64)
+    group = np.bincount(doc, minlength=plan.doc_lens.shape[0])[doc]
     ring = group > 1
-    rank = rank_doc[:, 0]
     held = np.where(ring, np.minimum(group - 1, 2) * chunk, 0)
     recv = np.bincount(rank, weights=np.where(ring, (group - 1) * chunk, 0), minlength=cp).astype(np.int64)
     peak = np.zeros(cp, np.int64)
@@ -295,10 +297,11 @@ def _local_split(plan: Plan) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.nda
     """Per q row: pairs against the rank's own keys, own key tokens it sees, all pairs it computes, and the pairs
     against the rank's *other* own rows of the document (under a causal mask the ``earlier`` kernel call)."""
     q = plan.q
-    lens = plan.doc_lens[q[:, 1]]
-    total = q_pairs(q[:, 2], q[:, 3], lens, plan.mask)
-    order = np.lexsort((q[:, 1], q[:, 0]))
-    key = q[order, 0] * lens.shape[0] + q[order, 1]
+    rank, doc, start, end = q.T
+    lens = plan.doc_lens[doc]
+    total = q_pairs(start, end, lens, plan.mask)
+    order = np.lexsort((doc, rank))
+    key = rank[order] * plan.doc_lens.shape[0] + doc[order]  # one key per (rank, document)
     starts = np.concatenate([[True], key[1:] != key[:-1]])
     group_id = np.cumsum(starts) - 1
     first = np.flatnonzero(starts)
@@ -306,9 +309,9 @@ def _local_split(plan: Plan) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.nda
     reps = size[group_id]
     i = np.repeat(order, reps)
     j = order[np.repeat(first[group_id], reps) + arange_within(reps)]
-    pair_ij = block_pairs(q[i, 2], q[i, 3], q[j, 2], q[j, 3], plan.mask)
+    pair_ij = block_pairs(start[i], end[i], start[j], end[j], plan.mask)
     local = np.bincount(i, weights=pair_ij, minlength=q.shape[0])
-    seen = np.where(pair_ij > 0, q[j, 3] - q[j, 2], 0)
+    seen = np.where(pair_ij > 0, end[j] - start[j], 0)
     local_keys = np.bincount(i, weights=seen, minlength=q.shape[0])
     other = np.bincount(i, weights=np.where(i != j, pair_ij, 0), minlength=q.shape[0])
     return local, local_keys, total, other
@@ -368,36 +371,39 @@ def _round_comm(hw: HardwareProfile, dst, src, rnd, nbytes, inter, cp: int, roun
 
 def staged_exchange(plan: Plan, hw: HardwareProfile, kv_budget_tokens=DEFAULT_KV_BUDGET) -> StagedExchange:
     """Stage work and round communication of a point-to-point plan under a budget (see the module docstring)."""
-    cp, q, tile = plan.cp, plan.q, hw.tile_size
+    cp, tile = plan.cp, hw.tile_size
+    q_rank, q_doc, q_start, q_end = plan.q.T
+    q_lens = q_end - q_start
     budget = resolve_kv_budget(kv_budget_tokens, int(plan.num_tokens.max(initial=1)))
     pieces = plan.pieces
-    index, offset, length, stage, n = split_stages(pieces[:, 6], pieces[:, 4] - pieces[:, 3], pieces[:, 7], budget)
+    index, offset, length, stage, n = split_stages(pieces[:, Piece.POS], pieces[:, Piece.END] - pieces[:, Piece.START],
+                                                   pieces[:, Piece.TOTAL], budget)
     rounds = max(int(n.max(initial=0)), 1)
     num_stages = np.zeros(cp, np.int64)
-    np.maximum.at(num_stages, pieces[index, 0], n)
-    dst, src, doc = pieces[index, 0], pieces[index, 1], pieces[index, 2]
-    end = pieces[index, 3] + offset + length
+    dst, src, doc = pieces[index, Piece.DST], pieces[index, Piece.SRC], pieces[index, Piece.DOC]
+    np.maximum.at(num_stages, dst, n)
+    end = pieces[index, Piece.START] + offset + length
 
     # compute: every query row of the receiver in the piece's document that sees it (causal: the piece ends at or
     # before the row starts; received ranges never straddle a row's start), summed per (query row, stage)
     num_docs = plan.doc_lens.shape[0]
-    order = np.lexsort((q[:, 1], q[:, 0]))
-    rep, at = matching_rows(q[order, 0] * num_docs + q[order, 1], dst * num_docs + doc)
+    order = np.lexsort((q_doc, q_rank))
+    rep, at = matching_rows(q_rank[order] * num_docs + q_doc[order], dst * num_docs + doc)
     row = order[at]
     if plan.mask == "causal":
-        seen = end[rep] <= q[row, 2]
+        seen = end[rep] <= q_start[row]
         rep, row = rep[seen], row[seen]
-    q_len = q[row, 3] - q[row, 2]
+    q_len = q_lens[row]
     group, inv = np.unique(row * rounds + stage[rep], return_inverse=True)
     inv = inv.reshape(-1)
     pairs = np.bincount(inv, weights=q_len * length[rep], minlength=group.shape[0])
     keys = np.bincount(inv, weights=length[rep], minlength=group.shape[0])
     g_row, g_stage = group // rounds, group % rounds
-    eff = _eff_pairs(pairs, q[g_row, 3] - q[g_row, 2], keys, tile)
-    slot = q[g_row, 0] * rounds + g_stage
+    eff = _eff_pairs(pairs, q_lens[g_row], keys, tile)
+    slot = q_rank[g_row] * rounds + g_stage
     stage_pairs = np.bincount(slot, weights=pairs, minlength=cp * rounds).reshape(cp, rounds)
     stage_eff = np.bincount(slot, weights=eff, minlength=cp * rounds).reshape(cp, rounds)
-    g_rows = np.where(pairs > 0, q[g_row, 3] - q[g_row, 2], 0)
+    g_rows = np.where(pairs > 0, q_lens[g_row], 0)
     stage_rows = np.bincount(slot, weights=g_rows, minlength=cp * rounds).reshape(cp, rounds)
 
     # communication per round
@@ -463,15 +469,15 @@ def _local_seconds(plan: Plan, hw: HardwareProfile) -> tuple[np.ndarray, np.ndar
     of the document, a full block); full mask: one call against all own keys."""
     q, cp = plan.q, plan.cp
     local, local_keys, _, other = _local_split(plan)
-    n_q = q[:, 3] - q[:, 2]
-    calls = (np.bincount(q[:, 0], minlength=cp) > 0).astype(np.float64)  # own: diagonal (causal) or all own keys
+    rank, n_q = q[:, Q.CP_RANK], q[:, Q.END] - q[:, Q.START]
+    calls = (np.bincount(rank, minlength=cp) > 0).astype(np.float64)  # own: diagonal (causal) or all own keys
     if plan.mask == "causal":
-        calls += np.bincount(q[:, 0], weights=other, minlength=cp) > 0  # earlier: the rank's earlier own rows
+        calls += np.bincount(rank, weights=other, minlength=cp) > 0  # earlier: the rank's earlier own rows
     if hw.laws is None:  # one efficiency for every call: the own-key work in one sum
-        eff_local = np.bincount(q[:, 0], weights=_eff_pairs(local, n_q, local_keys, hw.tile_size), minlength=cp)
+        eff_local = np.bincount(rank, weights=_eff_pairs(local, n_q, local_keys, hw.tile_size), minlength=cp)
         launches = hw.kernel_launch_us * 1e-6 * calls
         return hw.seconds_fwd(eff_local) + launches, hw.seconds_bwd(eff_local) + launches
-    rank, tile = q[:, 0], hw.tile_size
+    tile = hw.tile_size
     if plan.mask == "causal":
         diagonal = local - other
         parts = [("causal", _eff_pairs(diagonal, n_q, n_q, tile), np.where(diagonal > 0, n_q, 0), diagonal > 0),
@@ -491,19 +497,18 @@ def _local_seconds(plan: Plan, hw: HardwareProfile) -> tuple[np.ndarray, np.ndar
 # -- ring (Transformer Engine) -----------------------------------------------------------------------
 def _ring_overheads(plan: Plan, group_of_doc: np.ndarray, tile: int) -> np.ndarray:
     """Per q row: edge-tile work of running that row's chunk against every chunk of its ring group."""
-    q = plan.q
-    holders = np.bincount(q[:, 1], minlength=plan.doc_lens.shape[0])  # non-empty chunks per document
-    steps = np.minimum(holders[q[:, 1]], group_of_doc[q[:, 1]]).astype(np.float64)
+    doc, n_q = plan.q[:, Q.DOC], plan.q[:, Q.END] - plan.q[:, Q.START]
+    holders = np.bincount(doc, minlength=plan.doc_lens.shape[0])  # non-empty chunks per document
+    steps = np.minimum(holders[doc], group_of_doc[doc]).astype(np.float64)
     if plan.mask == "causal":
         steps = np.maximum(steps / 2, 1)
-    n_q = q[:, 3] - q[:, 2]
-    return edge_pairs(steps * n_q + plan.doc_lens[q[:, 1]] / 2, steps, tile)
+    return edge_pairs(steps * n_q + plan.doc_lens[doc] / 2, steps, tile)
 
 
 def _ring_cost(plan: Plan, hw: HardwareProfile, pairs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     cp = plan.cp
-    over = np.bincount(plan.q[:, 0], weights=_ring_overheads(plan, np.full(plan.doc_lens.shape, cp), hw.tile_size),
-                       minlength=cp)
+    over = np.bincount(plan.q[:, Q.CP_RANK],
+                       weights=_ring_overheads(plan, np.full(plan.doc_lens.shape, cp), hw.tile_size), minlength=cp)
     eff = pairs + over
     launch = hw.kernel_launch_us * 1e-6
     step_bytes = float(plan.num_tokens.max()) * hw.kv_bytes_per_token
@@ -516,7 +521,7 @@ def _ring_cost(plan: Plan, hw: HardwareProfile, pairs: np.ndarray) -> tuple[np.n
         return comp_f + comp_b, np.full(cp, fwd + bwd)
     # calibrated laws: step 0 is the rank's own chunks (a causal diagonal under a causal mask), each later step an
     # equal share of the rest, a full block; the work (edge tiles included) is split in proportion to the pairs
-    own = np.bincount(plan.q[:, 0], weights=_local_split(plan)[0], minlength=cp)
+    own = np.bincount(plan.q[:, Q.CP_RANK], weights=_local_split(plan)[0], minlength=cp)
     share = np.divide(own, pairs, out=np.zeros(cp), where=pairs > 0)
     rows = plan.num_tokens.astype(np.float64)
     first_mask = "causal" if plan.mask == "causal" else "full"
@@ -533,25 +538,27 @@ def _ring_cost(plan: Plan, hw: HardwareProfile, pairs: np.ndarray) -> tuple[np.n
 def _group_ring_cost(plan: Plan, hw: HardwareProfile) -> tuple[np.ndarray, np.ndarray]:
     q, cp = plan.q, plan.cp
     lens = plan.doc_lens
-    rank_doc, row_group = np.unique(q[:, [0, 1]], axis=0, return_inverse=True)
-    group = np.maximum(np.bincount(rank_doc[:, 1], minlength=lens.shape[0]), 1)
-    pairs = q_pairs(q[:, 2], q[:, 3], lens[q[:, 1]], plan.mask)
+    rank_doc, row_group = np.unique(q[:, [Q.CP_RANK, Q.DOC]], axis=0, return_inverse=True)
+    rank, doc = rank_doc.T  # per (rank, document) of the rows: the rank's chunk of the document
+    group = np.maximum(np.bincount(doc, minlength=lens.shape[0]), 1)
+    pairs = q_pairs(q[:, Q.START], q[:, Q.END], lens[q[:, Q.DOC]], plan.mask)
     eff = np.bincount(row_group.ravel(), weights=pairs + _ring_overheads(plan, group, hw.tile_size))
-    g = group[rank_doc[:, 1]].astype(np.float64)
-    chunk_bytes = np.ceil(lens[rank_doc[:, 1]] / g) * hw.kv_bytes_per_token
+    g = group[doc].astype(np.float64)
+    chunk_bytes = np.ceil(lens[doc] / g) * hw.kv_bytes_per_token
     comm = np.where(g > hw.gpus_per_node, hw.seconds_transfer(chunk_bytes, True),
                     hw.seconds_transfer(chunk_bytes, False)) + hw.p2p_latency_us * 1e-6 * (g > 1)
     launch = hw.kernel_launch_us * 1e-6
     if hw.laws is None:
         per_f = hw.seconds_fwd(eff) / g + launch
         per_b = hw.seconds_bwd(eff) / g + launch
-        compute = np.bincount(rank_doc[:, 0], weights=hw.seconds_fwd(eff) + hw.seconds_bwd(eff), minlength=cp)
+        compute = np.bincount(rank, weights=hw.seconds_fwd(eff) + hw.seconds_bwd(eff), minlength=cp)
     else:  # calibrated laws: each of the g steps one call of the rank's chunk rows (the document's mask)
-        chunk_rows = np.bincount(row_group.ravel(), weights=q[:, 3] - q[:, 2])
+        chunk_rows = np.bincount(row_group.ravel(), weights=q[:, Q.END] - q[:, Q.START])
         mask = "causal" if plan.mask == "causal" else "full"
         per_f = hw.call_seconds("fwd", mask, eff / g, chunk_rows, 1)
         per_b = hw.call_seconds("bwd", mask, eff / g, chunk_rows, 1)
-        compute = np.bincount(rank_doc[:, 0], weights=g * (per_f + per_b - 2 * launch), minlength=cp)
+        compute = np.bincount(rank, weights=g * (per_f + per_b - 2 * launch), minlength=cp)
     fwd = per_f + (g - 1) * np.maximum(per_f, comm)
     bwd = per_b + (g - 1) * np.maximum(per_b, 2 * comm)
-    return compute, np.bincount(rank_doc[:, 0], weights=fwd + bwd, minlength=cp)
+    return compute, np.bincount(rank, weights=fwd + bwd, minlength=cp)
+

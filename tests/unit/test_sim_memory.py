@@ -221,3 +221,17 @@ def test_cli_simulate_writes_memory_plot(tmp_path):
     assert data["kv_budget_tokens"] == 256 and data["config"]["kv_budget_tokens"] == 256
     fcp = [c for c in data["cells"] if c["strategy"] == "fcp"]
     assert all(c["peak_kv_x"] <= 2 * 256 / 1024 + 1e-12 for c in fcp)
+
+
+def test_local_split_keeps_each_ranks_documents_apart_with_empty_documents():
+    """Rows of different (rank, document) pairs are never grouped together, whatever the number of rows (the key
+    was once made with the row count, so rank 0's document 3 and rank 1's document 1 met with two rows)."""
+    from megatron_fcp.sim.model import _local_split
+
+    plan = Plan(strategy="hand", cp=2, mask="causal", doc_lens=np.array([0, 5, 0, 5]),
+                q_rows=np.array([[0, 3, 0, 5], [1, 1, 0, 5]]), kv=np.zeros((0, 5), np.int64),
+                num_pad_tokens=np.zeros(2, np.int64))
+    local, local_keys, total, other = _local_split(plan)
+    assert local.tolist() == total.tolist() == [15, 15]
+    assert local_keys.tolist() == [5, 5] and other.tolist() == [0, 0]
+
