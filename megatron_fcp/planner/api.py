@@ -83,7 +83,10 @@ def check_batch(doc_lens, cp, tokens_per_rank, mask: str = "causal", exact: bool
     longest = int(lens.max())
     # no int64 wrap-around on absurd lengths (Python ints where one is above the capacity); with every length at
     # most the capacity (<= 2**32) and at most 2**32 entries, an unsigned 64-bit sum is exact
-    total = sum(lens.tolist()) if longest > capacity else int(lens.sum(dtype=np.uint64))
+    if longest > capacity:
+        total = sum(lens.tolist())
+    else:  # int64 cannot wrap where the count times the longest is below 2**63
+        total = int(lens.sum() if lens.shape[0] * longest < 1 << 63 else lens.sum(dtype=np.uint64))
     if total > capacity or (exact and total != capacity):
         raise InputError(
             f"the documents hold {total} tokens but cp x tokens_per_rank = {cp} x {tokens_per_rank} = {capacity}; "

@@ -42,6 +42,7 @@ cut ones (``Plan.q_rows``). Every rank gets the same number of token slots; when
 from __future__ import annotations
 
 import bisect
+import heapq
 from dataclasses import dataclass
 
 import numpy as np
@@ -91,8 +92,9 @@ work, so each piece stays whole on its rank and leaves room for cheaper document
 class _Batch:
     """The micro-batch grouped by length: the bins of documents placed whole, and the spread documents."""
 
-    bin_docs: np.ndarray
-    """Document indices sorted by length (batch order within a length); a bin is a slice of it."""
+    bin_docs: np.ndarray | None
+    """Document indices sorted by length (batch order within a length); a bin is a slice of it. None where the
+    batch is in length order already (the identity)."""
     bin_first: list[int]
     """Per bin: where its documents start in ``bin_docs``."""
     bin_count: list[int]
@@ -105,29 +107,27 @@ def group_by_length(lens: np.ndarray, cp: int, tokens_per_rank: int, mask: str) 
     """Bins of the documents that fit one rank in tokens and in work, and the documents that do not.
 
     One stable sort of the lengths (clipped above ``tokens_per_rank``, so 16-bit keys where they fit: a radix
-    sort); the work of the batch follows from the bins, so nothing else runs once per document.
+    sort; none where they are in order already); the work of the batch follows from the bins, so nothing else runs
+    once per document.
     """
     clip = tokens_per_rank + 1
     key_type = np.uint16 if clip < 1 << 16 else np.uint32
     key = lens.astype(key_type) if lens.max(initial=0) < clip else np.minimum(lens, clip).astype(key_type)
-    order = np.argsort(key, kind="stable")
-    sorted_key = key[order]
-    if clip < lens.shape[0]:  # many documents: where each possible length starts (fewer lengths than documents)
-        bounds = np.searchsorted(sorted_key, np.arange(clip + 2))
-        length = np.flatnonzero(np.diff(bounds))
-        first = bounds[length]
-    else:
-        first = np.flatnonzero(np.concatenate([[True], sorted_key[1:] != sorted_key[:-1]])) if lens.shape[0] else \
-            np.zeros(0, np.int64)
-        length = sorted_key[first].astype(np.int64)
+    in_order = not (key[1:] < key[:-1]).any()
+    order = None if in_order else np.argsort(key, kind="stable")
+    sorted_key = key if in_order else key[order]
+    docs_at = (lambda start, stop: np.arange(start, stop)) if in_order else (lambda start, stop: order[start:stop])
+    first = np.append(0, np.flatnonzero(sorted_key[1:] != sorted_key[:-1]) + 1) if lens.shape[0] else \
+        np.zeros(0, np.int64)
+    length = sorted_key[first].astype(np.int64)
     count = np.diff(np.append(first, lens.shape[0]))
     over = length == clip
     work = q_pairs(0, length, length, mask).astype(np.float64)
-    long_docs = order[first[over][0]:] if over.any() else np.zeros(0, np.int64)
+    long_docs = docs_at(first[over][0], lens.shape[0]) if over.any() else np.zeros(0, np.int64)
     total_work = float((count * work)[~over].sum()) + float(q_pairs(0, lens[long_docs], lens[long_docs], mask).sum())
     whole = (length > 0) & ~over & (work <= total_work / cp)
     spread = ~whole & (length > 0)
-    spread_docs = np.sort(np.concatenate([order[f:f + c] for f, c in zip(first[spread], count[spread], strict=True)]
+    spread_docs = np.sort(np.concatenate([docs_at(f, f + c) for f, c in zip(first[spread], count[spread], strict=True)]
                                          or [np.zeros(0, np.int64)]))
     return _Batch(bin_docs=order, bin_first=first[whole].tolist(), bin_count=count[whole].tolist(),
                   bin_length=length[whole].tolist(), spread_docs=spread_docs)
@@ -175,7 +175,7 @@ class _Pool:
         self.bin_next = [0] * len(batch.bin_first)
         self.rows: list[tuple[int, int, int, int]] = []
         self.allocs: list[tuple[int, int, int, int]] = []
-        self.dealt: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = []
+        self.alloc_chunks: list[np.ndarray] = []  # earlier allocations, as arrays, in the order made
         spread_docs = {part[0] for part, zig in units if zig} | _repeated(part[0] for part, _ in units)
         entries = [(length, count, None, b, False, -1) for b, (length, count)
                    in enumerate(zip(batch.bin_length, batch.bin_count, strict=True))]
@@ -268,7 +268,7 @@ class _Pool:
             if num_whole:
                 self._allocate(e, num_whole, rank)
             if num_tokens and self.count[e]:  # cut one document: its rest is the near partial
-                doc = self._allocate(e, 1, -1)
+                doc = self._doc_at(self._allocate(e, 1, -1))
                 near, num_tokens = _cut((doc, 0, length), num_tokens, from_dense, taken)
             far, num_tokens = _cut(self.front[e] if from_dense else self.back[e], num_tokens, from_dense, taken)
             self.front[e], self.back[e] = (far, near) if from_dense else (near, far)
@@ -280,21 +280,39 @@ class _Pool:
         return work + sum(self._work(length, start, end) for _, start, end in pieces)
 
     def _allocate(self, e: int, num_docs: int, rank: int) -> int:
-        """Hand out the next ``num_docs`` documents of entry ``e``'s bin to ``rank``; return the first one."""
+        """Hand out the next ``num_docs`` documents of entry ``e``'s bin to ``rank``; return the bin position of the
+        first one (see :meth:`_doc_at`)."""
         b = self.bin[e]
         first = self.bin_next[b]
         self.bin_next[b] += num_docs
         self.count[e] -= num_docs
         self.allocs.append((b, first, num_docs, rank))
-        return int(self.batch.bin_docs[self.batch.bin_first[b] + first])
+        return self.batch.bin_first[b] + first
 
-    def deal(self, e: int, counts: np.ndarray) -> None:
-        """Hand out ``counts[rank]`` whole documents of entry ``e``'s bin to every rank at once."""
-        b, total = self.bin[e], int(counts.sum())
-        self.dealt.append((b, self.bin_next[b] + np.cumsum(counts) - counts, counts, np.arange(counts.shape[0])))
+    def _doc_at(self, position: int) -> int:
+        return position if self.batch.bin_docs is None else int(self.batch.bin_docs[position])
+
+    def hand_out(self, e: int, num_docs: int, rank: int) -> None:
+        """Deal ``num_docs`` whole documents of entry ``e``'s bin to ``rank`` before the fill."""
+        self._allocate(e, num_docs, rank)
+        self.work -= num_docs * self.whole_work[e]
+
+    def hand_out_to_all(self, e: int, num_docs: np.ndarray) -> None:
+        """Deal ``num_docs[rank]`` whole documents of entry ``e``'s bin to every rank at once, in rank order."""
+        b, total = self.bin[e], int(num_docs.sum())
+        given = np.flatnonzero(num_docs)
+        firsts = self.bin_next[b] + np.cumsum(num_docs[given]) - num_docs[given]
+        self._flush()
+        self.alloc_chunks.append(np.column_stack([np.full(given.shape[0], b), firsts, num_docs[given], given]))
         self.bin_next[b] += total
         self.count[e] -= total
         self.work -= total * self.whole_work[e]
+
+    def _flush(self) -> None:
+        """Move the allocations recorded one by one into :attr:`alloc_chunks` (their order is kept)."""
+        if self.allocs:
+            self.alloc_chunks.append(np.asarray(self.allocs, dtype=np.int64))
+            self.allocs = []
 
     def walk(self, from_dense: bool, limit: int) -> tuple[list[int], list[int], list[float]]:
         """Entries from one end until ``limit`` tokens: their indices, and tokens and work before each one."""
@@ -345,13 +363,13 @@ class _Pool:
     def whole_rank(self, num_docs: int) -> np.ndarray:
         """int32 ``[num_docs]``: the rank each binned document went to whole, -1 for the rest."""
         batch = self.batch
-        chunks = [np.asarray(self.allocs, dtype=np.int64).reshape(-1, 4)]
-        chunks += [np.column_stack([np.full(firsts.shape[0], b), firsts, counts, ranks])
-                   for b, firsts, counts, ranks in self.dealt]
-        allocs = np.concatenate(chunks)
+        # in the order handed out (dealt, then taken by the fill): within a bin, the order of its documents
+        self._flush()
+        allocs = np.concatenate([*self.alloc_chunks, np.zeros((0, 4), np.int64)])
         allocs = allocs[allocs[:, 2] > 0]
         position = np.asarray(batch.bin_first, dtype=np.int64)[allocs[:, 0]] + allocs[:, 1]
-        order = np.argsort(position, kind="stable")
+        bin_key = allocs[:, 0].astype(np.uint16 if len(batch.bin_first) < 1 << 16 else np.int64)
+        order = np.argsort(bin_key, kind="stable")  # bins are numbered by length, as they lie in bin_docs
         rank_at = np.repeat(allocs[order, 3].astype(np.int32), allocs[order, 2])
         binned = sum(batch.bin_count)
         first = batch.bin_first[0] if batch.bin_first else 0
@@ -360,6 +378,8 @@ class _Pool:
             raise AssertionError(f"the bins handed out {rank_at.shape[0]} of their {binned} documents")
         rank_at = np.concatenate([np.full(first, -1, np.int32), rank_at,
                                   np.full(num_docs - first - binned, -1, np.int32)])
+        if batch.bin_docs is None:
+            return rank_at
         out = np.empty(num_docs, np.int32)
         out[batch.bin_docs] = rank_at  # one pass: the documents before and after the bins hold -1
         return out
@@ -428,6 +448,11 @@ def plan_fcp(
     )
 
 
+MANY_EXTRA = 16
+"""Above this many documents left over after an equal share, dealing hands them out at once (one each to the
+ranks with the fewest dealt tokens) instead of one at a time."""
+
+
 def _deal_small_documents(pool: _Pool, cp: int, real_per_rank: np.ndarray, small_tokens: int):
     """Deal whole documents of at most ``small_tokens`` tokens over the ranks before the fill, evenly in count
     and tokens: a bin at a time, longest first, its count shared equally and the remainder to the ranks with
@@ -437,25 +462,46 @@ def _deal_small_documents(pool: _Pool, cp: int, real_per_rank: np.ndarray, small
     than one with the same pairs in a few long pieces. Dealt evenly, they give every rank the same share of
     that overhead, and the fill balances the rest. Dealing stops at half of each rank's tokens or work.
     """
-    dealt_tokens, dealt_work = np.zeros(cp, np.int64), np.zeros(cp)
-    small = [e for e in range(pool.sparsest, pool.densest + 1)
-             if pool.bin[e] >= 0 and pool.count[e] and pool.length[e] <= small_tokens]
+    small = sorted((e for e in range(pool.sparsest, pool.densest + 1)
+                    if pool.bin[e] >= 0 and pool.count[e] and pool.length[e] <= small_tokens),
+                   key=lambda e: pool.length[e], reverse=True)
     if small_tokens <= 0 or sum(pool.count[e] for e in small) < cp:
-        return dealt_tokens, dealt_work  # too few to matter: the fill places them where balance needs them
-    token_limit, work_limit = real_per_rank // 2, pool.work / cp / 2
-    for e in sorted(small, key=lambda e: pool.length[e], reverse=True):
+        return np.zeros(cp, np.int64), np.zeros(cp)  # too few to matter: the fill places them where balance needs them
+    limits = real_per_rank // 2
+    token_limit, work_limit = limits.tolist(), pool.work / cp / 2
+    tokens, work = [0] * cp, [0.0] * cp
+    fewest = [(0, rank) for rank in range(cp)]  # (dealt tokens, rank): a heap
+    for e in small:
         length, unit_work = pool.length[e], pool.whole_work[e]
-        room = np.minimum((token_limit - dealt_tokens) // length, np.floor((work_limit - dealt_work) / unit_work))
         base, extra = divmod(pool.count[e], cp)
-        counts = np.full(cp, base, np.int64)
-        counts[np.argsort(dealt_tokens, kind="stable")[:extra]] += 1
-        counts = np.minimum(counts, np.maximum(room, 0).astype(np.int64))
-        if counts.any():
-            pool.deal(e, counts)
-            dealt_tokens += counts * length
-            dealt_work += counts * unit_work
+        if base:  # every rank takes the same count, as far as its limits allow
+            dealt_tokens, dealt_work = np.array(tokens), np.array(work)
+            room = np.minimum((limits - dealt_tokens) // length, (work_limit - dealt_work) // unit_work)
+            num = np.clip(room, 0, base).astype(np.int64)
+            pool.hand_out_to_all(e, num)
+            tokens, work = (dealt_tokens + num * length).tolist(), (dealt_work + num * unit_work).tolist()
+            fewest = [(tokens[rank], rank) for rank in range(cp)]
+            heapq.heapify(fewest)
+        if extra > MANY_EXTRA:  # the rest at once, one each to the ranks with the fewest dealt tokens
+            dealt_tokens, dealt_work = np.array(tokens), np.array(work)
+            pick = np.argsort(dealt_tokens, kind="stable")[:extra]
+            pick = pick[(dealt_tokens[pick] + length <= limits[pick]) & (dealt_work[pick] + unit_work <= work_limit)]
+            num = np.zeros(cp, np.int64)
+            num[pick] = 1
+            pool.hand_out_to_all(e, num)
+            tokens, work = (dealt_tokens + num * length).tolist(), (dealt_work + num * unit_work).tolist()
+            fewest = [(tokens[rank], rank) for rank in range(cp)]
+            heapq.heapify(fewest)
+            extra = 0
+        for _ in range(extra):  # the rest one at a time, each to the rank with the fewest dealt tokens
+            _, rank = heapq.heappop(fewest)
+            if tokens[rank] + length <= token_limit[rank] and work[rank] + unit_work <= work_limit:
+                pool.hand_out(e, 1, rank)
+                tokens[rank] += length
+                work[rank] += unit_work
+            heapq.heappush(fewest, (tokens[rank], rank))
     pool.settle()
-    return dealt_tokens, dealt_work
+    return np.array(tokens, np.int64), np.array(work)
 
 
 def _fill_rank(pool: _Pool, num_tokens: int, target: float, rank: int) -> float:
