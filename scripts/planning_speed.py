@@ -104,6 +104,11 @@ def scale_batches(name: str, num_batches: int) -> list[np.ndarray]:
             lens = np.full(total // 16, 16, np.int64)
         elif name == "u1_64":
             lens = _fill(rng.integers(1, 65, total // 16, dtype=np.int64), total)
+        elif name == "u1_2":  # the most documents in random length order: 1 or 2 tokens each
+            lens = _fill(rng.integers(1, 3, total * 3 // 4, dtype=np.int64), total)
+        elif name == "ones_long":  # one-token documents with four of a rank's length, in random order
+            lens = rng.permutation(np.concatenate([np.ones(total - 4 * TOKENS_PER_RANK, np.int64),
+                                                   np.full(4, TOKENS_PER_RANK, np.int64)]))
         elif name == "adversarial":  # one document of half the batch among documents of 1 to 64 tokens
             short = rng.integers(1, 65, total // 16, dtype=np.int64)
             lens = _fill(np.concatenate([[total // 2], short]), total)
@@ -114,9 +119,11 @@ def scale_batches(name: str, num_batches: int) -> list[np.ndarray]:
     return batches
 
 
-SCALE_ROWS = ("ones", "x50", "u1_64", "x16", *SHIPPED, "adversarial")
+SCALE_ROWS = ("ones", "x50", "u1_64", "x16", *SHIPPED, "adversarial", "u1_2", "ones_long")
 """Rows of the scale table: 4,194,304 one-token documents, 50-token documents, documents of 1 to 64 tokens,
-16-token documents, the shipped mixes, and one document of half the batch among documents of 1 to 64 tokens."""
+16-token documents, the shipped mixes, one document of half the batch among documents of 1 to 64 tokens, and
+two batches of millions of documents not in length order (1 or 2 tokens each; one-token documents with four of
+16K, shuffled)."""
 
 
 def scale_table(runs: int, num_batches: int, only=None) -> None:

@@ -114,13 +114,9 @@ def group_by_length(lens: np.ndarray, cp: int, tokens_per_rank: int, mask: str) 
     key_type = np.uint16 if clip < 1 << 16 else np.uint32
     key = lens.astype(key_type) if lens.max(initial=0) < clip else np.minimum(lens, clip).astype(key_type)
     in_order = not (key[1:] < key[:-1]).any()
-    order = None if in_order else np.argsort(key, kind="stable")
-    sorted_key = key if in_order else key[order]
+    order, length, count = _length_order(key, in_order)
     docs_at = (lambda start, stop: np.arange(start, stop)) if in_order else (lambda start, stop: order[start:stop])
-    first = np.append(0, np.flatnonzero(sorted_key[1:] != sorted_key[:-1]) + 1) if lens.shape[0] else \
-        np.zeros(0, np.int64)
-    length = sorted_key[first].astype(np.int64)
-    count = np.diff(np.append(first, lens.shape[0]))
+    first = np.cumsum(count) - count
     over = length == clip
     work = q_pairs(0, length, length, mask).astype(np.float64)
     long_docs = docs_at(first[over][0], lens.shape[0]) if over.any() else np.zeros(0, np.int64)
@@ -131,6 +127,40 @@ def group_by_length(lens: np.ndarray, cp: int, tokens_per_rank: int, mask: str) 
                                          or [np.zeros(0, np.int64)]))
     return _Batch(bin_docs=order, bin_first=first[whole].tolist(), bin_count=count[whole].tolist(),
                   bin_length=length[whole].tolist(), spread_docs=spread_docs)
+
+
+FEW_LENGTHS = 8
+"""Up to this many distinct lengths (seen in a sample of the batch), documents are grouped by one scan per length
+instead of a sort: the shape of micro-batches of millions of tiny documents."""
+
+
+def _length_order(key: np.ndarray, in_order: bool) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
+    """The documents in stable order of ``key`` (None where they are in order already), and the distinct keys
+    with their counts, in increasing order."""
+    if key.shape[0] == 0:
+        return None, np.zeros(0, np.int64), np.zeros(0, np.int64)
+    if in_order:
+        first = np.append(0, np.flatnonzero(key[1:] != key[:-1]) + 1)
+        return None, key[first].astype(np.int64), np.diff(np.append(first, key.shape[0]))
+    seen = np.unique(key[:: max(1, key.shape[0] // 4096)])
+    if seen.shape[0] > FEW_LENGTHS:
+        order = np.argsort(key, kind="stable")
+        sorted_key = key[order]
+        first = np.append(0, np.flatnonzero(sorted_key[1:] != sorted_key[:-1]) + 1)
+        return order, sorted_key[first].astype(np.int64), np.diff(np.append(first, key.shape[0]))
+    groups, matched = {}, np.zeros(key.shape, bool)
+    for value in seen.tolist():
+        equal = key == value
+        groups[int(value)] = np.flatnonzero(equal)
+        matched |= equal
+    if sum(docs.shape[0] for docs in groups.values()) < key.shape[0]:  # lengths the sample missed: few documents
+        rest = np.flatnonzero(~matched)
+        rest = rest[np.argsort(key[rest], kind="stable")]
+        values, starts = np.unique(key[rest], return_index=True)
+        groups |= {int(value): docs for value, docs in zip(values.tolist(), np.split(rest, starts[1:]), strict=True)}
+    values = sorted(groups)
+    order = np.concatenate([groups[value] for value in values])
+    return order, np.array(values, np.int64), np.array([groups[value].shape[0] for value in values], np.int64)
 
 
 def spread_units(lens: np.ndarray, docs: np.ndarray, cp: int, tokens_per_rank: int, mask: str, total_work: float,
@@ -376,12 +406,13 @@ class _Pool:
         contiguous = np.array_equal(position[order] - first, np.cumsum(allocs[order, 2]) - allocs[order, 2])
         if rank_at.shape[0] != binned or not contiguous:
             raise AssertionError(f"the bins handed out {rank_at.shape[0]} of their {binned} documents")
-        rank_at = np.concatenate([np.full(first, -1, np.int32), rank_at,
-                                  np.full(num_docs - first - binned, -1, np.int32)])
-        if batch.bin_docs is None:
-            return rank_at
         out = np.empty(num_docs, np.int32)
-        out[batch.bin_docs] = rank_at  # one pass: the documents before and after the bins hold -1
+        if batch.bin_docs is None:
+            out[first:first + binned] = rank_at
+            out[:first] = out[first + binned:] = -1
+            return out
+        out[batch.bin_docs[first:first + binned]] = rank_at
+        out[batch.bin_docs[:first]] = out[batch.bin_docs[first + binned:]] = -1  # empty or spread documents
         return out
 
 
