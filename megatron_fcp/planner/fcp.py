@@ -101,6 +101,10 @@ class _Batch:
     bin_length: list[int]
     spread_docs: np.ndarray
     """Documents too large or too expensive for one rank, in batch order."""
+    num_tokens: int
+    """Tokens of the whole batch."""
+    total_work: float
+    """Query-key pairs of the whole batch (what a rank's share of work is measured against)."""
 
 
 def group_by_length(lens: np.ndarray, cp: int, tokens_per_rank: int, mask: str) -> _Batch:
@@ -120,13 +124,15 @@ def group_by_length(lens: np.ndarray, cp: int, tokens_per_rank: int, mask: str) 
     over = length == clip
     work = q_pairs(0, length, length, mask).astype(np.float64)
     long_docs = docs_at(first[over][0], lens.shape[0]) if over.any() else np.zeros(0, np.int64)
+    num_tokens = int((count * length)[~over].sum() + lens[long_docs].sum())
     total_work = float((count * work)[~over].sum()) + float(q_pairs(0, lens[long_docs], lens[long_docs], mask).sum())
     whole = (length > 0) & ~over & (work <= total_work / cp)
     spread = ~whole & (length > 0)
     spread_docs = np.sort(np.concatenate([docs_at(f, f + c) for f, c in zip(first[spread], count[spread], strict=True)]
                                          or [np.zeros(0, np.int64)]))
     return _Batch(bin_docs=order, bin_first=first[whole].tolist(), bin_count=count[whole].tolist(),
-                  bin_length=length[whole].tolist(), spread_docs=spread_docs)
+                  bin_length=length[whole].tolist(), spread_docs=spread_docs, num_tokens=num_tokens,
+                  total_work=total_work)
 
 
 FEW_LENGTHS = 8
@@ -140,14 +146,11 @@ def _length_order(key: np.ndarray, in_order: bool) -> tuple[np.ndarray | None, n
     if key.shape[0] == 0:
         return None, np.zeros(0, np.int64), np.zeros(0, np.int64)
     if in_order:
-        first = np.append(0, np.flatnonzero(key[1:] != key[:-1]) + 1)
-        return None, key[first].astype(np.int64), np.diff(np.append(first, key.shape[0]))
+        return (None, *_runs(key))
     seen = np.unique(key[:: max(1, key.shape[0] // 4096)])
     if seen.shape[0] > FEW_LENGTHS:
         order = np.argsort(key, kind="stable")
-        sorted_key = key[order]
-        first = np.append(0, np.flatnonzero(sorted_key[1:] != sorted_key[:-1]) + 1)
-        return order, sorted_key[first].astype(np.int64), np.diff(np.append(first, key.shape[0]))
+        return (order, *_runs(key[order]))
     groups, matched = {}, np.zeros(key.shape, bool)
     for value in seen.tolist():
         equal = key == value
@@ -161,6 +164,12 @@ def _length_order(key: np.ndarray, in_order: bool) -> tuple[np.ndarray | None, n
     values = sorted(groups)
     order = np.concatenate([groups[value] for value in values])
     return order, np.array(values, np.int64), np.array([groups[value].shape[0] for value in values], np.int64)
+
+
+def _runs(sorted_key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct values of a sorted array and how many times each occurs."""
+    first = np.append(0, np.flatnonzero(sorted_key[1:] != sorted_key[:-1]) + 1)
+    return sorted_key[first].astype(np.int64), np.diff(np.append(first, sorted_key.shape[0]))
 
 
 def spread_units(lens: np.ndarray, docs: np.ndarray, cp: int, tokens_per_rank: int, mask: str, total_work: float,
@@ -446,14 +455,10 @@ def plan_fcp(
     options = options or FcpOptions()
     check_mask(mask)
     lens = np.asarray(doc_lens, dtype=np.int64)
-    num_doc_tokens = int(lens.sum())
-    real_per_rank = np.full(cp, num_doc_tokens // cp, np.int64)
-    real_per_rank[: num_doc_tokens % cp] += 1
     batch = group_by_length(lens, cp, tokens_per_rank, mask)
-    spread_lens = lens[batch.spread_docs]
-    total_work = float(np.dot(batch.bin_count, q_pairs(0, batch.bin_length, batch.bin_length, mask))) + float(
-        q_pairs(0, spread_lens, spread_lens, mask).sum())
-    units = spread_units(lens, batch.spread_docs, cp, tokens_per_rank, mask, total_work, options.zigzag)
+    real_per_rank = np.full(cp, batch.num_tokens // cp, np.int64)
+    real_per_rank[: batch.num_tokens % cp] += 1
+    units = spread_units(lens, batch.spread_docs, cp, tokens_per_rank, mask, batch.total_work, options.zigzag)
     pool = _Pool(lens, batch, units, mask, options.tile_size, options.edge_weight)
     dealt_tokens, dealt_work = _deal_small_documents(pool, cp, real_per_rank, options.small_tokens)
     work_after = np.append(np.cumsum(dealt_work[::-1])[::-1], 0.0).tolist()  # dealt work of ranks r, r+1, ...
