@@ -15,7 +15,7 @@ from typing import Any
 
 from megatron_fcp.data.lengths import SHIPPED
 from megatron_fcp.errors import InputError
-from megatron_fcp.megatron.settings import Setting, suggest
+from megatron_fcp.megatron.settings import Setting, is_whole, suggest
 
 
 @dataclass(frozen=True)
@@ -30,10 +30,6 @@ class Rule:
     """A value the rule accepts; it stands in for a missing or refused value while the other keys are checked."""
 
 
-def _is_whole(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
 def _is_number(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
@@ -43,7 +39,7 @@ def _simple(want: str, accepts: Callable[[Any], bool], placeholder) -> Rule:
 
 
 def whole(minimum: int = 1) -> Rule:
-    return _simple(f"a whole number >= {minimum}", lambda v: _is_whole(v) and v >= minimum, minimum)
+    return _simple(f"a whole number >= {minimum}", lambda v: is_whole(v) and v >= minimum, minimum)
 
 
 def number(minimum: float = 0.0, *, above: bool = False, below: float | None = None) -> Rule:
