@@ -15,15 +15,24 @@ traffic (sum of ``recv_tokens``, mean over the batches) beside. Run it on anothe
 ``PYTHONPATH=<checkout>`` to compare.
 
     .venv/bin/python scripts/planning_speed.py --scale [--runs 5] [--batches 8] [--only NAME ...]
+
+With ``--against CHECKOUT`` it times another version's planner (``git worktree add CHECKOUT <commit>``) and this one
+side by side on the first batch of each scale row, calls alternating: the ratio holds on a machine whose speed
+drifts.
+
+    .venv/bin/python scripts/planning_speed.py --against ../fcp-before [--only NAME ...]
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import statistics
+import sys
 import time
 import timeit
+from pathlib import Path
 
 import numpy as np
 
@@ -49,7 +58,13 @@ def main() -> None:
     parser.add_argument("--scale", action="store_true", help="the short-document scale table instead")
     parser.add_argument("--batches", type=int, default=8, help="batches per mix for balance and traffic (--scale)")
     parser.add_argument("--only", nargs="*", default=None, help="names of the --scale rows to run")
+    parser.add_argument("--against", metavar="CHECKOUT", default=None,
+                        help="with --scale: time this checkout's planner and CHECKOUT's (a folder holding another "
+                             "version's megatron_fcp package) side by side in one process, calls alternating")
     args = parser.parse_args()
+    if args.against:
+        side_by_side(args.against, args.only)
+        return
     if args.scale:
         scale_table(args.runs, args.batches, args.only)
         return
@@ -109,6 +124,9 @@ def scale_batches(name: str, num_batches: int) -> list[np.ndarray]:
         elif name == "ones_long":  # one-token documents with four of a rank's length, in random order
             lens = rng.permutation(np.concatenate([np.ones(total - 4 * TOKENS_PER_RANK, np.int64),
                                                    np.full(4, TOKENS_PER_RANK, np.int64)]))
+        elif name == "ones_mixed":  # nine in ten documents of one token, the rest of 2 to 17, in random order
+            lens = np.where(rng.random(total * 6 // 10) < 0.9, 1, rng.integers(2, 18, total * 6 // 10))
+            lens = rng.permutation(_fill(lens, total))
         elif name == "adversarial":  # one document of half the batch among documents of 1 to 64 tokens
             short = rng.integers(1, 65, total // 16, dtype=np.int64)
             lens = _fill(np.concatenate([[total // 2], short]), total)
@@ -119,11 +137,11 @@ def scale_batches(name: str, num_batches: int) -> list[np.ndarray]:
     return batches
 
 
-SCALE_ROWS = ("ones", "x50", "u1_64", "x16", *SHIPPED, "adversarial", "u1_2", "ones_long")
+SCALE_ROWS = ("ones", "x50", "u1_64", "x16", *SHIPPED, "adversarial", "u1_2", "ones_long", "ones_mixed")
 """Rows of the scale table: 4,194,304 one-token documents, 50-token documents, documents of 1 to 64 tokens,
 16-token documents, the shipped mixes, one document of half the batch among documents of 1 to 64 tokens, and
-two batches of millions of documents not in length order (1 or 2 tokens each; one-token documents with four of
-16K, shuffled)."""
+three batches of millions of documents not in length order (1 or 2 tokens each; one-token documents with four
+of 16K; nine in ten of one token and the rest of 2 to 17; all shuffled)."""
 
 
 def scale_table(runs: int, num_batches: int, only=None) -> None:
@@ -148,6 +166,44 @@ def scale_table(runs: int, num_batches: int, only=None) -> None:
             traffic.append(int(plan.recv_tokens.sum()))
         print(f"{name:<13} {lens.shape[0]:>10} {1e3 * statistics.median(times):>9.1f} {view_ms:>9.1f} "
               f"{np.percentile(imbalance, 95):>14.4f} {statistics.mean(traffic):>13.0f}", flush=True)
+
+
+
+
+def _planner_of(root: str):
+    """``make_plan`` of the ``megatron_fcp`` package under ``root``, imported apart from this one."""
+    for name in [name for name in sys.modules if name.split(".")[0] == "megatron_fcp"]:
+        del sys.modules[name]
+    sys.path.insert(0, root)
+    try:
+        return importlib.import_module("megatron_fcp.planner.api").make_plan
+    finally:
+        sys.path.pop(0)
+        for name in [name for name in sys.modules if name.split(".")[0] == "megatron_fcp"]:
+            del sys.modules[name]
+
+
+def side_by_side(other: str, only=None, runs: int = 9) -> None:
+    """Plan time of the scale rows (first batch of each) by ``other``'s planner and by this one, calls alternating,
+    so the machine's drift falls on both alike."""
+    if not (Path(other) / "megatron_fcp" / "planner" / "api.py").is_file():
+        raise SystemExit(f"--against {other}: no megatron_fcp/planner/api.py there; pass a checkout's root folder")
+    here = str(Path(__file__).resolve().parents[1])
+    planners = {"against": _planner_of(other), "this": _planner_of(here)}
+    print(f"{'batch':<13} {'against ms':>10} {'this ms':>9} {'this/against':>12}   (median of {runs} each, "
+          "calls alternating)")
+    for name in only or SCALE_ROWS:
+        lens = scale_batches(name, 1)[0]
+        times = {key: [] for key in planners}
+        for make in planners.values():
+            make(lens, CP, TOKENS_PER_RANK)  # warm up
+        for _ in range(runs):
+            for key, make in planners.items():
+                start = time.perf_counter()
+                make(lens, CP, TOKENS_PER_RANK)
+                times[key].append(time.perf_counter() - start)
+        against, this = (1e3 * statistics.median(times[key]) for key in planners)
+        print(f"{name:<13} {against:>10.1f} {this:>9.1f} {this / against:>12.2f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -85,6 +85,8 @@ def check_batch(doc_lens, cp, tokens_per_rank, mask: str = "causal", exact: bool
     # most the capacity (<= 2**32) and at most 2**32 entries, an unsigned 64-bit sum is exact
     if longest > capacity:
         total = sum(lens.tolist())
+    elif not exact and lens.shape[0] * longest <= capacity:
+        total = 0  # cannot exceed the capacity: not summed
     else:  # int64 cannot wrap where the count times the longest is below 2**63
         total = int(lens.sum() if lens.shape[0] * longest < 1 << 63 else lens.sum(dtype=np.uint64))
     if total > capacity or (exact and total != capacity):

@@ -90,15 +90,25 @@ work, so each piece stays whole on its rank and leaves room for cheaper document
 
 @dataclass(frozen=True)
 class _Batch:
-    """The micro-batch grouped by length: the bins of documents placed whole, and the spread documents."""
+    """The micro-batch grouped by length: the bins of documents placed whole, and the spread documents.
+
+    A bin's documents (in batch order) are held in one of three forms: a slice of ``bin_docs`` (the documents
+    sorted by length; the identity where the batch is in length order already); an index array of its own, for a
+    length that many documents of a large batch share (one compare and one scan instead of a sort); or, for the
+    length of nearly all documents, every document but the few others (``bin_all_but``).
+    """
 
     bin_docs: np.ndarray | None
-    """Document indices sorted by length (batch order within a length); a bin is a slice of it. None where the
-    batch is in length order already (the identity)."""
+    """Document indices sorted by length (batch order within a length) of the bins held as slices. None where
+    the batch is in length order already (the identity)."""
     bin_first: list[int]
-    """Per bin: where its documents start in ``bin_docs``."""
+    """Per bin: where its documents start in ``bin_docs`` (-1 for the other forms)."""
     bin_count: list[int]
     bin_length: list[int]
+    bin_index: dict[int, np.ndarray]
+    """Bins held as an index array of their own: their documents, increasing."""
+    bin_all_but: tuple[int, np.ndarray] | None
+    """The bin (if any) that holds every document but the given ones (increasing)."""
     spread_docs: np.ndarray
     """Documents too large or too expensive for one rank, in batch order."""
     num_tokens: int
@@ -110,60 +120,103 @@ class _Batch:
 def group_by_length(lens: np.ndarray, cp: int, tokens_per_rank: int, mask: str) -> _Batch:
     """Bins of the documents that fit one rank in tokens and in work, and the documents that do not.
 
-    One stable sort of the lengths (clipped above ``tokens_per_rank``, so 16-bit keys where they fit: a radix
-    sort; none where they are in order already); the work of the batch follows from the bins, so nothing else runs
-    once per document.
+    Lengths are clipped above ``tokens_per_rank`` (16-bit keys where they fit) and grouped (:func:`_length_groups`);
+    the work of the batch follows from the groups, so nothing else runs once per document.
     """
     clip = tokens_per_rank + 1
     key_type = np.uint16 if clip < 1 << 16 else np.uint32
     key = lens.astype(key_type) if lens.max(initial=0) < clip else np.minimum(lens, clip).astype(key_type)
-    in_order = not (key[1:] < key[:-1]).any()
-    order, length, count = _length_order(key, in_order)
-    docs_at = (lambda start, stop: np.arange(start, stop)) if in_order else (lambda start, stop: order[start:stop])
-    first = np.cumsum(count) - count
+    groups = _length_groups(key)
+    length, count = groups.length, groups.count
     over = length == clip
     work = q_pairs(0, length, length, mask).astype(np.float64)
-    long_docs = docs_at(first[over][0], lens.shape[0]) if over.any() else np.zeros(0, np.int64)
+    long_docs = groups.docs(int(np.flatnonzero(over)[0])) if over.any() else np.zeros(0, np.int64)
     num_tokens = int((count * length)[~over].sum() + lens[long_docs].sum())
     total_work = float((count * work)[~over].sum()) + float(q_pairs(0, lens[long_docs], lens[long_docs], mask).sum())
     whole = (length > 0) & ~over & (work <= total_work / cp)
     spread = ~whole & (length > 0)
-    spread_docs = np.sort(np.concatenate([docs_at(f, f + c) for f, c in zip(first[spread], count[spread], strict=True)]
+    spread_docs = np.sort(np.concatenate([groups.docs(g) for g in np.flatnonzero(spread).tolist()]
                                          or [np.zeros(0, np.int64)]))
-    return _Batch(bin_docs=order, bin_first=first[whole].tolist(), bin_count=count[whole].tolist(),
-                  bin_length=length[whole].tolist(), spread_docs=spread_docs, num_tokens=num_tokens,
-                  total_work=total_work)
+    bin_of = {g: b for b, g in enumerate(np.flatnonzero(whole).tolist())}
+    all_but = groups.all_but if groups.all_but and groups.all_but[0] in bin_of else None
+    return _Batch(bin_docs=groups.order, bin_first=groups.first[whole].tolist(), bin_count=count[whole].tolist(),
+                  bin_length=length[whole].tolist(),
+                  bin_index={bin_of[g]: docs for g, docs in groups.index.items() if g in bin_of},
+                  bin_all_but=(bin_of[all_but[0]], all_but[1]) if all_but else None,
+                  spread_docs=spread_docs, num_tokens=num_tokens, total_work=total_work)
 
 
-FEW_LENGTHS = 8
-"""Up to this many distinct lengths (seen in a sample of the batch), documents are grouped by one scan per length
-instead of a sort: the shape of micro-batches of millions of tiny documents."""
+SCAN_MIN_DOCS = 1 << 16
+"""From this many documents on, a length shared by at least ``1 / COMMON_SHARE`` of a sample of the batch is
+found by one compare and one scan instead of being sorted: the shape of micro-batches of millions of tiny
+documents."""
+COMMON_SHARE = 16
 
 
-def _length_order(key: np.ndarray, in_order: bool) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
-    """The documents in stable order of ``key`` (None where they are in order already), and the distinct keys
-    with their counts, in increasing order."""
-    if key.shape[0] == 0:
-        return None, np.zeros(0, np.int64), np.zeros(0, np.int64)
-    if in_order:
-        return (None, *_runs(key))
-    seen = np.unique(key[:: max(1, key.shape[0] // 4096)])
-    if seen.shape[0] > FEW_LENGTHS:
-        order = np.argsort(key, kind="stable")
-        return (order, *_runs(key[order]))
-    groups, matched = {}, np.zeros(key.shape, bool)
-    for value in seen.tolist():
-        equal = key == value
-        groups[int(value)] = np.flatnonzero(equal)
-        matched |= equal
-    if sum(docs.shape[0] for docs in groups.values()) < key.shape[0]:  # lengths the sample missed: few documents
-        rest = np.flatnonzero(~matched)
-        rest = rest[np.argsort(key[rest], kind="stable")]
-        values, starts = np.unique(key[rest], return_index=True)
-        groups |= {int(value): docs for value, docs in zip(values.tolist(), np.split(rest, starts[1:]), strict=True)}
+@dataclass(frozen=True)
+class _Groups:
+    """The documents grouped by key, groups in increasing key order; see :class:`_Batch` for the three forms."""
+
+    length: np.ndarray
+    count: np.ndarray
+    first: np.ndarray
+    """Per group: where its documents start in ``order`` (-1 for the other forms)."""
+    order: np.ndarray | None
+    index: dict[int, np.ndarray]
+    all_but: tuple[int, np.ndarray] | None
+
+    def docs(self, g: int) -> np.ndarray:
+        """The documents of group ``g``, in batch order."""
+        if g in self.index:
+            return self.index[g]
+        if self.all_but and self.all_but[0] == g:
+            return np.delete(np.arange(self.all_but[1].shape[0] + int(self.count[g])), self.all_but[1])
+        first, count = int(self.first[g]), int(self.count[g])
+        return np.arange(first, first + count) if self.order is None else self.order[first:first + count]
+
+
+def _length_groups(key: np.ndarray) -> _Groups:
+    """The documents grouped by ``key``: nothing sorted where the keys are in order already; in a batch of at
+    least ``SCAN_MIN_DOCS`` documents, the keys that many share found by a compare each (the key of nearly all,
+    as the few documents without it); one stable sort of the rest."""
+    empty = np.zeros(0, np.int64)
+    num_docs = key.shape[0]
+    if num_docs == 0:
+        return _Groups(empty, empty, empty, None, {}, None)
+    if not (key[1:] < key[:-1]).any():
+        length, count = _runs(key)
+        return _Groups(length, count, np.cumsum(count) - count, None, {}, None)
+    common = []
+    if num_docs >= SCAN_MIN_DOCS:
+        sample = key[:: num_docs // 4096]
+        values, num = np.unique(sample, return_counts=True)
+        common = values[num * COMMON_SHARE >= sample.shape[0]].tolist()
+        nearly_all = values[num * COMMON_SHARE >= (COMMON_SHARE - 1) * sample.shape[0]].tolist()
+    index, all_but, rest = {}, None, None
+    if common and nearly_all:
+        rest = np.flatnonzero(key != nearly_all[0])
+        all_but = (nearly_all[0], rest)
+    elif common:
+        matched = np.zeros(num_docs, bool)
+        for value in common:
+            equal = key == value
+            index[value] = np.flatnonzero(equal)
+            matched |= equal
+        rest = np.flatnonzero(~matched) if sum(docs.shape[0] for docs in index.values()) < num_docs else empty
+    order = np.argsort(key, kind="stable") if rest is None else rest[np.argsort(key[rest], kind="stable")]
+    sorted_length, sorted_count = _runs(key[order]) if order.shape[0] else (empty, empty)
+    groups = {value: (num, first) for value, num, first in zip(sorted_length.tolist(), sorted_count.tolist(),
+                                                              (np.cumsum(sorted_count) - sorted_count).tolist(),
+                                                              strict=True)}
+    groups |= {value: (docs.shape[0], -1) for value, docs in index.items()}
+    if all_but:
+        groups[all_but[0]] = (num_docs - all_but[1].shape[0], -1)
     values = sorted(groups)
-    order = np.concatenate([groups[value] for value in values])
-    return order, np.array(values, np.int64), np.array([groups[value].shape[0] for value in values], np.int64)
+    position = {value: g for g, value in enumerate(values)}
+    return _Groups(length=np.array(values, np.int64), count=np.array([groups[v][0] for v in values], np.int64),
+                   first=np.array([groups[v][1] for v in values], np.int64), order=order,
+                   index={position[value]: docs for value, docs in index.items()},
+                   all_but=(position[all_but[0]], all_but[1]) if all_but else None)
 
 
 def _runs(sorted_key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -307,7 +360,7 @@ class _Pool:
             if num_whole:
                 self._allocate(e, num_whole, rank)
             if num_tokens and self.count[e]:  # cut one document: its rest is the near partial
-                doc = self._doc_at(self._allocate(e, 1, -1))
+                doc = self._doc_at(*self._allocate(e, 1, -1))
                 near, num_tokens = _cut((doc, 0, length), num_tokens, from_dense, taken)
             far, num_tokens = _cut(self.front[e] if from_dense else self.back[e], num_tokens, from_dense, taken)
             self.front[e], self.back[e] = (far, near) if from_dense else (near, far)
@@ -318,18 +371,26 @@ class _Pool:
             self.touched.add(e)
         return work + sum(self._work(length, start, end) for _, start, end in pieces)
 
-    def _allocate(self, e: int, num_docs: int, rank: int) -> int:
-        """Hand out the next ``num_docs`` documents of entry ``e``'s bin to ``rank``; return the bin position of the
-        first one (see :meth:`_doc_at`)."""
+    def _allocate(self, e: int, num_docs: int, rank: int) -> tuple[int, int]:
+        """Hand out the next ``num_docs`` documents of entry ``e``'s bin to ``rank``; return the bin and the
+        position in it of the first one (see :meth:`_doc_at`)."""
         b = self.bin[e]
         first = self.bin_next[b]
         self.bin_next[b] += num_docs
         self.count[e] -= num_docs
         self.allocs.append((b, first, num_docs, rank))
-        return self.batch.bin_first[b] + first
+        return b, first
 
-    def _doc_at(self, position: int) -> int:
-        return position if self.batch.bin_docs is None else int(self.batch.bin_docs[position])
+    def _doc_at(self, b: int, position: int) -> int:
+        """The document at ``position`` (from 0) of bin ``b``."""
+        batch = self.batch
+        if b in batch.bin_index:
+            return int(batch.bin_index[b][position])
+        if batch.bin_all_but and batch.bin_all_but[0] == b:  # skip the others before it
+            others = batch.bin_all_but[1]
+            return position + int(np.searchsorted(others - np.arange(others.shape[0]), position, side="right"))
+        position += batch.bin_first[b]
+        return position if batch.bin_docs is None else int(batch.bin_docs[position])
 
     def hand_out(self, e: int, num_docs: int, rank: int) -> None:
         """Deal ``num_docs`` whole documents of entry ``e``'s bin to ``rank`` before the fill."""
@@ -406,22 +467,35 @@ class _Pool:
         self._flush()
         allocs = np.concatenate([*self.alloc_chunks, np.zeros((0, 4), np.int64)])
         allocs = allocs[allocs[:, 2] > 0]
-        position = np.asarray(batch.bin_first, dtype=np.int64)[allocs[:, 0]] + allocs[:, 1]
         bin_key = allocs[:, 0].astype(np.uint16 if len(batch.bin_first) < 1 << 16 else np.int64)
-        order = np.argsort(bin_key, kind="stable")  # bins are numbered by length, as they lie in bin_docs
-        rank_at = np.repeat(allocs[order, 3].astype(np.int32), allocs[order, 2])
-        binned = sum(batch.bin_count)
-        first = batch.bin_first[0] if batch.bin_first else 0
-        contiguous = np.array_equal(position[order] - first, np.cumsum(allocs[order, 2]) - allocs[order, 2])
-        if rank_at.shape[0] != binned or not contiguous:
-            raise AssertionError(f"the bins handed out {rank_at.shape[0]} of their {binned} documents")
-        out = np.empty(num_docs, np.int32)
-        if batch.bin_docs is None:
-            out[first:first + binned] = rank_at
-            out[:first] = out[first + binned:] = -1
-            return out
-        out[batch.bin_docs[first:first + binned]] = rank_at
-        out[batch.bin_docs[:first]] = out[batch.bin_docs[first + binned:]] = -1  # empty or spread documents
+        allocs = allocs[np.argsort(bin_key, kind="stable")]  # bins are numbered by length
+        bins, firsts, counts = allocs[:, 0], allocs[:, 1], allocs[:, 2]
+        rank_at = np.repeat(allocs[:, 3].astype(np.int32), counts)
+        ends = np.append(0, np.cumsum(counts))  # where each allocation starts in rank_at, and the end
+        bin_ids = np.arange(len(batch.bin_first))
+        bin_start = ends[np.searchsorted(bins, bin_ids)]  # where each bin starts in rank_at
+        bin_end = ends[np.searchsorted(bins, bin_ids, side="right")]
+        if (not np.array_equal(bin_end - bin_start, batch.bin_count)
+                or not np.array_equal(firsts, ends[:-1] - bin_start[bins])):
+            raise AssertionError(f"the bins handed out {rank_at.shape[0]} of their {sum(batch.bin_count)} documents "
+                                 "or not in order")
+        own = set(batch.bin_index) | ({batch.bin_all_but[0]} if batch.bin_all_but else set())
+        if batch.bin_all_but:  # its ranks, with the other documents' places left -1
+            b, others = batch.bin_all_but
+            out = np.insert(rank_at[bin_start[b]:bin_end[b]], others - np.arange(others.shape[0]), -1)
+        else:
+            out = np.full(num_docs, -1, np.int32)
+        sliced = [b for b in bin_ids.tolist() if b not in own]
+        if sliced:  # their documents lie together in bin_docs, in bin order
+            first = batch.bin_first[sliced[0]]
+            num = sum(batch.bin_count[b] for b in sliced)
+            ranks = rank_at if not own else np.concatenate([rank_at[bin_start[b]:bin_end[b]] for b in sliced])
+            if batch.bin_docs is None:
+                out[first:first + num] = ranks
+            else:
+                out[batch.bin_docs[first:first + num]] = ranks
+        for b, docs in batch.bin_index.items():
+            out[docs] = rank_at[bin_start[b]:bin_end[b]]
         return out
 
 
@@ -506,7 +580,7 @@ def _deal_small_documents(pool: _Pool, cp: int, real_per_rank: np.ndarray, small
     limits = real_per_rank // 2
     token_limit, work_limit = limits.tolist(), pool.work / cp / 2
     tokens, work = [0] * cp, [0.0] * cp
-    fewest = [(0, rank) for rank in range(cp)]  # (dealt tokens, rank): a heap
+    fewest = None  # (dealt tokens, rank) of every rank: a heap, built when a bin is dealt one document at a time
     for e in small:
         length, unit_work = pool.length[e], pool.whole_work[e]
         base, extra = divmod(pool.count[e], cp)
@@ -516,8 +590,7 @@ def _deal_small_documents(pool: _Pool, cp: int, real_per_rank: np.ndarray, small
             num = np.clip(room, 0, base).astype(np.int64)
             pool.hand_out_to_all(e, num)
             tokens, work = (dealt_tokens + num * length).tolist(), (dealt_work + num * unit_work).tolist()
-            fewest = [(tokens[rank], rank) for rank in range(cp)]
-            heapq.heapify(fewest)
+            fewest = None
         if extra > MANY_EXTRA:  # the rest at once, one each to the ranks with the fewest dealt tokens
             dealt_tokens, dealt_work = np.array(tokens), np.array(work)
             pick = np.argsort(dealt_tokens, kind="stable")[:extra]
@@ -526,9 +599,10 @@ def _deal_small_documents(pool: _Pool, cp: int, real_per_rank: np.ndarray, small
             num[pick] = 1
             pool.hand_out_to_all(e, num)
             tokens, work = (dealt_tokens + num * length).tolist(), (dealt_work + num * unit_work).tolist()
+            fewest, extra = None, 0
+        if extra and fewest is None:
             fewest = [(tokens[rank], rank) for rank in range(cp)]
             heapq.heapify(fewest)
-            extra = 0
         for _ in range(extra):  # the rest one at a time, each to the rank with the fewest dealt tokens
             _, rank = heapq.heappop(fewest)
             if tokens[rank] + length <= token_limit[rank] and work[rank] + unit_work <= work_limit:
@@ -551,18 +625,31 @@ def _fill_rank(pool: _Pool, num_tokens: int, target: float, rank: int) -> float:
     """
     dense_side, sparse_side = pool.walk(True, num_tokens), pool.walk(False, num_tokens)
 
-    def work(num_dense: int) -> float:
-        return (_side_work(pool, dense_side, num_dense, True)
-                + _side_work(pool, sparse_side, num_tokens - num_dense, False))
+    (dense_units, dense_before, dense_work), (sparse_units, sparse_before, sparse_work) = dense_side, sparse_side
+    take_work, bisect_right = pool.take_work, bisect.bisect_right
+
+    def work(num_dense: int) -> float:  # _side_work of both sides, written out (the bisection calls this most)
+        k = bisect_right(dense_before, num_dense) - 1
+        extra = num_dense - dense_before[k]
+        total = dense_work[k] + (take_work(dense_units[k], extra, True) if extra else 0.0)
+        num_sparse = num_tokens - num_dense
+        k = bisect_right(sparse_before, num_sparse) - 1
+        extra = num_sparse - sparse_before[k]
+        return total + (sparse_work[k] + (take_work(sparse_units[k], extra, False) if extra else 0.0))
 
     left, right = 0, num_tokens  # bisection bounds on num_dense
-    if work(right) <= target:
+    work_right = work(right)
+    if work_right <= target:
         left = right
-    elif work(left) < target:
+    elif (work_left := work(left)) < target:
         while right - left > 1:  # invariant: work(left) < target <= work(right)
             mid = (left + right) // 2
-            left, right = (mid, right) if work(mid) < target else (left, mid)
-        left = left if target - work(left) <= work(right) - target else right
+            work_mid = work(mid)
+            if work_mid < target:
+                left, work_left = mid, work_mid
+            else:
+                right, work_right = mid, work_mid
+        left = left if target - work_left <= work_right - target else right
     taken = _one_spread_document(pool, dense_side, left, num_tokens, target, rank)
     if taken is None:
         taken = (_take_side(pool, dense_side, left, True, rank)

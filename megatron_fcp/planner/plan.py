@@ -521,13 +521,12 @@ def _holders(pieces: np.ndarray, doc_lens: np.ndarray, cp: int, mask: str):
 def _needed_rows(pieces: np.ndarray, holders: np.ndarray, need_end: np.ndarray):
     """For each holder, the other ranks' pieces of its document that start before its needed end."""
     holder_row, piece_row = matching_rows(pieces[:, Q.DOC], holders[:, Q.DOC])
-    candidate = pieces[piece_row]
     end = need_end[holder_row]
     holder_rank = holders[holder_row, Q.CP_RANK]
-    keep = (candidate[:, Q.CP_RANK] != holder_rank) & (candidate[:, Q.START] < end)
-    rows = np.column_stack([holder_rank, candidate[:, Q.CP_RANK], candidate[:, Q.DOC], candidate[:, Q.START],
-                            np.minimum(candidate[:, Q.END], end)])[keep]  # kv rows
-    return rows
+    keep = (pieces[piece_row, Q.CP_RANK] != holder_rank) & (pieces[piece_row, Q.START] < end)
+    candidate, end, holder_rank = pieces[piece_row[keep]], end[keep], holder_rank[keep]
+    return np.column_stack([holder_rank, candidate[:, Q.CP_RANK], candidate[:, Q.DOC], candidate[:, Q.START],
+                            np.minimum(candidate[:, Q.END], end)])  # kv rows
 
 
 def _merge_adjacent(rows: np.ndarray) -> np.ndarray:
@@ -536,12 +535,27 @@ def _merge_adjacent(rows: np.ndarray) -> np.ndarray:
 
 
 
+def _key_order(rows: np.ndarray, nkey: int) -> np.ndarray:
+    """The stable order of ``rows`` by their first ``nkey + 1`` columns (non-negative integers); columns are
+    packed two to one sort key where the product fits 63 bits (the same order, fewer keys to sort by)."""
+    columns = [rows[:, column] for column in range(nkey + 1)]
+    keys = []
+    while columns:
+        high = columns.pop(0)
+        fits = columns and min(high.min(), columns[0].min()) >= 0
+        if fits and (span := int(columns[0].max()) + 1) * (int(high.max()) + 1) < 1 << 63:
+            keys.append(high * span + columns.pop(0))
+        else:
+            keys.append(high)
+    return np.lexsort(keys[::-1])
+
+
 def _merge_runs(rows: np.ndarray, nkey: int) -> np.ndarray:
     """Rows of ``nkey`` key columns then ``start, end``, sorted by keys and start, with each run of ranges that
     continue one another (same keys, start == previous end) merged into one."""
     if rows.shape[0] == 0:
         return rows.reshape(0, nkey + 2)
-    rows = rows[np.lexsort(tuple(rows[:, column] for column in range(nkey, -1, -1)))]
+    rows = rows[_key_order(rows, nkey)]
     continues = np.all(rows[1:, :nkey] == rows[:-1, :nkey], axis=1) & (rows[1:, nkey] == rows[:-1, nkey + 1])
     out = rows[np.concatenate([[True], ~continues])].copy()
     out[:, nkey + 1] = rows[np.concatenate([~continues, [True]]), nkey + 1]

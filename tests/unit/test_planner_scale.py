@@ -163,6 +163,40 @@ def test_four_million_one_token_documents_plan_in_half_a_second():
     assert len(docs) == 16384 and docs == sorted(docs) and np.array_equal(plan.whole_rank[docs], np.full(16384, 7))
 
 
+def _shuffled_many(kind: str) -> np.ndarray:
+    """About 100K documents in random order, shaped to take each grouping form of the planner."""
+    rng = np.random.default_rng(3)
+    num = 100_000
+    if kind == "nearly_all":  # one length for almost every document (the few others, cut ones among them)
+        return np.where(rng.random(num) < 0.97, 700, rng.integers(1, 3000, num))
+    if kind == "common":  # several lengths many documents share (some cut at rank boundaries), and a long tail
+        return rng.choice([1, 2, 3, 5, 600, 700, 40, 900, 2500], size=num, p=[.3, .2, .15, .1, .1, .1, .03, .01, .01])
+    return np.concatenate([np.ones(num, np.int64), [5000, 7000]])[rng.permutation(num + 2)]  # ones and two long
+
+
+@pytest.mark.parametrize("mask", ["causal", "full"])
+@pytest.mark.parametrize("kind", ["nearly_all", "common", "ones_and_long"])
+def test_the_grouping_forms_give_the_plan_of_one_sort(monkeypatch, kind, mask):
+    """Large shuffled batches group their most shared lengths by a compare each (an index array, or every
+    document but the few others) instead of one sort; the plan is the same as with the sort alone."""
+    from megatron_fcp.planner import fcp
+
+    lens = _shuffled_many(kind)
+    cp = 16
+    tokens_per_rank = -(-int(lens.sum()) // cp)
+    batch = fcp.group_by_length(lens, cp, tokens_per_rank, mask)
+    assert batch.bin_index or batch.bin_all_but  # the forms are taken
+    plan = make_plan(lens, cp, tokens_per_rank, mask)
+    monkeypatch.setattr(fcp, "SCAN_MIN_DOCS", 1 << 62)
+    sorted_only = make_plan(lens, cp, tokens_per_rank, mask)
+    assert not fcp.group_by_length(lens, cp, tokens_per_rank, mask).bin_index
+    assert plan == sorted_only and plan.digest == sorted_only.digest
+    assert np.array_equal(plan.whole_rank, sorted_only.whole_rank) and np.array_equal(plan.q, sorted_only.q)
+    assert plan_problems(plan) == []
+    cut = np.unique(plan.q_rows[:, 1])  # documents cut at rank boundaries, of the lengths grouped by a compare too
+    assert np.isin(lens[cut], [700, 600] if kind != "ones_and_long" else [5000, 7000]).any()
+
+
 @pytest.mark.parametrize("mask", ["causal", "full"])
 @pytest.mark.parametrize("lens", [[3] * 40 + [1] * 30 + [50, 7, 7], [0, 5, 0, 5, 60, 1, 1, 2, 2, 9] * 6])
 def test_the_compact_rows_are_the_plan_written_out(mask, lens):
