@@ -18,6 +18,7 @@ from megatron_fcp.sim.calibration import (
     MASKS,
     PASSES,
     benchmark_shape,
+    derive_causal_backward,
     fit_kernel,
     law_seconds,
     load_published,
@@ -72,6 +73,25 @@ def main() -> None:
                 cells.append(f"{r['seqlen']}: {r['tflops']:.0f} / {model:.0f}")
             lines.append(f"- {pass_} {mask}, TFLOP/s published / law: " + ", ".join(cells))
         lines.append("")
+    fa3 = fit_kernel(data, "fa3", peak, launch, tile)
+    fa3[("bwd", "causal")] = derive_causal_backward(fa3, fit_kernel(data, "fa2", peak, launch, tile))
+    note = ("fa3 kernel time laws fitted by scripts/calibrate_published.py to published H100 figures "
+            "(megatron_fcp/data/published/published_attention_h100.yaml), and a causal backward law derived from "
+            "them (FA3's full backward law times FA2's causal/full ratios: the FA3 paper publishes no causal "
+            "backward figure); modeled, not measured here")
+    for folder in args.out:
+        path = Path(folder) / "h100_published_fa3_derived.yaml"
+        path.write_text(f"# {note}\n" + to_yaml("fa3", fa3, note))
+    law = fa3["bwd", "causal"]
+    lines += ["## fa3 with a derived causal backward law (megatron_fcp/data/kernel_laws/h100_published_fa3_derived"
+              ".yaml)", "",
+              "The FA3 paper publishes no causal backward figure. For the profile `h100_node_fa3_published` "
+              "(MagiAttention's benchmark ran FA3) the law is derived, not fitted: FA3's full backward law with "
+              "FA2's causal/full ratios (efficiency x "
+              f"{law.max_efficiency / fa3['bwd', 'full'].max_efficiency:.3f}, per-row cost x "
+              f"{law.row_overhead_keys / fa3['bwd', 'full'].row_overhead_keys:.3f}): max efficiency "
+              f"{law.max_efficiency:.3f}, row overhead {law.row_overhead_keys:.0f} keys. The other three laws are "
+              "the fitted ones above.", ""]
     anchor = ring_flash_attention_anchor(fit_kernel(data, "fa2", peak, launch, tile), peak, launch, tile)
     lines += ["## ring-flash-attention's varlen benchmark, modeled with the fa2 laws (kernel time only)", "",
               "8 GPUs x 8192 tokens, causal, 32/8 heads of 128, forward + backward, the 4 document layouts its "

@@ -220,6 +220,19 @@ def ring_flash_attention_anchor(laws: dict[tuple[str, str], KernelLaw], peak_tfl
     return RingAnchor(single_iter_s=n / single, ring_iter_s=n / ring, ratio=world * single / ring)
 
 
+def derive_causal_backward(laws: dict[tuple[str, str], KernelLaw], reference: dict[tuple[str, str], KernelLaw]
+                           ) -> KernelLaw:
+    """A causal backward law for a kernel whose paper publishes none (FlashAttention-3): its full backward law
+    scaled by the ``reference`` kernel's causal-over-full ratios (FlashAttention-2's, whose causal backward is
+    derived from its paper's figures): ``max_efficiency`` by the ratio of efficiencies, ``row_overhead_keys`` by
+    the ratio of per-row costs. Derived, not fitted: ``points`` 0, the error of the full law."""
+    full, ref_full, ref_causal = laws["bwd", "full"], reference["bwd", "full"], reference["bwd", "causal"]
+    return KernelLaw(max_efficiency=full.max_efficiency * ref_causal.max_efficiency / ref_full.max_efficiency,
+                     row_overhead_keys=full.row_overhead_keys * ref_causal.row_overhead_keys
+                     / ref_full.row_overhead_keys, points=0, max_rel_error=full.max_rel_error,
+                     sources=(*full.sources, *(f"ratio:{s}" for s in ref_causal.sources + ref_full.sources)))
+
+
 def laws_from_yaml(text: str) -> dict[tuple[str, str], KernelLaw]:
     """The laws of a calibration file written by :func:`to_yaml` (keys ``(pass, mask)``)."""
     raw = yaml.safe_load(text)

@@ -141,7 +141,8 @@ class HardwareProfile:
         return num_bytes / (bw * 1e9)
 
 
-HARDWARE = ("h100_node", "h200_node", "h100_node_fa2_published", "h200_node_fa2_published")
+HARDWARE = ("h100_node", "h200_node", "h100_node_fa2_published", "h200_node_fa2_published",
+            "h100_node_fa3_published")
 OPTIONAL_FIELDS = ("kernel_laws",)
 
 
