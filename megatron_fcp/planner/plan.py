@@ -39,6 +39,7 @@ from megatron_fcp.planner.columns import (
 from megatron_fcp.planner.pairs import check_mask, matching_rows, needed_kv_end, q_pairs
 from megatron_fcp.planner.stages import (
     DEFAULT_KV_BUDGET,
+    cut_at_owners,
     local_offsets,
     p2p_memory,
     plan_pieces,
@@ -187,9 +188,8 @@ class Plan:
         tokens = np.bincount(rows[:, Q.CP_RANK], weights=rows[:, Q.END] - rows[:, Q.START], minlength=self.cp)
         tokens = tokens.astype(np.int64)
         if self.whole_rank is not None:
-            held = self.whole_rank >= 0
-            held_tokens = np.bincount(self.whole_rank[held], weights=self.doc_lens[held], minlength=self.cp)
-            tokens += held_tokens.astype(np.int64)
+            held_tokens = np.bincount(self.whole_rank + 1, weights=self.doc_lens, minlength=self.cp + 1)  # 0: not held
+            tokens += held_tokens[1:].astype(np.int64)
         return tokens
 
     @cached_property
@@ -278,7 +278,26 @@ class Plan:
         receivers = np.append(np.unique(kv[kv[:, KV.SRC_RANK] == cp_rank, KV.CP_RANK]), cp_rank)
         kv = kv[np.isin(kv[:, KV.CP_RANK], receivers)]
         ranks = np.unique(kv[:, [KV.CP_RANK, KV.SRC_RANK]])  # the receivers and their sources
-        return plan_pieces(self.rows_of(ranks), kv, self.doc_lens, self.mask)
+        if self.whole_rank is None:
+            return plan_pieces(self.rows_of(ranks), kv, self.doc_lens, self.mask)
+        # only the cut documents' rows take part; the documents held whole count by their tokens before each row
+        rows = self.q_rows[np.isin(self.q_rows[:, Q.CP_RANK], ranks)]
+        rows = rows[np.lexsort((rows[:, Q.START], rows[:, Q.DOC], rows[:, Q.CP_RANK]))]
+        offsets = local_offsets(rows) + self._whole_tokens_before(rows[:, Q.CP_RANK], rows[:, Q.DOC])
+        return with_positions(cut_at_owners(rows, kv, self.doc_lens.shape[0], offsets), rows, self.doc_lens,
+                              self.mask)
+
+    def _whole_tokens_before(self, ranks: np.ndarray, docs: np.ndarray) -> np.ndarray:
+        """Per ``(rank, doc)``: tokens of the documents that ``rank`` holds whole with a smaller index (they come
+        first in its local order). One weighted count over the batch, by rank and by the gaps between ``docs``."""
+        bounds = np.unique(docs)
+        num_docs = self.doc_lens.shape[0]
+        gap = np.repeat(np.arange(bounds.shape[0] + 1), np.diff(np.concatenate([[0], bounds, [num_docs]])))
+        width = self.cp + 1  # column 0: documents not held whole
+        tokens = np.bincount(gap * width + (self.whole_rank + 1), weights=self.doc_lens,
+                             minlength=(bounds.shape[0] + 1) * width).reshape(-1, width)[:, 1:]
+        before = np.cumsum(tokens, axis=0).astype(np.int64)  # row k: documents before bounds[k]
+        return before[np.searchsorted(bounds, docs), ranks]
 
     @cached_property
     def pieces(self) -> np.ndarray:

@@ -205,12 +205,13 @@ def _order(major: np.ndarray, middle: np.ndarray, minor: np.ndarray) -> np.ndarr
     return np.lexsort((minor, middle, major))
 
 
-def cut_at_owners(q: np.ndarray, kv: np.ndarray, num_docs: int) -> np.ndarray:
+def cut_at_owners(q: np.ndarray, kv: np.ndarray, num_docs: int, offsets: np.ndarray | None = None) -> np.ndarray:
     """Rows ``(dst, src, doc, start, end, src_offset)``: ``kv`` rows ``(dst, src, doc, start, end)`` cut where the
-    owner's ``q`` rows end, so each is contiguous in the owner's memory."""
+    owner's ``q`` rows end, so each is contiguous in the owner's memory. ``offsets``: each ``q`` row's local token
+    index on its rank, where ``q`` is not every row of its ranks (default: :func:`local_offsets` of ``q``)."""
     if kv.shape[0] == 0:
         return np.zeros((0, len(_CUT_COLS)), np.int64)
-    offsets = local_offsets(q)
+    offsets = local_offsets(q) if offsets is None else offsets
     order = _order(q[:, Q.CP_RANK], q[:, Q.DOC], q[:, Q.START])
     sorted_q, sorted_offsets = q[order], offsets[order]
     kv_row, q_row = matching_rows(sorted_q[:, Q.CP_RANK] * num_docs + sorted_q[:, Q.DOC],

@@ -6,6 +6,7 @@ The 50 ms figure at CP 256 x 16K is measured by ``scripts/planning_speed.py --sc
 generous bound.
 """
 
+import dataclasses
 import statistics
 import time
 
@@ -195,6 +196,20 @@ def test_the_grouping_forms_give_the_plan_of_one_sort(monkeypatch, kind, mask):
     assert plan_problems(plan) == []
     cut = np.unique(plan.q_rows[:, 1])  # documents cut at rank boundaries, of the lengths grouped by a compare too
     assert np.isin(lens[cut], [700, 600] if kind != "ones_and_long" else [5000, 7000]).any()
+
+
+@pytest.mark.parametrize("mask", ["causal", "full"])
+@pytest.mark.parametrize("kind", ["common", "ones_and_long"])
+def test_a_rank_view_counts_whole_documents_without_their_rows(kind, mask):
+    """A rank's view places its pieces from the cut documents' rows and the tokens of the documents held whole
+    before them; it is the view cut from every rank's full rows (``Plan.pieces``)."""
+    lens = _shuffled_many(kind)
+    cp = 16
+    plan = make_plan(lens, cp, -(-int(lens.sum()) // cp), mask)
+    full = dataclasses.replace(plan)
+    assert full.pieces.shape[0] > 0  # computed from every row, written out
+    for rank in range(cp):
+        assert dataclasses.replace(plan).for_rank(rank) == full.for_rank(rank)
 
 
 @pytest.mark.parametrize("mask", ["causal", "full"])
