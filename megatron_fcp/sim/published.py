@@ -13,7 +13,12 @@ model as the rest of the simulator. What :mod:`megatron_fcp.sim.model` does not 
   call (the benchmark's ``_fa3_varlen_forward``/``_backward`` gather q, k, v (and out, dout) to the valid
   tokens and scatter the results into zeroed padded tensors), the half-tensor copies of the zigzag ring, the
   Ulysses layout copies around its all-to-alls;
-- host issue: a call that launches ``n`` small kernels costs at least ``n x kernel_launch_us``;
+- FA3's backward under grouped-query attention (:func:`fa3_gqa_bwd_bytes`): fp32 dK/dV accumulators zero-filled
+  over the call's keys plus a block per document, every query head's block added atomically in fp32, and the
+  conversion to bf16 (the calibration shapes are multi-head and have none of it);
+- host issue: a call that launches ``n`` small kernels costs at least ``n x kernel_launch_us``; in the
+  ring-flash-attention anchor every host synchronisation the code makes (``.item()``, boolean-mask indexing
+  with a CPU mask) leaves the GPU idle for :data:`SYNC_IDLE_LAUNCHES` launches;
 - NCCL (or native group-collective) kernels hold SMs while they overlap attention: during the overlap the
   attention kernel runs at ``1 - sms / 132`` of its speed (:func:`overlapped`);
 - the rendezvous of every ring round (send and receive both posted before the transfer starts) and a latency
@@ -131,6 +136,33 @@ def issue(x: Extras, hw: HardwareProfile, gpu_s, kernels: int):
     if not x.enabled:
         return gpu_s
     return np.maximum(gpu_s, kernels * hw.kernel_launch_us * 1e-6)
+
+
+FA3_BWD_BLOCK_N = 128
+"""Key rows per FA3 backward block for head dimension 128 (``hopper/flash_bwd_launch_template.h``: the
+backward's grid and its fp32 accumulators are laid out in blocks of ``kBlockN`` keys; 128 for hdim 128)."""
+
+
+def fa3_gqa_bwd_bytes(hw: HardwareProfile, k, pairs, q_heads: int | None = None, kv_heads: int | None = None):
+    """HBM bytes the FA3 backward adds for grouped-query attention beyond what the (multi-head) calibration
+    shapes have, per call; ``k``, ``pairs``: per document segment of the call (last axis), segments without
+    pairs still in the call's batch. FA3 (``hopper/flash_api.cpp``, ``mha_varlen_bwd``) allocates ``dk_accum``
+    and ``dv_accum`` as fp32 zeros of ``kv_heads x (total_k + batch x kBlockN) x d`` when ``q_heads !=
+    kv_heads``; the GQA epilogue (``CollectiveEpilogueBwdGQA``) atomically adds every query head's dK/dV block
+    in fp32 (4 bytes an element where the multi-head epilogue writes bf16's 2 per tensor), and two more
+    kernels convert the accumulators to bf16 (read fp32, write bf16). Each byte moves once."""
+    q_heads = hw.num_heads if q_heads is None else q_heads
+    kv_heads = hw.num_kv_heads if kv_heads is None else kv_heads
+    k, pairs = np.asarray(k, np.float64), np.asarray(pairs, np.float64)
+    if q_heads == kv_heads:
+        return np.zeros(k.shape[:-1])
+    d, b = hw.head_dim, k.shape[-1]
+    used = np.where(pairs > 0, np.ceil(k / FA3_BWD_BLOCK_N) * FA3_BWD_BLOCK_N, 0.0).sum(axis=-1)
+    padded = k.sum(axis=-1) + b * FA3_BWD_BLOCK_N
+    atomics = q_heads * used * d * 2 * (4 - 2)  # dK and dV: fp32 atomic add instead of a bf16 write
+    zeros = 2 * kv_heads * padded * d * 4
+    convert = 2 * kv_heads * padded * d * 4 + 2 * kv_heads * k.sum(axis=-1) * d * 2
+    return atomics + zeros + convert
 
 
 # FA3 wrapper of the baselines: gathers to the valid tokens before the call, zero-fill + scatter after
@@ -253,7 +285,8 @@ def ring_times(hw: HardwareProfile, x: Extras, lens: np.ndarray, n: int, mask: s
         extra = x.hbm_s(wrapper_bytes(hw, "bwd", step_q_rows, step_kv_rows)
                         + np.where(half_q, 3 * q_bytes(hw, rows), 0)  # q, out, dout halves copied
                         + 3 * q_bytes(hw, step_q_rows)  # dq accumulation
-                        + 2 * kv_bytes(hw, step_kv_rows) + 3 * kv_bytes(hw, rows))  # cat dk dv, dkv accumulation
+                        + 2 * kv_bytes(hw, step_kv_rows) + 3 * kv_bytes(hw, rows)  # cat dk dv, dkv accumulation
+                        + fa3_gqa_bwd_bytes(hw, k, pairs))  # FA3's fp32 dK/dV accumulators under GQA
         kernels = BWD_WRAPPER_KERNELS + 5
         block = kv_bytes(hw, rows) * np.where(np.arange(n) == 0, 1, np.where(np.arange(n) == n - 1, 1, 2))
     work = issue(x, hw, comp + extra, kernels)
@@ -304,7 +337,8 @@ def ulysses(hw: HardwareProfile, x: Extras, lens: np.ndarray, cp: int, mask: str
         copies = x.hbm_s(4 * qb + 4 * kvb + 2 * qb) + x.hbm_s(wrapper_bytes(hw, "fwd", rows, rows * rep))
         return comm + issue(x, hw, kern + copies, 3 * 3 + FWD_WRAPPER_KERNELS + 2)
     comm = 2 * all_to_all_s(hw, qb, cp) + all_to_all_s(hw, kvb, cp)
-    copies = x.hbm_s(2 * qb + 4 * qb + 4 * kvb + (kvb if rep > 1 else 0)) + x.hbm_s(
+    gqa = fa3_gqa_bwd_bytes(hw, lens, pairs, max(1, hw.num_heads // cp), max(1, hw.num_kv_heads * rep // cp))
+    copies = x.hbm_s(2 * qb + 4 * qb + 4 * kvb + (kvb if rep > 1 else 0) + gqa) + x.hbm_s(
         wrapper_bytes(hw, "bwd", rows, rows * rep))
     return comm + issue(x, hw, kern + copies, 3 * 3 + BWD_WRAPPER_KERNELS + 2)
 
@@ -322,6 +356,7 @@ def ring_allgather(hw: HardwareProfile, x: Extras, lens: np.ndarray, cp: int, ma
     rows = 2 * int(c.sum())  # padded tokens per rank
     all_rows = rows * cp
     kern = np.zeros(cp)
+    gqa = np.zeros(cp)
     for r in range(cp):
         for q_len, start in ((a[r], a_start[r]), (b[r], b_start[r])):
             if mask == "causal":
@@ -330,6 +365,7 @@ def ring_allgather(hw: HardwareProfile, x: Extras, lens: np.ndarray, cp: int, ma
             else:
                 k_len, pairs = lens, q_len * lens
             kern[r] += call_s(hw, pass_, mask, q_len, k_len, pairs)
+            gqa[r] += float(fa3_gqa_bwd_bytes(hw, k_len, pairs))
     if not x.enabled:
         kern += 2 * hw.kernel_launch_us * 1e-6
     half = rows / 2
@@ -339,6 +375,7 @@ def ring_allgather(hw: HardwareProfile, x: Extras, lens: np.ndarray, cp: int, ma
         copies = x.hbm_s(2 * wrapper_bytes(hw, "fwd", half, all_rows) + 2 * q_bytes(hw, half) * 2)
         return float(gather + issue(x, hw, kern.max() + copies + reorder, 2 * FWD_WRAPPER_KERNELS + 6))
     accumulate = x.hbm_s(2 * 3 * kv_bytes(hw, all_rows) + 2 * kv_bytes(hw, all_rows) + 2 * q_bytes(hw, half) * 2)
+    kern = kern + x.hbm_s(gqa)  # FA3's fp32 dK/dV accumulators under GQA, per rank
     copies = x.hbm_s(2 * wrapper_bytes(hw, "bwd", half, all_rows))
     scatter = 2 * all_gather_s(hw, float(kv_bytes(hw, rows)) / 2, cp)
     return float(gather + issue(x, hw, kern.max() + copies + reorder + accumulate, 2 * BWD_WRAPPER_KERNELS + 10)
@@ -386,6 +423,8 @@ def hybrid_dcp(hw: HardwareProfile, x: Extras, lens: np.ndarray, cp: int, mask: 
         if g == 1:
             pairs = n_tok * (n_tok + 1) / 2 if mask == "causal" else n_tok * n_tok
             t = call_s(hw, pass_, mask, n_tok, n_tok, pairs) + (0.0 if x.enabled else launch)
+            if pass_ == "bwd":
+                t += float(x.hbm_s(fa3_gqa_bwd_bytes(hw, n_tok, pairs)))
             t = float(issue(x, hw, t, 1))
             per_rank[first] += t
         else:
@@ -567,6 +606,10 @@ def strategy_seconds(strategy: str, hw: HardwareProfile, x: Extras, lens: np.nda
 
 
 # -- ring-flash-attention's published zigzag varlen benchmark, with the added costs -----------------------------
+SYNC_IDLE_LAUNCHES = 1
+"""Kernel launches the GPU idles after a host synchronisation (modeled): the sync empties the GPU's queue, and
+the GPU waits at least for the host to launch the next kernel (the profile's launch cost)."""
+
 H800_NVLINK_GBPS_PER_DIRECTION = 200.0
 """GB/s per direction of an H800 SXM's NVLink (400 GB/s bidirectional, NVIDIA H800 product brief)."""
 
@@ -599,7 +642,15 @@ def ring_flash_attention_anchor_costed(laws, peak_tflops: float, launch_s: float
             rows = (rows + sum(k_lens)) / 2
         return float(law_seconds(laws[pass_, mask], pass_, work, rows, fpp, peak_tflops, launch_s))
 
-    single = kernels = costed = 0.0
+    def gqa_sum(pass_, k_rows):
+        """FlashAttention-2's GQA backward (``csrc/flash_attn/flash_api.cpp``, ``mha_varlen_bwd``): the kernel
+        writes dK and dV for every query head (``dk_expanded``, as the multi-head calibration shapes write them),
+        then ``at::sum_out`` reads them and writes the key/value heads' sums: the extra bytes."""
+        if pass_ != "bwd" or heads == kv_heads:
+            return 0.0
+        return float(x.hbm_s(2 * k_rows * head_dim * 2 * (heads + kv_heads)))
+
+    single = single_costed = kernels = costed = 0.0
     for lens in RING_FLASH_ATTENTION_VARLEN:
         n = sum(lens)
         halves = [m // 2 for m in lens]
@@ -611,9 +662,22 @@ def ring_flash_attention_anchor_costed(laws, peak_tflops: float, launch_s: float
             before = seconds(pass_, "full", lens, halves)  # source before the rank: all q, first half of keys
             after = seconds(pass_, "full", rest, lens)  # after it: the second half of q, all keys
             kernels += diagonal + (world - 1) * max(before, after)
+            diagonal += gqa_sum(pass_, n)  # the single GPU's call pays it too
+            single_costed += diagonal
             if x.enabled:
-                before = seconds(pass_, "full", lens, halves, True)
-                after = seconds(pass_, "full", rest, lens, True)
+                before = seconds(pass_, "full", lens, halves, True) + gqa_sum(pass_, sum(halves))
+                after = seconds(pass_, "full", rest, lens, True) + gqa_sum(pass_, n)
+            # host synchronisations (``.item()``, a CUDA scalar as a slice bound or size, a CPU boolean mask
+            # indexing a CUDA tensor: PyTorch's blocking copy, ``memcpy_and_sync``): before the loop and per step
+            # of each kind (a source before the rank / after it); each costs a launch of idle GPU (below)
+            docs = len(lens)
+            if pass_ == "fwd":
+                pre_syncs = (2 * (1 + 2 * docs) if docs > 1 else 0) + 1  # get_half_index x2 (slices: none); q1
+                syncs_before, syncs_after = 2, 4  # k0, v0 gathered / out, lse gathered and written back
+            else:
+                pre_syncs = 3 + 2 * docs  # dout1, q1, out1; get_half_lse's two .item() per document
+                syncs_before, syncs_after = 6, 2  # k0, v0, dk[i0] +=, dv[i0] += / dq[i1] +=
+            sync_s = SYNC_IDLE_LAUNCHES * launch_s if x.enabled else 0.0
             if pass_ == "fwd":
                 comm = kv_step / bw + lat
                 first_extra = x.hbm_s(n * q_elem * 6)  # first block_out to fp32
@@ -629,10 +693,13 @@ def ring_flash_attention_anchor_costed(laws, peak_tflops: float, launch_s: float
                 last = x.hbm_s(n * q_elem * 6 + n * kv_elem * 6)
             # backward has two NCCL transfers in flight (key/values and their gradients, two RingComm objects)
             sh = share if pass_ == "fwd" else min(2 * share, 0.9)
+            merge_before = merge_before + syncs_before * sync_s
+            merge_after = merge_after + syncs_after * sync_s
             step = max(overlapped(before + merge_before, comm, sh), overlapped(after + merge_after, comm, sh))
             costed += float(overlapped(diagonal + first_extra, comm, sh)) + (world - 2) * float(step) + max(
-                before + merge_before, after + merge_after) + float(last)
+                before + merge_before, after + merge_after) + float(last) + pre_syncs * sync_s
     k = len(RING_FLASH_ATTENTION_VARLEN)
     return {"published_single_iter_s": 225.4, "published_ring_iter_s": 21.4, "published_ratio": 21.4 * 8 / 225.4,
             "single_iter_s": k / single, "ring_iter_s_kernels": k / kernels, "ratio_kernels": world * single / kernels,
-            "ring_iter_s": k / costed, "ratio": world * single / costed}
+            "single_iter_s_costed": k / single_costed, "ring_iter_s": k / costed,
+            "ratio": world * single_costed / costed}

@@ -122,6 +122,46 @@ def test_ring_flash_attention_anchor_moves_toward_the_published_ratio():
     assert 0.759 < after["ratio"] < before["ratio"]
 
 
+def test_anchor_counts_host_syncs_and_the_fa2_gqa_sums(monkeypatch):
+    from megatron_fcp.sim.calibration import fit_kernel, load_published
+
+    laws = fit_kernel(load_published(), "fa2", 989.4, 10e-6, 128)
+    with_syncs = P.ring_flash_attention_anchor_costed(laws, 989.4, 10e-6, 128)
+    monkeypatch.setattr(P, "SYNC_IDLE_LAUNCHES", 0)
+    without = P.ring_flash_attention_anchor_costed(laws, 989.4, 10e-6, 128)
+    # the syncs only slow the ring (the single-GPU call has none)
+    assert with_syncs["ring_iter_s"] < without["ring_iter_s"]
+    assert with_syncs["single_iter_s_costed"] == pytest.approx(without["single_iter_s_costed"])
+    # FlashAttention-2's GQA backward sums cost the single GPU time too
+    assert with_syncs["single_iter_s_costed"] < with_syncs["single_iter_s"]
+
+
+def test_fa3_gqa_backward_bytes(hw):
+    # one document of 1000 keys with work, one of 100 without: 8 blocks of 128 keys get atomics; the fp32
+    # accumulators span 1100 keys + 2 documents x 128
+    k, pairs = np.array([1000.0, 100.0]), np.array([5.0, 0.0])
+    d = hw.head_dim
+    expected = (64 * 1024 * d * 2 * 2 + 2 * 8 * 1356 * d * 4 * 2 + 2 * 8 * 1100 * d * 2)
+    assert float(P.fa3_gqa_bwd_bytes(hw, k, pairs, 64, 8)) == pytest.approx(expected)
+    assert float(P.fa3_gqa_bwd_bytes(hw, k, pairs, 8, 8)) == 0.0  # multi-head: the calibration shapes' case
+    # more documents in the call's batch pad the accumulators
+    assert float(P.fa3_gqa_bwd_bytes(hw, np.array([550.0, 550.0, 0.0]), np.array([5.0, 5.0, 0.0]), 64, 8)) > \
+        float(P.fa3_gqa_bwd_bytes(hw, np.array([1100.0]), np.array([5.0]), 64, 8))
+
+
+def test_gqa_accumulators_slow_the_backward_only(hw, monkeypatch):
+    lens = np.array([3000, 700, 500, 300] * 40)
+    lens = lens[: np.searchsorted(np.cumsum(lens), 8 * W.TOKENS_PER_GPU)]
+    x = P.Extras()
+    with_gqa = {s: P.strategy_seconds(s, hw, x, lens, 8, "full", W.TOKENS_PER_GPU)
+                for s in ("ring_p2p", "ring_allgather", "ulysses")}
+    monkeypatch.setattr(P, "fa3_gqa_bwd_bytes", lambda hw_, k, pairs, *a: np.zeros(np.shape(k)[:-1]))
+    for s, t in with_gqa.items():
+        without = P.strategy_seconds(s, hw, x, lens, 8, "full", W.TOKENS_PER_GPU)
+        assert t["fwd"] == pytest.approx(without["fwd"]), s
+        assert t["bwd"] > without["bwd"] * 1.01, s
+
+
 def test_rows_have_the_fields_and_agree_on_a_small_subset(script, hw):
     """A small case through the script's own functions: CP 8, one pack, three strategies; JSON fields; the
     full and causal cells of Ulysses and Ring All-Gather within 20% (they were within 6% when written)."""
