@@ -278,8 +278,9 @@ class Plan:
         receivers = np.append(np.unique(kv[kv[:, KV.SRC_RANK] == cp_rank, KV.CP_RANK]), cp_rank)
         kv = kv[np.isin(kv[:, KV.CP_RANK], receivers)]
         ranks = np.unique(kv[:, [KV.CP_RANK, KV.SRC_RANK]])  # the receivers and their sources
-        if self.whole_rank is None:
-            return plan_pieces(self.rows_of(ranks), kv, self.doc_lens, self.mask)
+        if self.whole_rank is None or kv.shape[0] == 0:
+            return plan_pieces(self.q_rows[:0] if kv.shape[0] == 0 else self.rows_of(ranks), kv, self.doc_lens,
+                               self.mask)
         # only the cut documents' rows take part; the documents held whole count by their tokens before each row
         rows = self.q_rows[np.isin(self.q_rows[:, Q.CP_RANK], ranks)]
         rows = rows[np.lexsort((rows[:, Q.START], rows[:, Q.DOC], rows[:, Q.CP_RANK]))]
