@@ -423,21 +423,32 @@ def staged_exchange(plan: Plan, hw: HardwareProfile, kv_budget_tokens=DEFAULT_KV
                           rows=stage_rows, fwd_comm_s=fwd, refetch_comm_s=refetch, grad_comm_s=grad)
 
 
-def staged_times(x: StagedExchange, local_fwd_s: np.ndarray, local_bwd_s: np.ndarray, hw: HardwareProfile
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def staged_times(x: StagedExchange, local_fwd_s: np.ndarray, local_bwd_s: np.ndarray, hw: HardwareProfile,
+                 stage_extra_s: np.ndarray | None = None, slowed=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per rank: forward and backward seconds of the engine's rounds, and kernel seconds (local times include
-    their launches; every stage with work adds one kernel launch, forward and backward)."""
+    their launches; every stage with work adds one kernel launch, forward and backward).
+
+    Two optional costs (:mod:`megatron_fcp.sim.published` uses them): ``stage_extra_s`` ``[cp, rounds]`` seconds
+    added to each remote stage's compute in both passes (merging its partial output, accumulating its ``dq``), and
+    ``slowed(compute_s, comm_s)``: the seconds of compute that overlaps a transfer of ``comm_s`` (the transfer's
+    kernels holding SMs); without it compute and transfers overlap for free."""
     cp, rounds = x.eff_pairs.shape
     calls = x.eff_pairs > 0  # received pieces are whole earlier ranges (causal) or any range (full): full calls
     c_fwd = hw.call_seconds("fwd", "full", x.eff_pairs, x.rows, calls)
     c_bwd = hw.call_seconds("bwd", "full", x.eff_pairs, x.rows, calls)
+    if stage_extra_s is not None:
+        c_fwd, c_bwd = c_fwd + stage_extra_s, c_bwd + stage_extra_s
+    no_comm = np.zeros(cp)
     # forward: local blocks while stage 0 travels; then wait stage j, post round j + 1, compute stage j
     f, arrive = np.asarray(local_fwd_s, dtype=np.float64).copy(), x.fwd_comm_s[:, 0].copy()
+    if slowed:
+        f = slowed(f, arrive) * (f > 0) + f * (f <= 0)
     for j in range(rounds):
         s = np.maximum(f, arrive)
         if j + 1 < rounds:
             arrive = s + x.fwd_comm_s[:, j + 1]
-        f = s + c_fwd[:, j]
+        f = s + (slowed(c_fwd[:, j], x.fwd_comm_s[:, j + 1] if j + 1 < rounds else no_comm) if slowed
+                 else c_fwd[:, j])
     fwd = f
     # backward round t computes stage n - 1 - t (the kept one at t = 0, no wait); refetch round 1 is posted at
     # time 0; then wait the refetched stage, post the next refetch, compute, wait the previous gradient round
@@ -448,8 +459,12 @@ def staged_times(x: StagedExchange, local_fwd_s: np.ndarray, local_bwd_s: np.nda
     f, arrive, g = np.zeros(cp), np.zeros(cp), np.zeros(cp)
     for t in range(rounds):
         s = np.maximum(f, arrive)
-        arrive = s + x.refetch_comm_s[:, t + 1] if t + 1 < rounds else np.zeros(cp)
-        f = np.maximum(s + c_back[:, t], g)
+        refetch = x.refetch_comm_s[:, t + 1] if t + 1 < rounds else no_comm
+        arrive = s + refetch if t + 1 < rounds else np.zeros(cp)
+        compute = c_back[:, t]
+        if slowed:  # overlaps the next refetch and the previous round's gradients
+            compute = slowed(compute, np.maximum(refetch, x.grad_comm_s[:, t - 1] if t > 0 else 0.0))
+        f = np.maximum(s + compute, g)
         g = f + x.grad_comm_s[:, t]
     bwd = np.maximum(f + local_bwd_s, g)
     compute = local_fwd_s + local_bwd_s + c_fwd.sum(axis=1) + c_bwd.sum(axis=1)

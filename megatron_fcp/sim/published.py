@@ -528,33 +528,10 @@ def staged_pass_times(hw: HardwareProfile, x: Extras, ex: StagedExchange, local_
     stage's partial output merged into the result (forward) and its ``dq`` accumulated (backward), 3x query
     bytes of the stage's rows each, and the attention slowed by the communication's SM share while a round
     travels. With :data:`BASE` it is ``staged_times``."""
-    cp, rounds = ex.eff_pairs.shape
     calls = ex.eff_pairs > 0
-    c_fwd = hw.call_seconds("fwd", "full", ex.eff_pairs, ex.rows, calls)
-    c_bwd = hw.call_seconds("bwd", "full", ex.eff_pairs, ex.rows, calls)
     merge = np.where(calls, x.hbm_s(3 * q_bytes(hw, np.where(calls, ex.rows, 0))), 0.0)
-    c_fwd, c_bwd = c_fwd + merge, c_bwd + merge
-    f, arrive = np.asarray(local_fwd, np.float64).copy(), ex.fwd_comm_s[:, 0].copy()
-    if share:
-        f = overlapped(f, arrive, share) * (f > 0) + f * (f <= 0)
-    for j in range(rounds):
-        s = np.maximum(f, arrive)
-        nxt = ex.fwd_comm_s[:, j + 1] if j + 1 < rounds else np.zeros(cp)
-        if j + 1 < rounds:
-            arrive = s + nxt
-        f = s + (overlapped(c_fwd[:, j], nxt, share) if share else c_fwd[:, j])
-    fwd = f
-    j = ex.num_stages[:, None] - 1 - np.arange(rounds)[None, :]
-    c_back = np.where(j >= 0, np.take_along_axis(c_bwd, np.maximum(j, 0), axis=1), 0.0)
-    f, arrive, g = np.zeros(cp), np.zeros(cp), np.zeros(cp)
-    for t in range(rounds):
-        s = np.maximum(f, arrive)
-        nxt = ex.refetch_comm_s[:, t + 1] if t + 1 < rounds else np.zeros(cp)
-        arrive = s + nxt if t + 1 < rounds else np.zeros(cp)
-        busy = np.maximum(nxt, ex.grad_comm_s[:, t - 1] if t > 0 else 0.0)
-        f = np.maximum(s + (overlapped(c_back[:, t], busy, share) if share else c_back[:, t]), g)
-        g = f + ex.grad_comm_s[:, t]
-    bwd = np.maximum(f + local_bwd, g)
+    slowed = (lambda compute_s, comm_s: overlapped(compute_s, comm_s, share)) if share else None
+    fwd, bwd, _ = staged_times(ex, local_fwd, local_bwd, hw, stage_extra_s=merge, slowed=slowed)
     return fwd, bwd
 
 
