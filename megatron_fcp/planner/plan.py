@@ -43,6 +43,7 @@ from megatron_fcp.planner.stages import (
     local_offsets,
     p2p_memory,
     plan_pieces,
+    sort_order,
     staging_anchor,
     with_positions,
 )
@@ -555,27 +556,12 @@ def _merge_adjacent(rows: np.ndarray) -> np.ndarray:
 
 
 
-def _key_order(rows: np.ndarray, nkey: int) -> np.ndarray:
-    """The stable order of ``rows`` by their first ``nkey + 1`` columns (non-negative integers); columns are
-    packed two to one sort key where the product fits 63 bits (the same order, fewer keys to sort by)."""
-    columns = [rows[:, column] for column in range(nkey + 1)]
-    keys = []
-    while columns:
-        high = columns.pop(0)
-        fits = columns and min(high.min(), columns[0].min()) >= 0
-        if fits and (span := int(columns[0].max()) + 1) * (int(high.max()) + 1) < 1 << 63:
-            keys.append(high * span + columns.pop(0))
-        else:
-            keys.append(high)
-    return np.lexsort(keys[::-1])
-
-
 def _merge_runs(rows: np.ndarray, nkey: int) -> np.ndarray:
     """Rows of ``nkey`` key columns then ``start, end``, sorted by keys and start, with each run of ranges that
     continue one another (same keys, start == previous end) merged into one."""
     if rows.shape[0] == 0:
         return rows.reshape(0, nkey + 2)
-    rows = rows[_key_order(rows, nkey)]
+    rows = rows[sort_order(*(rows[:, column] for column in range(nkey + 1)))]
     continues = np.all(rows[1:, :nkey] == rows[:-1, :nkey], axis=1) & (rows[1:, nkey] == rows[:-1, nkey + 1])
     out = rows[np.concatenate([[True], ~continues])].copy()
     out[:, nkey + 1] = rows[np.concatenate([~continues, [True]]), nkey + 1]

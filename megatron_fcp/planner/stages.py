@@ -194,15 +194,18 @@ def staging_key(rows: np.ndarray, q: np.ndarray, doc_lens: np.ndarray, mask: str
     return (rows[:, Piece.START] - anchor) % np.maximum(doc_lens[rows[:, Piece.DOC]], 1)
 
 
-def _order(major: np.ndarray, middle: np.ndarray, minor: np.ndarray) -> np.ndarray:
-    """Indices sorting rows by ``(major, middle, minor)`` (non-negative int64 columns): one argsort of a combined
-    key where it fits in 62 bits, else a lexsort."""
-    if major.shape[0] == 0:
+def sort_order(*columns: np.ndarray) -> np.ndarray:
+    """Indices sorting rows stably by ``columns`` (major first; non-negative int64 columns): one argsort of a
+    combined key where it fits in 62 bits, else a lexsort."""
+    if columns[0].shape[0] == 0:
         return np.zeros(0, np.int64)
-    spans = [int(column.max()) + 1 for column in (middle, minor)]
-    if (int(major.max()) + 1) * spans[0] * spans[1] < 1 << 62:
-        return np.argsort((major * spans[0] + middle) * spans[1] + minor, kind="stable")
-    return np.lexsort((minor, middle, major))
+    spans = [int(column.max()) + 1 for column in columns]
+    if np.prod([float(span) for span in spans]) < 2.0**62:
+        key = columns[0]
+        for column, span in zip(columns[1:], spans[1:], strict=True):
+            key = key * span + column
+        return np.argsort(key, kind="stable")
+    return np.lexsort(columns[::-1])
 
 
 def cut_at_owners(q: np.ndarray, kv: np.ndarray, num_docs: int, offsets: np.ndarray | None = None) -> np.ndarray:
@@ -212,7 +215,7 @@ def cut_at_owners(q: np.ndarray, kv: np.ndarray, num_docs: int, offsets: np.ndar
     if kv.shape[0] == 0:
         return np.zeros((0, len(_CUT_COLS)), np.int64)
     offsets = local_offsets(q) if offsets is None else offsets
-    order = _order(q[:, Q.CP_RANK], q[:, Q.DOC], q[:, Q.START])
+    order = sort_order(q[:, Q.CP_RANK], q[:, Q.DOC], q[:, Q.START])
     sorted_q, sorted_offsets = q[order], offsets[order]
     kv_row, q_row = matching_rows(sorted_q[:, Q.CP_RANK] * num_docs + sorted_q[:, Q.DOC],
                                   kv[:, KV.SRC_RANK] * num_docs + kv[:, KV.DOC])
@@ -233,7 +236,7 @@ def with_positions(rows: np.ndarray, q: np.ndarray, doc_lens: np.ndarray, mask: 
     """Rows ``(dst, src, doc, start, end, src_offset)`` -> pieces (:data:`PIECE_COLS`) sorted by ``(dst, pos)``."""
     if rows.shape[0] == 0:
         return np.zeros((0, len(PIECE_COLS)), np.int64)
-    rows = rows[_order(rows[:, Piece.DST], rows[:, Piece.DOC], staging_key(rows, q, doc_lens, mask))]
+    rows = rows[sort_order(rows[:, Piece.DST], rows[:, Piece.DOC], staging_key(rows, q, doc_lens, mask))]
     piece_lens = rows[:, Piece.END] - rows[:, Piece.START]
     dst = rows[:, Piece.DST]
     is_dst_first = np.concatenate([[True], dst[1:] != dst[:-1]])
