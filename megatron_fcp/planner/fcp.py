@@ -92,29 +92,32 @@ work, so each piece stays whole on its rank and leaves room for cheaper document
 class _Batch:
     """The micro-batch grouped by length: the bins of documents placed whole, and the spread documents.
 
-    A bin's documents (in batch order) are held in one of three forms: a slice of ``bin_docs`` (the documents
-    sorted by length; the identity where the batch is in length order already); an index array of its own, for a
-    length that many documents of a large batch share (one compare and one scan instead of a sort); or, for the
-    length of nearly all documents, every document but the few others (``bin_all_but``).
+    A bin is a group of :attr:`groups` (one length), held in one of its three forms (see :class:`_Groups`).
     """
 
-    bin_docs: np.ndarray | None
-    """Document indices sorted by length (batch order within a length) of the bins held as slices. None where
-    the batch is in length order already (the identity)."""
-    bin_first: list[int]
-    """Per bin: where its documents start in ``bin_docs`` (-1 for the other forms)."""
+    groups: _Groups
+    bin_group: list[int]
+    """Per bin: its group in :attr:`groups`."""
     bin_count: list[int]
     bin_length: list[int]
-    bin_index: dict[int, np.ndarray]
-    """Bins held as an index array of their own: their documents, increasing."""
-    bin_all_but: tuple[int, np.ndarray] | None
-    """The bin (if any) that holds every document but the given ones (increasing)."""
     spread_docs: np.ndarray
     """Documents too large or too expensive for one rank, in batch order."""
     num_tokens: int
     """Tokens of the whole batch."""
     total_work: float
     """Query-key pairs of the whole batch (what a rank's share of work is measured against)."""
+
+    @property
+    def bin_index(self) -> dict[int, np.ndarray]:
+        """The bins held as an index array of their own: their documents."""
+        return {b: self.groups.index[g] for b, g in enumerate(self.bin_group) if g in self.groups.index}
+
+    @property
+    def bin_all_but(self) -> tuple[int, np.ndarray] | None:
+        """The bin (if any) held as every document but the given ones."""
+        all_but = self.groups.all_but
+        bins = [b for b, g in enumerate(self.bin_group) if all_but and g == all_but[0]]
+        return (bins[0], all_but[1]) if bins else None
 
 
 def group_by_length(lens: np.ndarray, cp: int, tokens_per_rank: int, mask: str) -> _Batch:
@@ -137,13 +140,9 @@ def group_by_length(lens: np.ndarray, cp: int, tokens_per_rank: int, mask: str) 
     spread = ~whole & (length > 0)
     spread_docs = np.sort(np.concatenate([groups.docs(g) for g in np.flatnonzero(spread).tolist()]
                                          or [np.zeros(0, np.int64)]))
-    bin_of = {g: b for b, g in enumerate(np.flatnonzero(whole).tolist())}
-    all_but = groups.all_but if groups.all_but and groups.all_but[0] in bin_of else None
-    return _Batch(bin_docs=groups.order, bin_first=groups.first[whole].tolist(), bin_count=count[whole].tolist(),
-                  bin_length=length[whole].tolist(),
-                  bin_index={bin_of[g]: docs for g, docs in groups.index.items() if g in bin_of},
-                  bin_all_but=(bin_of[all_but[0]], all_but[1]) if all_but else None,
-                  spread_docs=spread_docs, num_tokens=num_tokens, total_work=total_work)
+    return _Batch(groups=groups, bin_group=np.flatnonzero(whole).tolist(), bin_count=count[whole].tolist(),
+                  bin_length=length[whole].tolist(), spread_docs=spread_docs, num_tokens=num_tokens,
+                  total_work=total_work)
 
 
 SCAN_MIN_DOCS = 1 << 16
@@ -155,7 +154,13 @@ COMMON_SHARE = 16
 
 @dataclass(frozen=True)
 class _Groups:
-    """The documents grouped by key, groups in increasing key order; see :class:`_Batch` for the three forms."""
+    """The documents grouped by key, groups in increasing key order.
+
+    A group's documents (in batch order) are held in one of three forms: a slice of ``order`` (the documents
+    sorted by key; the identity where the keys are in order already); an index array of its own (``index``), for
+    a key that many documents of a large batch share (one compare and one scan instead of a sort); or, for the key
+    of nearly all documents, every document but the few others (``all_but``).
+    """
 
     length: np.ndarray
     count: np.ndarray
@@ -173,6 +178,20 @@ class _Groups:
             return np.delete(np.arange(self.all_but[1].shape[0] + int(self.count[g])), self.all_but[1])
         first, count = int(self.first[g]), int(self.count[g])
         return np.arange(first, first + count) if self.order is None else self.order[first:first + count]
+
+    def doc_at(self, g: int, position: int) -> int:
+        """The document at ``position`` (from 0) of group ``g``."""
+        if g in self.index:
+            return int(self.index[g][position])
+        if self.all_but and self.all_but[0] == g:  # skip the others before it
+            others = self.all_but[1]
+            return position + int(np.searchsorted(others - np.arange(others.shape[0]), position, side="right"))
+        position += int(self.first[g])
+        return position if self.order is None else int(self.order[position])
+
+    def held_apart(self, g: int) -> bool:
+        """Whether group ``g`` is held in a form of its own (not a slice of ``order``)."""
+        return g in self.index or bool(self.all_but and self.all_but[0] == g)
 
 
 def _length_groups(key: np.ndarray) -> _Groups:
@@ -264,7 +283,7 @@ class _Pool:
         self.edge_per_key = edge_weight * edge_pairs(1, 0, tile_size)
         self.causal = mask == "causal"
         self.batch = batch
-        self.bin_next = [0] * len(batch.bin_first)
+        self.bin_next = [0] * len(batch.bin_count)
         self.rows: list[tuple[int, int, int, int]] = []
         self.allocs: list[tuple[int, int, int, int]] = []
         self.alloc_chunks: list[np.ndarray] = []  # earlier allocations, as arrays, in the order made
@@ -383,14 +402,7 @@ class _Pool:
 
     def _doc_at(self, b: int, position: int) -> int:
         """The document at ``position`` (from 0) of bin ``b``."""
-        batch = self.batch
-        if b in batch.bin_index:
-            return int(batch.bin_index[b][position])
-        if batch.bin_all_but and batch.bin_all_but[0] == b:  # skip the others before it
-            others = batch.bin_all_but[1]
-            return position + int(np.searchsorted(others - np.arange(others.shape[0]), position, side="right"))
-        position += batch.bin_first[b]
-        return position if batch.bin_docs is None else int(batch.bin_docs[position])
+        return self.batch.groups.doc_at(self.batch.bin_group[b], position)
 
     def hand_out(self, e: int, num_docs: int, rank: int) -> None:
         """Deal ``num_docs`` whole documents of entry ``e``'s bin to ``rank`` before the fill."""
@@ -467,35 +479,36 @@ class _Pool:
         self._flush()
         allocs = np.concatenate([*self.alloc_chunks, np.zeros((0, 4), np.int64)])
         allocs = allocs[allocs[:, 2] > 0]
-        bin_key = allocs[:, 0].astype(np.uint16 if len(batch.bin_first) < 1 << 16 else np.int64)
+        bin_key = allocs[:, 0].astype(np.uint16 if len(batch.bin_count) < 1 << 16 else np.int64)
         allocs = allocs[np.argsort(bin_key, kind="stable")]  # bins are numbered by length
         bins, firsts, counts = allocs[:, 0], allocs[:, 1], allocs[:, 2]
         rank_at = np.repeat(allocs[:, 3].astype(np.int32), counts)
         ends = np.append(0, np.cumsum(counts))  # where each allocation starts in rank_at, and the end
-        bin_ids = np.arange(len(batch.bin_first))
+        bin_ids = np.arange(len(batch.bin_count))
         bin_start = ends[np.searchsorted(bins, bin_ids)]  # where each bin starts in rank_at
         bin_end = ends[np.searchsorted(bins, bin_ids, side="right")]
         if (not np.array_equal(bin_end - bin_start, batch.bin_count)
                 or not np.array_equal(firsts, ends[:-1] - bin_start[bins])):
             raise AssertionError(f"the bins handed out {rank_at.shape[0]} of their {sum(batch.bin_count)} documents "
                                  "or not in order")
-        own = set(batch.bin_index) | ({batch.bin_all_but[0]} if batch.bin_all_but else set())
-        if batch.bin_all_but:  # its ranks, with the other documents' places left -1
+        groups, bin_group = batch.groups, batch.bin_group
+        if batch.bin_all_but:  # every document but the others: its ranks, with the others' places left -1
             b, others = batch.bin_all_but
             out = np.insert(rank_at[bin_start[b]:bin_end[b]], others - np.arange(others.shape[0]), -1)
         else:
             out = np.full(num_docs, -1, np.int32)
-        sliced = [b for b in bin_ids.tolist() if b not in own]
-        if sliced:  # their documents lie together in bin_docs, in bin order
-            first = batch.bin_first[sliced[0]]
-            num = sum(batch.bin_count[b] for b in sliced)
-            ranks = rank_at if not own else np.concatenate([rank_at[bin_start[b]:bin_end[b]] for b in sliced])
-            if batch.bin_docs is None:
-                out[first:first + num] = ranks
-            else:
-                out[batch.bin_docs[first:first + num]] = ranks
         for b, docs in batch.bin_index.items():
             out[docs] = rank_at[bin_start[b]:bin_end[b]]
+        sliced = [b for b in bin_ids.tolist() if not groups.held_apart(bin_group[b])]
+        if sliced:  # their documents lie together in the sorted order, in bin order
+            first = int(groups.first[bin_group[sliced[0]]])
+            num = sum(batch.bin_count[b] for b in sliced)
+            ranks = (rank_at if len(sliced) == len(bin_group)
+                     else np.concatenate([rank_at[bin_start[b]:bin_end[b]] for b in sliced]))
+            if groups.order is None:
+                out[first:first + num] = ranks
+            else:
+                out[groups.order[first:first + num]] = ranks
         return out
 
 
