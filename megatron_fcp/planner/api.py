@@ -79,8 +79,7 @@ def check_batch(doc_lens, cp, tokens_per_rank, mask: str = "causal", exact: bool
     if num_docs > max(capacity, MIN_DOCS_BOUND):
         raise InputError(f"the micro-batch has {num_docs} document lengths but cp x tokens_per_rank = {capacity} "
                          "token slots; pass at most one length per token slot (drop empty documents)")
-    lens = _as_lengths(doc_lens)
-    longest = int(lens.max())
+    lens, longest = _as_lengths(doc_lens)
     # no int64 wrap-around on absurd lengths (Python ints where one is above the capacity); with every length at
     # most the capacity (<= 2**32) and at most 2**32 entries, an unsigned 64-bit sum is exact
     if longest > capacity:
@@ -124,7 +123,9 @@ def _check_int(name: str, value, minimum: int) -> None:
 INT64_MAX = np.iinfo(np.int64).max
 
 
-def _as_lengths(doc_lens) -> np.ndarray:
+def _as_lengths(doc_lens) -> tuple[np.ndarray, int]:
+    """The lengths as a new int64 array, and the longest; raise :class:`InputError` on anything but
+    non-negative integers in a flat list."""
     raw = np.asarray(doc_lens)
     if raw.dtype == object and raw.ndim == 1:  # Python ints beyond uint64 (and mixed types) stay objects
         huge = [(index, value) for index, value in enumerate(raw.tolist())
@@ -145,10 +146,12 @@ def _as_lengths(doc_lens) -> np.ndarray:
     elif raw.dtype.kind not in "iu":
         raise InputError(f"document lengths must be integers; got values like {raw.tolist()[:3]!r}")
     lens = raw.astype(np.int64)  # a copy: the plan is a value, apart from the caller's array
-    if lens.min() < 0:
+    # one pass for both ends: read unsigned, a negative length lies above every non-negative one
+    longest = int(lens.view(np.uint64).max())
+    if longest > INT64_MAX:
         raise InputError(f"document lengths must be >= 0; got {int(lens[lens < 0][0])} at index "
                          f"{int(np.flatnonzero(lens < 0)[0])}")
-    return lens
+    return lens, longest
 
 
 def _too_long(index: int, value: int) -> InputError:

@@ -128,7 +128,8 @@ def group_by_length(lens: np.ndarray, cp: int, tokens_per_rank: int, mask: str) 
     """
     clip = tokens_per_rank + 1
     key_type = np.uint16 if clip < 1 << 16 else np.uint32
-    key = lens.astype(key_type) if lens.max(initial=0) < clip else np.minimum(lens, clip).astype(key_type)
+    # clipped and narrowed in one pass (the ufunc casts its int64 result as it writes)
+    key = np.minimum(lens, clip, out=np.empty(lens.shape, key_type), casting="unsafe")
     groups = _length_groups(key)
     length, count = groups.length, groups.count
     over = length == clip
@@ -150,6 +151,10 @@ SCAN_MIN_DOCS = 1 << 16
 found by one compare and one scan instead of being sorted: the shape of micro-batches of millions of tiny
 documents."""
 COMMON_SHARE = 16
+NEARLY_ALL = 7 / 8
+"""A length of at least this share of the sample is held as every document but the others: a scan that finds
+its few others, where an index array would cost a scan finding its own many documents and a scatter of their
+ranks in :meth:`_Pool.whole_rank`."""
 
 
 @dataclass(frozen=True)
@@ -159,7 +164,8 @@ class _Groups:
     A group's documents (in batch order) are held in one of three forms: a slice of ``order`` (the documents
     sorted by key; the identity where the keys are in order already); an index array of its own (``index``), for
     a key that many documents of a large batch share (one compare and one scan instead of a sort); or, for the key
-    of nearly all documents, every document but the few others (``all_but``).
+    of nearly all documents, every document but the few others (``all_but``: the group, the others, and for
+    each other the position in the group's documents before which it lies).
     """
 
     length: np.ndarray
@@ -168,7 +174,7 @@ class _Groups:
     """Per group: where its documents start in ``order`` (-1 for the other forms)."""
     order: np.ndarray | None
     index: dict[int, np.ndarray]
-    all_but: tuple[int, np.ndarray] | None
+    all_but: tuple[int, np.ndarray, np.ndarray] | None
 
     def docs(self, g: int) -> np.ndarray:
         """The documents of group ``g``, in batch order."""
@@ -184,14 +190,9 @@ class _Groups:
         if g in self.index:
             return int(self.index[g][position])
         if self.all_but and self.all_but[0] == g:  # skip the others before it
-            others = self.all_but[1]
-            return position + int(np.searchsorted(others - np.arange(others.shape[0]), position, side="right"))
+            return position + int(np.searchsorted(self.all_but[2], position, side="right"))
         position += int(self.first[g])
         return position if self.order is None else int(self.order[position])
-
-    def held_apart(self, g: int) -> bool:
-        """Whether group ``g`` is held in a form of its own (not a slice of ``order``)."""
-        return g in self.index or bool(self.all_but and self.all_but[0] == g)
 
 
 def _length_groups(key: np.ndarray) -> _Groups:
@@ -210,18 +211,14 @@ def _length_groups(key: np.ndarray) -> _Groups:
         sample = key[:: num_docs // 4096]
         values, num = np.unique(sample, return_counts=True)
         common = values[num * COMMON_SHARE >= sample.shape[0]].tolist()
-        nearly_all = values[num * COMMON_SHARE >= (COMMON_SHARE - 1) * sample.shape[0]].tolist()
+        nearly_all = values[num >= NEARLY_ALL * sample.shape[0]].tolist()
     index, all_but, rest = {}, None, None
     if common and nearly_all:
         rest = np.flatnonzero(key != nearly_all[0])
         all_but = (nearly_all[0], rest)
     elif common:
-        matched = np.zeros(num_docs, bool)
-        for value in common:
-            equal = key == value
-            index[value] = np.flatnonzero(equal)
-            matched |= equal
-        rest = np.flatnonzero(~matched) if sum(docs.shape[0] for docs in index.values()) < num_docs else empty
+        index = {value: np.flatnonzero(key == value) for value in common}
+        rest = _other_than(key, common) if sum(docs.shape[0] for docs in index.values()) < num_docs else empty
     order = np.argsort(key, kind="stable") if rest is None else rest[np.argsort(key[rest], kind="stable")]
     sorted_length, sorted_count = _runs(key[order]) if order.shape[0] else (empty, empty)
     groups = {value: (num, first) for value, num, first in zip(sorted_length.tolist(), sorted_count.tolist(),
@@ -235,7 +232,21 @@ def _length_groups(key: np.ndarray) -> _Groups:
     return _Groups(length=np.array(values, np.int64), count=np.array([groups[v][0] for v in values], np.int64),
                    first=np.array([groups[v][1] for v in values], np.int64), order=order,
                    index={position[value]: docs for value, docs in index.items()},
-                   all_but=(position[all_but[0]], all_but[1]) if all_but else None)
+                   all_but=(position[all_but[0]], all_but[1], all_but[1] - np.arange(all_but[1].shape[0]))
+                   if all_but else None)
+
+
+def _other_than(key: np.ndarray, values: list[int]) -> np.ndarray:
+    """The documents whose key is none of ``values``."""
+    unmatched = key != values[0]
+    for value in values[1:]:
+        unmatched &= key != value
+    return np.flatnonzero(unmatched)
+
+
+def _expand(starts: np.ndarray, values: np.ndarray, size: int) -> np.ndarray:
+    """int32 ``[size]``: ``values[i]`` from ``starts[i]`` up to the next start (``starts`` ascending from 0)."""
+    return np.repeat(values.astype(np.int32), np.diff(np.append(starts, size)))
 
 
 def _runs(sorted_key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -339,6 +350,13 @@ class _Pool:
             num_front = (num_tokens + 1) // 2
             return self._work(length, start, start + num_front) + self._work(length, end - num_tokens + num_front, end)
         near, far = (self.back[e], self.front[e]) if from_dense else (self.front[e], self.back[e])
+        if near is None and far is None:  # whole documents of a bin only, the commonest case
+            num_whole = num_tokens // length
+            work = num_whole * self.whole_work[e]
+            rest = num_tokens - num_whole * length
+            if not rest:
+                return work
+            return work + (self._work(length, length - rest, length) if from_dense else self._work(length, 0, rest))
         work = 0.0
         if near is not None:
             num_taken = min(num_tokens, near[2] - near[1])
@@ -365,6 +383,12 @@ class _Pool:
     def take(self, e: int, num_tokens: int, from_dense: bool, rank: int) -> float:
         """Remove ``num_tokens`` tokens of entry ``e`` for ``rank``, record them, and return their work."""
         length, old_work, work = self.length[e], self.entry_work(e), 0.0
+        if num_tokens % length == 0 and self.front[e] is None and self.back[e] is None and not self.zig[e]:
+            num_whole = num_tokens // length  # whole documents of a bin only, the commonest case: no rows
+            if num_whole:
+                self._allocate(e, num_whole, rank)
+            self.work += self.entry_work(e) - old_work
+            return num_whole * self.whole_work[e]
         taken: list[Part] = []
         if self.zig[e]:
             doc, start, end = self.front[e]
@@ -412,16 +436,23 @@ class _Pool:
     def hand_out_to_all(self, e: int, num_docs: np.ndarray) -> None:
         """Deal ``num_docs[rank]`` whole documents of entry ``e``'s bin to every rank at once, in rank order."""
         b, total = self.bin[e], int(num_docs.sum())
-        given = np.flatnonzero(num_docs)
-        firsts = self.bin_next[b] + np.cumsum(num_docs[given]) - num_docs[given]
-        self._flush()
-        self.alloc_chunks.append(np.column_stack([np.full(given.shape[0], b), firsts, num_docs[given], given]))
+        if self.allocs:  # those recorded one by one so far come first
+            self._flush()
+        # kept as (bin, first, num_docs) at the end of alloc_chunks: the flush turns them into rows all at once
+        self.alloc_chunks.append((b, self.bin_next[b], num_docs.copy()))
         self.bin_next[b] += total
         self.count[e] -= total
         self.work -= total * self.whole_work[e]
 
     def _flush(self) -> None:
-        """Move the allocations recorded one by one into :attr:`alloc_chunks` (their order is kept)."""
+        """Bring every allocation into :attr:`alloc_chunks` as int64 rows ``(bin, first, count, rank)``, in the
+        order made: the dealings to all ranks at its end, then the allocations recorded one by one."""
+        num_dealt = sum(isinstance(chunk, tuple) for chunk in self.alloc_chunks)
+        if num_dealt:
+            bins, firsts, num = (np.array(column) for column in zip(*self.alloc_chunks[-num_dealt:], strict=True))
+            dealing, rank = np.nonzero(num)  # by dealing, then rank
+            firsts = firsts[dealing] + (np.cumsum(num, axis=1) - num)[dealing, rank]
+            self.alloc_chunks[-num_dealt:] = [np.column_stack([bins[dealing], firsts, num[dealing, rank], rank])]
         if self.allocs:
             self.alloc_chunks.append(np.asarray(self.allocs, dtype=np.int64))
             self.allocs = []
@@ -473,7 +504,34 @@ class _Pool:
         return out
 
     def whole_rank(self, num_docs: int) -> np.ndarray:
-        """int32 ``[num_docs]``: the rank each binned document went to whole, -1 for the rest."""
+        """int32 ``[num_docs]``: the rank each binned document went to whole, -1 for the rest.
+
+        A bin hands out its documents in order, so its ranks are runs, one per allocation, and each form of
+        group is written by expanding runs once: the groups of ``order`` in sorted order (the batch order where
+        there is none), the key of nearly all straight in batch order (its others overwritten by ``order``),
+        a group with an index array of its own through it.
+        """
+        batch, groups = self.batch, self.batch.groups
+        bins, firsts, ranks = self._handed_out()
+        in_order = _expand(*self._order_runs(bins, firsts, ranks),
+                           num_docs if groups.order is None else groups.order.shape[0])
+        if groups.order is None:
+            return in_order
+        at = np.searchsorted(bins, np.arange(len(batch.bin_group) + 1))  # bin b's allocations: at[b]:at[b + 1]
+        if batch.bin_all_but:  # its runs start after the others before them (every other is in ``order``)
+            b = batch.bin_all_but[0]
+            starts = firsts[at[b]:at[b + 1]] + np.searchsorted(groups.all_but[2], firsts[at[b]:at[b + 1]], "right")
+            out = _expand(np.append(0, starts), np.append(-1, ranks[at[b]:at[b + 1]]), num_docs)
+        else:
+            out = np.full(num_docs, -1, np.int32)
+        for b, docs in batch.bin_index.items():
+            out[docs] = _expand(firsts[at[b]:at[b + 1]], ranks[at[b]:at[b + 1]], docs.shape[0])
+        out[groups.order] = in_order
+        return out
+
+    def _handed_out(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every allocation of whole documents as ``bin``, ``first`` (its first document's position in the bin)
+        and ``rank`` columns, by bin and within one in the order handed out; checked to cover each bin in order."""
         batch = self.batch
         # in the order handed out (dealt, then taken by the fill): within a bin, the order of its documents
         self._flush()
@@ -482,34 +540,27 @@ class _Pool:
         bin_key = allocs[:, 0].astype(np.uint16 if len(batch.bin_count) < 1 << 16 else np.int64)
         allocs = allocs[np.argsort(bin_key, kind="stable")]  # bins are numbered by length
         bins, firsts, counts = allocs[:, 0], allocs[:, 1], allocs[:, 2]
-        rank_at = np.repeat(allocs[:, 3].astype(np.int32), counts)
-        ends = np.append(0, np.cumsum(counts))  # where each allocation starts in rank_at, and the end
+        ends = np.append(0, np.cumsum(counts))  # where each allocation starts among all handed out, and the end
         bin_ids = np.arange(len(batch.bin_count))
-        bin_start = ends[np.searchsorted(bins, bin_ids)]  # where each bin starts in rank_at
+        bin_start = ends[np.searchsorted(bins, bin_ids)]  # where each bin starts among them
         bin_end = ends[np.searchsorted(bins, bin_ids, side="right")]
         if (not np.array_equal(bin_end - bin_start, batch.bin_count)
                 or not np.array_equal(firsts, ends[:-1] - bin_start[bins])):
-            raise AssertionError(f"the bins handed out {rank_at.shape[0]} of their {sum(batch.bin_count)} documents "
+            raise AssertionError(f"the bins handed out {int(ends[-1])} of their {sum(batch.bin_count)} documents "
                                  "or not in order")
-        groups, bin_group = batch.groups, batch.bin_group
-        if batch.bin_all_but:  # every document but the others: its ranks, with the others' places left -1
-            b, others = batch.bin_all_but
-            out = np.insert(rank_at[bin_start[b]:bin_end[b]], others - np.arange(others.shape[0]), -1)
-        else:
-            out = np.full(num_docs, -1, np.int32)
-        for b, docs in batch.bin_index.items():
-            out[docs] = rank_at[bin_start[b]:bin_end[b]]
-        sliced = [b for b in bin_ids.tolist() if not groups.held_apart(bin_group[b])]
-        if sliced:  # their documents lie together in the sorted order, in bin order
-            first = int(groups.first[bin_group[sliced[0]]])
-            num = sum(batch.bin_count[b] for b in sliced)
-            ranks = (rank_at if len(sliced) == len(bin_group)
-                     else np.concatenate([rank_at[bin_start[b]:bin_end[b]] for b in sliced]))
-            if groups.order is None:
-                out[first:first + num] = ranks
-            else:
-                out[groups.order[first:first + num]] = ranks
-        return out
+        return bins, firsts, allocs[:, 3]
+
+    def _order_runs(self, bins: np.ndarray, firsts: np.ndarray, ranks: np.ndarray) -> tuple[np.ndarray, ...]:
+        """The runs ``(starts, ranks)`` of the groups held in ``order``, by position there: -1 from each group's
+        first document on, then one run per allocation of their bins (a bin's first one starts with its group and
+        comes later, so it is the one that lasts)."""
+        first = self.batch.groups.first
+        alloc_first = first[np.asarray(self.batch.bin_group, np.int64)[bins]]  # where its bin's group starts
+        in_order = alloc_first >= 0
+        starts = np.concatenate([first[first >= 0], alloc_first[in_order] + firsts[in_order]])
+        values = np.concatenate([np.full(np.count_nonzero(first >= 0), -1), ranks[in_order]])
+        by_start = np.argsort(starts, kind="stable")
+        return starts[by_start], values[by_start]
 
 
 def _repeated(values) -> set[int]:
@@ -592,37 +643,40 @@ def _deal_small_documents(pool: _Pool, cp: int, real_per_rank: np.ndarray, small
         return np.zeros(cp, np.int64), np.zeros(cp)  # too few to matter: the fill places them where balance needs them
     limits = real_per_rank // 2
     token_limit, work_limit = limits.tolist(), pool.work / cp / 2
-    tokens, work = [0] * cp, [0.0] * cp
+    # dealt tokens and work per rank: arrays while bins are dealt at once, lists while one document at a time
+    tokens, work = np.zeros(cp, np.int64), np.zeros(cp)
     fewest = None  # (dealt tokens, rank) of every rank: a heap, built when a bin is dealt one document at a time
     for e in small:
         length, unit_work = pool.length[e], pool.whole_work[e]
         base, extra = divmod(pool.count[e], cp)
+        if base or extra > MANY_EXTRA:
+            tokens, work = np.asarray(tokens), np.asarray(work)
         if base:  # every rank takes the same count, as far as its limits allow
-            dealt_tokens, dealt_work = np.array(tokens), np.array(work)
-            room = np.minimum((limits - dealt_tokens) // length, (work_limit - dealt_work) // unit_work)
+            room = np.minimum((limits - tokens) // length, (work_limit - work) // unit_work)
             num = np.clip(room, 0, base).astype(np.int64)
             pool.hand_out_to_all(e, num)
-            tokens, work = (dealt_tokens + num * length).tolist(), (dealt_work + num * unit_work).tolist()
+            tokens, work = tokens + num * length, work + num * unit_work
             fewest = None
         if extra > MANY_EXTRA:  # the rest at once, one each to the ranks with the fewest dealt tokens
-            dealt_tokens, dealt_work = np.array(tokens), np.array(work)
-            pick = np.argsort(dealt_tokens, kind="stable")[:extra]
-            pick = pick[(dealt_tokens[pick] + length <= limits[pick]) & (dealt_work[pick] + unit_work <= work_limit)]
+            pick = np.argsort(tokens, kind="stable")[:extra]
+            pick = pick[(tokens[pick] + length <= limits[pick]) & (work[pick] + unit_work <= work_limit)]
             num = np.zeros(cp, np.int64)
             num[pick] = 1
             pool.hand_out_to_all(e, num)
-            tokens, work = (dealt_tokens + num * length).tolist(), (dealt_work + num * unit_work).tolist()
+            tokens, work = tokens + num * length, work + num * unit_work
             fewest, extra = None, 0
         if extra and fewest is None:
+            tokens, work = tokens.tolist(), work.tolist()
             fewest = [(tokens[rank], rank) for rank in range(cp)]
             heapq.heapify(fewest)
         for _ in range(extra):  # the rest one at a time, each to the rank with the fewest dealt tokens
-            _, rank = heapq.heappop(fewest)
-            if tokens[rank] + length <= token_limit[rank] and work[rank] + unit_work <= work_limit:
-                pool.hand_out(e, 1, rank)
-                tokens[rank] += length
-                work[rank] += unit_work
-            heapq.heappush(fewest, (tokens[rank], rank))
+            rank = fewest[0][1]
+            if tokens[rank] + length > token_limit[rank] or work[rank] + unit_work > work_limit:
+                break  # that rank stays the one with the fewest: none of the rest fits either
+            pool.hand_out(e, 1, rank)
+            tokens[rank] += length
+            work[rank] += unit_work
+            heapq.heapreplace(fewest, (tokens[rank], rank))
     pool.settle()
     return np.array(tokens, np.int64), np.array(work)
 

@@ -36,7 +36,7 @@ from megatron_fcp.planner.columns import (
     Piece,
     Q,
 )
-from megatron_fcp.planner.pairs import check_mask, matching_rows, needed_kv_end, q_pairs
+from megatron_fcp.planner.pairs import check_mask, needed_kv_end, q_pairs
 from megatron_fcp.planner.stages import (
     DEFAULT_KV_BUDGET,
     cut_at_owners,
@@ -517,43 +517,81 @@ def derive_kv(q: np.ndarray, doc_lens: np.ndarray, cp: int, mask: str) -> np.nda
     adjacent pieces. For ``mask="full"`` this is every token of each touched document the rank does not own.
     """
     doc_lens = np.asarray(doc_lens, dtype=np.int64)
+    q = np.asarray(q, dtype=np.int64)
     q = q[np.lexsort((q[:, Q.START], q[:, Q.DOC]))]
-    docs, num_rows = np.unique(q[:, Q.DOC], return_counts=True)
-    pieces = q[np.isin(q[:, Q.DOC], docs[num_rows > 1])]  # q rows of the documents cut between ranks
+    same_doc = q[1:, Q.DOC] == q[:-1, Q.DOC]
+    cut = np.zeros(q.shape[0], bool)  # q rows of the documents cut between ranks
+    cut[1:] = same_doc
+    cut[:-1] |= same_doc
+    pieces = q[cut]
     if pieces.shape[0] == 0:
         return np.zeros((0, len(KV)), np.int64)
-    holders, need_end = _holders(pieces, doc_lens, cp, mask)
-    rows = _needed_rows(pieces, holders, need_end)
-    return _merge_adjacent(rows)
+    rows = _needed_rows(pieces, *_holders(pieces, doc_lens, mask))
+    # two rows continue each other only where two pieces of their source do (q rows not merged, unlike an FCP plan's)
+    by_source = pieces[np.argsort(pieces[:, Q.CP_RANK], kind="stable")]
+    return _merge_adjacent(rows) if _merge_sorted(by_source, Q.START).shape[0] < pieces.shape[0] else rows
 
 
-def _holders(pieces: np.ndarray, doc_lens: np.ndarray, cp: int, mask: str):
-    """Unique ``(doc, rank)`` pairs among split-document pieces (``q`` rows) and the key end each one needs;
-    the pairs as rows ``(rank, doc)``, the first columns of ``q`` rows."""
-    key = pieces[:, Q.DOC] * cp + pieces[:, Q.CP_RANK]
+def _holders(pieces: np.ndarray, doc_lens: np.ndarray, mask: str):
+    """Unique ``(rank, doc)`` pairs among split-document pieces (``q`` rows) in that order, as rows (the first
+    columns of ``q`` rows), the key end each one needs and the pair of each piece."""
+    num_docs = doc_lens.shape[0]
+    key = pieces[:, Q.CP_RANK] * num_docs + pieces[:, Q.DOC]
     holder_keys, holder_of_piece = np.unique(key, return_inverse=True)
     piece_need_end = needed_kv_end(pieces[:, Q.END], doc_lens[pieces[:, Q.DOC]], mask)
     need_end = np.zeros(holder_keys.shape[0], np.int64)
     np.maximum.at(need_end, holder_of_piece, piece_need_end)
-    holders = np.column_stack([holder_keys % cp, holder_keys // cp])  # (rank, doc)
-    return holders, need_end
+    holders = np.column_stack([holder_keys // num_docs, holder_keys % num_docs])  # (rank, doc)
+    return holders, need_end, holder_of_piece
 
 
-def _needed_rows(pieces: np.ndarray, holders: np.ndarray, need_end: np.ndarray):
-    """For each holder, the other ranks' pieces of its document that start before its needed end."""
-    holder_row, piece_row = matching_rows(pieces[:, Q.DOC], holders[:, Q.DOC])
-    end = need_end[holder_row]
-    holder_rank = holders[holder_row, Q.CP_RANK]
-    keep = (pieces[piece_row, Q.CP_RANK] != holder_rank) & (pieces[piece_row, Q.START] < end)
-    candidate, end, holder_rank = pieces[piece_row[keep]], end[keep], holder_rank[keep]
-    return np.column_stack([holder_rank, candidate[:, Q.CP_RANK], candidate[:, Q.DOC], candidate[:, Q.START],
-                            np.minimum(candidate[:, Q.END], end)])  # kv rows
+def _needed_runs(pieces: np.ndarray, holders: np.ndarray, need_end: np.ndarray):
+    """Each holder's run of ``pieces`` (sorted by document and start): those of its document that start before
+    its needed end, from ``first``, ``num`` of them; and whether a piece of a run ends past that end (which only
+    q rows that overlap one another do)."""
+    span = int(pieces[:, Q.START:].max()) + 1  # pieces laid out by document: doc * span + start (or end)
+    base = pieces[:, Q.DOC] * span
+    first = np.searchsorted(base + pieces[:, Q.START], holders[:, Q.DOC] * span)
+    num = np.searchsorted(base + pieces[:, Q.START], holders[:, Q.DOC] * span + np.clip(need_end, 0, span)) - first
+    run_end = (np.maximum.accumulate(base + pieces[:, Q.END]) - base)[first + num - 1]  # the latest end in a run
+    return first, num, bool(np.any((run_end > need_end) & (num > 0)))
+
+
+def _needed_rows(pieces: np.ndarray, holders: np.ndarray, need_end: np.ndarray, holder_of_piece: np.ndarray):
+    """For each holder, the other ranks' pieces of its document that start before its needed end: ``kv`` rows
+    sorted by receiver, source, document and start."""
+    first, num, past_end = _needed_runs(pieces, holders, need_end)
+    run_start = np.cumsum(num) - num
+    piece = np.repeat(first - run_start, num)  # the runs end to end
+    piece += np.arange(piece.shape[0])
+    own = np.arange(pieces.shape[0]) - first[holder_of_piece]  # each piece's place in its holder's run
+    mine = own < num[holder_of_piece]
+    order = _by_receiver(pieces, holders, piece, num, run_start[holder_of_piece[mine]] + own[mine])
+    rows = np.take(np.column_stack([pieces[:, :1], pieces]), piece[order], axis=0)  # kv columns from the q row
+    num_kept = num - np.bincount(holder_of_piece[mine], minlength=num.shape[0])
+    rows[:, KV.CP_RANK] = np.repeat(holders[:, Q.CP_RANK], num_kept)  # rows by receiver, holders in rank order
+    if past_end:
+        holder = np.repeat(np.arange(num.shape[0]), num)[order]
+        np.minimum(rows[:, KV.END], need_end[holder], out=rows[:, KV.END])
+    return rows
+
+
+def _by_receiver(pieces: np.ndarray, holders: np.ndarray, piece: np.ndarray, num: np.ndarray, own: np.ndarray):
+    """Order of the holders' runs end to end (``num`` pieces each, ``piece`` of ``pieces``) by receiver, then by
+    the pieces' order by source (rank, then document and start), without the places ``own``."""
+    by_source = np.argsort(pieces[:, Q.CP_RANK], kind="stable")
+    place = np.empty_like(by_source)
+    place[by_source] = np.arange(by_source.shape[0])
+    key = place[piece]  # one key per row: a receiver holds each document once
+    key += np.repeat(holders[:, Q.CP_RANK] * pieces.shape[0], num)
+    key[own] = np.iinfo(np.int64).max  # sorted last, then left out
+    return np.argsort(key, kind="stable")[: key.shape[0] - own.shape[0]]
 
 
 def _merge_adjacent(rows: np.ndarray) -> np.ndarray:
-    """Merge rows ``(rank, src, doc, start, end)`` that continue one another from the same source."""
-    return _merge_runs(rows, KV.START)
-
+    """Merge rows ``(rank, src, doc, start, end)``, sorted by all but the end, that continue one another from the
+    same source."""
+    return _merge_sorted(rows, KV.START)
 
 
 def _merge_runs(rows: np.ndarray, nkey: int) -> np.ndarray:
@@ -561,8 +599,17 @@ def _merge_runs(rows: np.ndarray, nkey: int) -> np.ndarray:
     continue one another (same keys, start == previous end) merged into one."""
     if rows.shape[0] == 0:
         return rows.reshape(0, nkey + 2)
-    rows = rows[sort_order(*(rows[:, column] for column in range(nkey + 1)))]
-    continues = np.all(rows[1:, :nkey] == rows[:-1, :nkey], axis=1) & (rows[1:, nkey] == rows[:-1, nkey + 1])
-    out = rows[np.concatenate([[True], ~continues])].copy()
-    out[:, nkey + 1] = rows[np.concatenate([~continues, [True]]), nkey + 1]
+    return _merge_sorted(rows[sort_order(*(rows[:, column] for column in range(nkey + 1)))], nkey)
+
+
+def _merge_sorted(rows: np.ndarray, nkey: int) -> np.ndarray:
+    """:func:`_merge_runs` of rows sorted already: ``rows`` itself (not a copy) where none continues another."""
+    after = np.flatnonzero(rows[1:, nkey] == rows[:-1, nkey + 1])  # rows that start where the one before ends
+    after = after[np.all(rows[after + 1, :nkey] == rows[after, :nkey], axis=1)]  # ... with the same keys
+    if after.shape[0] == 0:
+        return rows
+    continues = np.zeros(rows.shape[0], bool)
+    continues[after + 1] = True
+    out = rows[~continues]
+    out[:, nkey + 1] = rows[np.append(~continues[1:], True), nkey + 1]
     return out
