@@ -1,0 +1,76 @@
+"""The scaling table with the validated model (scripts/scaling_validated.py) on the CI case."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from megatron_fcp.data.lengths import load_distribution, pack_batches
+from megatron_fcp.sim import published as P
+from megatron_fcp.sim.model import load_hardware
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def script():
+    spec = importlib.util.spec_from_file_location("scaling_validated", REPO / "scripts/scaling_validated.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def small(script, tmp_path_factory):
+    out = tmp_path_factory.mktemp("scaling")
+    script.main(["--small", "--lengths", "spamassassin", "--jobs", "1", "--out-dir", str(out)])
+    return json.loads((out / "scaling_validated.json").read_text()), (out / "scaling_validated.md").read_text()
+
+
+def test_every_cell_is_the_published_models_time_of_the_same_batches(script, small):
+    data, text = small
+    rows = data["rows"]
+    assert data["hardware"] == "h100_node_fa3_published"
+    assert {(r["strategy"], r["mask"], r["cp"]) for r in rows} == {
+        (s, m, cp) for s in script.STRATEGIES for m in script.MASKS for cp in (8, 16)}
+    hw = load_hardware(script.HARDWARE)
+    (lens,) = pack_batches(load_distribution("spamassassin"), 16 * 16384, 1, seed=0)
+    fcp = next(r for r in rows if (r["strategy"], r["mask"], r["cp"]) == ("fcp", "full", 16))
+    seconds = P.strategy_seconds("fcp", hw, P.Extras(), lens, 16, "full", 16384)
+    assert fcp["fwd_ms"] == pytest.approx(1e3 * seconds["fwd"], rel=1e-12)
+    pairs = float((lens.astype(float) ** 2).sum())  # full mask: every pair of each document
+    flops = pairs * 4 * 64 * 128 * 3.5  # GQA 64 query heads of 128, forward + 2.5x backward
+    assert fcp["mfu"] == pytest.approx(flops / (16 * 989.4e12 * (seconds["fwd"] + seconds["bwd"])), rel=1e-9)
+    assert all(0 < r["mfu"] < 1 for r in rows)
+    assert "| 16 | " in text and "## spamassassin, causal" in text
+
+
+def test_the_summary_compares_fcp_at_both_ends_and_counts_its_wins(script, small):
+    data, _ = small
+    rows, summary = data["rows"], data["summary"]
+    for s in summary:
+        mfu = {r["cp"]: r["mfu"] for r in rows if (r["strategy"], r["lengths"], r["mask"]) == ("fcp", s["lengths"],
+                                                                                                 s["mask"])}
+        assert s["fcp_mfu_ratio"] == pytest.approx(mfu[16] / mfu[8])
+        step = {cp: {r["strategy"]: r["fwd_ms"] + r["bwd_ms"] for r in rows
+                     if (r["lengths"], r["mask"], r["cp"]) == (s["lengths"], s["mask"], cp)} for cp in (8, 16)}
+        assert s["fcp_fastest_cells"] == sum(min(t, key=t.get) == "fcp" for t in step.values())
+        assert s["target"] == 0.85
+
+
+def test_ulysses_is_left_out_above_one_rank_per_query_head(script):
+    hw = load_hardware(script.HARDWARE)
+    assert script.applies("ulysses", 64, hw) and not script.applies("ulysses", 128, hw)
+    assert script.applies("fcp", 256, hw)
+
+
+def test_the_cells_fcp_loses_are_listed_with_the_winner(script):
+    rows = [{"lengths": "a", "mask": "causal", "cp": 8, "strategy": s, "fwd_ms": f, "bwd_ms": 1.0}
+            for s, f in (("fcp", 2.0), ("usp", 1.5), ("ring_p2p", 9.0))]
+    rows += [{"lengths": "a", "mask": "causal", "cp": 16, "strategy": s, "fwd_ms": f, "bwd_ms": 1.0}
+             for s, f in (("fcp", 1.0), ("usp", 1.5))]
+    assert script.not_fastest(rows) == [{"lengths": "a", "mask": "causal", "cp": 8, "fastest": "usp",
+                                         "fcp_over_fastest": 3.0 / 2.5}]
