@@ -297,6 +297,7 @@ class _Pool:
         self.bin_next = [0] * len(batch.bin_count)
         self.rows: list[tuple[int, int, int, int]] = []
         self.allocs: list[tuple[int, int, int, int]] = []
+        self.dealings: list[tuple[int, int, np.ndarray]] = []  # (bin, first, count per rank), after alloc_chunks
         self.alloc_chunks: list[np.ndarray] = []  # earlier allocations, as arrays, in the order made
         spread_docs = {part[0] for part, zig in units if zig} | _repeated(part[0] for part, _ in units)
         entries = [(length, count, None, b, False, -1) for b, (length, count)
@@ -438,21 +439,20 @@ class _Pool:
         b, total = self.bin[e], int(num_docs.sum())
         if self.allocs:  # those recorded one by one so far come first
             self._flush()
-        # kept as (bin, first, num_docs) at the end of alloc_chunks: the flush turns them into rows all at once
-        self.alloc_chunks.append((b, self.bin_next[b], num_docs.copy()))
+        self.dealings.append((b, self.bin_next[b], num_docs.copy()))  # the flush turns them into rows at once
         self.bin_next[b] += total
         self.count[e] -= total
         self.work -= total * self.whole_work[e]
 
     def _flush(self) -> None:
         """Bring every allocation into :attr:`alloc_chunks` as int64 rows ``(bin, first, count, rank)``, in the
-        order made: the dealings to all ranks at its end, then the allocations recorded one by one."""
-        num_dealt = sum(isinstance(chunk, tuple) for chunk in self.alloc_chunks)
-        if num_dealt:
-            bins, firsts, num = (np.array(column) for column in zip(*self.alloc_chunks[-num_dealt:], strict=True))
+        order made: the dealings to all ranks, then the allocations recorded one by one."""
+        if self.dealings:
+            bins, firsts, num = (np.array(column) for column in zip(*self.dealings, strict=True))
             dealing, rank = np.nonzero(num)  # by dealing, then rank
             firsts = firsts[dealing] + (np.cumsum(num, axis=1) - num)[dealing, rank]
-            self.alloc_chunks[-num_dealt:] = [np.column_stack([bins[dealing], firsts, num[dealing, rank], rank])]
+            self.alloc_chunks.append(np.column_stack([bins[dealing], firsts, num[dealing, rank], rank]))
+            self.dealings = []
         if self.allocs:
             self.alloc_chunks.append(np.asarray(self.allocs, dtype=np.int64))
             self.allocs = []

@@ -526,10 +526,10 @@ def derive_kv(q: np.ndarray, doc_lens: np.ndarray, cp: int, mask: str) -> np.nda
     pieces = q[cut]
     if pieces.shape[0] == 0:
         return np.zeros((0, len(KV)), np.int64)
-    rows = _needed_rows(pieces, *_holders(pieces, doc_lens, mask))
+    by_source = np.argsort(pieces[:, Q.CP_RANK], kind="stable")  # rank, then document and start
+    rows = _needed_rows(pieces, by_source, *_holders(pieces, doc_lens, mask))
     # two rows continue each other only where two pieces of their source do (q rows not merged, unlike an FCP plan's)
-    by_source = pieces[np.argsort(pieces[:, Q.CP_RANK], kind="stable")]
-    return _merge_adjacent(rows) if _merge_sorted(by_source, Q.START).shape[0] < pieces.shape[0] else rows
+    return _merge_adjacent(rows) if _merge_sorted(pieces[by_source], Q.START).shape[0] < pieces.shape[0] else rows
 
 
 def _holders(pieces: np.ndarray, doc_lens: np.ndarray, mask: str):
@@ -557,16 +557,17 @@ def _needed_runs(pieces: np.ndarray, holders: np.ndarray, need_end: np.ndarray):
     return first, num, bool(np.any((run_end > need_end) & (num > 0)))
 
 
-def _needed_rows(pieces: np.ndarray, holders: np.ndarray, need_end: np.ndarray, holder_of_piece: np.ndarray):
+def _needed_rows(pieces: np.ndarray, by_source: np.ndarray, holders: np.ndarray, need_end: np.ndarray,
+                 holder_of_piece: np.ndarray):
     """For each holder, the other ranks' pieces of its document that start before its needed end: ``kv`` rows
-    sorted by receiver, source, document and start."""
+    sorted by receiver, source, document and start (``by_source``: the pieces' order by source)."""
     first, num, past_end = _needed_runs(pieces, holders, need_end)
     run_start = np.cumsum(num) - num
     piece = np.repeat(first - run_start, num)  # the runs end to end
     piece += np.arange(piece.shape[0])
     own = np.arange(pieces.shape[0]) - first[holder_of_piece]  # each piece's place in its holder's run
     mine = own < num[holder_of_piece]
-    order = _by_receiver(pieces, holders, piece, num, run_start[holder_of_piece[mine]] + own[mine])
+    order = _by_receiver(pieces, by_source, holders, piece, num, run_start[holder_of_piece[mine]] + own[mine])
     rows = np.take(np.column_stack([pieces[:, :1], pieces]), piece[order], axis=0)  # kv columns from the q row
     num_kept = num - np.bincount(holder_of_piece[mine], minlength=num.shape[0])
     rows[:, KV.CP_RANK] = np.repeat(holders[:, Q.CP_RANK], num_kept)  # rows by receiver, holders in rank order
@@ -576,10 +577,10 @@ def _needed_rows(pieces: np.ndarray, holders: np.ndarray, need_end: np.ndarray, 
     return rows
 
 
-def _by_receiver(pieces: np.ndarray, holders: np.ndarray, piece: np.ndarray, num: np.ndarray, own: np.ndarray):
+def _by_receiver(pieces: np.ndarray, by_source: np.ndarray, holders: np.ndarray, piece: np.ndarray,
+                 num: np.ndarray, own: np.ndarray):
     """Order of the holders' runs end to end (``num`` pieces each, ``piece`` of ``pieces``) by receiver, then by
-    the pieces' order by source (rank, then document and start), without the places ``own``."""
-    by_source = np.argsort(pieces[:, Q.CP_RANK], kind="stable")
+    the pieces' order ``by_source``, without the places ``own``."""
     place = np.empty_like(by_source)
     place[by_source] = np.arange(by_source.shape[0])
     key = place[piece]  # one key per row: a receiver holds each document once
