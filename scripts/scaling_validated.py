@@ -83,31 +83,38 @@ def run(lengths, cps, masks, num_batches: int, tokens_per_rank: int, jobs: int) 
     return [_cell(w) for w in work]
 
 
+def step_ms(rows: list[dict]) -> dict[tuple, dict[str, float]]:
+    """Per cell ``(lengths, mask, cp)``: each strategy's step (forward + backward of the slowest rank), ms."""
+    step: dict[tuple, dict[str, float]] = {}
+    for r in rows:
+        step.setdefault((r["lengths"], r["mask"], r["cp"]), {})[r["strategy"]] = r["fwd_ms"] + r["bwd_ms"]
+    return step
+
+
+def fastest(times: dict[str, float]) -> str:
+    return min(times, key=times.get)
+
+
 def scaling_summary(rows: list[dict]) -> list[dict]:
     """Per mix and mask: FCP's MFU at the largest CP over its MFU at the smallest, against the target, and in how
     many CPs FCP has the shortest step of all strategies."""
-    out = []
+    step, out = step_ms(rows), []
     for name in dict.fromkeys(r["lengths"] for r in rows):
         for mask in dict.fromkeys(r["mask"] for r in rows):
-            cell = {(r["strategy"], r["cp"]): r for r in rows if (r["lengths"], r["mask"]) == (name, mask)}
-            cps = sorted({cp for _, cp in cell})
-            fcp = [cell[("fcp", cp)]["mfu"] for cp in cps]
-            fastest = sum(min(cell, key=lambda k, cp=cp: cell[k]["fwd_ms"] + cell[k]["bwd_ms"] if k[1] == cp
-                              else float("inf"))[0] == "fcp" for cp in cps)
+            fcp = {r["cp"]: r["mfu"] for r in rows if (r["lengths"], r["mask"], r["strategy"]) == (name, mask, "fcp")}
+            cps = sorted(fcp)
             out.append({"lengths": name, "mask": mask, "first_cp": cps[0], "last_cp": cps[-1],
-                        "fcp_mfu_ratio": fcp[-1] / fcp[0], "target": SCALING_TARGET.get(name),
-                        "fcp_fastest_cells": fastest, "cells": len(cps)})
+                        "fcp_mfu_ratio": fcp[cps[-1]] / fcp[cps[0]], "target": SCALING_TARGET.get(name),
+                        "fcp_fastest_cells": sum(fastest(step[name, mask, cp]) == "fcp" for cp in cps),
+                        "cells": len(cps)})
     return out
 
 
 def not_fastest(rows: list[dict]) -> list[dict]:
     """The cells where another strategy's step is shorter than FCP's: the fastest one and FCP's step over its."""
-    step: dict[tuple, dict[str, float]] = {}
-    for r in rows:
-        step.setdefault((r["lengths"], r["mask"], r["cp"]), {})[r["strategy"]] = r["fwd_ms"] + r["bwd_ms"]
     out = []
-    for (name, mask, cp), times in step.items():
-        best = min(times, key=times.get)
+    for (name, mask, cp), times in step_ms(rows).items():
+        best = fastest(times)
         if best != "fcp":
             out.append({"lengths": name, "mask": mask, "cp": cp, "fastest": best, "fcp_over_fastest":
                         times["fcp"] / times[best]})
@@ -128,7 +135,7 @@ def markdown(rows: list[dict], summary: list[dict], command: str, elapsed: float
         target = "-" if s["target"] is None else f"{s['target']:.2f}"
         lines.append(f"| {s['lengths']} | {s['mask']} | {s['fcp_mfu_ratio']:.2f} (CP {s['last_cp']} / "
                      f"{s['first_cp']}) | {target} | {s['fcp_fastest_cells']} of {s['cells']} CPs |")
-    losses = not_fastest(rows)
+    losses, step = not_fastest(rows), step_ms(rows)
     num_cells = len({(r["lengths"], r["mask"], r["cp"]) for r in rows})
     lines += ["", f"## Cells where FCP is not the fastest: {len(losses)} of {num_cells}", ""]
     if losses:
@@ -143,10 +150,9 @@ def markdown(rows: list[dict], summary: list[dict], command: str, elapsed: float
                       "| cp | " + " | ".join(STRATEGIES) + " | fastest |", "|---" * (len(STRATEGIES) + 2) + "|"]
             for cp in cps:
                 here = {s: cell[(s, cp)] for s in STRATEGIES if (s, cp) in cell}
-                best = min(here, key=lambda s: here[s]["fwd_ms"] + here[s]["bwd_ms"])
                 cells = [f"{100 * here[s]['mfu']:.1f} ({here[s]['fwd_ms'] + here[s]['bwd_ms']:.1f})" if s in here
                          else "n/a" for s in STRATEGIES]
-                lines.append(f"| {cp} | " + " | ".join(cells) + f" | {best} |")
+                lines.append(f"| {cp} | " + " | ".join(cells) + f" | {fastest(step[name, mask, cp])} |")
     return "\n".join(lines)
 
 
