@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,8 +11,6 @@ from megatron_fcp.data.lengths import load_distribution, pack_batches
 from megatron_fcp.planner.api import make_plan
 from megatron_fcp.sim.breakdown import PARTS, step_breakdown
 from megatron_fcp.sim.model import evaluate, load_hardware, mfu
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("hardware", ["h100_node", "h100_node_fa2_published"])
@@ -62,10 +58,8 @@ def test_one_node_has_no_infiniband_and_a_lone_rank_no_communication():
     assert lone["exposed_ib"] == lone["exposed_nvlink"] == lone["wait_slowest"] == 0.0
 
 
-def test_script_writes_table_json_and_plot(tmp_path):
-    spec = importlib.util.spec_from_file_location("time_breakdown", REPO / "scripts/time_breakdown.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+def test_script_writes_table_json_and_plot(tmp_path, load_script):
+    script = load_script("time_breakdown")
     script.main(["--lengths", "magi_hist", "--cp", "8", "--tokens-per-rank", "2048", "--num-batches", "1",
                  "--out", str(tmp_path / "tb")])
     rows = json.loads((tmp_path / "tb.json").read_text())["rows"]

@@ -218,10 +218,9 @@ def test_fit_calls_recovers_laws_and_launch_from_measured_shapes():
         cal.fit_calls(records[:2], PEAK, 32, 128, TILE)
 
 
-def test_fit_measured_script_writes_a_loadable_profile(tmp_path):
+def test_fit_measured_script_writes_a_loadable_profile(tmp_path, load_script):
     """scripts/fit_measured.py on a kernels file in gpu_perf.py's layout (totals per call) recovers the laws that
     made its timings and writes a profile the cost model loads with them."""
-    import importlib.util
     import json
 
     from megatron_fcp.sim.model import load_hardware
@@ -240,9 +239,7 @@ def test_fit_measured_script_writes_a_loadable_profile(tmp_path):
                "config": {"peak_tflops": PEAK, "q_heads": 32, "head_dim": 128, "dtype": "bfloat16", "backend": "t"}}
     path = tmp_path / "k.json"
     path.write_text(json.dumps(kernels))
-    spec = importlib.util.spec_from_file_location("fit_measured", REPO / "scripts/fit_measured.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("fit_measured")
     script.main([str(path), "--name", "test_laws", "--out", str(tmp_path)])
     hw = load_hardware(tmp_path / "test_laws_node.yaml")
     assert hw.kernel_launch_us == pytest.approx(20.0, abs=0.01)

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 from collections import defaultdict
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,15 +11,10 @@ from megatron_fcp.planner.api import make_plan
 from megatron_fcp.planner.columns import Piece
 from megatron_fcp.planner.stages import split_stages
 
-REPO = Path(__file__).resolve().parents[2]
-
 
 @pytest.fixture(scope="module")
-def script():
-    spec = importlib.util.spec_from_file_location("node_relay_potential", REPO / "scripts/node_relay_potential.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def script(load_script):
+    return load_script("node_relay_potential")
 
 
 def _by_token(plan, movement: str, gpus_per_node: int, budget: int) -> dict[str, float]:

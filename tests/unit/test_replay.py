@@ -7,10 +7,8 @@ moves nothing, and the in-process executor, each with a backend that records eve
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -30,8 +28,6 @@ from megatron_fcp.bench.replay import (
 from megatron_fcp.planner.api import make_plan
 from megatron_fcp.testing.cases import batch, tiny_rank_plan
 from megatron_fcp.testing.ring import ring_schedule
-
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "gpu_perf.py"
 
 
 def _plan(name: str, cp: int, tokens_per_rank: int, mask: str, strategy: str):
@@ -129,15 +125,8 @@ def test_timer_records_calls_the_backend_cannot_run():
     assert len(timer.failed) == 1
 
 
-def _script():
-    spec = importlib.util.spec_from_file_location("gpu_perf", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_script_quick_cpu_mode_writes_its_three_files(tmp_path, capsys):
-    script = _script()
+def test_script_quick_cpu_mode_writes_its_three_files(tmp_path, capsys, load_script):
+    script = load_script("gpu_perf")
     start = time.monotonic()
     rc = script.main(["--quick", "--device", "cpu", "--backend", "cpu", "--out-dir", str(tmp_path), "--prefix", "t"])
     took = time.monotonic() - start
@@ -167,8 +156,8 @@ def test_script_quick_cpu_mode_writes_its_three_files(tmp_path, capsys):
     assert (tmp_path / "t_perf.md").read_text() == md
 
 
-def test_script_skips_cells_past_its_budget(tmp_path):
-    script = _script()
+def test_script_skips_cells_past_its_budget(tmp_path, load_script):
+    script = load_script("gpu_perf")
     rc = script.main(["--quick", "--device", "cpu", "--out-dir", str(tmp_path), "--prefix", "b", "--budget-s", "0",
                       "--lengths", "spamassassin", "--cps", "2", "--no-calibration", "--hardware", ""])
     assert rc == 2

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
@@ -12,15 +10,10 @@ from megatron_fcp.data.lengths import load_distribution, pack_batches
 from megatron_fcp.sim import published as P
 from megatron_fcp.sim.model import load_hardware
 
-REPO = Path(__file__).resolve().parents[2]
-
 
 @pytest.fixture(scope="module")
-def script():
-    spec = importlib.util.spec_from_file_location("scaling_validated", REPO / "scripts/scaling_validated.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def script(load_script):
+    return load_script("scaling_validated")
 
 
 @pytest.fixture(scope="module")
