@@ -333,14 +333,16 @@ def test_sbatch_srun_launcher_dry_run_without_container(tmp_path):
     assert "launcher srun" in out and "container none" in out
 
 
-def _usr1_job(folder: Path, **env: str) -> tuple[int, str, list[str]]:
+def _usr1_job(folder: Path, scancel_returns_after: float = 0.0, **env: str) -> tuple[int, str, list[str]]:
     """fcp.sbatch outside Slurm with stand-ins that record their calls: srun runs until scancel is called, and
-    the script gets SIGUSR1 (Slurm's time-limit warning) once srun runs. Returns (exit status, output, calls)."""
+    the script gets SIGUSR1 (Slurm's time-limit warning) once srun runs. scancel returns that many seconds after
+    asking srun to stop (with a delay, srun ends while the script's trap still runs). Returns (exit status,
+    output, calls)."""
     bin_dir, calls, stop = folder / "bin", folder / "calls", folder / "stop"
     bin_dir.mkdir()
     stand_ins = {
         "scontrol": f'echo "scontrol $*" >>{calls}; [[ "$1 $2" == "show hostnames" ]] && echo node1; exit 0',
-        "scancel": f'echo "scancel $*" >>{calls}; touch {stop}',
+        "scancel": f'echo "scancel $*" >>{calls}; touch {stop}; sleep {scancel_returns_after}',
         "srun": f'echo srun >>{calls}; while [[ ! -e {stop} ]]; do sleep 0.05; done; exit 1',
     }
     for name, body in stand_ins.items():
@@ -361,10 +363,12 @@ def _usr1_job(folder: Path, **env: str) -> tuple[int, str, list[str]]:
     return proc.returncode, out, calls.read_text().splitlines()
 
 
-def test_sbatch_time_limit_warning_stops_tasks_then_requeues(tmp_path):
+@pytest.mark.parametrize("scancel_returns_after", [0.0, 0.5], ids=["srun_ends_after_the_trap", "during_the_trap"])
+def test_sbatch_time_limit_warning_stops_tasks_then_requeues(tmp_path, scancel_returns_after):
     """USR1: SIGTERM to the job's tasks with scancel (not to srun, which would end the step at once), wait for
-    srun to end, then `scontrol requeue` the job, whatever the tasks' exit status (torchrun exits 1 on SIGTERM)."""
-    rc, out, calls = _usr1_job(tmp_path)
+    srun to end, then `scontrol requeue` the job, whatever the tasks' exit status (torchrun exits 1 on SIGTERM).
+    The status is srun's even when srun ends while the trap runs (the trap's cut-short wait returns 138)."""
+    rc, out, calls = _usr1_job(tmp_path, scancel_returns_after)
     assert calls[-3:] == ["srun", "scancel --signal=TERM 77", "scontrol requeue 77"], (calls, out)
     assert "time limit near (USR1)" in out and "tasks ended with exit status 1" in out
     assert "requeueing job 77 to resume from its latest checkpoint (restart 1)" in out and rc == 1
