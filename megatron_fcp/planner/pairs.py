@@ -57,6 +57,18 @@ def arange_within(counts) -> np.ndarray:
     return np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
 
 
+def doc_starts(doc_lens: np.ndarray, docs) -> np.ndarray:
+    """int64 per entry of ``docs``: the packed-batch position of that document's first token, ``sum(doc_lens[:d])``.
+    One segment sum between the distinct documents asked for instead of a prefix sum of every document (a tenth of
+    its time on a batch of millions of documents, of which a rank's view asks for a few)."""
+    distinct, slot = np.unique(np.asarray(docs, dtype=np.int64), return_inverse=True)
+    if distinct.shape[0] == 0:
+        return np.zeros(0, np.int64)
+    between = np.add.reduceat(doc_lens, distinct)[:-1]  # tokens of documents distinct[k] .. distinct[k + 1] - 1
+    starts = np.concatenate([[0], np.cumsum(between)]) + int(doc_lens[: distinct[0]].sum())
+    return starts.astype(np.int64)[slot.reshape(-1)]
+
+
 def matching_rows(sorted_keys: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Every ``(i, j)`` with ``sorted_keys[j] == keys[i]`` (``sorted_keys`` ascending): a vectorised join, as
     int64 arrays ``i`` (ascending) and ``j``."""

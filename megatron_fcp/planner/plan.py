@@ -189,7 +189,8 @@ class Plan:
         tokens = np.bincount(rows[:, Q.CP_RANK], weights=rows[:, Q.END] - rows[:, Q.START], minlength=self.cp)
         tokens = tokens.astype(np.int64)
         if self.whole_rank is not None:
-            held_tokens = np.bincount(self.whole_rank + 1, weights=self.doc_lens, minlength=self.cp + 1)  # 0: not held
+            held_tokens = np.bincount(self.whole_rank + 1, weights=self.doc_lens.astype(np.float64),  # 0: not held
+                                      minlength=self.cp + 1)  # float weights: bincount's own conversion is slower
             tokens += held_tokens[1:].astype(np.int64)
         return tokens
 
@@ -245,7 +246,8 @@ class Plan:
         """The view of one rank: exactly what it computes, receives and sends."""
         if not 0 <= cp_rank < self.cp:
             raise ValueError(f"cp_rank {cp_rank} out of range for cp={self.cp}")
-        own = self.rows_of([cp_rank])[:, VIEW_Q]
+        rows = self.rows_of([cp_rank])
+        own = rows[:, VIEW_Q]
         if self.exchange == "ring":  # one rank's share of ring_kv_rows, without expanding every rank's
             recv, send = _ring_rank_rows(self.q, self.cp, cp_rank)
             recv_pieces, send_pieces = _ring_rank_pieces(self.q, self.doc_lens, self.cp, cp_rank, self.mask)
@@ -256,6 +258,8 @@ class Plan:
             pieces = self._pieces_of(cp_rank)
             recv_pieces = pieces[pieces[:, Piece.DST] == cp_rank][:, VIEW_RECV_PIECES]
             send_pieces = pieces[pieces[:, Piece.SRC] == cp_rank][:, VIEW_SEND_PIECES]
+        # the rank's tokens from its own rows (num_tokens counts every rank's: a pass over every document)
+        real = int((rows[:, Q.END] - rows[:, Q.START]).sum())
         return RankPlan(
             cp_rank=cp_rank,
             cp=self.cp,
@@ -263,7 +267,7 @@ class Plan:
             q=tuple(map(tuple, own.tolist())),
             kv_recv=tuple(map(tuple, recv.tolist())),
             kv_send=tuple(map(tuple, send.tolist())),
-            num_tokens=int(self.num_tokens[cp_rank]),
+            num_tokens=real + int(self.num_pad_tokens[cp_rank]),
             num_pad_tokens=int(self.num_pad_tokens[cp_rank]),
             recv_pieces=tuple(map(tuple, recv_pieces.tolist())),
             send_pieces=tuple(map(tuple, send_pieces.tolist())),
@@ -291,14 +295,15 @@ class Plan:
 
     def _whole_tokens_before(self, ranks: np.ndarray, docs: np.ndarray) -> np.ndarray:
         """Per ``(rank, doc)``: tokens of the documents that ``rank`` holds whole with a smaller index (they come
-        first in its local order). One weighted count over the batch, by rank and by the gaps between ``docs``."""
+        first in its local order). One count per rank of the documents between two of ``docs`` (the cut documents,
+        a few hundred at most), each over a slice of the batch: no per-document index array."""
         bounds = np.unique(docs)
-        num_docs = self.doc_lens.shape[0]
-        gap = np.repeat(np.arange(bounds.shape[0] + 1), np.diff(np.concatenate([[0], bounds, [num_docs]])))
-        width = self.cp + 1  # column 0: documents not held whole
-        tokens = np.bincount(gap * width + (self.whole_rank + 1), weights=self.doc_lens,
-                             minlength=(bounds.shape[0] + 1) * width).reshape(-1, width)[:, 1:]
-        before = np.cumsum(tokens, axis=0).astype(np.int64)  # row k: documents before bounds[k]
+        edges = np.concatenate([[0], bounds, [self.doc_lens.shape[0]]]).tolist()
+        lens = self.doc_lens.astype(np.float64)  # what bincount turns integer weights into, at half the cost
+        tokens = np.zeros((bounds.shape[0] + 1, self.cp + 1))  # column 0: documents not held whole
+        for gap, (lo, hi) in enumerate(zip(edges[:-1], edges[1:], strict=True)):
+            tokens[gap] = np.bincount(self.whole_rank[lo:hi] + 1, weights=lens[lo:hi], minlength=self.cp + 1)
+        before = np.cumsum(tokens[:, 1:], axis=0).astype(np.int64)  # row k: documents before bounds[k]
         return before[np.searchsorted(bounds, docs), ranks]
 
     @cached_property

@@ -39,7 +39,7 @@ import numpy as np
 
 from megatron_fcp.errors import InputError
 from megatron_fcp.planner.columns import KV, Piece, Q
-from megatron_fcp.planner.pairs import arange_within, matching_rows
+from megatron_fcp.planner.pairs import arange_within, doc_starts, matching_rows
 
 PIECE_COLS = tuple(column.name.lower() for column in Piece)
 """``("dst", "src", "doc", "start", "end", "src_offset", "pos", "total")``: the columns of pieces (:class:`Piece`)."""
@@ -179,10 +179,11 @@ def staging_anchor(dst: np.ndarray, doc: np.ndarray, q: np.ndarray, doc_lens: np
     if mask == "full":
         return own_first
     target = (own_first * ((dst * _SPREAD) % (1 << 32))) >> 32
-    doc_start = np.concatenate([[0], np.cumsum(doc_lens)])
-    row_starts = np.sort(doc_start[q[:, Q.DOC]] + q[:, Q.START])
-    row = np.searchsorted(row_starts, doc_start[doc] + target, "right") - 1
-    return row_starts[np.maximum(row, 0)] - doc_start[doc]
+    starts = doc_starts(doc_lens, np.concatenate([q[:, Q.DOC], doc]))
+    q_doc_start, doc_start = starts[: q.shape[0]], starts[q.shape[0]:]
+    row_starts = np.sort(q_doc_start + q[:, Q.START])
+    row = np.searchsorted(row_starts, doc_start + target, "right") - 1
+    return row_starts[np.maximum(row, 0)] - doc_start
 
 
 def staging_key(rows: np.ndarray, q: np.ndarray, doc_lens: np.ndarray, mask: str) -> np.ndarray:

@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from megatron_fcp.planner.pairs import MASKS, block_pairs, check_mask, needed_kv_end, q_pairs, tri
+from megatron_fcp.planner.pairs import MASKS, block_pairs, check_mask, doc_starts, needed_kv_end, q_pairs, tri
 
 MAX_DOC = 40
 """Documents in the brute-force tests are at most this long (the count builds a dense matrix)."""
@@ -138,3 +138,14 @@ def test_check_mask_names_the_choices():
     assert check_mask("full") == "full"
     with pytest.raises(ValueError, match=r"unknown mask 'sliding'.*causal, full"):
         check_mask("sliding")
+
+
+@settings(max_examples=200, deadline=None)
+@given(lens=st.lists(st.integers(0, 50), min_size=1, max_size=30), data=st.data())
+def test_doc_starts_is_the_prefix_sum_at_the_documents_asked_for(lens, data):
+    """Any documents, repeated, unsorted, the first and the last included: the start a prefix sum gives."""
+    lens = np.asarray(lens, np.int64)
+    docs = data.draw(st.lists(st.integers(0, lens.shape[0] - 1), max_size=12))
+    expected = np.concatenate([[0], np.cumsum(lens)])[np.asarray(docs, np.int64)]
+    got = doc_starts(lens, docs)
+    assert got.dtype == np.int64 and got.tolist() == expected.tolist()
