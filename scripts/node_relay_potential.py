@@ -12,7 +12,10 @@ share of gradient rows still sent over it, the others summed inside the node fir
 - ``same round``: copies that one GPU of the node receives in the same round as another are forwarded over
   NVLink inside the round (a second hop);
 - ``round after``: a copy is taken over NVLink from a node-mate that received the token one round earlier (that
-  node-mate holds it during the round in which this one's stage travels, so no memory is added);
+  node-mate holds it during the round in which this one's stage travels, so no memory is added); for gradients,
+  mirrored: a copy's gradient is added to a node-mate's copy one round *later* (computed in round ``k``, it
+  travels during ``k + 1`` and can only join a sum sent after that), so the copies with no copy one round later
+  cross InfiniBand (``megatron_fcp.planner.relay`` applies this rule);
 - ``both``: either of the two.
 """
 
@@ -65,8 +68,11 @@ def relay_shares(plan, movement: str = "forward", gpus_per_node: int = GPUS_PER_
     new_pair = new_key | np.concatenate([[True], rnd[1:] != rnd[:-1]])
     pair_key, pair_rnd = key[new_pair], rnd[new_pair]
     pair_count = np.diff(np.append(np.flatnonzero(new_pair), total))
-    # the (node, doc, token) copy one round earlier exists: pairs are sorted by key then round
-    after = np.concatenate([[False], (pair_key[1:] == pair_key[:-1]) & (pair_rnd[1:] == pair_rnd[:-1] + 1)])
+    # the (node, doc, token) copy one round earlier (gradients: later) exists: pairs are sorted by key then round
+    if movement == "gradients":
+        after = np.concatenate([(pair_key[:-1] == pair_key[1:]) & (pair_rnd[:-1] + 1 == pair_rnd[1:]), [False]])
+    else:
+        after = np.concatenate([[False], (pair_key[1:] == pair_key[:-1]) & (pair_rnd[1:] == pair_rnd[:-1] + 1)])
     return {"inter_node_tokens": total, "once per node": int(new_key.sum()) / total,
             "same round": int(new_pair.sum()) / total,
             "round after": int(pair_count[~after].sum()) / total, "both": int((~after).sum()) / total}

@@ -3,7 +3,9 @@
 - :class:`Q`: a plan's ``q`` rows ``(cp_rank, doc, start, end)``;
 - :class:`KV`: its ``kv`` rows ``(cp_rank, src_rank, doc, start, end)``, ``cp_rank`` the receiver;
 - :class:`Piece`: its pieces ``(dst, src, doc, start, end, src_offset, pos, total)`` (see
-  :mod:`megatron_fcp.planner.stages`).
+  :mod:`megatron_fcp.planner.stages`);
+- :class:`Transfer`: the transfers of one movement of the staged exchange when the ranks are grouped into nodes
+  (see :mod:`megatron_fcp.planner.relay`).
 
 The per-rank view (:class:`~megatron_fcp.planner.plan.RankPlan`) keeps some columns of these tables, in the
 order of ``VIEW_*``: its rows are ``table[:, VIEW_...]`` of the rank's rows.
@@ -45,6 +47,27 @@ class Piece(IntEnum):
     SRC_OFFSET = 5
     POS = 6
     TOTAL = 7
+
+
+class Transfer(IntEnum):
+    """Columns of transfers: tokens ``[start, end)`` of ``doc`` (owned by ``owner``) move from rank ``src`` to
+    rank ``dst`` in ``round``. Each end is a rank's own key/values (``*_stage`` is ``-1``, ``*_pos`` is ``-1``,
+    ``*_offset`` the local token index of ``start``, as :attr:`Piece.SRC_OFFSET`) or one of its stage buffers
+    (``*_stage`` the stage, ``*_pos`` the staging position of ``start``, ``*_offset`` its row in the buffer)."""
+
+    SRC = 0
+    SRC_STAGE = 1
+    SRC_POS = 2
+    SRC_OFFSET = 3
+    DST = 4
+    DST_STAGE = 5
+    DST_POS = 6
+    DST_OFFSET = 7
+    DOC = 8
+    START = 9
+    END = 10
+    ROUND = 11
+    OWNER = 12
 
 
 VIEW_Q = (Q.DOC, Q.START, Q.END)

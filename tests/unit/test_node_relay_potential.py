@@ -33,8 +33,9 @@ def _by_token(plan, movement: str, gpus_per_node: int, budget: int) -> dict[str,
             rounds[dst // gpus_per_node, doc, token].append(rnd)
     total = sum(len(r) for r in rounds.values())
     same = sum(len(set(r)) for r in rounds.values())
-    after = sum(sum(1 for x in r if x - 1 not in r) for r in rounds.values())
-    both = sum(sum(1 for x in set(r) if x - 1 not in r) for r in rounds.values())
+    partner = 1 if movement == "gradients" else -1  # gradients join a copy one round later
+    after = sum(sum(1 for x in r if x + partner not in r) for r in rounds.values())
+    both = sum(sum(1 for x in set(r) if x + partner not in r) for r in rounds.values())
     return {"inter_node_tokens": total, "once per node": len(rounds) / total, "same round": same / total,
             "round after": after / total, "both": both / total}
 

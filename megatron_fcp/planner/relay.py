@@ -1,0 +1,235 @@
+"""Where each sub-piece of the staged key/value exchange comes from when the CP ranks are grouped into nodes: the
+"round after" relay of docs/node_aware_exchange.md (step 2). Pure integers (numpy), a function of
+``(pieces, cp_node, budget)`` alone, so every rank derives the same transfers without a message.
+
+Vocabulary (beside :mod:`megatron_fcp.planner.stages`'):
+
+- ``cp_node``: int64 ``[cp]``, the node of each CP rank. Ranks of one node are **node-mates** (NVLink between
+  them); tokens between nodes cross InfiniBand.
+- A **sub-piece** is a piece cut at its receiver's stage boundaries (:func:`~.stages.split_stages`): tokens
+  ``[start, end)`` of one document, owned by one rank, that the receiver holds in one stage. Its **round**: in
+  forward its stage ``j``; in backward ``n - 1 - j`` (``n``: the receiver's stages).
+- A rank's **stage buffer** ``j`` holds its stage ``j`` grouped by owner (ascending), inside an owner in the
+  owner's local token order: the layout of :mod:`megatron_fcp.attention.schedule`. Relays leave it as it is (so
+  the kernel calls stay as they are), and a stage's key/value gradients have the same rows.
+- A **transfer** (columns :class:`~megatron_fcp.planner.columns.Transfer`) moves tokens ``[start, end)`` of
+  one document from one end to another; an end is a rank's own key/values or one of its stage buffers, and the
+  tokens are contiguous at both ends (one message each way, or part of one).
+
+The rule, per movement (:data:`MOVEMENTS`), follows the engine's rounds (:mod:`megatron_fcp.attention.engine`):
+
+- ``forward``: in round ``j`` a rank computes its stage ``j`` while stage ``j + 1`` travels, so all through
+  round ``j`` it holds every token of its stage buffer ``j``. The tokens of a sub-piece of stage ``s >= 1`` whose
+  owner is on another node come from a node-mate that holds them in its stage ``s - 1`` (from that stage
+  buffer); the tokens no node-mate holds so come from the owner. Stage 0, and sub-pieces whose owner is on the
+  receiver's node, come from the owner as without nodes. ``round``: the receiver's stage (the index of the
+  schedule's ``send_rounds``; it travels during round ``s - 1``, stage 0 before round 0).
+- ``refetch``: backward round ``k >= 1`` fetches the receiver's stage ``n - 1 - k`` again, and it travels during
+  round ``k - 1``, while a rank holds its stage of round ``k - 1``. A token refetched in round ``k >= 2`` whose
+  owner is on another node comes from a node-mate that holds it in round ``k - 1``. Not from the kept last stage
+  (round 0): the engine frees that buffer as soon as it is computed (``release``) while the refetch of round 1
+  may still travel. ``round``: ``k``.
+- ``gradients``: the key/value gradients of the stage computed in backward round ``k`` are sent at the end of
+  that round and travel during round ``k + 1``. The gradient rows of a token whose owner is on another node go
+  to a node-mate that holds the same token in round ``k + 1``, which adds them to its own stage's gradient rows
+  before its own send one round later; the others go to the owner. ``round``: ``k``. The source end is the
+  computing rank's stage (its gradient rows); the destination is the summing node-mate's stage or the owner's
+  own rows. The copies of a token that cross InfiniBand are those with no node-mate copy one round *later*
+  (``scripts/node_relay_potential.py`` counts those with no copy one round *earlier*, as for key/values: the two
+  differ where consecutive rounds hold different numbers of copies).
+
+Chains are allowed: a relay may itself have got the tokens by relay one round earlier (or hand the sum on one
+round later). No memory is added: a relay serves from (or sums into) a buffer that is alive in that round anyway.
+
+Tie-break: where several node-mates hold a token in the round wanted, a rank uses the first of them after itself
+in rank order, cyclically: the smallest ``(mate - rank) mod cp``. Where every node-mate holds a range, each rank
+picks a different one (the node's ranks form a ring), so the relay load spreads over the node instead of falling
+on its lowest rank; and a range keeps its relay for as long as that relay holds it, so transfers stay long.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from megatron_fcp.errors import InputError
+from megatron_fcp.planner.columns import Piece, Transfer
+from megatron_fcp.planner.pairs import arange_within
+from megatron_fcp.planner.stages import parse_kv_budget, sort_order, split_stages
+
+MOVEMENTS = ("forward", "refetch", "gradients")
+"""The staged exchange's movements: forward stages, the stages fetched again in backward, the key/value gradients
+sent back (see the module docstring)."""
+TRANSFER_COLS = tuple(column.name.lower() for column in Transfer)
+"""``("src", "src_stage", "src_pos", "src_offset", "dst", "dst_stage", "dst_pos", "dst_offset", "doc", "start",
+"end", "round", "owner")``: the columns of transfers (:class:`~megatron_fcp.planner.columns.Transfer`)."""
+OWN = -1
+"""``*_stage`` (and ``*_pos``) of an end at a rank's own key/values (or, for gradients, its own gradient rows)."""
+
+
+def _sub_pieces(pieces: np.ndarray, budget: int | None) -> dict[str, np.ndarray]:
+    """The pieces cut at their receivers' stage boundaries (int64 arrays, one entry per sub-piece): ``rank`` (the
+    receiver), ``owner``, ``doc``, ``start``, ``length``, ``own_offset`` (the owner's local index of ``start``),
+    ``pos`` (the receiver's staging position of ``start``), ``stage``, ``num_stages`` (the receiver's) and
+    ``buf`` (the row of ``start`` in the receiver's stage buffer)."""
+    index, offset, length, stage, n = split_stages(pieces[:, Piece.POS], pieces[:, Piece.END] - pieces[:, Piece.START],
+                                                   pieces[:, Piece.TOTAL], budget)
+    sub = {"rank": pieces[index, Piece.DST], "owner": pieces[index, Piece.SRC], "doc": pieces[index, Piece.DOC],
+           "start": pieces[index, Piece.START] + offset, "length": length,
+           "own_offset": pieces[index, Piece.SRC_OFFSET] + offset, "pos": pieces[index, Piece.POS] + offset,
+           "stage": stage, "num_stages": n}
+    # the stage buffer: by owner, then the owner's local order (schedule.py lays stages out so)
+    order = sort_order(sub["rank"], stage, sub["owner"], sub["own_offset"])
+    lens, rank, stg = length[order], sub["rank"][order], stage[order]
+    before = np.cumsum(lens) - lens
+    is_first = np.concatenate([[True], (rank[1:] != rank[:-1]) | (stg[1:] != stg[:-1])])
+    buf = np.empty_like(length)
+    buf[order] = before - before[np.flatnonzero(is_first)][np.cumsum(is_first) - 1]
+    sub["buf"] = buf
+    return sub
+
+
+def _relay_segments(sub: dict[str, np.ndarray], rnd: np.ndarray, query: np.ndarray, holder: np.ndarray,
+                    delta: int, cp_node: np.ndarray):
+    """Cut the sub-pieces ``query`` where their relay changes. A token of query sub-piece ``q`` (rank ``g``,
+    round ``r``) is relayed by the sub-piece of ``holder`` of a node-mate of ``g`` that holds it in round
+    ``r + delta`` (the first such mate after ``g``, cyclically); tokens no holder covers get ``-1``.
+
+    Returns int64 arrays, one entry per segment, sorted by query then start: the sub-piece, its relay sub-piece
+    (``-1``: none), start and end.
+    """
+    start, end = sub["start"], sub["start"] + sub["length"]
+    span = int(end.max()) + 1  # token coordinates below it: key * span + token keeps keys apart
+    cp = cp_node.shape[0]
+    g = sub["rank"][query]
+    # every (query, node-mate of its rank)
+    node_size = np.bincount(cp_node)
+    node_ranks = np.argsort(cp_node, kind="stable")
+    mates = node_size[cp_node[g]]
+    of_query = np.repeat(np.arange(query.shape[0], dtype=np.int64), mates)
+    mate = node_ranks[(np.cumsum(node_size) - node_size)[cp_node[g]][of_query] + arange_within(mates)]
+    keep = mate != g[of_query]
+    of_query, mate = of_query[keep], mate[keep]
+    pair_query = pair_holder = np.zeros(0, np.int64)
+    if of_query.shape[0] and holder.shape[0]:
+        # one group id per (rank, doc, round), shared by the holders and what the queries look for
+        keys = np.concatenate([np.column_stack([sub["rank"][holder], sub["doc"][holder], rnd[holder]]),
+                               np.column_stack([mate, sub["doc"][query][of_query], rnd[query][of_query] + delta])])
+        group = np.unique(keys, axis=0, return_inverse=True)[1].reshape(-1)
+        holder_group, wanted_group = group[: holder.shape[0]], group[holder.shape[0]:]
+        # a rank's sub-pieces of one document in one round are disjoint: sorted by start, their ends are sorted too
+        holder_start = holder_group * span + start[holder]
+        order = np.argsort(holder_start, kind="stable")
+        holder_start, holder_sorted = holder_start[order], holder[order]
+        holder_end = holder_start + sub["length"][holder_sorted]
+        a, b = start[query][of_query], end[query][of_query]
+        first = np.searchsorted(holder_end, wanted_group * span + a, "right")  # the first ending after a
+        count = np.maximum(np.searchsorted(holder_start, wanted_group * span + b, "left") - first, 0)
+        pair_query = np.repeat(of_query, count)
+        pair_holder = holder_sorted[np.repeat(first, count) + arange_within(count)]
+    # the overlaps cut each query into elementary segments; each takes its most preferred covering holder
+    q_start, q_end = start[query], end[query]
+    cut_start = np.maximum(start[pair_holder], q_start[pair_query])
+    cut_end = np.minimum(end[pair_holder], q_end[pair_query])
+    own = np.arange(query.shape[0], dtype=np.int64)
+    points = np.unique(np.concatenate([own * span + q_start, own * span + q_end, pair_query * span + cut_start,
+                                       pair_query * span + cut_end]))
+    first = np.searchsorted(points, pair_query * span + cut_start)
+    covered = np.searchsorted(points, pair_query * span + cut_end) - first
+    segment = np.repeat(first, covered) + arange_within(covered)
+    preference = np.repeat((sub["rank"][pair_holder] - g[pair_query]) % cp, covered)
+    relay = np.repeat(pair_holder, covered)
+    order = sort_order(segment, preference)
+    segment, relay = segment[order], relay[order]
+    best = np.concatenate([[True], segment[1:] != segment[:-1]]) if segment.shape[0] else np.zeros(0, bool)
+    choice = np.full(points.shape[0], -1, np.int64)
+    choice[segment[best]] = relay[best]
+    seg_query, seg_start = points // span, points % span
+    is_segment = np.flatnonzero(np.concatenate([seg_query[1:] == seg_query[:-1], [False]]))  # not a query's end
+    seg_query, choice, seg_end, seg_start = (seg_query[is_segment], choice[is_segment], seg_start[is_segment + 1],
+                                             seg_start[is_segment])
+    # adjacent segments of one query with one choice are one range (contiguous at both ends)
+    is_new = np.concatenate([[True], (seg_query[1:] != seg_query[:-1]) | (choice[1:] != choice[:-1])])
+    run_first = np.flatnonzero(is_new)
+    run_last = np.append(run_first[1:], seg_query.shape[0]) - 1
+    return query[seg_query[run_first]], choice[run_first], seg_start[run_first], seg_end[run_last]
+
+
+def _check_cp_node(cp_node, pieces: np.ndarray) -> np.ndarray:
+    cp_node = np.asarray(cp_node)
+    if cp_node.ndim != 1 or cp_node.dtype.kind not in "iu" or (cp_node.size and cp_node.min() < 0):
+        raise InputError(f"cp_node must be a flat list of non-negative node indices, one per CP rank; got "
+                         f"{cp_node.tolist()!r:.80}")
+    ranks = pieces[:, [Piece.DST, Piece.SRC]]
+    if ranks.size and int(ranks.max()) >= cp_node.shape[0]:
+        raise InputError(f"cp_node names the node of {cp_node.shape[0]} CP ranks but the pieces name rank "
+                         f"{int(ranks.max())}; give the node of every CP rank of the plan")
+    return cp_node.astype(np.int64)
+
+
+def relay_transfers(pieces, cp_node, budget: int | None, movement: str = "forward") -> np.ndarray:
+    """The transfers of one movement (:data:`MOVEMENTS`) of the staged exchange of ``pieces`` (a plan's, columns
+    :class:`~megatron_fcp.planner.columns.Piece`) under ``budget`` (tokens per stage, resolved: a positive
+    integer, or None for one stage; :func:`~.stages.resolve_kv_budget` turns ``auto`` into the ranks' token
+    slots), with ranks on nodes ``cp_node`` (int64 ``[cp]``), by the round-after relay (module docstring).
+
+    Returns int64 ``[num_transfers, 13]``, columns :class:`~megatron_fcp.planner.columns.Transfer`, sorted by
+    the end that holds the sub-piece (forward, refetch: ``dst``; gradients: ``src``), then its stage and staging
+    position. Every sub-piece that moves is covered once, token for token; a transfer never straddles two
+    sub-pieces at either end.
+    """
+    if movement not in MOVEMENTS:
+        raise InputError(f"movement {movement!r} is not one of {', '.join(MOVEMENTS)}")
+    budget = parse_kv_budget(budget)
+    if budget == "auto":
+        raise InputError("relay_transfers needs the budget in tokens per stage: resolve 'auto' first with "
+                         "resolve_kv_budget('auto', int(plan.num_tokens.max()))")
+    pieces = np.asarray(pieces, dtype=np.int64).reshape(-1, len(Piece))
+    cp_node = _check_cp_node(cp_node, pieces)
+    if pieces.shape[0] == 0:
+        return np.zeros((0, len(Transfer)), np.int64)
+    sub = _sub_pieces(pieces, budget)
+    stage, num_stages = sub["stage"], sub["num_stages"]
+    rnd = stage if movement == "forward" else num_stages - 1 - stage
+    inter = cp_node[sub["rank"]] != cp_node[sub["owner"]]
+    moves = rnd >= 1 if movement == "refetch" else np.ones(rnd.shape, bool)
+    may_relay = inter & (rnd >= {"forward": 1, "refetch": 2, "gradients": 0}[movement])
+    query, direct = np.flatnonzero(may_relay), np.flatnonzero(moves & ~may_relay)
+    seg_start = sub["start"][direct]
+    seg_sub, seg_relay, seg_end = direct, np.full(direct.shape, -1, np.int64), seg_start + sub["length"][direct]
+    if query.shape[0]:
+        relayed = _relay_segments(sub, rnd, query, np.flatnonzero(moves & inter),
+                                  1 if movement == "gradients" else -1, cp_node)
+        seg_sub, seg_relay, seg_start, seg_end = (np.concatenate([mine, theirs]) for mine, theirs in
+                                                  zip((seg_sub, seg_relay, seg_start, seg_end), relayed, strict=True))
+    return _table(sub, rnd, seg_sub, seg_relay, seg_start, seg_end, movement)
+
+
+def _table(sub, rnd, seg_sub, seg_relay, seg_start, seg_end, movement: str) -> np.ndarray:
+    """Segments (sub-piece, relay sub-piece or -1, start, end) -> transfer rows, sorted (:func:`relay_transfers`)."""
+    offset = seg_start - sub["start"][seg_sub]
+    near = (sub["rank"][seg_sub], sub["stage"][seg_sub], sub["pos"][seg_sub] + offset, sub["buf"][seg_sub] + offset)
+    relayed = seg_relay >= 0
+    other = np.where(relayed, seg_relay, 0)
+    other_offset = seg_start - sub["start"][other]
+    far = (np.where(relayed, sub["rank"][other], sub["owner"][seg_sub]),
+           np.where(relayed, sub["stage"][other], OWN),
+           np.where(relayed, sub["pos"][other] + other_offset, OWN),
+           np.where(relayed, sub["buf"][other] + other_offset, sub["own_offset"][seg_sub] + offset))
+    src, dst = (near, far) if movement == "gradients" else (far, near)
+    out = np.empty((seg_sub.shape[0], len(Transfer)), np.int64)
+    for columns, end in (((Transfer.SRC, Transfer.SRC_STAGE, Transfer.SRC_POS, Transfer.SRC_OFFSET), src),
+                         ((Transfer.DST, Transfer.DST_STAGE, Transfer.DST_POS, Transfer.DST_OFFSET), dst)):
+        for column, values in zip(columns, end, strict=True):
+            out[:, column] = values
+    out[:, Transfer.DOC] = sub["doc"][seg_sub]
+    out[:, Transfer.START], out[:, Transfer.END] = seg_start, seg_end
+    out[:, Transfer.ROUND] = rnd[seg_sub]
+    out[:, Transfer.OWNER] = sub["owner"][seg_sub]
+    return out[sort_order(near[0], near[1], near[2])]
+
+
+def inter_node_tokens(transfers: np.ndarray, cp_node) -> int:
+    """Tokens of ``transfers`` (:func:`relay_transfers`) that cross between nodes ``cp_node`` (InfiniBand)."""
+    cp_node = np.asarray(cp_node, dtype=np.int64)
+    crossing = cp_node[transfers[:, Transfer.SRC]] != cp_node[transfers[:, Transfer.DST]]
+    return int((transfers[crossing, Transfer.END] - transfers[crossing, Transfer.START]).sum())
