@@ -9,7 +9,15 @@ from pathlib import Path
 
 import numpy as np
 
-from megatron_fcp.cpu_trainer.train import MEMORY_FIGURES, RECOMPUTE, RunConfig, baseline_of, fcp_config, launch
+from megatron_fcp.cpu_trainer.train import (
+    MEMORY_FIGURES,
+    RECOMPUTE,
+    RunConfig,
+    baseline_of,
+    check_nodes,
+    fcp_config,
+    launch,
+)
 from megatron_fcp.data.lengths import SHIPPED, load_distribution
 from megatron_fcp.errors import InputError
 from megatron_fcp.megatron.config import SCHEDULERS, SETTINGS
@@ -43,13 +51,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--recompute", choices=RECOMPUTE, default="none",
                    help="Megatron's activation recompute in the FCP run: selective recomputes core attention, full "
                         "every whole layer (uniform, 1 layer per checkpoint)")
+    p.add_argument("--ranks-per-node", default=None, metavar="N",
+                   help="processes per emulated node, which place the CP ranks on nodes in every plan (--cp 4 "
+                        "--ranks-per-node 2: 2 nodes x 2); default: LOCAL_WORLD_SIZE if set, else one node")
     p.add_argument("--out", default=None, help="folder for the per-step JSON records, kept (default: a temporary "
                                               "folder, removed at the end)")
     a = p.parse_args(argv)
     try:
         budget = parse_kv_budget(a.kv_budget_tokens, flag="--kv-budget-tokens")
         run = RunConfig(cp=a.cp, steps=a.steps, seq_length=a.seq_length, doclens=a.doclens, scheduler=a.scheduler,
-                        planning_workers=a.planning_workers, kv_budget_tokens=budget, recompute=a.recompute)
+                        planning_workers=a.planning_workers, kv_budget_tokens=budget, recompute=a.recompute,
+                        ranks_per_node=a.ranks_per_node)
         check_before_spawning(run, a.out)
     except InputError as err:
         p.error(str(err))
@@ -127,6 +139,7 @@ def check_before_spawning(run: RunConfig, out: str | None) -> None:
     except InputError as err:
         raise InputError(f"--doclens: {err}") from None
     fcp_config(run)
+    check_nodes(run)
     err = folder_write_problem(out) if out is not None else None
     if err is not None:
         raise InputError(f"--out {out}: cannot make the records folder or write in it ({err.strerror or err}); "

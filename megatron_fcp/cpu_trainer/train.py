@@ -37,7 +37,7 @@ import torch.distributed as dist
 
 from megatron_fcp.errors import InputError
 from megatron_fcp.megatron.batch import STATS, FcpBatchDataset, MockDocumentDataset, doc_lengths_from_positions
-from megatron_fcp.megatron.config import SETTINGS, FcpConfig
+from megatron_fcp.megatron.config import SETTINGS, FcpConfig, ranks_per_node_problem, resolve_ranks_per_node
 from megatron_fcp.paths import folder_write_problem
 from megatron_fcp.planner.plan import RankPlan
 from megatron_fcp.planner.stages import DEFAULT_KV_BUDGET, parse_kv_budget
@@ -117,6 +117,10 @@ class RunConfig:
     tensorboard_dir: str | None = None
     """If set, rank 0 writes the loss and FCP's per-step figures (``megatron_fcp.megatron.step.FIGURES``, the names
     Megatron's log line and TensorBoard use) as TensorBoard scalars here."""
+    ranks_per_node: int | None = None
+    """Processes per node (``--fcp-ranks-per-node``; the worker's ``--ranks-per-node``), which place the CP ranks on
+    nodes in every plan (``Plan.cp_node``): 4 processes at 2 per node emulate 2 nodes x 2 on one machine. None:
+    ``LOCAL_WORLD_SIZE`` of the environment (torchrun sets it), else no layout (one node). FCP runs only."""
     collective_timeout_s: float = 300.0
     """Seconds any collective of the run may wait for its peers (the process groups' timeout: start-up rendezvous,
     the loss and gradient all-reduces, barriers, checkpoint saves and loads, the SIGTERM agreement; FCP's key/value
@@ -125,6 +129,8 @@ class RunConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "kv_budget_tokens", parse_kv_budget(self.kv_budget_tokens, flag="kv_budget_tokens"))
+        object.__setattr__(self, "ranks_per_node",
+                           SETTINGS["ranks_per_node"].read(self.ranks_per_node, "RunConfig: ranks_per_node"))
         problem = self._problem()
         if problem:
             raise InputError(f"RunConfig: {problem}")
@@ -150,6 +156,9 @@ class RunConfig:
                     f"both of tp {self.tp}")
         if self.mode == "fcp" and self.seq_length % self.cp:
             return f"seq_length {self.seq_length} is not a multiple of cp {self.cp}"
+        if self.mode == "fcp":
+            return ranks_per_node_problem(self.world_size, self.tp, self.cp, self.ranks_per_node, "ranks_per_node",
+                                          "processes (dp x tp x cp)")
         return None
 
     @property
@@ -162,11 +171,26 @@ EXCHANGE_TIMEOUT_S = 120.0
 ``collective_timeout_s``, so the exchange's own error (naming the silent peer) comes before gloo's."""
 
 
-def fcp_config(run: RunConfig) -> FcpConfig:
-    return FcpConfig(cp=run.cp if run.mode == "fcp" else 1, seq_length=run.seq_length,
-                     scheduler=run.scheduler, backend="cpu",
-                     exchange_timeout_s=min(EXCHANGE_TIMEOUT_S, 0.9 * run.collective_timeout_s),
-                     kv_budget_tokens=run.kv_budget_tokens)
+def fcp_config(run: RunConfig, cp_global_ranks=None) -> FcpConfig:
+    """FCP's settings of ``run``; with ``cp_global_ranks`` (the CP group's, by CP rank) the node of each CP rank too
+    (``FcpConfig.with_nodes``: ``run.ranks_per_node``, else LOCAL_WORLD_SIZE, else no layout)."""
+    cfg = FcpConfig(cp=run.cp if run.mode == "fcp" else 1, seq_length=run.seq_length,
+                    scheduler=run.scheduler, backend="cpu",
+                    exchange_timeout_s=min(EXCHANGE_TIMEOUT_S, 0.9 * run.collective_timeout_s),
+                    kv_budget_tokens=run.kv_budget_tokens, ranks_per_node=run.ranks_per_node)
+    return cfg if cp_global_ranks is None or run.mode != "fcp" else cfg.with_nodes(cp_global_ranks)
+
+
+def check_nodes(run: RunConfig, environ=None) -> None:
+    """The node layout ``run`` will plan with, checked before any process starts training: ``run.ranks_per_node``
+    (checked with the run), else ``LOCAL_WORLD_SIZE`` of ``environ`` (default: this process's environment) must
+    divide the processes and give every node the same number of CP ranks. :class:`InputError`, one line."""
+    if run.mode != "fcp":
+        return
+    per_node, source = resolve_ranks_per_node(run.ranks_per_node, "ranks_per_node", environ)
+    problem = ranks_per_node_problem(run.world_size, run.tp, run.cp, per_node, source, "processes (dp x tp x cp)")
+    if problem:
+        raise InputError(f"{problem}; pass ranks_per_node (the worker's --ranks-per-node) to set it")
 
 
 def recompute_settings(recompute: str) -> dict:
@@ -649,11 +673,11 @@ def _train(rank: int, run: RunConfig, out_path: str | None, quiet: bool, stop: _
     steps = range(run.first_step, run.first_step + run.steps)
     indices = [s * run.dp + dp_rank * micro_batches + m for s in steps for m in range(micro_batches)]
     fcp_step = None
-    if run.mode == "fcp":
-        data = _loader(FcpBatchDataset(inner, fcp_config(run), cp_rank, with_plan_view=cp > 1), indices,
-                       run.planning_workers)
+    if run.mode == "fcp":  # the plans carry the node of each CP rank (checked by the plan agreement's digest)
+        cfg = fcp_config(run, ps.get_context_parallel_global_ranks())
+        data = _loader(FcpBatchDataset(inner, cfg, cp_rank, with_plan_view=cp > 1), indices, run.planning_workers)
         cp_group = ps.get_context_parallel_group() if cp > 1 else None  # gloo: also the plan check's host group
-        fcp_step = FcpStep(fcp_config(run), cp_group, cp_group, device="cpu", keep_records=True)
+        fcp_step = FcpStep(cfg, cp_group, cp_group, device="cpu", keep_records=True)
     else:
         data = _loader(_DenseBatches(inner), indices, run.planning_workers)
     memory = None
@@ -711,6 +735,9 @@ def _train(rank: int, run: RunConfig, out_path: str | None, quiet: bool, stop: _
             rec["memory"] = dict(memory.figures)
             rec["memory_model"] = {k: max(m[k] for m in models) for k in models[0]}
             rec["own_kv_bytes"] = own_kv_bytes(run)
+        if run.mode == "fcp":  # the node layout the step's plans carried (their shipped views, at CP > 1)
+            nodes = [s["rank_plan"].cp_node for s in samples if s.get("rank_plan") is not None]
+            rec["cp_node"] = list(nodes[0]) if nodes and nodes[0] is not None else None
         records.append(rec)
         if rank == 0 and not quiet:
             extra = f" | {figures_line(rec['fcp'])}" if run.mode == "fcp" else ""
@@ -838,6 +865,7 @@ def launch_series(runs: list[RunConfig], out_paths: list[str | Path], quiet: boo
         raise ValueError(f"runs launched together need the same number of processes, got {sorted(sizes)}")
     for run in runs:
         check_paths(run)
+        check_nodes(run)
     out_paths = [str(p) for p in out_paths]
     mp.spawn(_worker, args=(list(runs), _free_port(), out_paths, quiet), nprocs=sizes.pop(), join=True)
     return [json.loads(Path(p).read_text()) for p in out_paths]
@@ -868,4 +896,4 @@ def baseline_of(run: RunConfig) -> RunConfig:
     """The same run without context or tensor parallelism (one process per data-parallel replica) and without
     recompute (which must not change the numbers)."""
     return replace(run, mode="nocp", cp=1, tp=1, recompute="none", kv_budget_tokens=DEFAULT_KV_BUDGET,
-                   grads_out=run.grads_out and run.grads_out + ".nocp")
+                   ranks_per_node=None, grads_out=run.grads_out and run.grads_out + ".nocp")

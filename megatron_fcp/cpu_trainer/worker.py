@@ -5,7 +5,9 @@
         --checkpoints CKPT --save-interval 5 --records LOGS/losses.jsonl
 
 Ranks, world size and the rendezvous come from torchrun's environment (``RANK``, ``WORLD_SIZE``,
-``MASTER_ADDR``, ``MASTER_PORT``); the process group is gloo. The run resumes from the latest checkpoint in
+``MASTER_ADDR``, ``MASTER_PORT``); the process group is gloo. The plans place the CP ranks on nodes of
+``--ranks-per-node`` processes, by default of torchrun's ``LOCAL_WORLD_SIZE`` (one machine can emulate nodes:
+``--nproc-per-node 4 ... --ranks-per-node 2`` is 2 nodes x 2). The run resumes from the latest checkpoint in
 ``--checkpoints`` (``latest_step.txt`` names it) and saves one every ``--save-interval`` steps, like Megatron's
 ``--save``/``--load``/``--save-interval``; on SIGTERM (Slurm's ``--signal``, a preemption, ``scontrol requeue``)
 it saves after the step it is in and exits 0, like Megatron's ``--exit-signal-handler``. Rank 0 appends one
@@ -29,6 +31,7 @@ from megatron_fcp.cpu_trainer.train import (
     RECOMPUTE,
     CollectiveFailure,
     RunConfig,
+    check_nodes,
     check_paths,
     latest_checkpoint,
     train_in_group,
@@ -53,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="the longest any collective (all-reduce, barrier, checkpoint save, start-up) waits for the "
                         "other ranks before the run stops with one line naming it (default %(default)g)")
     p.add_argument("--doclens", default="linux_files", help="shipped length distribution or a lengths file")
-    for described in SETTINGS.values():  # FCP's settings the worker takes: --scheduler, --kv-budget-tokens
+    for described in SETTINGS.values():  # FCP's settings the worker takes: --scheduler, --kv-budget-tokens, ...
         if described.worker_flag:
             p.add_argument(described.worker_flag, default=described.default, choices=described.choices,
                            metavar=described.metavar, help=described.help)
@@ -72,7 +75,8 @@ def run_config(args: argparse.Namespace, first_step: int, load_dir: str | None) 
                      planning_workers=args.planning_workers, scheduler=args.scheduler,
                      save_dir=args.checkpoints, save_interval=args.save_interval, load_dir=load_dir,
                      first_step=first_step, kv_budget_tokens=args.kv_budget_tokens, recompute=args.recompute,
-                     records=args.records, collective_timeout_s=args.collective_timeout)
+                     records=args.records, collective_timeout_s=args.collective_timeout,
+                     ranks_per_node=args.ranks_per_node)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -98,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
             raise InputError(f"the run needs {run.world_size} processes (dp x tp x cp), torchrun started "
                              f"{os.environ['WORLD_SIZE']}")
         check_paths(run, rank)
+        check_nodes(run)
     except InputError as err:
         print(f"megatron-fcp worker: error: {err}", file=sys.stderr, flush=True)
         return 2

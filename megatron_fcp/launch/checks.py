@@ -27,6 +27,7 @@ from megatron_fcp.megatron.config import (
     layout_problem,
     micro_batch_problem,
     pipeline_problem,
+    ranks_per_node_problem,
     sequence_problem,
 )
 
@@ -122,6 +123,20 @@ def _layout(spec) -> list[Problem]:
     p = spec.parallel
     processes = f"processes (nodes {p.nodes} x gpus_per_node {p.gpus_per_node})"
     return _found(layout_problem(p.world_size, p.tensor, p.pipeline, p.context, KEYS, processes))
+
+
+@_reads("parallel", "context_parallel.ranks_per_node")
+def _ranks_per_node(spec) -> list[Problem]:
+    """The nodes every CP group spans must hold equal shares of it: on ``context_parallel.ranks_per_node`` when set,
+    else on ``parallel.gpus_per_node`` (torchrun's LOCAL_WORLD_SIZE, which the entry point reads then)."""
+    p, key = spec.parallel, "context_parallel.ranks_per_node"
+    if not _fcp(spec) or _layout(spec):
+        return []
+    given = spec.context_parallel.ranks_per_node
+    per_node, source = (given, key) if given is not None else (p.gpus_per_node, "parallel.gpus_per_node")
+    processes = f"processes (nodes {p.nodes} x gpus_per_node {p.gpus_per_node})"
+    problem = ranks_per_node_problem(p.world_size, p.tensor, p.context, per_node, source, processes)
+    return [(key if given is not None else KEYS.cp, problem)] if problem else []
 
 
 @_reads("parallel", "training.micro_batch_size", "training.global_batch_size")

@@ -52,7 +52,7 @@ ASSUMED_DEVICE_ARCH = 9
 """The compute capability major version Megatron's ``validate_args`` is told (Hopper: H100, H200)."""
 ENTRY_ENVIRONMENT = {"RANK": "0", "CUDA_DEVICE_MAX_CONNECTIONS": "1"}
 """Environment of rank 0 under ``scripts/slurm/fcp.sbatch`` that Megatron's argument checks read (plus
-``WORLD_SIZE``, the config's)."""
+``WORLD_SIZE`` and torchrun's ``LOCAL_WORLD_SIZE``, the config's)."""
 MEMORY_POLL_S = 0.02
 GIB, MIB = float(1 << 30), float(1 << 20)
 
@@ -116,9 +116,12 @@ def entry_argv(spec: RunSpec, options: Options, cache_dir: str) -> tuple[list[st
 
 # -- 2. the entry point's start-up checks -----------------------------------------------------------------------
 @contextlib.contextmanager
-def _entry_process(argv: list[str], world_size: int) -> Iterator[None]:
-    """``sys.argv`` and the environment of the entry point's rank 0, for the duration of the block."""
+def _entry_process(argv: list[str], world_size: int, local_world_size: int | None = None) -> Iterator[None]:
+    """``sys.argv`` and the environment of the entry point's rank 0, for the duration of the block
+    (``local_world_size``: the processes per node torchrun would announce; None leaves the environment's)."""
     env = ENTRY_ENVIRONMENT | {"WORLD_SIZE": str(world_size)}
+    if local_world_size is not None:
+        env["LOCAL_WORLD_SIZE"] = str(local_world_size)
     saved_env, saved_argv = {key: os.environ.get(key) for key in env}, sys.argv
     os.environ.update(env)
     sys.argv = ["pretrain_gpt", *argv]
@@ -161,13 +164,14 @@ def _validate(args) -> None:
             raise InputError(f"Megatron's validate_args refuses the arguments: {err}") from None
 
 
-def entry_args(argv: list[str], world_size: int):
+def entry_args(argv: list[str], world_size: int, local_world_size: int | None = None):
     """The entry point's parsed arguments, checked as ``pretrain_gpt.parse_checked_args`` checks them (FCP's
-    checks and the dataset helpers fail as :class:`EntryPointError`), without its global state."""
+    checks and the dataset helpers fail as :class:`EntryPointError`), without its global state; ``world_size`` and
+    ``local_world_size`` as torchrun would announce them (see :func:`_entry_process`)."""
     _import_megatron()
     from megatron.training.arguments import parse_args
 
-    with _entry_process(argv, world_size):
+    with _entry_process(argv, world_size, local_world_size):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)  # Python 3.12 on argparse types in Megatron's parser
             args = parse_args(extra_args_provider=add_fcp_args)
@@ -407,7 +411,7 @@ def rehearse_run(config: str, spec: RunSpec, options: Options, cache_dir: str, e
     if options.samples < 1:
         raise InputError(f"--samples must be >= 1, got {options.samples}")
     argv, said = entry_argv(spec, options, cache_dir)
-    args = entry_args(argv, spec.parallel.world_size)
+    args = entry_args(argv, spec.parallel.world_size, spec.parallel.gpus_per_node)
     if args.context_parallel_mode != "fcp":
         raise InputError(f"{config}: context_parallel.mode is {args.context_parallel_mode}; rehearse runs FCP's data "
                          "hooks (mode fcp) only")

@@ -67,9 +67,11 @@ def doc_lengths_from_positions(position_ids) -> np.ndarray:
 
 # -- planning -----------------------------------------------------------------------------------------
 def plan_micro_batch(doc_lens, cfg: FcpConfig) -> Plan:
-    """The plan of one micro-batch of ``cfg.seq_length`` tokens over ``cfg.cp`` ranks."""
+    """The plan of one micro-batch of ``cfg.seq_length`` tokens over ``cfg.cp`` ranks, carrying the CP group's node
+    layout ``cfg.cp_node`` (in the digest the ranks check their plans by)."""
     options = FcpOptions(tile_size=cfg.tile_size) if cfg.scheduler == "fcp" else None
-    plan = make_plan(doc_lens, cfg.cp, cfg.tokens_per_rank, cfg.mask, strategy=cfg.scheduler, options=options)
+    plan = make_plan(doc_lens, cfg.cp, cfg.tokens_per_rank, cfg.mask, strategy=cfg.scheduler, options=options,
+                     cp_node=cfg.cp_node)
     if cfg.debug_checks:  # the ring and hybrid placements may hold more slots than seq_length / cp by design
         assert_plan_ok(plan, check_request=cfg.scheduler not in ("ring", "hybrid"))
     return plan
@@ -88,18 +90,21 @@ def plan_figures(plan: Plan) -> tuple[float, float]:
 _WIDTHS = tuple(len(columns) for columns in VIEW_ROWS)
 """Values per row of ``q``, ``kv_recv``, ``kv_send``, ``recv_pieces``, ``send_pieces`` (3, 4, 4, 6, 7)."""
 
-_HEAD = 6 + len(_WIDTHS)
-"""Header values: CP size, rank, mask, token slots, padding, plan digest, then the row count of each list."""
+_HEAD = 7 + len(_WIDTHS)
+"""Header values: CP size, rank, mask, token slots, padding, plan digest, the row count of each list, then the
+number of node entries (the CP size, or 0 where the plan has no node layout)."""
 
 
 def encode_rank_plan(view: RankPlan) -> np.ndarray:
-    """``view`` as one int64 array: a header (CP size, rank, mask, token slots, padding, plan digest and the row
-    count of each list), then the rows of ``q``, ``kv_recv``, ``kv_send``, ``recv_pieces``, ``send_pieces``."""
+    """``view`` as one int64 array: a header (CP size, rank, mask, token slots, padding, plan digest, the row count of
+    each list and the number of node entries), then the rows of ``q``, ``kv_recv``, ``kv_send``, ``recv_pieces``,
+    ``send_pieces``, then the node of every CP rank (``cp_node``, where the plan has a layout)."""
     lists = (view.q, view.kv_recv, view.kv_send, view.recv_pieces, view.send_pieces)
+    nodes = list(view.cp_node or ())
     head = [view.cp, view.cp_rank, MASKS.index(view.mask), view.num_tokens, view.num_pad_tokens, view.plan_digest,
-            *(len(rows) for rows in lists)]
+            *(len(rows) for rows in lists), len(nodes)]
     body = [x for rows in lists for row in rows for x in row]
-    return np.asarray(head + body, dtype=np.int64)
+    return np.asarray(head + body + nodes, dtype=np.int64)
 
 
 def decode_rank_plan(data) -> RankPlan:
@@ -108,8 +113,8 @@ def decode_rank_plan(data) -> RankPlan:
     if len(values) < _HEAD:
         raise InputError(f"encoded rank plan has {len(values)} values, fewer than its header: the batch was not made "
                          "by FcpBatchDataset")
-    cp, cp_rank, mask, num_tokens, num_pad, digest, *counts = values[:_HEAD]
-    expected = _HEAD + sum(n * w for n, w in zip(counts, _WIDTHS, strict=True))
+    cp, cp_rank, mask, num_tokens, num_pad, digest, *counts, num_nodes = values[:_HEAD]
+    expected = _HEAD + sum(n * w for n, w in zip(counts, _WIDTHS, strict=True)) + num_nodes
     if len(values) != expected:
         raise InputError(f"encoded rank plan has {len(values)} values, its header says {expected}: the batch was "
                          "not made by FcpBatchDataset")
@@ -124,7 +129,7 @@ def decode_rank_plan(data) -> RankPlan:
     q, recv, send, recv_pieces, send_pieces = (rows(n, w) for n, w in zip(counts, _WIDTHS, strict=True))
     return RankPlan(cp_rank=cp_rank, cp=cp, mask=MASKS[mask], q=q, kv_recv=recv, kv_send=send,
                     num_tokens=num_tokens, num_pad_tokens=num_pad, recv_pieces=recv_pieces,
-                    send_pieces=send_pieces, plan_digest=digest)
+                    send_pieces=send_pieces, plan_digest=digest, cp_node=tuple(values[pos:]) if num_nodes else None)
 
 
 # -- the per-rank dataset ------------------------------------------------------------------------------

@@ -9,19 +9,28 @@ Nothing here imports megatron or torch, so the checks run (and are tested) befor
   one flag per setting (:data:`FLAG_SETTINGS`).
 - :func:`fcp_config_from_args` turns a parsed namespace into an :class:`FcpConfig`.
 - :func:`fcp_arg_problems` also checks the Megatron settings FCP depends on (parallel layout, loss reduction,
-  model and data, process-group timeout) and the GPU the run is on, and lists every problem with its flag. The
-  layout rules take plain values and the names to say them with (:class:`Names`), so the launch config runs the
-  same functions in its own keys' terms;
-  :func:`check_fcp_args` raises the first, before Megatron's own validation and long before training. The GPU
-  rule reads this process's CUDA device (importing torch) only when ``--fcp-attention-backend te`` asks for it.
+  model and data, process-group timeout, the nodes the CP groups span) and the GPU the run is on, and lists every
+  problem with its flag. The layout rules take plain values and the names to say them with (:class:`Names`), so
+  the launch config runs the same functions in its own keys' terms; :func:`check_fcp_args` raises the first,
+  before Megatron's own validation and long before training. The GPU rule reads this process's CUDA device
+  (importing torch) only when ``--fcp-attention-backend te`` asks for it.
+- The node layout: GPUs per node come from ``--fcp-ranks-per-node``, else torchrun's ``LOCAL_WORLD_SIZE``
+  (:func:`resolve_ranks_per_node`); the start-up rule (:func:`ranks_per_node_problem`) checks every CP group as
+  Megatron will make it, and at run time :meth:`FcpConfig.with_nodes` puts the node of each CP rank into the
+  plans.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
+import os
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
+
+import numpy as np
 
 from megatron_fcp.errors import InputError
 from megatron_fcp.megatron import settings as st
@@ -29,6 +38,7 @@ from megatron_fcp.megatron.settings import Setting
 from megatron_fcp.planner.api import STRATEGIES
 from megatron_fcp.planner.pairs import MASKS
 from megatron_fcp.planner.stages import DEFAULT_KV_BUDGET
+from megatron_fcp.planner.topology import check_cp_node, cp_nodes
 
 CP_MODES = ("ring", "fcp")
 SCHEDULERS = tuple(s for s in STRATEGIES if s != "nocp")
@@ -39,6 +49,9 @@ DEFAULT_TILE_SIZE = 128
 """The attention kernels' tile in tokens (flash-attn and cuDNN work in 128-token tiles): what ``auto`` means."""
 TILE_FLAG = "--fcp-edge-cost-tile-size"
 TIMEOUT_FLAG = "--fcp-exchange-timeout"
+RANKS_PER_NODE_FLAG = "--fcp-ranks-per-node"
+LOCAL_WORLD_SIZE = "LOCAL_WORLD_SIZE"
+"""The environment variable torchrun sets to the processes (GPUs) of this node: the ranks per node by default."""
 DEFAULT_DISTRIBUTED_TIMEOUT_MINUTES = 10
 """Megatron's ``--distributed-timeout-minutes`` default: every process group (and NCCL's watchdog) gives up then."""
 TE_MIN_CAPABILITY = (9, 0)
@@ -101,6 +114,10 @@ class FcpConfig:
     seq_length: int
     """Tokens of one packed micro-batch over the whole CP group (``--seq-length``); each CP rank holds
     ``seq_length / cp`` token slots, so it must be a multiple of ``cp``."""
+    cp_node: tuple[int, ...] | None = None
+    """The node of each CP rank, which every plan carries (``Plan.cp_node``, in the digest the CP ranks agree on); set
+    at run time from the CP group's global ranks (:meth:`with_nodes`). None: no layout (the group taken as one
+    node)."""
     mask: str = st.setting(default="causal", read=st.choice(MASKS))
     """Attention mask inside a document: ``causal`` (GPT) or ``full``."""
     scheduler: str = st.setting(
@@ -157,6 +174,17 @@ class FcpConfig:
         help="check every plan (ownership, delivery, token counts) and every attention input; slow")
     """Check every plan (ownership, delivery, token counts) and every attention input; slow
     (``--fcp-debug-checks``)."""
+    ranks_per_node: int | None = st.setting(
+        default=None, read=st.optional_positive, flag=RANKS_PER_NODE_FLAG, key="ranks_per_node",
+        worker_flag="--ranks-per-node", metavar="N", want="a whole number >= 1, or null",
+        help="GPUs (global ranks) per node, not CP ranks per node: each plan records the node of every CP rank "
+             "(global rank // N) for the node-aware key/value exchange. Unset (default): torchrun's LOCAL_WORLD_SIZE; "
+             "where that is unset too, the whole CP group is taken as one node (pass N with launchers that do not "
+             "set LOCAL_WORLD_SIZE, e.g. srun with one task per GPU). N must divide the world size, and every node "
+             "must hold the same number of CP ranks; checked at start-up")
+    """GPUs (global ranks, processes) per node (``--fcp-ranks-per-node``), from which each plan gets the node of every
+    CP rank (:attr:`cp_node`). None: ``LOCAL_WORLD_SIZE`` of the environment (torchrun sets it), and where that is
+    unset too, no layout (the whole CP group taken as one node)."""
 
     def __post_init__(self):
         for name in ("cp", "seq_length"):
@@ -171,10 +199,27 @@ class FcpConfig:
                                             f"tokens (try --seq-length {fits})")
         for name, described in SETTINGS.items():
             object.__setattr__(self, name, _read_field(described, getattr(self, name), name))
+        if self.cp_node is not None:
+            object.__setattr__(self, "cp_node", tuple(check_cp_node(self.cp_node, self.cp).tolist()))
 
     @property
     def tokens_per_rank(self) -> int:
         return self.seq_length // self.cp
+
+    def with_nodes(self, global_ranks, environ: Mapping[str, str] | None = None) -> FcpConfig:
+        """This config with :attr:`cp_node` set for the CP group of ``global_ranks`` (by CP rank: Megatron's
+        ``parallel_state.get_context_parallel_global_ranks()``), placed on nodes of :attr:`ranks_per_node` global
+        ranks, else of ``LOCAL_WORLD_SIZE`` in ``environ`` (default: this process's environment); neither: no layout.
+        Raises :class:`InputError` (one line naming where the ranks per node came from) for a layout with unequal
+        nodes."""
+        per_node, source = resolve_ranks_per_node(self.ranks_per_node, RANKS_PER_NODE_FLAG, environ)
+        if per_node is None:
+            return dataclasses.replace(self, cp_node=None)
+        try:
+            nodes = cp_nodes(global_ranks, per_node)
+        except InputError as err:
+            raise FlagError(RANKS_PER_NODE_FLAG, f"{source} {per_node}: {err}") from None
+        return dataclasses.replace(self, cp_node=tuple(nodes.tolist()))
 
 
 SETTINGS = st.settings_of(FcpConfig)
@@ -342,6 +387,62 @@ def exchange_timeout_problem(timeout_s, minutes, names: Names) -> Problem | None
                f"{math.floor(timeout_s / 60) + 1} or more, or leave {t} unset (no timed wait)")
 
 
+def resolve_ranks_per_node(value: int | None, name: str,
+                           environ: Mapping[str, str] | None = None) -> tuple[int | None, str]:
+    """Global ranks (GPUs, processes) per node and what gave the number: ``value`` (the setting as read, given under
+    ``name``), else :data:`LOCAL_WORLD_SIZE` of ``environ`` (default: this process's environment; torchrun sets it),
+    else ``(None, "")``: no layout, the whole CP group taken as one node. Raises :class:`InputError` for a
+    ``LOCAL_WORLD_SIZE`` that is not a whole number >= 1."""
+    if value is not None:
+        return value, name
+    text = (os.environ if environ is None else environ).get(LOCAL_WORLD_SIZE, "").strip()
+    if not text:
+        return None, ""
+    try:
+        per_node = int(text)
+    except ValueError:
+        per_node = 0
+    if per_node < 1:
+        raise InputError(f"{LOCAL_WORLD_SIZE}={text!r} in the environment is not a whole number >= 1; set it to the "
+                         f"processes (GPUs) of each node, as torchrun does, or pass {name} N")
+    return per_node, LOCAL_WORLD_SIZE
+
+
+def megatron_cp_groups(world_size: int, tp: int, cp: int) -> np.ndarray:
+    """int64 ``[world_size // cp, cp]``: the global ranks of every CP group, each ordered by CP rank, as Megatron
+    makes them (order ``tp-cp-ep-dp-pp``, TP fastest: each block of ``tp x cp`` consecutive ranks holds ``tp`` CP
+    groups, whose members are ``tp`` apart). ``tp x cp`` must divide ``world_size``."""
+    block_starts = np.arange(world_size // (tp * cp), dtype=np.int64) * (tp * cp)
+    group_starts = (block_starts[:, None] + np.arange(tp)).reshape(-1)
+    return group_starts[:, None] + tp * np.arange(cp)
+
+
+def ranks_per_node_problem(world_size: int, tp: int, cp: int, ranks_per_node: int | None, source: str,
+                           processes: str = "launched processes") -> str | None:
+    """The problem of placing the ``world_size`` processes on nodes of ``ranks_per_node`` (given under ``source``):
+    it must divide them, and every node must hold the same number of ranks of each CP group (Megatron's groups,
+    :func:`megatron_cp_groups`); None when it fits, when no number is given, or when ``tp x cp`` does not divide the
+    processes (the layout rule's problem). A message (one line, starting with ``source``), not a :data:`Problem`:
+    each caller reports it under its own name."""
+    if ranks_per_node is None or world_size % (tp * cp):
+        return None
+    if world_size % ranks_per_node:
+        return (f"{source} {ranks_per_node} does not divide the {world_size} {processes}; give the processes (GPUs) "
+                "of each node")
+    if cp == 1:
+        return None
+    groups = megatron_cp_groups(world_size, tp, cp)
+    # groups laid out alike over their nodes give the same layout: check one of each pattern
+    patterns = groups - (groups[:, :1] // ranks_per_node) * ranks_per_node
+    _, first = np.unique(patterns, axis=0, return_index=True)
+    for group in groups[np.sort(first)]:
+        try:
+            cp_nodes(group, ranks_per_node)
+        except InputError as err:
+            return f"{source} {ranks_per_node}: {err}"
+    return None
+
+
 def _get(args, name, default=None):
     return getattr(args, name, default)
 
@@ -431,8 +532,26 @@ def _exchange_timeout_problem(args, world_size: int) -> Problem | None:
     return exchange_timeout_problem(timeout_s, _get(args, "distributed_timeout_minutes"), FLAG_NAMES)
 
 
+def _ranks_per_node_problem(args, world_size: int) -> Problem | None:
+    described = SETTINGS["ranks_per_node"]
+    try:
+        value = described.read(_get(args, described.dest), described.flag)
+    except InputError:
+        return None  # the setting's own problem (FcpConfig reports it)
+    try:
+        per_node, source = resolve_ranks_per_node(value, described.flag)
+    except InputError as err:
+        return described.flag, str(err)
+    cp, tp, _ = _sizes(args)
+    problem = ranks_per_node_problem(world_size, tp, cp, per_node, source)
+    if problem and source == LOCAL_WORLD_SIZE:
+        problem += f" (read from the environment; {described.flag} N overrides it)"
+    return (described.flag, problem) if problem else None
+
+
 _MEGATRON_CHECKS = (_pipeline_problem, _layout_problem, _loss_problem, _micro_batch_problem, _sequence_problem,
-                    _heads_problem, _attention_problem, _data_problem, _exchange_timeout_problem)
+                    _heads_problem, _attention_problem, _data_problem, _exchange_timeout_problem,
+                    _ranks_per_node_problem)
 """Each rule of the Megatron settings FCP depends on, in the order their problems are reported."""
 
 

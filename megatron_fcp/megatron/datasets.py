@@ -187,16 +187,20 @@ def build_megatron_datasets(args, num_samples, tokenizer=None) -> list:
     return list(BlendedMegatronDatasetBuilder(kind, list(num_samples), lambda: True, config).build())
 
 
-def for_cp_rank(datasets, args, cp_rank: int) -> list:
+def for_cp_rank(datasets, args, cp_rank: int, cp_global_ranks=None) -> list:
     """``datasets`` as CP rank ``cp_rank``'s loader reads them: under FCP each wrapped by ``FcpBatchDataset``
-    (this rank's planned share of every sample); in ring mode unchanged (Megatron slices in the step)."""
+    (this rank's planned share of every sample); in ring mode unchanged (Megatron slices in the step).
+    ``cp_global_ranks``: the CP group's global ranks by CP rank, which place the CP ranks on nodes in every plan
+    (``FcpConfig.with_nodes``); None: plans without a node layout."""
     if args.context_parallel_mode != "fcp":
         return list(datasets)
     cfg = fcp_config_from_args(args)
+    if cp_global_ranks is not None:
+        cfg = cfg.with_nodes(cp_global_ranks)
     return [FcpBatchDataset(ds, cfg, cp_rank) if ds is not None else None for ds in datasets]
 
 
-def build_datasets(args, num_samples, cp_rank: int) -> tuple:
+def build_datasets(args, num_samples, cp_rank: int, cp_global_ranks=None) -> tuple:
     """Train/valid/test datasets of CP rank ``cp_rank`` for the run in ``args`` (what ``datasets_provider``
-    returns): :func:`build_megatron_datasets`, then :func:`for_cp_rank`."""
-    return tuple(for_cp_rank(build_megatron_datasets(args, num_samples), args, cp_rank))
+    returns): :func:`build_megatron_datasets`, then :func:`for_cp_rank` (``cp_global_ranks`` as there)."""
+    return tuple(for_cp_rank(build_megatron_datasets(args, num_samples), args, cp_rank, cp_global_ranks))

@@ -78,15 +78,17 @@ def datasets_provider(train_val_test_num_samples, vp_stage=None):
     from megatron_fcp.megatron.datasets import build_datasets
 
     args = get_args()
+    cp_ranks = mpu.get_context_parallel_global_ranks()  # the node of each CP rank goes into every plan
     try:
-        datasets = build_datasets(args, train_val_test_num_samples, mpu.get_context_parallel_rank())
+        datasets = build_datasets(args, train_val_test_num_samples, mpu.get_context_parallel_rank(), cp_ranks)
     except InputError as err:
         print(f"megatron-fcp: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     if args.context_parallel_mode == "fcp":
-        cfg = fcp_config_from_args(args)
+        cfg = fcp_config_from_args(args).with_nodes(cp_ranks)
+        nodes = "no node layout" if cfg.cp_node is None else f"on {max(cfg.cp_node) + 1} node(s)"
         print_rank_0(f"> FCP: micro-batches of {cfg.seq_length} tokens planned by '{cfg.scheduler}' over CP "
-                     f"{cfg.cp} in {args.num_workers} data-loader worker(s) per rank")
+                     f"{cfg.cp} ({nodes}) in {args.num_workers} data-loader worker(s) per rank")
     return datasets
 
 

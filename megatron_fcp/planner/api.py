@@ -13,6 +13,7 @@ from megatron_fcp.planner.baselines import plan_hybrid, plan_magi, plan_nocp, pl
 from megatron_fcp.planner.fcp import FcpOptions, plan_fcp
 from megatron_fcp.planner.pairs import MASKS
 from megatron_fcp.planner.plan import Plan
+from megatron_fcp.planner.topology import check_cp_node
 
 PlannerFn = Callable[[np.ndarray, int, int, str], Plan]
 
@@ -98,21 +99,26 @@ def check_batch(doc_lens, cp, tokens_per_rank, mask: str = "causal", exact: bool
 
 
 def make_plan(doc_lens, cp: int, tokens_per_rank: int, mask: str = "causal", strategy: str = "fcp",
-              options: FcpOptions | None = None) -> Plan:
+              options: FcpOptions | None = None, cp_node=None) -> Plan:
     """Plan one micro-batch of documents ``doc_lens`` on ``cp`` ranks of ``tokens_per_rank`` token slots.
 
-    ``options`` tunes the ``fcp`` strategy (the baselines take none).
+    ``options`` tunes the ``fcp`` strategy (the baselines take none). ``cp_node``: the node of each CP rank
+    (:func:`megatron_fcp.planner.topology.cp_nodes`), carried by the plan (:attr:`Plan.cp_node`, in its digest);
+    the placement does not depend on it. None: no layout (plan and digest as without the argument).
     """
     if strategy not in STRATEGIES:
         raise InputError(f"unknown strategy {strategy!r}; choose one of: {', '.join(STRATEGIES)}")
     if options is not None and strategy != "fcp":
         raise InputError(f"planner options apply to the fcp strategy only, not to {strategy!r}")
     lens = check_batch(doc_lens, cp, tokens_per_rank, mask)
+    if cp_node is not None:  # before the planning work, which a bad layout would waste
+        cp_node = check_cp_node(cp_node, int(cp))
     if options is not None:
         plan = plan_fcp(lens, int(cp), int(tokens_per_rank), mask, options)
     else:
         plan = STRATEGIES[strategy](lens, int(cp), int(tokens_per_rank), mask)
-    return dataclasses.replace(plan, tokens_per_rank=int(tokens_per_rank))  # so the checker sees the request
+    # tokens_per_rank: so the checker sees the request
+    return dataclasses.replace(plan, tokens_per_rank=int(tokens_per_rank), cp_node=cp_node)
 
 
 def _check_int(name: str, value, minimum: int) -> None:

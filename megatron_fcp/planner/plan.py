@@ -47,6 +47,7 @@ from megatron_fcp.planner.stages import (
     staging_anchor,
     with_positions,
 )
+from megatron_fcp.planner.topology import check_cp_node, num_nodes
 
 EXCHANGES = ("p2p", "ring", "group_ring")
 Q_COLS = tuple(column.name.lower() for column in Q)
@@ -84,6 +85,13 @@ class RankPlan:
     receiver's staging order, so both ends cut stages at the same tokens."""
     plan_digest: int
     """63-bit fingerprint of the whole plan: ranks that hold the same plan hold the same digest."""
+    cp_node: tuple[int, ...] | None = None
+    """The node of every CP rank (:attr:`Plan.cp_node`), or None where the plan has no layout."""
+
+    @property
+    def node(self) -> int | None:
+        """This rank's node, or None where the plan has no layout."""
+        return None if self.cp_node is None else self.cp_node[self.cp_rank]
 
     @property
     def num_recv(self) -> int:
@@ -144,6 +152,10 @@ class Plan:
     whole_rank: np.ndarray | None = None
     """int32 ``[num_docs]`` or None: the rank that holds each document whole, -1 for a document whose rows are
     in ``q_rows`` (cut, or empty). With it, the rows of each rank are ordered by document and start."""
+    cp_node: np.ndarray | None = None
+    """int64 ``[cp]`` or None: the node of each CP rank, nodes numbered 0.. in order of first appearance, each holding
+    as many CP ranks (:mod:`megatron_fcp.planner.topology`); None: no layout given (the group taken as one node).
+    Part of the plan's value only when given, so a plan without it keeps the digest it always had."""
 
     def __post_init__(self):
         check_mask(self.mask)
@@ -160,6 +172,8 @@ class Plan:
         object.__setattr__(self, "num_pad_tokens", _readonly(self.num_pad_tokens, 1).reshape(-1))
         if self.num_pad_tokens.shape[0] != self.cp:
             raise ValueError(f"num_pad_tokens has {self.num_pad_tokens.shape[0]} entries for cp={self.cp}")
+        if self.cp_node is not None:
+            object.__setattr__(self, "cp_node", check_cp_node(self.cp_node, self.cp))
 
     # -- rows ------------------------------------------------------------------------------------
     @cached_property
@@ -272,6 +286,7 @@ class Plan:
             recv_pieces=tuple(map(tuple, recv_pieces.tolist())),
             send_pieces=tuple(map(tuple, send_pieces.tolist())),
             plan_digest=self.digest,
+            cp_node=None if self.cp_node is None else tuple(self.cp_node.tolist()),
         )
 
     def _pieces_of(self, cp_rank: int) -> np.ndarray:
@@ -337,6 +352,8 @@ class Plan:
         }
         if self.notes:
             out["notes"] = dict(self.notes)
+        if self.cp_node is not None:
+            out["cp_node"] = self.cp_node.tolist()
         return out
 
     def to_json(self, metrics: dict | None = None, indent: int | None = None) -> str:
@@ -359,6 +376,7 @@ class Plan:
             num_pad_tokens=np.asarray([rank_data["num_pad_tokens"] for rank_data in data["ranks"]], dtype=np.int64),
             exchange=exchange,
             notes=tuple(sorted((data.get("notes") or {}).items())),
+            cp_node=data.get("cp_node"),
         )
 
     # -- value semantics --------------------------------------------------------------------------
@@ -367,7 +385,8 @@ class Plan:
         hasher = hashlib.sha256()
         hasher.update(f"{self.strategy}|{self.cp}|{self.mask}|{self.exchange}|{self.notes}".encode())
         stored = (self.q_rows,) if self.whole_rank is None else (self.q_rows, b"whole", self.whole_rank)
-        for array in (self.doc_lens, *stored, self.kv, self.num_pad_tokens):
+        nodes = () if self.cp_node is None else (b"nodes", self.cp_node)  # no layout: the digest plans always had
+        for array in (self.doc_lens, *stored, self.kv, self.num_pad_tokens, *nodes):
             hasher.update(array)
             hasher.update(b"|")
         return hasher.hexdigest()
@@ -392,7 +411,8 @@ class Plan:
         return (
             f"Plan(strategy={self.strategy!r}, cp={self.cp}, mask={self.mask!r}, exchange={self.exchange!r}, "
             f"docs={self.doc_lens.shape[0]}, q_ranges={self._num_q_rows}, kv_ranges={self.kv.shape[0]}, "
-            f"tokens_per_rank={int(self.num_tokens.max(initial=0))}, pad={int(self.num_pad_tokens.sum())})"
+            f"tokens_per_rank={int(self.num_tokens.max(initial=0))}, pad={int(self.num_pad_tokens.sum())}"
+            + ("" if self.cp_node is None else f", nodes={num_nodes(self.cp_node)}") + ")"
         )
 
     def describe(self, max_ranks: int = 8) -> str:
@@ -402,8 +422,9 @@ class Plan:
             view = self.for_rank(rank)
             q_txt = (", ".join(f"d{doc}[{start}:{end})" for doc, start, end in view.q[:6])
                      + (" ..." if len(view.q) > 6 else ""))
+            node = "" if view.node is None else f" (node {view.node})"
             lines.append(
-                f"  rank {rank}: {view.num_tokens} tokens ({view.num_pad_tokens} pad), {len(view.q)} q ranges "
+                f"  rank {rank}{node}: {view.num_tokens} tokens ({view.num_pad_tokens} pad), {len(view.q)} q ranges "
                 f"[{q_txt}], recv {int(self.recv_tokens[rank])} kv tokens from "
                 f"{len({src for src, *_ in view.kv_recv})} peers"
             )

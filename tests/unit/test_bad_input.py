@@ -249,6 +249,13 @@ def test_demo_sequence_too_long(demo, capsys):
     demo_error(demo, capsys, ["--seq-length", str(1 << 24)], "--seq-length", "shorter")
 
 
+def test_demo_emulated_nodes_that_do_not_divide_the_processes(demo, capsys, monkeypatch):
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    demo_error(demo, capsys, ["--cp", "4", "--ranks-per-node", "3"], "ranks_per_node 3 does not divide the 4 processes")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")  # read when --ranks-per-node is not given
+    demo_error(demo, capsys, ["--cp", "4"], "LOCAL_WORLD_SIZE 3 does not divide the 4 processes", "ranks_per_node")
+
+
 def test_demo_module_answers_before_spawning():
     """As users run it: the bad option is answered in seconds (import time), not after starting processes."""
     start = time.perf_counter()

@@ -120,6 +120,7 @@ def provider_error(args, monkeypatch, capsys) -> str:
 
     monkeypatch.setattr(megatron.training, "get_args", lambda: args)
     monkeypatch.setattr(mpu, "get_context_parallel_rank", lambda: 0)
+    monkeypatch.setattr(mpu, "get_context_parallel_global_ranks", lambda: list(range(args.context_parallel_size)))
     capsys.readouterr()
     with pytest.raises(SystemExit) as stop:
         datasets_provider([2, 0, 0])
