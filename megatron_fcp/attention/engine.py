@@ -233,22 +233,28 @@ def new_grad_state(num_real: int, q: torch.Tensor, k: torch.Tensor) -> GradState
 def backward_stage(step: RankStep, stage: Stage, buf: torch.Tensor, queries: BackwardQueries, grads: GradState,
                    meter: MemoryMeter | None = None) -> torch.Tensor:
     """Gradients of one stage: adds into ``grads.dq``, returns the stage's key/value gradients ``[2, n, ...]`` in
-    the key/values' dtype, to send back to their owners."""
+    the accumulators' dtype (float32, float64); the rounds add node-mates' partial gradients to them and send them
+    in the key/values' dtype."""
     stage_grads = torch.zeros(buf.shape, dtype=queries.lse.dtype, device=buf.device)
     if meter is not None:
         meter.track("grad", stage_grads)
     if stage.call is not None:
         backward_calls((stage.call,), queries, KeyValues.of_stage(buf), step.kernels,
                        GradState(grads.dq, stage_grads[0], stage_grads[1]))
-    stage_grads = stage_grads.to(buf.dtype)
-    if meter is not None:
-        meter.track("grad", stage_grads)
     return stage_grads
 
 
 def backward_local(step: RankStep, queries: BackwardQueries, grads: GradState) -> None:
     """The gradients of the local blocks, added into the accumulators."""
     backward_calls(step.sched.local_calls, queries, step.own, step.kernels, grads)
+
+
+def add_rows(acc: torch.Tensor, messages: tuple[Message, ...], received: torch.Tensor) -> None:
+    """Add ``received`` (``[2, rows, ...]``, the messages' rows end to end) to rows of ``acc`` (``[2, rows, ...]``)."""
+    offset = 0
+    for _, a, b in messages:
+        acc[:, a:b] += received[:, offset:offset + b - a].to(acc.dtype)
+        offset += b - a
 
 
 def add_returned(grads: GradState, messages: tuple[Message, ...], returned: torch.Tensor) -> None:
@@ -275,10 +281,9 @@ def _kv_messages(messages: tuple[Message, ...], own: KeyValues) -> list[tuple[in
     return [m for peer, a, b in messages for m in ((peer, own.k[a:b]), (peer, own.v[a:b]))]
 
 
-def _stage_messages(stage: Stage | None, buf) -> list[tuple[int, torch.Tensor]]:
-    if stage is None:
-        return []
-    return [m for src, a, b, _ in stage.recv for m in ((src, buf[0, a:b]), (src, buf[1, a:b]))]
+def _buffer_messages(messages, buf) -> list[tuple[int, torch.Tensor]]:
+    """``(peer, start, end, ...)`` rows of a ``[2, rows, ...]`` buffer (keys, values) as messages, keys first."""
+    return [m for peer, a, b, *_ in messages for m in ((peer, buf[0, a:b]), (peer, buf[1, a:b]))]
 
 
 class _Posts:
@@ -293,31 +298,46 @@ class _Posts:
         j = n - 1 - round_ if backward else round_
         return self.sched.stages[j] if 0 <= j < n else None
 
-    def kv(self, round_: int, backward: bool):
+    def kv(self, round_: int, backward: bool, held: torch.Tensor | None = None):
         """Receive this rank's stage of the round (a new buffer, the handle's ``result``) and send the round's
-        rows."""
+        rows: its own, then (node-aware exchange) rows of ``held``, its stage buffer of the round before, that
+        node-mates take from it."""
+        sched = self.sched
         stage = self.stage_at(round_, backward)
         buf = stage_buffer(stage, self.own.k, self.meter)
-        sends = (self.sched.refetch_rounds if backward else self.sched.send_rounds)[round_]
-        pending = self.exchange.post("backward_kv" if backward else "forward", _kv_messages(sends, self.own),
-                                     _stage_messages(stage, buf))
+        sends = _kv_messages((sched.refetch_rounds if backward else sched.send_rounds)[round_], self.own)
+        relays = sched.at(sched.refetch_relay_rounds if backward else sched.relay_rounds, round_)
+        if relays:
+            sends += _buffer_messages(relays, held)
+        recvs = [] if stage is None else _buffer_messages(stage.refetch if backward else stage.recv, buf)
+        pending = self.exchange.post("backward_kv" if backward else "forward", sends, recvs)
         pending.result = buf
         return pending
 
-    def grads(self, round_: int, stage_grads: torch.Tensor | None):
-        """Send a stage's key/value gradients to their owners and receive, into one buffer (the handle's
-        ``result``), the gradients of this rank's key/values that come back in the round."""
-        stage = self.stage_at(round_, True) if stage_grads is not None else None
-        messages = self.sched.return_rounds[round_]
-        k = self.own.k
-        returned = k.new_empty((2, sum(b - a for _, a, b in messages), *k.shape[1:]))
-        self.meter.track("returned", returned)
+    def _end_to_end(self, kind: str, messages: tuple[Message, ...], like: torch.Tensor):
+        """One new buffer ``[2, rows, ...]`` for ``messages``' rows end to end, and the receives into it."""
+        buf = like.new_empty((2, sum(b - a for _, a, b in messages), *like.shape[1:]))
+        self.meter.track(kind, buf)
         recvs, offset = [], 0
         for peer, a, b in messages:
-            recvs += [(peer, returned[0, offset:offset + b - a]), (peer, returned[1, offset:offset + b - a])]
+            recvs += [(peer, buf[0, offset:offset + b - a]), (peer, buf[1, offset:offset + b - a])]
             offset += b - a
-        pending = self.exchange.post("backward_grad", _stage_messages(stage, stage_grads), recvs)
-        pending.result = returned
+        return buf, recvs
+
+    def grads(self, round_: int, stage_grads: torch.Tensor | None):
+        """Send a stage's key/value gradients to their owners (or, node-aware, to node-mates that add them to their
+        own) and receive, into new buffers (the handle's ``result``: ``(returned, relayed)``), the gradients of this
+        rank's key/values that come back in the round and node-mates' partial gradients for its next stage."""
+        stage = self.stage_at(round_, True) if stage_grads is not None else None
+        returned, recvs = self._end_to_end("returned", self.sched.return_rounds[round_], self.own.k)
+        relayed = None
+        relay_rows = self.sched.at(self.sched.grad_relay_rounds, round_)
+        if relay_rows:
+            relayed, relay_recvs = self._end_to_end("relayed_grad", relay_rows, self.own.k)
+            recvs += relay_recvs
+        sends = [] if stage is None else _buffer_messages(stage.grad_sends, stage_grads)
+        pending = self.exchange.post("backward_grad", sends, recvs)
+        pending.result = (returned, relayed)
         return pending
 
 
@@ -333,7 +353,7 @@ def forward_rounds(step: RankStep, exchange: Exchange):
         yield pending
         buf = pending.wait()
         if j + 1 < sched.num_rounds:
-            pending = post.kv(j + 1, backward=False)
+            pending = post.kv(j + 1, backward=False, held=buf)
         if buf is not None:
             forward_stage(step, sched.stages[j], buf, state)
             kept = buf if j == len(sched.stages) - 1 else None
@@ -355,7 +375,7 @@ def backward_rounds(step: RankStep, queries: BackwardQueries, kept: torch.Tensor
             yield pending_kv
             buf = pending_kv.wait()
         if t >= 1 and t + 1 < sched.num_rounds:
-            pending_kv = post.kv(t + 1, backward=True)
+            pending_kv = post.kv(t + 1, backward=True, held=buf)  # round 0's buffer (kept) is never forwarded
         stage, stage_grads = post.stage_at(t, backward=True), None
         if stage is not None:
             stage_grads = backward_stage(step, stage, buf, queries, grads, exchange.memory)
@@ -364,13 +384,21 @@ def backward_rounds(step: RankStep, queries: BackwardQueries, kept: torch.Tensor
         buf = None
         if pending_grad is not None:  # the previous round's gradients travelled while this stage computed
             yield pending_grad
-            add_returned(grads, sched.return_rounds[t - 1], pending_grad.wait())
+            returned, relayed = pending_grad.wait()
+            add_returned(grads, sched.return_rounds[t - 1], returned)
+            if relayed is not None:  # node-mates' partial gradients of this stage's rows, added before it is sent
+                add_rows(stage_grads, sched.at(sched.grad_relay_rounds, t - 1), relayed)
+            returned = relayed = None
+        if stage_grads is not None:
+            stage_grads = stage_grads.to(step.k.dtype)
+            exchange.memory.track("grad", stage_grads)
         pending_grad = post.grads(t, stage_grads)
         stage_grads = None
     backward_local(step, queries, grads)
     if pending_grad is not None:
         yield pending_grad
-        add_returned(grads, sched.return_rounds[-1], pending_grad.wait())
+        returned, _ = pending_grad.wait()
+        add_returned(grads, sched.return_rounds[-1], returned)
     return finish_backward(step, grads)
 
 

@@ -52,10 +52,20 @@ class ByteCounter:
     sent: dict[str, int] = field(default_factory=dict)
     received: dict[str, int] = field(default_factory=dict)
     wait_s: dict[str, float] = field(default_factory=dict)
+    sent_to: dict[str, dict[int, int]] = field(default_factory=dict)
+    """Per phase: bytes sent to each peer (CP group rank), from which the bytes that cross nodes follow."""
 
-    def add(self, phase: str, sent: int, received: int) -> None:
+    def add(self, phase: str, sent: int, received: int, sends=()) -> None:
+        """Count a round's bytes; ``sends``: its ``(peer, tensor)`` sends, counted per peer as well."""
         self.sent[phase] = self.sent.get(phase, 0) + sent
         self.received[phase] = self.received.get(phase, 0) + received
+        to = self.sent_to.setdefault(phase, {})
+        for peer, t in sends:
+            to[peer] = to.get(peer, 0) + t.numel() * t.element_size()
+
+    def sent_across(self, phase: str, cp_node, cp_rank: int) -> int:
+        """Bytes of ``phase`` this rank (``cp_rank``) sent to ranks on other nodes (``cp_node``: node per rank)."""
+        return sum(n for peer, n in self.sent_to.get(phase, {}).items() if cp_node[peer] != cp_node[cp_rank])
 
     def add_wait(self, phase: str, seconds: float) -> None:
         self.wait_s[phase] = self.wait_s.get(phase, 0.0) + seconds
@@ -64,6 +74,7 @@ class ByteCounter:
         self.sent.clear()
         self.received.clear()
         self.wait_s.clear()
+        self.sent_to.clear()
 
 
 class MemoryMeter:
@@ -210,7 +221,7 @@ class P2PExchange:
         ops = [dist.P2POp(dist.irecv, t, self._global[peer], self.group) for peer, t in ins]
         ops += [dist.P2POp(dist.isend, t, self._global[peer], self.group) for peer, t in outs]
         peers = [("receive from", peer) for peer, _ in ins] + [("send to", peer) for peer, _ in outs]
-        return self._launch(phase, ops, peers, nbytes(outs), nbytes(ins), (sends, recvs))
+        return self._launch(phase, ops, peers, nbytes(outs), nbytes(ins), (sends, recvs), outs)
 
     def all_gather(self, phase: str, tensor: torch.Tensor) -> list[torch.Tensor]:
         """Every CP rank's ``tensor`` (same shape everywhere), waiting as :class:`Pending` does (at most
@@ -223,12 +234,12 @@ class P2PExchange:
         Pending([work], [("hear from", names)], phase, self.cp_rank, self.timeout_s, posted_at=posted_at).wait()
         return gathered
 
-    def _launch(self, phase, ops, peers, sent, received, buffers) -> Pending:
+    def _launch(self, phase, ops, peers, sent, received, buffers, outs=()) -> Pending:
         posted_at = time.monotonic()
         works = dist.batch_isend_irecv(ops) if ops else []
         if len(works) != len(ops):  # coalesced backends (NCCL) return one work for the batch
             peers = [("exchange with", "any of " + ", ".join(str(p) for _, p in peers))] * len(works)
-        self.counter.add(phase, sent, received)
+        self.counter.add(phase, sent, received, outs)
         return Pending(works, peers, phase, self.cp_rank, self.timeout_s, buffers, posted_at, self.counter)
 
 
@@ -329,5 +340,5 @@ class InProcessExchange:
             self.hub.receive(peer, self.cp_rank, t, pending)
         for peer, t in outs:
             self.hub.send(self.cp_rank, peer, t, pending)
-        self.counter.add(phase, nbytes(outs), nbytes(ins))
+        self.counter.add(phase, nbytes(outs), nbytes(ins), outs)
         return pending

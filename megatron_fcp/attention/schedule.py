@@ -26,6 +26,14 @@ The attention of one query row ``[s, e)`` of document ``d`` splits into blocks b
 - ``stage{j}``: the row against the received ranges of ``d`` in stage ``j`` that it may see (causal: ending at or
   before ``s``; full: all of them), no mask.
 
+Where the plan's ranks lie on more than one node (``RankPlan.relays``), key/values cross between nodes fewer
+times (:mod:`megatron_fcp.planner.relay`): a rank forwards rows of its stage buffer of the round before to
+node-mates whose next stage holds the same tokens (``relay_rounds``, ``refetch_relay_rounds``), a stage lists its
+sources per pass (``Stage.recv``, ``Stage.refetch``), and its key/value gradients go to their owners or to a
+node-mate that adds them to its own next stage's before sending them on (``Stage.grad_sends``,
+``grad_relay_rounds``). The stage buffers, the kernel calls and the memory bound stay as they are; a node-mate's
+partial gradients arrive in a buffer of their own.
+
 Own and received ranges never straddle a query row's start (they are disjoint from the rank's own rows), so
 every block is either fully visible, diagonal, or invisible; no kernel needs a causal mask with unequal query
 and key lengths. The local calls run while the first stage is in flight; stage ``j``'s call runs while stage
@@ -35,7 +43,7 @@ and key lengths. The local calls run while the first stage is in flight; stage `
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 import numpy as np
@@ -43,8 +51,9 @@ import torch
 
 from megatron_fcp.errors import InputError
 from megatron_fcp.kernels.base import VarlenCall, check_segments
-from megatron_fcp.planner.columns import VIEW_RECV_PIECES, VIEW_SEND_PIECES
+from megatron_fcp.planner.columns import VIEW_RECV_PIECES, VIEW_SEND_PIECES, Piece
 from megatron_fcp.planner.plan import RankPlan
+from megatron_fcp.planner.relay import rank_messages
 from megatron_fcp.planner.stages import DEFAULT_KV_BUDGET, resolve_kv_budget, split_stages
 
 Message = tuple[int, int, int]
@@ -76,6 +85,21 @@ class Stage:
     ``[src_offset, src_offset + end - start)``, one message (keys and values) each."""
     call: CallPlan | None
     """The kernel call of the rank's queries against the stage (None if no query sees it)."""
+    refetch_from: tuple[tuple[int, int, int, int], ...] | None = None
+    """Node-aware exchange: ``recv`` of the stage fetched again in backward (None: as ``recv``)."""
+    grads_to: tuple[Message, ...] | None = None
+    """Node-aware exchange: ``(peer, start, end)``: rows of the stage's key/value gradients sent to ``peer`` (their
+    owner, or a node-mate that adds them to its own); None: each ``recv`` message's rows back to its source."""
+
+    @property
+    def refetch(self) -> tuple[tuple[int, int, int, int], ...]:
+        """``(src, start, end, src_offset)`` of the stage fetched again in backward."""
+        return self.recv if self.refetch_from is None else self.refetch_from
+
+    @property
+    def grad_sends(self) -> tuple[Message, ...]:
+        """``(peer, start, end)``: rows of the stage's key/value gradients and where they go."""
+        return tuple((src, a, b) for src, a, b, _ in self.recv) if self.grads_to is None else self.grads_to
 
 
 @dataclass(frozen=True, eq=False)
@@ -99,6 +123,19 @@ class RankSchedule:
     """Per backward round: own rows whose key/value gradients come back from each destination."""
     plan_digest: int = 0
     """The digest of the plan the schedule was built from (every CP rank of one micro-batch holds the same)."""
+    relay_rounds: tuple[tuple[Message, ...], ...] = ()
+    """Node-aware exchange, per forward round ``r``: rows of the rank's stage buffer of round ``r - 1`` forwarded
+    to node-mates (empty, or as many entries as rounds)."""
+    refetch_relay_rounds: tuple[tuple[Message, ...], ...] = ()
+    """The same per backward round: rows of the stage buffer of backward round ``r - 1``."""
+    grad_relay_rounds: tuple[tuple[Message, ...], ...] = ()
+    """Per backward round ``r``: rows of the rank's stage of round ``r + 1`` to which node-mates' partial key/value
+    gradients, received in round ``r``, are added before that stage's gradients are sent."""
+
+    @staticmethod
+    def at(rounds: tuple[tuple[Message, ...], ...], round_: int) -> tuple[Message, ...]:
+        """The messages of ``round_`` in a per-round table that may be empty (no node-aware exchange)."""
+        return rounds[round_] if round_ < len(rounds) else ()
 
     @property
     def num_rounds(self) -> int:
@@ -215,6 +252,10 @@ class _StageSpec:
     num_tokens: int
     recv: tuple[tuple[int, int, int, int], ...]
     call: CallSpec | None
+    refetch: tuple[tuple[int, int, int, int], ...] | None = None
+    """Node-aware exchange only: the stage's sources in backward (None: as ``recv``)."""
+    grads: tuple[Message, ...] | None = None
+    """Node-aware exchange only: where the stage's gradient rows go (None: back to ``recv``'s sources)."""
 
 
 def _stages(rank_plan: RankPlan, own, budget: int | None) -> list[_StageSpec]:
@@ -273,15 +314,56 @@ def _local_calls(rank_plan: RankPlan, own) -> list[CallSpec]:
 
 # -- the schedule as one int64 array ---------------------------------------------------------------------------
 MAGIC = 0x46435053  # "FCPS"
-VERSION = 1
+VERSION = 2
 HEADER = ("magic", "version", "cp", "cp_rank", "num_tokens", "num_real", "kv_budget_tokens", "plan_digest",
-          "num_local_calls", "num_calls", "num_stages", "num_rounds", "num_recv_messages", "device_offset", "length")
-"""Header fields of an encoded schedule, in order. ``kv_budget_tokens`` is -1 for one unbounded stage."""
-_CALL_COLS, _STAGE_COLS, _RECV_COLS, _ROUND_COLS, _MESSAGE_COLS = 5, 3, 4, 2, 3
+          "node_aware", "num_local_calls", "num_calls", "num_stages", "num_rounds", "num_recv_messages",
+          "num_refetch_messages", "num_grad_messages", "device_offset", "length")
+"""Header fields of an encoded schedule, in order. ``kv_budget_tokens`` is -1 for one unbounded stage;
+``node_aware`` 1 where key/values are forwarded between node-mates (the refetch and gradient tables then given)."""
+_CALL_COLS, _STAGE_COLS, _RECV_COLS, _ROUND_COLS, _MESSAGE_COLS = 5, 5, 4, 6, 3
 """Columns of the call table (causal, segments, q index offset, k index offset, cu offset; offsets into the
-device block, -1 for an identity index), stage table (tokens, recv messages, call id or -1), recv messages
-(src, start, end, src offset), round counts (sends, returns) and messages (peer, start, end)."""
+device block, -1 for an identity index), stage table (tokens, recv messages, call id or -1, refetch messages and
+gradient messages, -1 for each without a node-aware exchange), recv messages (src, start, end, src offset: the
+forward ones, then the refetched ones), round counts (sends, returns, refetch sends or -1 for "as the returns",
+relays, refetch relays, gradient relays) and messages (peer, start, end: the stages' gradient messages, then
+each round's lists in that order)."""
 _STAGE_NAME = "stage"
+
+
+@dataclass(frozen=True)
+class _Rounds:
+    """Per-round message lists of one rank (each a list over rounds)."""
+
+    send: list
+    returns: list
+    refetch: list | None
+    relay: list
+    refetch_relay: list
+    grad_relay: list
+
+
+def _direct_rounds(rank_plan: RankPlan, budget: int | None, num_stages: int) -> _Rounds:
+    """Every key/value from its owner and every gradient back to it: the rounds of the rank's own rows."""
+    sends = _send_messages(rank_plan, budget)
+    if any(b > rank_plan.num_tokens - rank_plan.num_pad_tokens for _, _, b, _, _ in sends):
+        raise ValueError(f"rank {rank_plan.cp_rank} is asked to send key/values it does not own")
+    num_rounds = max([num_stages] + [max(j, t) + 1 for *_, j, t in sends])
+    return _Rounds(send=[[(d, a, b) for d, a, b, j, _ in sends if j == r] for r in range(num_rounds)],
+                   returns=[[(d, a, b) for d, a, b, _, t in sends if t == r] for r in range(num_rounds)],
+                   refetch=None, relay=[], refetch_relay=[], grad_relay=[])
+
+
+def _relayed(rank_plan: RankPlan, budget: int | None, stages: list[_StageSpec]) -> tuple[list[_StageSpec], _Rounds]:
+    """The node-aware exchange of the rank (:func:`~megatron_fcp.planner.relay.rank_messages`): its stages with
+    their sources and gradient destinations, and its per-round lists."""
+    pieces = np.asarray(rank_plan.node_pieces, dtype=np.int64).reshape(-1, len(Piece))
+    msgs = rank_messages(pieces, np.asarray(rank_plan.cp_node, np.int64), budget, rank_plan.cp_rank)
+    stages = [replace(stage, recv=tuple(msgs["recv"].get(j, ())), refetch=tuple(msgs["refetch_recv"].get(j, ())),
+                      grads=tuple(msgs["grad_send"].get(j, ()))) for j, stage in enumerate(stages)]
+    per_round = ("send", "returns", "refetch", "relay", "refetch_relay", "grad_relay")
+    num_rounds = max([len(stages)] + [r + 1 for name in per_round for r in msgs[name]])
+    lists = {name: [msgs[name].get(r, []) for r in range(num_rounds)] for name in per_round}
+    return stages, _Rounds(**lists)
 
 
 def encode_schedule(rank_plan: RankPlan, kv_budget_tokens: int | str | None = DEFAULT_KV_BUDGET) -> np.ndarray:
@@ -293,12 +375,11 @@ def encode_schedule(rank_plan: RankPlan, kv_budget_tokens: int | str | None = DE
     num_real = sum(e - s for _, s, e, _ in own)
     local = _local_calls(rank_plan, own)
     stages = _stages(rank_plan, own, budget)
-    sends = _send_messages(rank_plan, budget)
-    if any(b > num_real for _, _, b, _, _ in sends):
-        raise ValueError(f"rank {rank_plan.cp_rank} is asked to send key/values it does not own")
-    num_rounds = max([len(stages)] + [max(j, t) + 1 for *_, j, t in sends])
-    send_rounds = [[(d, a, b) for d, a, b, j, _ in sends if j == r] for r in range(num_rounds)]
-    return_rounds = [[(d, a, b) for d, a, b, _, t in sends if t == r] for r in range(num_rounds)]
+    if rank_plan.relays:
+        stages, rounds = _relayed(rank_plan, budget, stages)
+    else:
+        rounds = _direct_rounds(rank_plan, budget, len(stages))
+    num_rounds = len(rounds.send)
 
     calls = local + [stage.call for stage in stages if stage.call is not None]
     device: list[np.ndarray] = []
@@ -316,19 +397,32 @@ def encode_schedule(rank_plan: RankPlan, kv_budget_tokens: int | str | None = DE
         q_off = -1 if call.q_index is None else put(call.q_index)
         k_off = -1 if call.k_index is None else put(call.k_index)
         call_rows.append((int(call.causal), call.q_lens.shape[0], q_off, k_off, cu))
-    stage_rows, recv_rows, call_id = [], [], len(local)
+    stage_rows, recv_rows, refetch_rows, grad_rows, call_id = [], [], [], [], len(local)
     for stage in stages:
-        stage_rows.append((stage.num_tokens, len(stage.recv), call_id if stage.call is not None else -1))
+        stage_rows.append((stage.num_tokens, len(stage.recv), call_id if stage.call is not None else -1,
+                           -1 if stage.refetch is None else len(stage.refetch),
+                           -1 if stage.grads is None else len(stage.grads)))
         call_id += stage.call is not None
         recv_rows += stage.recv
-    round_rows = [(len(send_rounds[r]), len(return_rounds[r])) for r in range(num_rounds)]
-    messages = [m for r in range(num_rounds) for m in (*send_rounds[r], *return_rounds[r])]
-    host = [np.asarray(rows, np.int64).reshape(-1) for rows in (call_rows, stage_rows, recv_rows, round_rows,
-                                                                 messages)]
+        refetch_rows += stage.refetch or ()
+        grad_rows += stage.grads or ()
+
+    def count(table, r):
+        return len(table[r]) if r < len(table) else 0
+
+    round_rows = [(len(rounds.send[r]), len(rounds.returns[r]),
+                   -1 if rounds.refetch is None else len(rounds.refetch[r]), count(rounds.relay, r),
+                   count(rounds.refetch_relay, r), count(rounds.grad_relay, r)) for r in range(num_rounds)]
+    tables = [rounds.send, rounds.returns, rounds.refetch or [], rounds.relay, rounds.refetch_relay, rounds.grad_relay]
+    messages = grad_rows + [m for r in range(num_rounds) for table in tables if r < len(table) for m in table[r]]
+    host = [np.asarray(rows, np.int64).reshape(-1) for rows in (call_rows, stage_rows, recv_rows + refetch_rows,
+                                                                 round_rows, messages)]
     device_offset = len(HEADER) + sum(part.shape[0] for part in host)
     header = [MAGIC, VERSION, rank_plan.cp, rank_plan.cp_rank, rank_plan.num_tokens, num_real,
-              -1 if budget is None else budget, rank_plan.plan_digest, len(local), len(calls), len(stages),
-              num_rounds, len(recv_rows), device_offset, device_offset + device_len]
+              -1 if budget is None else budget, rank_plan.plan_digest, int(rank_plan.relays), len(local), len(calls),
+              len(stages),
+              num_rounds, len(recv_rows), len(refetch_rows), len(grad_rows), device_offset,
+              device_offset + device_len]
     return np.concatenate([np.asarray(header, np.int64), *host, *[d.astype(np.int64) for d in device]])
 
 
@@ -425,8 +519,10 @@ def decode_schedule(data, device: torch.device | str = "cpu") -> RankSchedule:
     call_rows = reader.rows(head["num_calls"], _CALL_COLS)
     stage_rows = reader.rows(head["num_stages"], _STAGE_COLS)
     recv_rows = reader.rows(head["num_recv_messages"], _RECV_COLS)
+    refetch_rows = reader.rows(head["num_refetch_messages"], _RECV_COLS)
     round_rows = reader.rows(head["num_rounds"], _ROUND_COLS)
-    message_rows = reader.rows(int(round_rows.sum()), _MESSAGE_COLS)
+    grad_rows = reader.rows(head["num_grad_messages"], _MESSAGE_COLS)
+    message_rows = reader.rows(int(np.maximum(round_rows, 0).sum()), _MESSAGE_COLS)
     if reader.pos != head["device_offset"]:
         raise _bad("its tables do not end where the device block starts")
     offset = head["device_offset"]
@@ -438,23 +534,37 @@ def decode_schedule(data, device: torch.device | str = "cpu") -> RankSchedule:
     stage_of_call = {int(row[2]): j for j, row in enumerate(stage_rows) if row[2] >= 0}
     calls = [_decode_call(names[i] or f"{_STAGE_NAME}{stage_of_call.get(i, i)}", row, host_block, dev64, dev32)
              for i, row in enumerate(call_rows)]
-    stages, first = [], 0
-    for j, (num_tokens, num_recv, call_id) in enumerate(stage_rows.tolist()):
+    relays = bool(head["node_aware"])
+    stages, first, first_refetch, first_grad = [], 0, 0, 0
+    for j, (num_tokens, num_recv, call_id, num_refetch, num_grads) in enumerate(stage_rows.tolist()):
         recv = tuple(tuple(int(x) for x in r) for r in recv_rows[first: first + num_recv])
         first += num_recv
-        stages.append(Stage(index=j, num_tokens=num_tokens, recv=recv, call=calls[call_id] if call_id >= 0 else None))
-    send_rounds, return_rounds, first = [], [], 0
-    for num_send, num_return in round_rows.tolist():
-        send_rounds.append(_messages(message_rows[first: first + num_send]))
-        return_rounds.append(_messages(message_rows[first + num_send: first + num_send + num_return]))
-        first += num_send + num_return
-    refetch_rounds = tuple(messages if r else () for r, messages in enumerate(return_rounds))
+        refetch = grads = None
+        if relays:
+            if num_refetch < 0 or num_grads < 0:
+                raise _bad(f"stage {j} lacks its node-aware messages")
+            refetch = tuple(tuple(int(x) for x in r) for r in refetch_rows[first_refetch: first_refetch + num_refetch])
+            grads = _messages(grad_rows[first_grad: first_grad + num_grads])
+            first_refetch, first_grad = first_refetch + num_refetch, first_grad + num_grads
+        stages.append(Stage(index=j, num_tokens=num_tokens, recv=recv, call=calls[call_id] if call_id >= 0 else None,
+                            refetch_from=refetch, grads_to=grads))
+    lists: list[list[tuple[Message, ...]]] = [[] for _ in range(_ROUND_COLS)]
+    first = 0
+    for counts in round_rows.tolist():
+        for table, n in zip(lists, counts, strict=True):
+            table.append(_messages(message_rows[first: first + max(n, 0)]))
+            first += max(n, 0)
+    send_rounds, return_rounds, refetch_rounds, relay_rounds, refetch_relay_rounds, grad_relay_rounds = lists
+    if not relays:  # own rows fetched again are those whose gradients come back (none in round 0: kept)
+        refetch_rounds = [messages if r else () for r, messages in enumerate(return_rounds)]
+        relay_rounds = refetch_relay_rounds = grad_relay_rounds = []
     budget = head["kv_budget_tokens"]
     return RankSchedule(cp_rank=head["cp_rank"], cp=head["cp"], num_tokens=head["num_tokens"],
                         num_real=head["num_real"], kv_budget_tokens=None if budget < 0 else budget,
                         local_calls=tuple(calls[:num_local]), stages=tuple(stages), send_rounds=tuple(send_rounds),
-                        refetch_rounds=refetch_rounds, return_rounds=tuple(return_rounds),
-                        plan_digest=head["plan_digest"])
+                        refetch_rounds=tuple(refetch_rounds), return_rounds=tuple(return_rounds),
+                        plan_digest=head["plan_digest"], relay_rounds=tuple(relay_rounds),
+                        refetch_relay_rounds=tuple(refetch_relay_rounds), grad_relay_rounds=tuple(grad_relay_rounds))
 
 
 def build_schedule(rank_plan: RankPlan, device: torch.device | str = "cpu",

@@ -32,7 +32,7 @@ from megatron_fcp.errors import InputError
 from megatron_fcp.megatron.config import FcpConfig
 from megatron_fcp.planner.api import make_plan
 from megatron_fcp.planner.checks import assert_plan_ok
-from megatron_fcp.planner.columns import VIEW_ROWS
+from megatron_fcp.planner.columns import VIEW_ROWS, Piece
 from megatron_fcp.planner.fcp import FcpOptions
 from megatron_fcp.planner.pairs import MASKS
 from megatron_fcp.planner.plan import Plan, RankPlan
@@ -90,9 +90,10 @@ def plan_figures(plan: Plan) -> tuple[float, float]:
 _WIDTHS = tuple(len(columns) for columns in VIEW_ROWS)
 """Values per row of ``q``, ``kv_recv``, ``kv_send``, ``recv_pieces``, ``send_pieces`` (3, 4, 4, 6, 7)."""
 
-_HEAD = 7 + len(_WIDTHS)
-"""Header values: CP size, rank, mask, token slots, padding, plan digest, the row count of each list, then the
-number of node entries (the CP size, or 0 where the plan has no node layout)."""
+_HEAD = 8 + len(_WIDTHS)
+"""Header values: CP size, rank, mask, token slots, padding, plan digest, the row count of each list, the number of
+node entries (the CP size, or 0 where the plan has no node layout), then the number of node pieces (-1: none, the
+exchange is not node-aware)."""
 
 
 def encode_rank_plan(view: RankPlan) -> np.ndarray:
@@ -101,9 +102,10 @@ def encode_rank_plan(view: RankPlan) -> np.ndarray:
     ``send_pieces``, then the node of every CP rank (``cp_node``, where the plan has a layout)."""
     lists = (view.q, view.kv_recv, view.kv_send, view.recv_pieces, view.send_pieces)
     nodes = list(view.cp_node or ())
+    node_pieces = view.node_pieces or ()
     head = [view.cp, view.cp_rank, MASKS.index(view.mask), view.num_tokens, view.num_pad_tokens, view.plan_digest,
-            *(len(rows) for rows in lists), len(nodes)]
-    body = [x for rows in lists for row in rows for x in row]
+            *(len(rows) for rows in lists), len(nodes), -1 if view.node_pieces is None else len(node_pieces)]
+    body = [x for rows in (*lists, node_pieces) for row in rows for x in row]
     return np.asarray(head + body + nodes, dtype=np.int64)
 
 
@@ -113,8 +115,9 @@ def decode_rank_plan(data) -> RankPlan:
     if len(values) < _HEAD:
         raise InputError(f"encoded rank plan has {len(values)} values, fewer than its header: the batch was not made "
                          "by FcpBatchDataset")
-    cp, cp_rank, mask, num_tokens, num_pad, digest, *counts, num_nodes = values[:_HEAD]
-    expected = _HEAD + sum(n * w for n, w in zip(counts, _WIDTHS, strict=True)) + num_nodes
+    cp, cp_rank, mask, num_tokens, num_pad, digest, *counts, num_nodes, num_node_pieces = values[:_HEAD]
+    expected = (_HEAD + sum(n * w for n, w in zip(counts, _WIDTHS, strict=True)) + num_nodes
+                + max(num_node_pieces, 0) * len(Piece))
     if len(values) != expected:
         raise InputError(f"encoded rank plan has {len(values)} values, its header says {expected}: the batch was "
                          "not made by FcpBatchDataset")
@@ -127,9 +130,11 @@ def decode_rank_plan(data) -> RankPlan:
         return out
 
     q, recv, send, recv_pieces, send_pieces = (rows(n, w) for n, w in zip(counts, _WIDTHS, strict=True))
+    node_pieces = rows(num_node_pieces, len(Piece)) if num_node_pieces >= 0 else None
     return RankPlan(cp_rank=cp_rank, cp=cp, mask=MASKS[mask], q=q, kv_recv=recv, kv_send=send,
                     num_tokens=num_tokens, num_pad_tokens=num_pad, recv_pieces=recv_pieces,
-                    send_pieces=send_pieces, plan_digest=digest, cp_node=tuple(values[pos:]) if num_nodes else None)
+                    send_pieces=send_pieces, plan_digest=digest, cp_node=tuple(values[pos:]) if num_nodes else None,
+                    node_pieces=node_pieces)
 
 
 # -- the per-rank dataset ------------------------------------------------------------------------------

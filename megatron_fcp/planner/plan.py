@@ -87,6 +87,16 @@ class RankPlan:
     """63-bit fingerprint of the whole plan: ranks that hold the same plan hold the same digest."""
     cp_node: tuple[int, ...] | None = None
     """The node of every CP rank (:attr:`Plan.cp_node`), or None where the plan has no layout."""
+    node_pieces: tuple[tuple[int, ...], ...] | None = None
+    """Where the plan's ranks lie on more than one node: every piece (columns
+    :class:`~megatron_fcp.planner.columns.Piece`) received on this rank's node and on the nodes of the ranks it
+    sends to, from which the node-aware exchange (:func:`megatron_fcp.planner.relay.rank_messages`) derives what
+    this rank sends, forwards and receives. None: one node, or no layout (every piece from its owner)."""
+
+    @property
+    def relays(self) -> bool:
+        """Whether the rank's exchange is node-aware (key/values forwarded between node-mates)."""
+        return self.node_pieces is not None
 
     @property
     def node(self) -> int | None:
@@ -262,6 +272,7 @@ class Plan:
             raise ValueError(f"cp_rank {cp_rank} out of range for cp={self.cp}")
         rows = self.rows_of([cp_rank])
         own = rows[:, VIEW_Q]
+        node_pieces = None
         if self.exchange == "ring":  # one rank's share of ring_kv_rows, without expanding every rank's
             recv, send = _ring_rank_rows(self.q, self.cp, cp_rank)
             recv_pieces, send_pieces = _ring_rank_pieces(self.q, self.doc_lens, self.cp, cp_rank, self.mask)
@@ -272,6 +283,8 @@ class Plan:
             pieces = self._pieces_of(cp_rank)
             recv_pieces = pieces[pieces[:, Piece.DST] == cp_rank][:, VIEW_RECV_PIECES]
             send_pieces = pieces[pieces[:, Piece.SRC] == cp_rank][:, VIEW_SEND_PIECES]
+            if self._node_aware:
+                node_pieces = pieces[np.isin(pieces[:, Piece.DST], self._node_ranks_of(cp_rank))]
         # the rank's tokens from its own rows (num_tokens counts every rank's: a pass over every document)
         real = int((rows[:, Q.END] - rows[:, Q.START]).sum())
         return RankPlan(
@@ -287,15 +300,32 @@ class Plan:
             send_pieces=tuple(map(tuple, send_pieces.tolist())),
             plan_digest=self.digest,
             cp_node=None if self.cp_node is None else tuple(self.cp_node.tolist()),
+            node_pieces=tuple(map(tuple, node_pieces.tolist())) if node_pieces is not None else None,
         )
+
+    @property
+    def _node_aware(self) -> bool:
+        """Whether the exchange forwards between node-mates: a point-to-point plan on more than one node."""
+        return self.exchange == "p2p" and self.cp_node is not None and int(self.cp_node.max(initial=0)) > 0
+
+    def _node_ranks_of(self, cp_rank: int) -> np.ndarray:
+        """The ranks whose received pieces decide what ``cp_rank`` sends, forwards and receives: every rank on its
+        node and on the nodes of the ranks it sends to."""
+        kv = self.kv
+        receivers = np.append(kv[kv[:, KV.SRC_RANK] == cp_rank, KV.CP_RANK], cp_rank)
+        return np.flatnonzero(np.isin(self.cp_node, self.cp_node[receivers]))
 
     def _pieces_of(self, cp_rank: int) -> np.ndarray:
         """The pieces ``cp_rank`` receives and those of every rank it sends to (a receiver's staging positions
-        depend on all its pieces), without cutting every rank's (:attr:`pieces` if already computed)."""
+        depend on all its pieces), on a node-aware plan those of every rank of these ranks' nodes too
+        (:meth:`_node_ranks_of`), without cutting every rank's (:attr:`pieces` if already computed)."""
         if "pieces" in self.__dict__:
             return self.pieces
         kv = self.kv
-        receivers = np.append(np.unique(kv[kv[:, KV.SRC_RANK] == cp_rank, KV.CP_RANK]), cp_rank)
+        if self._node_aware:
+            receivers = self._node_ranks_of(cp_rank)
+        else:
+            receivers = np.append(np.unique(kv[kv[:, KV.SRC_RANK] == cp_rank, KV.CP_RANK]), cp_rank)
         kv = kv[np.isin(kv[:, KV.CP_RANK], receivers)]
         ranks = np.unique(kv[:, [KV.CP_RANK, KV.SRC_RANK]])  # the receivers and their sources
         if self.whole_rank is None or kv.shape[0] == 0:

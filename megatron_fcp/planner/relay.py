@@ -233,3 +233,116 @@ def inter_node_tokens(transfers: np.ndarray, cp_node) -> int:
     cp_node = np.asarray(cp_node, dtype=np.int64)
     crossing = cp_node[transfers[:, Transfer.SRC]] != cp_node[transfers[:, Transfer.DST]]
     return int((transfers[crossing, Transfer.END] - transfers[crossing, Transfer.START]).sum())
+
+
+# -- one rank's messages ---------------------------------------------------------------------------------------
+_MERGE_KEY = (Transfer.SRC, Transfer.DST, Transfer.ROUND, Transfer.SRC_STAGE, Transfer.DST_STAGE)
+
+
+def merged_messages(transfers: np.ndarray) -> np.ndarray:
+    """Transfers merged into messages: rows ``(src, dst, round, src_stage, dst_stage, src_offset, dst_offset,
+    length)``, one per run of transfers between the same two buffers in one round that is contiguous in both.
+    Sorted by sender, receiver, round, then the two buffers (own key/values, ``-1``, first) and the sender's
+    offset: the order in which both ends post them. Both ends merge the same rows alike, so message sizes agree."""
+    t = np.asarray(transfers, dtype=np.int64).reshape(-1, len(Transfer))
+    key = [t[:, c] + 1 if c in (Transfer.SRC_STAGE, Transfer.DST_STAGE) else t[:, c] for c in _MERGE_KEY]
+    t = t[sort_order(*key, t[:, Transfer.SRC_OFFSET])]
+    length = t[:, Transfer.END] - t[:, Transfer.START]
+    same = np.all(t[1:, _MERGE_KEY] == t[:-1, _MERGE_KEY], axis=1) if t.shape[0] > 1 else np.zeros(0, bool)
+    follows = (same & (t[1:, Transfer.SRC_OFFSET] == t[:-1, Transfer.SRC_OFFSET] + length[:-1])
+               & (t[1:, Transfer.DST_OFFSET] == t[:-1, Transfer.DST_OFFSET] + length[:-1]))
+    first = np.flatnonzero(np.concatenate([[True], ~follows])) if t.shape[0] else np.zeros(0, np.int64)
+    lengths = np.add.reduceat(length, first) if first.shape[0] else np.zeros(0, np.int64)
+    return np.column_stack([t[first][:, _MERGE_KEY], t[first, Transfer.SRC_OFFSET], t[first, Transfer.DST_OFFSET],
+                            lengths]).astype(np.int64).reshape(-1, 8)
+
+
+M_SRC, M_DST, M_ROUND, M_SRC_STAGE, M_DST_STAGE, M_SRC_OFFSET, M_DST_OFFSET, M_LEN = range(8)
+"""Columns of :func:`merged_messages`' rows."""
+
+
+def _by_round(rows: np.ndarray, peer: int, start: int, extra: int | None = None) -> dict[int, list[tuple]]:
+    """Message rows -> ``{round: [(peer, start, end[, extra]), ...]}`` in row order."""
+    out: dict[int, list[tuple]] = {}
+    for row in rows.tolist():
+        message = (row[peer], row[start], row[start] + row[M_LEN]) + (() if extra is None else (row[extra],))
+        out.setdefault(row[M_ROUND], []).append(message)
+    return out
+
+
+def rank_messages(pieces, cp_node, budget: int | None, rank: int) -> dict[str, dict[int, list[tuple]]]:
+    """What ``rank`` posts in each round of the node-aware staged exchange of ``pieces`` (every piece received on
+    the rank's node and on the nodes of the ranks it sends to: :attr:`RankPlan.node_pieces`), as message lists
+    ``(peer, start, end)`` of rows of the rank's own buffer (its key/values, one of its stage buffers or their
+    gradients), keyed by round, in the order they are posted (messages between two ranks meet in that order):
+
+    - ``recv``, ``refetch_recv``: per *stage* (not round): ``(src, start, end, src_offset)`` rows of the stage
+      buffer, forward and refetched, from owners first, then relays;
+    - ``send``, ``refetch``: rows of its own key/values sent in each forward / backward round;
+    - ``relay``, ``refetch_relay``: rows of its stage buffer of the round before, forwarded to node-mates;
+    - ``grad_send``: per *stage*: rows of that stage's key/value gradients, to their owners (first) or to a
+      node-mate that adds them to its own;
+    - ``returns``: rows of its own key/values whose gradients come back in each backward round;
+    - ``grad_relay``: per backward round ``k``: rows of its stage of round ``k + 1`` to which a node-mate's
+      partial gradients, received in round ``k``, are added before that stage's own send.
+    """
+    out: dict[str, dict[int, list[tuple]]] = {}
+    for movement, recv_name, send_name, relay_name in (("forward", "recv", "send", "relay"),
+                                                       ("refetch", "refetch_recv", "refetch", "refetch_relay")):
+        m = merged_messages(relay_transfers(pieces, cp_node, budget, movement))
+        mine = m[m[:, M_DST] == rank]
+        mine = mine[sort_order(mine[:, M_DST_STAGE], mine[:, M_SRC], mine[:, M_SRC_STAGE] + 1, mine[:, M_SRC_OFFSET])]
+        out[recv_name] = {}
+        for row in mine.tolist():
+            out[recv_name].setdefault(row[M_DST_STAGE], []).append(
+                (row[M_SRC], row[M_DST_OFFSET], row[M_DST_OFFSET] + row[M_LEN], row[M_SRC_OFFSET]))
+        sent = m[m[:, M_SRC] == rank]  # already by receiver, round, own first, then the sender's offset
+        out[send_name] = _by_round(sent[sent[:, M_SRC_STAGE] < 0], M_DST, M_SRC_OFFSET)
+        out[relay_name] = _by_round(sent[sent[:, M_SRC_STAGE] >= 0], M_DST, M_SRC_OFFSET)
+    m = merged_messages(relay_transfers(pieces, cp_node, budget, "gradients"))
+    sent = m[m[:, M_SRC] == rank]
+    sent = sent[sort_order(sent[:, M_SRC_STAGE], sent[:, M_DST], sent[:, M_DST_STAGE] + 1, sent[:, M_DST_OFFSET])]
+    out["grad_send"] = {}
+    for row in sent.tolist():
+        out["grad_send"].setdefault(row[M_SRC_STAGE], []).append(
+            (row[M_DST], row[M_SRC_OFFSET], row[M_SRC_OFFSET] + row[M_LEN]))
+    got = m[m[:, M_DST] == rank]
+    got = got[sort_order(got[:, M_ROUND], got[:, M_SRC], got[:, M_DST_OFFSET])]
+    out["returns"] = _by_round(got[got[:, M_DST_STAGE] < 0], M_SRC, M_DST_OFFSET)
+    out["grad_relay"] = _by_round(got[got[:, M_DST_STAGE] >= 0], M_SRC, M_DST_OFFSET)
+    return out
+
+
+PHASES = {"forward": "forward", "refetch": "backward_kv", "gradients": "backward_grad"}
+"""The exchange's byte-counter phase of each movement."""
+
+
+def relay_figures(pieces, cp_node, budget: int | None, cp: int) -> dict[str, np.ndarray]:
+    """Per rank (int64 ``[cp]``, tokens), what the node-aware exchange changes beside :func:`~.stages.p2p_memory`
+    (which still gives what each rank receives and holds of key/values: a relay only changes who sends):
+
+    - ``sent_across_forward``, ``sent_across_backward_kv``, ``sent_across_backward_grad``: tokens (key/value rows,
+      or their gradient rows) the rank sends to ranks on other nodes, per exchange phase;
+    - ``sent_forward``, ``sent_backward_kv``, ``sent_backward_grad``: every token the rank sends, per phase;
+    - ``peak_returned_grad_tokens``: the most gradient rows of its own key/values that come back in one backward
+      round (a relay's sum comes back in the relay's round, one later than its own stage would send it);
+    - ``peak_relayed_grad_tokens``: the most rows of node-mates' partial gradients it receives in one round, to add
+      to its next stage's before sending them on (a buffer of its own: the only memory the relay adds).
+    """
+    cp_node = np.asarray(cp_node, dtype=np.int64)
+    out: dict[str, np.ndarray] = {}
+    for movement, phase in PHASES.items():
+        t = relay_transfers(pieces, cp_node, budget, movement)
+        length = t[:, Transfer.END] - t[:, Transfer.START]
+        across = cp_node[t[:, Transfer.SRC]] != cp_node[t[:, Transfer.DST]]
+        out[f"sent_{phase}"] = np.bincount(t[:, Transfer.SRC], weights=length, minlength=cp).astype(np.int64)
+        out[f"sent_across_{phase}"] = np.bincount(t[across, Transfer.SRC], weights=length[across],
+                                                  minlength=cp).astype(np.int64)
+        if movement == "gradients":
+            num_rounds = int(t[:, Transfer.ROUND].max(initial=0)) + 1
+            for name, rows in (("peak_returned_grad_tokens", t[:, Transfer.DST_STAGE] < 0),
+                               ("peak_relayed_grad_tokens", t[:, Transfer.DST_STAGE] >= 0)):
+                per_round = np.bincount(t[rows, Transfer.DST] * num_rounds + t[rows, Transfer.ROUND],
+                                        weights=length[rows], minlength=cp * num_rounds)
+                out[name] = per_round.reshape(cp, num_rounds).max(axis=1).astype(np.int64)
+    return out
