@@ -324,17 +324,21 @@ def test_cpu_worker_stops_on_a_bad_layout_with_one_line_before_training(monkeypa
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_cpu_trainer_plans_with_the_layout_and_trains_the_same(tmp_path, monkeypatch):
-    """2 gloo processes as 2 emulated nodes of 1: every step's plans carry the layout (the CP ranks' plan check
-    agreed on digests that hold it) and the losses are those of the same run without a layout, bit for bit."""
+    """4 gloo processes as 2 emulated nodes of 2: every step's plans carry the layout (the CP ranks' plan check
+    agreed on digests that hold it), key/values and gradients are forwarded between node-mates, and the losses are
+    those of the same run without a layout: the first bit for bit (forward moves the same key/values into the same
+    buffers), the next within 1e-6 (node-mates' partial gradients are summed in another order)."""
     pytest.importorskip("megatron.core")
     from megatron_fcp.cpu_trainer.train import launch_series
 
     monkeypatch.delenv(LOCAL_WORLD_SIZE, raising=False)
-    tiny = RunConfig(cp=2, seq_length=256, doclens="magi_hist", num_layers=1, hidden_size=32, num_heads=2,
-                     num_query_groups=1, ffn_hidden_size=64, vocab_size=64, steps=1)
-    nodes, plain = launch_series([dataclasses.replace(tiny, ranks_per_node=1), tiny],
+    tiny = RunConfig(cp=4, seq_length=512, doclens="magi_hist", num_layers=1, hidden_size=32, num_heads=2,
+                     num_query_groups=1, ffn_hidden_size=64, vocab_size=64, steps=2)
+    nodes, plain = launch_series([dataclasses.replace(tiny, ranks_per_node=2), tiny],
                                  [tmp_path / "nodes.json", tmp_path / "plain.json"], quiet=True)
-    assert nodes["run"]["ranks_per_node"] == 1
-    assert [s["cp_node"] for s in nodes["steps"]] == [[0, 1]]
-    assert [s["cp_node"] for s in plain["steps"]] == [None]
-    assert [s["loss"] for s in nodes["steps"]] == [s["loss"] for s in plain["steps"]]
+    assert nodes["run"]["ranks_per_node"] == 2
+    assert [s["cp_node"] for s in nodes["steps"]] == [[0, 0, 1, 1]] * 2
+    assert [s["cp_node"] for s in plain["steps"]] == [None] * 2
+    first, second = ([s["loss"] for s in run["steps"]] for run in (nodes, plain))
+    assert first[0] == second[0]
+    assert abs(first[1] - second[1]) <= 1e-6 * abs(second[1])
