@@ -17,8 +17,8 @@ traffic (sum of ``recv_tokens``, mean over the batches) beside. Run it on anothe
     .venv/bin/python scripts/planning_speed.py --scale [--runs 5] [--batches 8] [--only NAME ...]
 
 With ``--against CHECKOUT`` it times another version's planner (``git worktree add CHECKOUT <commit>``) and this one
-side by side on the first batch of each scale row, calls alternating: the ratio holds on a machine whose speed
-drifts.
+side by side on the first batch of each scale row, the plan and one rank's view, calls alternating: the ratio
+holds on a machine whose speed drifts.
 
     .venv/bin/python scripts/planning_speed.py --against ../fcp-before [--only NAME ...]
 """
@@ -184,26 +184,33 @@ def _planner_of(root: str):
 
 
 def side_by_side(other: str, only=None, runs: int = 9) -> None:
-    """Plan time of the scale rows (first batch of each) by ``other``'s planner and by this one, calls alternating,
-    so the machine's drift falls on both alike."""
+    """Plan time and one rank's view time of the scale rows (first batch of each) by ``other``'s planner and by
+    this one, calls alternating, so the machine's drift falls on both alike."""
     if not (Path(other) / "megatron_fcp" / "planner" / "api.py").is_file():
         raise SystemExit(f"--against {other}: no megatron_fcp/planner/api.py there; pass a checkout's root folder")
     here = str(Path(__file__).resolve().parents[1])
     planners = {"against": _planner_of(other), "this": _planner_of(here)}
-    print(f"{'batch':<13} {'against ms':>10} {'this ms':>9} {'this/against':>12}   (median of {runs} each, "
-          "calls alternating)")
+    print(f"{'batch':<13} {'against ms':>10} {'this ms':>9} {'this/against':>12} {'view against':>12} "
+          f"{'view this':>9} {'this/against':>12}   (median of {runs} each, calls alternating)")
     for name in only or SCALE_ROWS:
         lens = scale_batches(name, 1)[0]
+        plans = {key: make(lens, CP, TOKENS_PER_RANK) for key, make in planners.items()}  # and a warm-up
         times = {key: [] for key in planners}
-        for make in planners.values():
-            make(lens, CP, TOKENS_PER_RANK)  # warm up
+        view_times = {key: [] for key in planners}
         for _ in range(runs):
             for key, make in planners.items():
                 start = time.perf_counter()
                 make(lens, CP, TOKENS_PER_RANK)
                 times[key].append(time.perf_counter() - start)
+            for key, plan in plans.items():
+                fresh = dataclasses.replace(plan)
+                start = time.perf_counter()
+                fresh.for_rank(CP // 2)
+                view_times[key].append(time.perf_counter() - start)
         against, this = (1e3 * statistics.median(times[key]) for key in planners)
-        print(f"{name:<13} {against:>10.1f} {this:>9.1f} {this / against:>12.2f}", flush=True)
+        view_against, view_this = (1e3 * statistics.median(view_times[key]) for key in planners)
+        print(f"{name:<13} {against:>10.1f} {this:>9.1f} {this / against:>12.2f} {view_against:>12.1f} "
+              f"{view_this:>9.1f} {view_this / view_against:>12.2f}", flush=True)
 
 
 if __name__ == "__main__":

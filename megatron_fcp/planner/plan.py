@@ -340,14 +340,21 @@ class Plan:
 
     def _whole_tokens_before(self, ranks: np.ndarray, docs: np.ndarray) -> np.ndarray:
         """Per ``(rank, doc)``: tokens of the documents that ``rank`` holds whole with a smaller index (they come
-        first in its local order). One count per rank of the documents between two of ``docs`` (the cut documents,
-        a few hundred at most), each over a slice of the batch: no per-document index array."""
+        first in its local order): a count per rank of the documents between two of ``docs`` (the cut documents,
+        a few hundred at most); over a slice of the batch each where the gaps hold many documents (no per-document
+        index array for millions of documents)."""
         bounds = np.unique(docs)
-        edges = np.concatenate([[0], bounds, [self.doc_lens.shape[0]]]).tolist()
+        num_docs, width = self.doc_lens.shape[0], self.cp + 1  # column 0: documents not held whole
         lens = self.doc_lens.astype(np.float64)  # what bincount turns integer weights into, at half the cost
-        tokens = np.zeros((bounds.shape[0] + 1, self.cp + 1))  # column 0: documents not held whole
-        for gap, (lo, hi) in enumerate(zip(edges[:-1], edges[1:], strict=True)):
-            tokens[gap] = np.bincount(self.whole_rank[lo:hi] + 1, weights=lens[lo:hi], minlength=self.cp + 1)
+        if num_docs < 64 * (bounds.shape[0] + 1):  # few documents per gap: one count, keyed by gap and rank
+            gap = np.repeat(np.arange(bounds.shape[0] + 1), np.diff(np.concatenate([[0], bounds, [num_docs]])))
+            tokens = np.bincount(gap * width + (self.whole_rank + 1), weights=lens,
+                                 minlength=(bounds.shape[0] + 1) * width).reshape(-1, width)
+        else:
+            edges = np.concatenate([[0], bounds, [num_docs]]).tolist()
+            tokens = np.zeros((bounds.shape[0] + 1, width))
+            for gap, (lo, hi) in enumerate(zip(edges[:-1], edges[1:], strict=True)):
+                tokens[gap] = np.bincount(self.whole_rank[lo:hi] + 1, weights=lens[lo:hi], minlength=width)
         before = np.cumsum(tokens[:, 1:], axis=0).astype(np.int64)  # row k: documents before bounds[k]
         return before[np.searchsorted(bounds, docs), ranks]
 
