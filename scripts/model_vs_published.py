@@ -81,7 +81,9 @@ per query and half per key row, as FA3's backward runs over key blocks).
   its link (NCCL all-to-all-v); **native**: group-cast with each byte crossing InfiniBand once per destination
   node (then NVLink), its gradients reduced the same way, holding 48 SMs (`num_sms = 48`).
 - *FCP*: `plan_fcp` and the existing p2p cost model (staged exchange, budget `auto`), plus the same added costs
-  as MagiAttention (merge per stage, NCCL SM share).
+  as MagiAttention (merge per stage, NCCL SM share). Above one node (CP 16-64) the node-aware exchange the
+  runtime runs there: a key/value taken from a node-mate that holds it in the round before, gradients summed in a
+  node-mate's next stage (`planner.relay`).
 
 **What the base model lacked, now modeled (`published.Extras`; `base` columns: without them):**
 
@@ -289,8 +291,9 @@ def markdown(rows, anchor, command, elapsed, packs, cps) -> str:
              "after the per-cell tables.", ""]
     lines += summary(rows)
     lines += ["## FCP (modeled) beside MagiAttention native (published)", "",
-              "FCP: `plan_fcp` + the p2p cost model (staged exchange, key/value budget `auto`) with the added "
-              "costs (merge per stage, NCCL SM share); `base`: the p2p cost model as it was (no added costs). "
+              "FCP: `plan_fcp` + the p2p cost model (staged exchange, key/value budget `auto`; above one node "
+              "the node-aware exchange, `planner.relay`) with the added costs (merge per stage, NCCL SM share); "
+              "`base`: the p2p cost model without the added costs. "
               "TFLOP/s per GPU by the blog's formula.", "",
               "| mask | pass | " + " | ".join(f"CP {c}: FCP / FCP base / Magi native pub." for c in cps) + " |",
               "|---|---|" + "---|" * len(cps)]

@@ -11,7 +11,9 @@ NVLink and one 400 Gb/s NIC per GPU, FA3 kernel laws fitted to published figures
 64:8, head dim 128, bf16). The batches: --num-batches packed micro-batches of CP x --tokens-per-rank tokens per
 mix (``data.lengths.pack_batches``, seed 0), the same batches for every strategy. Each cell: MFU = the exact
 pairs' FLOPs (forward 4 x pairs x heads x head dim, backward 2.5 times that) over (CP x peak x (forward +
-backward seconds of the slowest rank, each pass's slowest apart)), mean over the batches.
+backward seconds of the slowest rank, each pass's slowest apart)), mean over the batches. FCP above 8 ranks: the
+node-aware exchange the runtime runs on nodes of 8 (``planner.relay``: a key/value taken from a node-mate that
+holds it in the round before, gradients summed in a node-mate's next stage).
 """
 
 from __future__ import annotations

@@ -67,9 +67,10 @@ import numpy as np
 import yaml
 
 from megatron_fcp.errors import InputError
-from megatron_fcp.planner.columns import Piece, Q
+from megatron_fcp.planner.columns import Piece, Q, Transfer
 from megatron_fcp.planner.pairs import arange_within, block_pairs, edge_pairs, matching_rows, q_pairs
 from megatron_fcp.planner.plan import Plan
+from megatron_fcp.planner.relay import MOVEMENTS, relay_transfers
 from megatron_fcp.planner.stages import (
     DEFAULT_KV_BUDGET,
     MEMORY_FIELDS,
@@ -408,6 +409,10 @@ def staged_exchange(plan: Plan, hw: HardwareProfile, kv_budget_tokens=DEFAULT_KV
     stage_rows = np.bincount(slot, weights=g_rows, minlength=cp * rounds).reshape(cp, rounds)
 
     # communication per round
+    if plan.exchange == "p2p" and plan.cp_node is not None and int(plan.cp_node.max(initial=0)) > 0:
+        fwd, refetch, grad = _relayed_comm(plan, hw, budget, rounds)
+        return StagedExchange(budget=budget, num_stages=num_stages, pairs=stage_pairs, eff_pairs=stage_eff,
+                              rows=stage_rows, fwd_comm_s=fwd, refetch_comm_s=refetch, grad_comm_s=grad)
     nbytes = length * hw.kv_bytes_per_token
     inter = (dst // hw.gpus_per_node) != (src // hw.gpus_per_node)
     fwd = _round_comm(hw, dst, src, stage, nbytes, inter, cp, rounds)
@@ -421,6 +426,30 @@ def staged_exchange(plan: Plan, hw: HardwareProfile, kv_budget_tokens=DEFAULT_KV
     grad = (grad + hw.p2p_latency_us * 1e-6 * peers).reshape(cp, rounds)
     return StagedExchange(budget=budget, num_stages=num_stages, pairs=stage_pairs, eff_pairs=stage_eff,
                           rows=stage_rows, fwd_comm_s=fwd, refetch_comm_s=refetch, grad_comm_s=grad)
+
+
+def _relayed_comm(plan: Plan, hw: HardwareProfile, budget: int | None, rounds: int):
+    """The rounds' communication ``[cp, rounds]`` (forward, refetch, gradients) of the node-aware exchange the
+    runtime runs on a plan whose ranks lie on several nodes (:func:`megatron_fcp.planner.relay.relay_transfers`:
+    key/values taken from a node-mate that holds them in the round before, gradients summed in a node-mate's next
+    stage), each transfer on the link between its two ranks' nodes (``plan.cp_node``)."""
+    cp, node, pieces = plan.cp, plan.cp_node, plan.pieces
+    out = []
+    for movement in MOVEMENTS:
+        t = relay_transfers(pieces, node, budget, movement)
+        dst, src, rnd = t[:, Transfer.DST], t[:, Transfer.SRC], t[:, Transfer.ROUND]
+        nbytes = (t[:, Transfer.END] - t[:, Transfer.START]) * hw.kv_bytes_per_token
+        inter = node[dst] != node[src]
+        if movement != "gradients":
+            out.append(_round_comm(hw, dst, src, rnd, nbytes, inter, cp, rounds))
+            continue
+        size = cp * rounds
+        sent, returned = src * rounds + rnd, dst * rounds + rnd  # the computing rank sends in its round
+        grad = np.maximum(_link_seconds(hw, sent, nbytes, inter, size), _link_seconds(hw, returned, nbytes, inter,
+                                                                                     size))
+        peers = _distinct_peers(np.concatenate([sent, returned]), np.concatenate([dst, src]), size, cp)
+        out.append((grad + hw.p2p_latency_us * 1e-6 * peers).reshape(cp, rounds))
+    return tuple(out)
 
 
 def staged_times(x: StagedExchange, local_fwd_s: np.ndarray, local_bwd_s: np.ndarray, hw: HardwareProfile,

@@ -559,6 +559,12 @@ def magi_budget(plan: Plan) -> int | None:
     return max(1, -(-most // 2)) if most else None
 
 
+def node_layout(cp: int, hw: HardwareProfile) -> np.ndarray | None:
+    """The node of each CP rank on the profile's nodes (``gpus_per_node`` consecutive ranks each), as the runtime
+    reads it (``--fcp-ranks-per-node``, ``LOCAL_WORLD_SIZE``); None where the group fits one node."""
+    return np.arange(cp) // hw.gpus_per_node if cp > hw.gpus_per_node else None
+
+
 # -- one cell ---------------------------------------------------------------------------------------------------
 def strategy_seconds(strategy: str, hw: HardwareProfile, x: Extras, lens: np.ndarray, cp: int, mask: str,
                      tokens_per_rank: int) -> dict[str, float]:
@@ -575,8 +581,8 @@ def strategy_seconds(strategy: str, hw: HardwareProfile, x: Extras, lens: np.nda
         sms = x.grpcoll_sms if how == "native" else x.nccl_sms
         fwd, bwd = p2p_pass_times(hw, x, plan, how, magi_budget(plan), sms)
         return {"fwd": fwd, "bwd": bwd}
-    if strategy == "fcp":
-        plan = plan_fcp(lens, cp, tokens_per_rank, mask)
+    if strategy == "fcp":  # on the profile's nodes: the node-aware exchange the runtime runs there
+        plan = dataclasses.replace(plan_fcp(lens, cp, tokens_per_rank, mask), cp_node=node_layout(cp, hw))
         fwd, bwd = p2p_pass_times(hw, x, plan, None, DEFAULT_KV_BUDGET, x.nccl_sms)
         return {"fwd": fwd, "bwd": bwd}
     raise ValueError(f"unknown strategy {strategy!r}")

@@ -176,3 +176,36 @@ def test_relayed_exchange_across_gloo_processes(world):
             if status != "ok":
                 failures[r] = status
         assert not failures, "\n".join(f"rank {r}:\n{s}" for r, s in failures.items())
+
+
+def test_the_cost_model_sends_what_the_relays_send():
+    """The model's node-aware rounds (sim.model._relayed_comm) take their bytes from the same transfers as the
+    runtime: with NVLink free and no latency, a round's forward time is the larger of the receiver's own
+    InfiniBand bytes and its senders' (relay_transfers, counted here), and fewer bytes cross nodes than in the
+    direct rounds, so the slowest rank's forward communication shrinks."""
+    import dataclasses as dc
+
+    from megatron_fcp.planner.columns import Transfer
+    from megatron_fcp.planner.relay import relay_transfers
+    from megatron_fcp.sim.model import load_hardware, staged_exchange
+
+    hw = dc.replace(load_hardware("h100_node"), gpus_per_node=4, p2p_latency_us=0.0,
+                    nvlink_gbps_per_direction=1e12)
+    case = _case("spanning", 16, 4, "causal")
+    direct = dc.replace(case.plan, cp_node=None)
+    relayed, plain = staged_exchange(case.plan, hw, "auto"), staged_exchange(direct, hw, "auto")
+    t = relay_transfers(case.plan.pieces, case.plan.cp_node, relayed.budget, "forward")
+    node = case.plan.cp_node
+    across = node[t[:, Transfer.SRC]] != node[t[:, Transfer.DST]]
+    rounds = relayed.fwd_comm_s.shape[1]
+    size = 16 * rounds
+    nbytes = (t[:, Transfer.END] - t[:, Transfer.START]) * across * hw.kv_bytes_per_token
+    into = t[:, Transfer.DST] * rounds + t[:, Transfer.ROUND]
+    out_of = t[:, Transfer.SRC] * rounds + t[:, Transfer.ROUND]
+    recv = hw.seconds_transfer(np.bincount(into, weights=nbytes, minlength=size), True)
+    send = hw.seconds_transfer(np.bincount(out_of, weights=nbytes, minlength=size), True)
+    want = recv.copy()
+    np.maximum.at(want, into, send[out_of])
+    bad = ~np.isclose(relayed.fwd_comm_s.reshape(-1), want, rtol=1e-12, atol=1e-12)  # NVLink: bytes / 1e21 s
+    assert not bad.any(), (np.flatnonzero(bad), relayed.fwd_comm_s.reshape(-1)[bad], want[bad])
+    assert relayed.fwd_comm_s.sum(axis=1).max() < plain.fwd_comm_s.sum(axis=1).max()
