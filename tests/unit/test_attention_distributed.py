@@ -7,17 +7,12 @@ out; exchanges are cached per process group object.
 Each world size starts its processes once and runs every case inside them (process start-up dominates).
 """
 
-import os
-import tempfile
 import time
-import traceback
 import zlib
 
-import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from megatron_fcp.attention import ExchangeTimeout, fcp_attention, get_exchange
 from megatron_fcp.attention.engine import PlanMismatchError
@@ -26,6 +21,7 @@ from megatron_fcp.planner.api import make_plan
 from megatron_fcp.planner.stages import p2p_memory
 from megatron_fcp.testing.cases import Case, batch, rel_err
 from megatron_fcp.testing.executor import run_in_process
+from megatron_fcp.testing.gloo import run_on_gloo
 from megatron_fcp.testing.layout import join_from_ranks
 from megatron_fcp.testing.ring import ring_attention, ring_schedule
 
@@ -287,51 +283,26 @@ def _host_twin_group(rank, world):
         raise AssertionError("no PlanMismatchError on the twin group")
 
 
-def _worker(rank, world, store_path, result_dir):
-    torch.set_num_threads(1)
-    status = "ok"
-    try:
-        dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world)
-        for name, mask, dtype, budget in CASES[world]:
-            _run_case(rank, world, name, mask, dtype, budget)
-        if world == 4:  # two CP groups of 2 inside the world: group ranks differ from global ranks
-            groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
-            _run_case(rank, world, "linux_files", "causal", torch.float32, 40, group=groups[rank // 2], cp=2)
-            _run_case(rank, world, "linux_files", "full", torch.float32, 96, strategy="ring")
-            _ring_case(rank, world, "linux_files", "causal")
-            _ring_case(rank, world, "spanning", "full")
-        _bad_inputs(rank, world)
-        _plan_mismatch(rank, world)
-        if world == 2:
-            _exchange_per_group(rank, world)
-        if world == 4:
-            _host_twin_group(rank, world)
-        dist.barrier()
-        if world == 2:
-            _silent_peer(rank, world)
-    except BaseException:
-        status = traceback.format_exc()
-    with open(os.path.join(result_dir, f"rank{rank}"), "w") as f:
-        f.write(status)
-    os._exit(0)  # skip process-group teardown (the silent-peer case leaves a receive posted)
+def _cases(rank, world):
+    for name, mask, dtype, budget in CASES[world]:
+        _run_case(rank, world, name, mask, dtype, budget)
+    if world == 4:  # two CP groups of 2 inside the world: group ranks differ from global ranks
+        groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+        _run_case(rank, world, "linux_files", "causal", torch.float32, 40, group=groups[rank // 2], cp=2)
+        _run_case(rank, world, "linux_files", "full", torch.float32, 96, strategy="ring")
+        _ring_case(rank, world, "linux_files", "causal")
+        _ring_case(rank, world, "spanning", "full")
+    _bad_inputs(rank, world)
+    _plan_mismatch(rank, world)
+    if world == 2:
+        _exchange_per_group(rank, world)
+    if world == 4:
+        _host_twin_group(rank, world)
+    dist.barrier()
+    if world == 2:
+        _silent_peer(rank, world)  # last: it leaves a receive posted (run_on_gloo skips the teardown)
 
 
 @pytest.mark.parametrize("world", [2, 3, 4])
 def test_fcp_attention_across_processes(world):
-    with tempfile.TemporaryDirectory() as tmp:
-        ctx = mp.get_context("spawn")
-        procs = [ctx.Process(target=_worker, args=(r, world, os.path.join(tmp, "store"), tmp)) for r in range(world)]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join(timeout=600)
-        results = {}
-        for r in range(world):
-            path = os.path.join(tmp, f"rank{r}")
-            results[r] = open(path).read() if os.path.exists(path) else "no result (crashed or hung)"
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-    failed = {r: msg for r, msg in results.items() if msg != "ok"}
-    assert not failed, "\n".join(f"rank {r}:\n{msg}" for r, msg in failed.items())
-    assert np.all([p.exitcode == 0 for p in procs])
+    run_on_gloo(_cases, world)

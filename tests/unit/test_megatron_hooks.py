@@ -6,6 +6,7 @@ import argparse
 
 import numpy as np
 import pytest
+from megatron_namespace import args
 
 from megatron_fcp.errors import InputError
 from megatron_fcp.megatron.batch import (
@@ -19,16 +20,6 @@ from megatron_fcp.megatron.batch import (
 )
 from megatron_fcp.megatron.config import TILE_FLAG, FcpConfig, add_fcp_args, check_fcp_args, fcp_config_from_args
 from megatron_fcp.planner.stages import p2p_memory
-
-GOOD = dict(context_parallel_mode="fcp", context_parallel_size=4, tensor_model_parallel_size=2,
-            pipeline_model_parallel_size=1, seq_length=4096, micro_batch_size=1, calculate_per_token_loss=True,
-            num_attention_heads=8, group_query_attention=True, num_query_groups=4, position_embedding_type="rope",
-            attention_dropout=0.0, attention_backend="auto", mock_data=False, reset_position_ids=True,
-            sequence_parallel=True, fcp_edge_cost_tile_size="auto", fcp_planning_workers=2, fcp_exchange_timeout=None)
-
-
-def args(**changes):
-    return argparse.Namespace(**{**GOOD, **changes})
 
 
 def test_good_configuration_passes_and_ring_mode_is_left_to_megatron():

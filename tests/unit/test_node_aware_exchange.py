@@ -8,15 +8,11 @@ node-mates' partial gradients); relays do happen, and fewer bytes cross nodes th
 In one process (the executor) here; across gloo processes, bit-identical to the executor, in the second test.
 """
 
-import os
-import tempfile
-import traceback
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from megatron_fcp.attention import fcp_attention, get_exchange
 from megatron_fcp.attention.schedule import build_schedule
@@ -26,6 +22,7 @@ from megatron_fcp.planner.relay import PHASES, relay_figures
 from megatron_fcp.planner.stages import p2p_memory, resolve_kv_budget
 from megatron_fcp.testing.cases import Case, batch, rel_err
 from megatron_fcp.testing.executor import run_in_process
+from megatron_fcp.testing.gloo import run_on_gloo
 from megatron_fcp.testing.layout import join_from_ranks
 
 LAYOUTS = [(8, 4), (6, 2)]
@@ -143,39 +140,17 @@ def _gloo_case(rank: int, world: int, name: str, mask: str, dtype, budget) -> No
         (exchange.counter.sent, exchange.counter.received, exchange.counter.sent_to), f"{where}: executor counted"
 
 
-def _worker(rank, world, store_path, result_dir):
-    torch.set_num_threads(1)
-    status = "ok"
-    try:
-        dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world)
-        for case in GLOO_CASES[world]:
-            _gloo_case(rank, world, *case)
-        dist.barrier()
-    except BaseException:
-        status = traceback.format_exc()
-    with open(os.path.join(result_dir, f"rank{rank}"), "w") as f:
-        f.write(status)
-    os._exit(0)
+def _gloo_cases(rank: int, world: int) -> None:
+    for case in GLOO_CASES[world]:
+        _gloo_case(rank, world, *case)
+    dist.barrier()
 
 
 @pytest.mark.distributed
 @pytest.mark.slow
 @pytest.mark.parametrize("world", [8, 6])
 def test_relayed_exchange_across_gloo_processes(world):
-    with tempfile.TemporaryDirectory() as tmp:
-        ctx = mp.get_context("spawn")
-        procs = [ctx.Process(target=_worker, args=(r, world, os.path.join(tmp, "store"), tmp)) for r in range(world)]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join(timeout=600)
-        failures = {}
-        for r in range(world):
-            path = os.path.join(tmp, f"rank{r}")
-            status = open(path).read() if os.path.exists(path) else "no result (crashed or hung)"
-            if status != "ok":
-                failures[r] = status
-        assert not failures, "\n".join(f"rank {r}:\n{s}" for r, s in failures.items())
+    run_on_gloo(_gloo_cases, world)
 
 
 def test_the_cost_model_sends_what_the_relays_send():

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from megatron_namespace import args
 
 from megatron_fcp.cpu_trainer.train import RunConfig, check_nodes, fcp_config
 from megatron_fcp.errors import InputError
@@ -150,16 +151,6 @@ def test_layout_round_trips_through_json_and_rank_views(cp_node):
 
 
 # -- the ranks_per_node setting ---------------------------------------------------------------------------------
-GOOD = dict(context_parallel_mode="fcp", context_parallel_size=4, tensor_model_parallel_size=2,
-            pipeline_model_parallel_size=1, seq_length=4096, micro_batch_size=1, calculate_per_token_loss=True,
-            num_attention_heads=8, group_query_attention=True, num_query_groups=4, position_embedding_type="rope",
-            attention_dropout=0.0, attention_backend="auto", mock_data=False, reset_position_ids=True,
-            sequence_parallel=True, fcp_edge_cost_tile_size="auto", fcp_planning_workers=2, fcp_exchange_timeout=None)
-"""A good FCP namespace (test_megatron_hooks.py's): TP 2 x CP 4, 16 processes as 2 data-parallel replicas."""
-
-
-def args(**changes):
-    return argparse.Namespace(**{**GOOD, **changes})
 
 
 def test_flag_parses_and_defaults_to_unset():
