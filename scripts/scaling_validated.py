@@ -65,8 +65,12 @@ def _cell(args) -> dict:
         fwd.append(float(seconds["fwd"]))
         bwd.append(float(seconds["bwd"]))
         mfu.append(exact_flops(lens, mask, hw) / (cp * hw.peak_bf16_dense_tflops * 1e12 * step))
-    return {"lengths": name, "mask": mask, "cp": cp, "strategy": strategy, "fwd_ms": 1e3 * float(np.mean(fwd)),
-            "bwd_ms": 1e3 * float(np.mean(bwd)), "mfu": float(np.mean(mfu)), "batches": len(batches)}
+    row = {"lengths": name, "mask": mask, "cp": cp, "strategy": strategy, "fwd_ms": 1e3 * float(np.mean(fwd)),
+           "bwd_ms": 1e3 * float(np.mean(bwd)), "mfu": float(np.mean(mfu)), "batches": len(batches)}
+    if strategy == "fcp":  # what its step spends on communication (means over the batches)
+        details = [P.fcp_details(hw, extras, lens, cp, mask, tokens_per_rank) for lens in batches]
+        row.update({key: float(np.mean([d[key] for d in details])) for key in details[0]})
+    return row
 
 
 def run(lengths, cps, masks, num_batches: int, tokens_per_rank: int, jobs: int) -> list[dict]:
@@ -144,6 +148,15 @@ def markdown(rows: list[dict], summary: list[dict], command: str, elapsed: float
         lines += ["| mix | mask | cp | fastest | FCP step / fastest's |", "|---|---|---|---|---|"]
         lines += [f"| {c['lengths']} | {c['mask']} | {c['cp']} | {c['fastest']} | {c['fcp_over_fastest']:.3f} |"
                   for c in losses]
+    fcp_rows = [r for r in rows if r["strategy"] == "fcp"]
+    lines += ["", "## FCP's communication", "",
+              "InfiniBand MB a GPU receives per step (key/values forward and again in backward, and gradients; the "
+              "most over the GPUs, and the mean) and exposed communication: the step minus the same step with every "
+              "transfer free (ms), beside the step (ms). Means over the batches.", "",
+              "| mix | mask | cp | step ms | exposed ms | IB MB per GPU, max | IB MB per GPU, mean |",
+              "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['lengths']} | {r['mask']} | {r['cp']} | {r['fwd_ms'] + r['bwd_ms']:.1f} | {r['exposed_ms']:.1f} "
+              f"| {r['ib_mb_max']:.0f} | {r['ib_mb_mean']:.0f} |" for r in fcp_rows]
     for name in dict.fromkeys(r["lengths"] for r in rows):
         for mask in dict.fromkeys(r["mask"] for r in rows):
             cell = {(r["strategy"], r["cp"]): r for r in rows if (r["lengths"], r["mask"]) == (name, mask)}

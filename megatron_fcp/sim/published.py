@@ -37,10 +37,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from megatron_fcp.planner.baselines import plan_hybrid, plan_magi
-from megatron_fcp.planner.columns import Piece, Q
+from megatron_fcp.planner.columns import Piece, Q, Transfer
 from megatron_fcp.planner.fcp import plan_fcp
 from megatron_fcp.planner.pairs import edge_pairs
 from megatron_fcp.planner.plan import Plan
+from megatron_fcp.planner.relay import MOVEMENTS, relay_transfers
 from megatron_fcp.planner.stages import DEFAULT_KV_BUDGET, split_stages
 from megatron_fcp.sim.model import (
     HardwareProfile,
@@ -586,6 +587,35 @@ def strategy_seconds(strategy: str, hw: HardwareProfile, x: Extras, lens: np.nda
         fwd, bwd = p2p_pass_times(hw, x, plan, None, DEFAULT_KV_BUDGET, x.nccl_sms)
         return {"fwd": fwd, "bwd": bwd}
     raise ValueError(f"unknown strategy {strategy!r}")
+
+
+def fcp_details(hw: HardwareProfile, x: Extras, lens: np.ndarray, cp: int, mask: str, tokens_per_rank: int
+                ) -> dict[str, float]:
+    """What FCP's step (as :func:`strategy_seconds` models it) spends on communication, on one pack:
+
+    - ``ib_mb_max``, ``ib_mb_mean``: key/value and gradient MB (1e6 bytes) a GPU receives over InfiniBand in one
+      step (forward, refetch and gradients), the most over the GPUs and the mean;
+    - ``exposed_ms``: the step (forward + backward, each pass's slowest rank) minus the same step with every
+      transfer free: the communication the compute does not hide.
+    """
+    plan = dataclasses.replace(plan_fcp(np.asarray(lens, np.int64), cp, tokens_per_rank, mask),
+                               cp_node=node_layout(cp, hw))
+    ex = staged_exchange(plan, hw, DEFAULT_KV_BUDGET)
+    local_fwd, local_bwd = _local_seconds(plan, hw)
+    share = x.sm_share(x.nccl_sms)
+    fwd, bwd = staged_pass_times(hw, x, ex, local_fwd, local_bwd, share)
+    free = dataclasses.replace(ex, fwd_comm_s=np.zeros_like(ex.fwd_comm_s), refetch_comm_s=np.zeros_like(
+        ex.refetch_comm_s), grad_comm_s=np.zeros_like(ex.grad_comm_s))
+    fwd0, bwd0 = staged_pass_times(hw, x, free, local_fwd, local_bwd, share)
+    node = np.arange(cp) // hw.gpus_per_node
+    received = np.zeros(cp)
+    for movement in MOVEMENTS:
+        t = relay_transfers(plan.pieces, node, ex.budget, movement)
+        across = node[t[:, Transfer.SRC]] != node[t[:, Transfer.DST]]
+        received += np.bincount(t[across, Transfer.DST], weights=(t[across, Transfer.END] - t[across, Transfer.START])
+                                * hw.kv_bytes_per_token, minlength=cp)
+    return {"ib_mb_max": float(received.max()) / 1e6, "ib_mb_mean": float(received.mean()) / 1e6,
+            "exposed_ms": 1e3 * float(fwd.max() + bwd.max() - fwd0.max() - bwd0.max())}
 
 
 # -- ring-flash-attention's published zigzag varlen benchmark, with the added costs -----------------------------

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from megatron_fcp.data.lengths import load_distribution, pack_batches
+from megatron_fcp.planner.columns import Transfer
+from megatron_fcp.planner.relay import relay_transfers
 from megatron_fcp.sim import published as P
 from megatron_fcp.sim.model import load_hardware
 
@@ -67,3 +70,24 @@ def test_the_cells_fcp_loses_are_listed_with_the_winner(script):
              for s, f in (("fcp", 1.0), ("usp", 1.5))]
     assert script.not_fastest(rows) == [{"lengths": "a", "mask": "causal", "cp": 8, "fastest": "usp",
                                          "fcp_over_fastest": 3.0 / 2.5}]
+
+
+def test_fcp_rows_carry_what_its_step_spends_on_communication(script, small):
+    """One node (CP 8): nothing crosses InfiniBand; two nodes (CP 16): some GPU receives over it, the most at least
+    the mean, counted from the relays' transfers; exposed communication between zero and the step."""
+    data, text = small
+    fcp = {(r["mask"], r["cp"]): r for r in data["rows"] if r["strategy"] == "fcp"}
+    for (_, cp), r in fcp.items():
+        assert 0 <= r["exposed_ms"] <= r["fwd_ms"] + r["bwd_ms"]
+        assert (r["ib_mb_max"] == r["ib_mb_mean"] == 0) if cp == 8 else (r["ib_mb_max"] >= r["ib_mb_mean"] > 0)
+    hw = load_hardware(script.HARDWARE)
+    (lens,) = pack_batches(load_distribution("spamassassin"), 16 * 16384, 1, seed=0)
+    plan = P.plan_fcp(lens, 16, 16384, "causal")
+    node = np.arange(16) // 8
+    got = np.zeros(16)
+    for movement in ("forward", "refetch", "gradients"):
+        t = relay_transfers(plan.pieces, node, 16384, movement)
+        across = node[t[:, Transfer.SRC]] != node[t[:, Transfer.DST]]
+        np.add.at(got, t[across, Transfer.DST], t[across, Transfer.END] - t[across, Transfer.START])
+    assert fcp["causal", 16]["ib_mb_max"] == pytest.approx(got.max() * hw.kv_bytes_per_token / 1e6, rel=1e-12)
+    assert "## FCP's communication" in text and "| spamassassin | causal | 16 |" in text
