@@ -265,3 +265,23 @@ def test_bad_arguments_are_named():
     with pytest.raises(InputError, match="non-negative"):
         relay_transfers(plan.pieces, [0, 0, -1, 1], 7)
     assert relay_transfers(plan.pieces[:0], [0, 0, 1, 1], 7).shape == (0, len(Transfer))
+
+
+@pytest.mark.parametrize("movement", MOVEMENTS)
+@pytest.mark.parametrize("lengths,cp,gpus_per_node,tokens_per_rank", CASES[-3:])
+def test_one_ranks_table_holds_every_transfer_of_that_rank(lengths, cp, gpus_per_node, tokens_per_rank, movement):
+    """``relay_transfers(..., rank=r)`` decides only what concerns r: the rows r sends or receives are exactly those
+    of the whole table (what rank_messages builds a rank's schedule from)."""
+    plan = _plan(lengths, cp, tokens_per_rank, "causal")
+    cp_node = np.arange(cp) // gpus_per_node
+    budget = resolve_kv_budget("auto", int(plan.num_tokens.max()))
+    whole = relay_transfers(plan.pieces, cp_node, budget, movement)
+    for r in range(cp):
+        mine = relay_transfers(plan.pieces, cp_node, budget, movement, rank=r)
+
+        def rows_of(t):
+            rows = t[(t[:, Transfer.SRC] == r) | (t[:, Transfer.DST] == r)]
+            return sorted(map(tuple, rows.tolist()))
+
+        assert rows_of(mine) == rows_of(whole), (r, movement)
+        assert mine.shape[0] <= whole.shape[0]
