@@ -276,12 +276,10 @@ def test_one_ranks_table_holds_every_transfer_of_that_rank(lengths, cp, gpus_per
     cp_node = np.arange(cp) // gpus_per_node
     budget = resolve_kv_budget("auto", int(plan.num_tokens.max()))
     whole = relay_transfers(plan.pieces, cp_node, budget, movement)
+    def rows_of(t, r):
+        return sorted(map(tuple, t[(t[:, Transfer.SRC] == r) | (t[:, Transfer.DST] == r)].tolist()))
+
     for r in range(cp):
         mine = relay_transfers(plan.pieces, cp_node, budget, movement, rank=r)
-
-        def rows_of(t):
-            rows = t[(t[:, Transfer.SRC] == r) | (t[:, Transfer.DST] == r)]
-            return sorted(map(tuple, rows.tolist()))
-
-        assert rows_of(mine) == rows_of(whole), (r, movement)
+        assert rows_of(mine, r) == rows_of(whole, r), (r, movement)
         assert mine.shape[0] <= whole.shape[0]
