@@ -58,18 +58,22 @@ def _cell(args) -> dict:
     """(lengths, mask, cp, strategy, batches, tokens_per_rank) -> the cell's figures, means over the batches."""
     name, mask, cp, strategy, batches, tokens_per_rank = args
     hw, extras = load_hardware(HARDWARE), P.Extras()
-    fwd, bwd, mfu = [], [], []
+    fwd, bwd, mfu, details = [], [], [], []
     for lens in batches:
-        seconds = P.strategy_seconds(strategy, hw, extras, lens, cp, mask, tokens_per_rank)
+        if strategy == "fcp":  # its step and what the step spends on communication, from one model run
+            details.append(P.fcp_details(hw, extras, lens, cp, mask, tokens_per_rank))
+            seconds = details[-1]
+        else:
+            seconds = P.strategy_seconds(strategy, hw, extras, lens, cp, mask, tokens_per_rank)
         step = float(seconds["fwd"] + seconds["bwd"])
         fwd.append(float(seconds["fwd"]))
         bwd.append(float(seconds["bwd"]))
         mfu.append(exact_flops(lens, mask, hw) / (cp * hw.peak_bf16_dense_tflops * 1e12 * step))
     row = {"lengths": name, "mask": mask, "cp": cp, "strategy": strategy, "fwd_ms": 1e3 * float(np.mean(fwd)),
            "bwd_ms": 1e3 * float(np.mean(bwd)), "mfu": float(np.mean(mfu)), "batches": len(batches)}
-    if strategy == "fcp":  # what its step spends on communication (means over the batches)
-        details = [P.fcp_details(hw, extras, lens, cp, mask, tokens_per_rank) for lens in batches]
-        row.update({key: float(np.mean([d[key] for d in details])) for key in details[0]})
+    if details:  # FCP's communication, means over the batches
+        row.update({key: float(np.mean([d[key] for d in details])) for key in ("ib_mb_max", "ib_mb_mean",
+                                                                                "exposed_ms")})
     return row
 
 

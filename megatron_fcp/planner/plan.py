@@ -280,11 +280,12 @@ class Plan:
             kv = self.kv
             recv = kv[kv[:, KV.CP_RANK] == cp_rank][:, VIEW_KV_RECV]
             send = kv[kv[:, KV.SRC_RANK] == cp_rank][:, VIEW_KV_SEND]
-            pieces = self._pieces_of(cp_rank)
+            receivers = self._receivers_of(cp_rank)
+            pieces = self._pieces_of(receivers)
             recv_pieces = pieces[pieces[:, Piece.DST] == cp_rank][:, VIEW_RECV_PIECES]
             send_pieces = pieces[pieces[:, Piece.SRC] == cp_rank][:, VIEW_SEND_PIECES]
             if self._node_aware:
-                node_pieces = pieces[np.isin(pieces[:, Piece.DST], self._node_ranks_of(cp_rank))]
+                node_pieces = pieces[np.isin(pieces[:, Piece.DST], receivers)]
         # the rank's tokens from its own rows (num_tokens counts every rank's: a pass over every document)
         real = int((rows[:, Q.END] - rows[:, Q.START]).sum())
         return RankPlan(
@@ -308,24 +309,20 @@ class Plan:
         """Whether the exchange forwards between node-mates: a point-to-point plan on more than one node."""
         return self.exchange == "p2p" and self.cp_node is not None and int(self.cp_node.max(initial=0)) > 0
 
-    def _node_ranks_of(self, cp_rank: int) -> np.ndarray:
-        """The ranks whose received pieces decide what ``cp_rank`` sends, forwards and receives: every rank on its
-        node and on the nodes of the ranks it sends to."""
+    def _receivers_of(self, cp_rank: int) -> np.ndarray:
+        """The ranks whose received pieces ``cp_rank``'s view needs: itself and the ranks it sends to (their staging
+        positions depend on all their pieces); on a node-aware plan every rank of these ranks' nodes (whose pieces
+        decide what ``cp_rank`` sends, forwards and receives)."""
         kv = self.kv
-        receivers = np.append(kv[kv[:, KV.SRC_RANK] == cp_rank, KV.CP_RANK], cp_rank)
-        return np.flatnonzero(np.isin(self.cp_node, self.cp_node[receivers]))
+        receivers = np.append(np.unique(kv[kv[:, KV.SRC_RANK] == cp_rank, KV.CP_RANK]), cp_rank)
+        return np.flatnonzero(np.isin(self.cp_node, self.cp_node[receivers])) if self._node_aware else receivers
 
-    def _pieces_of(self, cp_rank: int) -> np.ndarray:
-        """The pieces ``cp_rank`` receives and those of every rank it sends to (a receiver's staging positions
-        depend on all its pieces), on a node-aware plan those of every rank of these ranks' nodes too
-        (:meth:`_node_ranks_of`), without cutting every rank's (:attr:`pieces` if already computed)."""
+    def _pieces_of(self, receivers: np.ndarray) -> np.ndarray:
+        """The pieces ``receivers`` (:meth:`_receivers_of`) receive, without cutting every rank's (:attr:`pieces`
+        if already computed)."""
         if "pieces" in self.__dict__:
             return self.pieces
         kv = self.kv
-        if self._node_aware:
-            receivers = self._node_ranks_of(cp_rank)
-        else:
-            receivers = np.append(np.unique(kv[kv[:, KV.SRC_RANK] == cp_rank, KV.CP_RANK]), cp_rank)
         kv = kv[np.isin(kv[:, KV.CP_RANK], receivers)]
         ranks = np.unique(kv[:, [KV.CP_RANK, KV.SRC_RANK]])  # the receivers and their sources
         if self.whole_rank is None or kv.shape[0] == 0:

@@ -187,6 +187,13 @@ def relay_transfers(pieces, cp_node, budget: int | None, movement: str = "forwar
     """
     if movement not in MOVEMENTS:
         raise InputError(f"movement {movement!r} is not one of {', '.join(MOVEMENTS)}")
+    return all_transfers(pieces, cp_node, budget, rank, (movement,))[movement]
+
+
+def all_transfers(pieces, cp_node, budget: int | None, rank: int | None = None, movements=MOVEMENTS
+                  ) -> dict[str, np.ndarray]:
+    """:func:`relay_transfers` of each of ``movements`` (default all three), by movement: the pieces are cut into
+    sub-pieces once for all of them."""
     budget = parse_kv_budget(budget)
     if budget == "auto":
         raise InputError("relay_transfers needs the budget in tokens per stage: resolve 'auto' first with "
@@ -194,8 +201,13 @@ def relay_transfers(pieces, cp_node, budget: int | None, movement: str = "forwar
     pieces = np.asarray(pieces, dtype=np.int64).reshape(-1, len(Piece))
     cp_node = _check_cp_node(cp_node, pieces)
     if pieces.shape[0] == 0:
-        return np.zeros((0, len(Transfer)), np.int64)
+        return {movement: np.zeros((0, len(Transfer)), np.int64) for movement in movements}
     sub = _sub_pieces(pieces, budget)
+    return {movement: _transfers(sub, cp_node, movement, rank) for movement in movements}
+
+
+def _transfers(sub: dict[str, np.ndarray], cp_node: np.ndarray, movement: str, rank: int | None) -> np.ndarray:
+    """The transfers of one movement of the sub-pieces ``sub`` (:func:`relay_transfers`)."""
     stage, num_stages = sub["stage"], sub["num_stages"]
     rnd = stage if movement == "forward" else num_stages - 1 - stage
     inter = cp_node[sub["rank"]] != cp_node[sub["owner"]]
@@ -300,9 +312,10 @@ def rank_messages(pieces, cp_node, budget: int | None, rank: int) -> dict[str, d
       partial gradients, received in round ``k``, are added before that stage's own send.
     """
     out: dict[str, dict[int, list[tuple]]] = {}
+    transfers = all_transfers(pieces, cp_node, budget, rank)
     for movement, recv_name, send_name, relay_name in (("forward", "recv", "send", "relay"),
                                                        ("refetch", "refetch_recv", "refetch", "refetch_relay")):
-        m = merged_messages(relay_transfers(pieces, cp_node, budget, movement, rank))
+        m = merged_messages(transfers[movement])
         mine = m[m[:, M_DST] == rank]
         mine = mine[sort_order(mine[:, M_DST_STAGE], mine[:, M_SRC], mine[:, M_SRC_STAGE] + 1, mine[:, M_SRC_OFFSET])]
         out[recv_name] = {}
@@ -312,7 +325,7 @@ def rank_messages(pieces, cp_node, budget: int | None, rank: int) -> dict[str, d
         sent = m[m[:, M_SRC] == rank]  # already by receiver, round, own first, then the sender's offset
         out[send_name] = _by_round(sent[sent[:, M_SRC_STAGE] < 0], M_DST, M_SRC_OFFSET)
         out[relay_name] = _by_round(sent[sent[:, M_SRC_STAGE] >= 0], M_DST, M_SRC_OFFSET)
-    m = merged_messages(relay_transfers(pieces, cp_node, budget, "gradients", rank))
+    m = merged_messages(transfers["gradients"])
     sent = m[m[:, M_SRC] == rank]
     sent = sent[sort_order(sent[:, M_SRC_STAGE], sent[:, M_DST], sent[:, M_DST_STAGE] + 1, sent[:, M_DST_OFFSET])]
     out["grad_send"] = {}
@@ -337,6 +350,7 @@ def relay_figures(pieces, cp_node, budget: int | None, cp: int) -> dict[str, np.
     - ``sent_across_forward``, ``sent_across_backward_kv``, ``sent_across_backward_grad``: tokens (key/value rows,
       or their gradient rows) the rank sends to ranks on other nodes, per exchange phase;
     - ``sent_forward``, ``sent_backward_kv``, ``sent_backward_grad``: every token the rank sends, per phase;
+    - ``received_across_forward``, ...: tokens the rank receives from ranks on other nodes, per phase;
     - ``peak_returned_grad_tokens``: the most gradient rows of its own key/values that come back in one backward
       round (a relay's sum comes back in the relay's round, one later than its own stage would send it);
     - ``peak_relayed_grad_tokens``: the most rows of node-mates' partial gradients it receives in one round, to add
@@ -344,13 +358,14 @@ def relay_figures(pieces, cp_node, budget: int | None, cp: int) -> dict[str, np.
     """
     cp_node = np.asarray(cp_node, dtype=np.int64)
     out: dict[str, np.ndarray] = {}
+    transfers = all_transfers(pieces, cp_node, budget)
     for movement, phase in PHASES.items():
-        t = relay_transfers(pieces, cp_node, budget, movement)
+        t = transfers[movement]
         length = t[:, Transfer.END] - t[:, Transfer.START]
         across = cp_node[t[:, Transfer.SRC]] != cp_node[t[:, Transfer.DST]]
-        out[f"sent_{phase}"] = np.bincount(t[:, Transfer.SRC], weights=length, minlength=cp).astype(np.int64)
-        out[f"sent_across_{phase}"] = np.bincount(t[across, Transfer.SRC], weights=length[across],
-                                                  minlength=cp).astype(np.int64)
+        for name, end, rows in (("sent", Transfer.SRC, slice(None)), ("sent_across", Transfer.SRC, across),
+                                ("received_across", Transfer.DST, across)):
+            out[f"{name}_{phase}"] = np.bincount(t[rows, end], weights=length[rows], minlength=cp).astype(np.int64)
         if movement == "gradients":
             num_rounds = int(t[:, Transfer.ROUND].max(initial=0)) + 1
             for name, rows in (("peak_returned_grad_tokens", t[:, Transfer.DST_STAGE] < 0),

@@ -70,7 +70,7 @@ from megatron_fcp.errors import InputError
 from megatron_fcp.planner.columns import Piece, Q, Transfer
 from megatron_fcp.planner.pairs import arange_within, block_pairs, edge_pairs, matching_rows, q_pairs
 from megatron_fcp.planner.plan import Plan
-from megatron_fcp.planner.relay import MOVEMENTS, relay_transfers
+from megatron_fcp.planner.relay import all_transfers
 from megatron_fcp.planner.stages import (
     DEFAULT_KV_BUDGET,
     MEMORY_FIELDS,
@@ -419,13 +419,19 @@ def staged_exchange(plan: Plan, hw: HardwareProfile, kv_budget_tokens=DEFAULT_KV
     back = n - 1 - stage  # the backward round of each sub-piece
     again = back >= 1
     refetch = _round_comm(hw, dst[again], src[again], back[again], nbytes[again], inter[again], cp, rounds)
-    size = cp * rounds
-    sent, returned = dst * rounds + back, src * rounds + back
-    grad = np.maximum(_link_seconds(hw, sent, nbytes, inter, size), _link_seconds(hw, returned, nbytes, inter, size))
-    peers = _distinct_peers(np.concatenate([sent, returned]), np.concatenate([src, dst]), size, cp)
-    grad = (grad + hw.p2p_latency_us * 1e-6 * peers).reshape(cp, rounds)
+    grad = _grad_comm(hw, dst, src, back, nbytes, inter, cp, rounds)  # the receiver sends in its backward round
     return StagedExchange(budget=budget, num_stages=num_stages, pairs=stage_pairs, eff_pairs=stage_eff,
                           rows=stage_rows, fwd_comm_s=fwd, refetch_comm_s=refetch, grad_comm_s=grad)
+
+
+def _grad_comm(hw: HardwareProfile, sender, owner, rnd, nbytes, inter, cp: int, rounds: int) -> np.ndarray:
+    """``[cp, rounds]``: a backward round's gradient messages, each rank's the slower of what it sends and what comes
+    back to it in the round, plus a latency per peer."""
+    size = cp * rounds
+    sent, returned = sender * rounds + rnd, owner * rounds + rnd
+    grad = np.maximum(_link_seconds(hw, sent, nbytes, inter, size), _link_seconds(hw, returned, nbytes, inter, size))
+    peers = _distinct_peers(np.concatenate([sent, returned]), np.concatenate([owner, sender]), size, cp)
+    return (grad + hw.p2p_latency_us * 1e-6 * peers).reshape(cp, rounds)
 
 
 def _relayed_comm(plan: Plan, hw: HardwareProfile, budget: int | None, rounds: int):
@@ -433,22 +439,15 @@ def _relayed_comm(plan: Plan, hw: HardwareProfile, budget: int | None, rounds: i
     runtime runs on a plan whose ranks lie on several nodes (:func:`megatron_fcp.planner.relay.relay_transfers`:
     key/values taken from a node-mate that holds them in the round before, gradients summed in a node-mate's next
     stage), each transfer on the link between its two ranks' nodes (``plan.cp_node``)."""
-    cp, node, pieces = plan.cp, plan.cp_node, plan.pieces
-    out = []
-    for movement in MOVEMENTS:
-        t = relay_transfers(pieces, node, budget, movement)
+    node, out = plan.cp_node, []
+    for movement, t in all_transfers(plan.pieces, node, budget).items():
         dst, src, rnd = t[:, Transfer.DST], t[:, Transfer.SRC], t[:, Transfer.ROUND]
         nbytes = (t[:, Transfer.END] - t[:, Transfer.START]) * hw.kv_bytes_per_token
         inter = node[dst] != node[src]
-        if movement != "gradients":
-            out.append(_round_comm(hw, dst, src, rnd, nbytes, inter, cp, rounds))
-            continue
-        size = cp * rounds
-        sent, returned = src * rounds + rnd, dst * rounds + rnd  # the computing rank sends in its round
-        grad = np.maximum(_link_seconds(hw, sent, nbytes, inter, size), _link_seconds(hw, returned, nbytes, inter,
-                                                                                     size))
-        peers = _distinct_peers(np.concatenate([sent, returned]), np.concatenate([dst, src]), size, cp)
-        out.append((grad + hw.p2p_latency_us * 1e-6 * peers).reshape(cp, rounds))
+        if movement == "gradients":  # the computing rank sends, in its round, to the owner or a node-mate
+            out.append(_grad_comm(hw, src, dst, rnd, nbytes, inter, plan.cp, rounds))
+        else:
+            out.append(_round_comm(hw, dst, src, rnd, nbytes, inter, plan.cp, rounds))
     return tuple(out)
 
 

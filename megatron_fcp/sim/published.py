@@ -37,11 +37,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from megatron_fcp.planner.baselines import plan_hybrid, plan_magi
-from megatron_fcp.planner.columns import Piece, Q, Transfer
+from megatron_fcp.planner.columns import Piece, Q
 from megatron_fcp.planner.fcp import plan_fcp
 from megatron_fcp.planner.pairs import edge_pairs
 from megatron_fcp.planner.plan import Plan
-from megatron_fcp.planner.relay import MOVEMENTS, relay_transfers
+from megatron_fcp.planner.relay import PHASES, relay_figures
 from megatron_fcp.planner.stages import DEFAULT_KV_BUDGET, split_stages
 from megatron_fcp.sim.model import (
     HardwareProfile,
@@ -545,12 +545,19 @@ def p2p_pass_times(hw: HardwareProfile, x: Extras, plan: Plan, how: str | None, 
     if how is not None:
         fwd_c, ref_c, grad_c = p2p_comm(hw, plan, ex.budget, how)
         ex = dataclasses.replace(ex, fwd_comm_s=fwd_c, refetch_comm_s=ref_c, grad_comm_s=grad_c)
-    local_fwd, local_bwd = _local_seconds(plan, hw)
-    if not x.enabled and how is None:
-        fwd, bwd, _ = staged_times(ex, local_fwd, local_bwd, hw)
-    else:
-        fwd, bwd = staged_pass_times(hw, x, ex, local_fwd, local_bwd, x.sm_share(sms))
+    fwd, bwd = _rank_pass_times(hw, x, plan, ex, how is None, sms)
     return float(fwd.max()), float(bwd.max())
+
+
+def _rank_pass_times(hw: HardwareProfile, x: Extras, plan: Plan, ex: StagedExchange, own_comm: bool, sms: int
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Per rank: forward and backward seconds of ``ex`` (the model's own rounds where ``own_comm`` and ``x`` adds
+    nothing: :func:`staged_times` as it is)."""
+    local_fwd, local_bwd = _local_seconds(plan, hw)
+    if not x.enabled and own_comm:
+        fwd, bwd, _ = staged_times(ex, local_fwd, local_bwd, hw)
+        return fwd, bwd
+    return staged_pass_times(hw, x, ex, local_fwd, local_bwd, x.sm_share(sms))
 
 
 def magi_budget(plan: Plan) -> int | None:
@@ -582,39 +589,39 @@ def strategy_seconds(strategy: str, hw: HardwareProfile, x: Extras, lens: np.nda
         sms = x.grpcoll_sms if how == "native" else x.nccl_sms
         fwd, bwd = p2p_pass_times(hw, x, plan, how, magi_budget(plan), sms)
         return {"fwd": fwd, "bwd": bwd}
-    if strategy == "fcp":  # on the profile's nodes: the node-aware exchange the runtime runs there
-        plan = dataclasses.replace(plan_fcp(lens, cp, tokens_per_rank, mask), cp_node=node_layout(cp, hw))
-        fwd, bwd = p2p_pass_times(hw, x, plan, None, DEFAULT_KV_BUDGET, x.nccl_sms)
+    if strategy == "fcp":
+        fwd, bwd = p2p_pass_times(hw, x, fcp_plan(hw, lens, cp, mask, tokens_per_rank), None, DEFAULT_KV_BUDGET,
+                                  x.nccl_sms)
         return {"fwd": fwd, "bwd": bwd}
     raise ValueError(f"unknown strategy {strategy!r}")
 
 
+def fcp_plan(hw: HardwareProfile, lens, cp: int, mask: str, tokens_per_rank: int) -> Plan:
+    """FCP's plan of one pack on the profile's nodes: the node-aware exchange the runtime runs there."""
+    return dataclasses.replace(plan_fcp(np.asarray(lens, np.int64), cp, tokens_per_rank, mask),
+                               cp_node=node_layout(cp, hw))
+
+
 def fcp_details(hw: HardwareProfile, x: Extras, lens: np.ndarray, cp: int, mask: str, tokens_per_rank: int
                 ) -> dict[str, float]:
-    """What FCP's step (as :func:`strategy_seconds` models it) spends on communication, on one pack:
+    """FCP's step on one pack as :func:`strategy_seconds` models it (``fwd``, ``bwd``: seconds, the same figures)
+    and what it spends on communication:
 
     - ``ib_mb_max``, ``ib_mb_mean``: key/value and gradient MB (1e6 bytes) a GPU receives over InfiniBand in one
       step (forward, refetch and gradients), the most over the GPUs and the mean;
     - ``exposed_ms``: the step (forward + backward, each pass's slowest rank) minus the same step with every
       transfer free: the communication the compute does not hide.
     """
-    plan = dataclasses.replace(plan_fcp(np.asarray(lens, np.int64), cp, tokens_per_rank, mask),
-                               cp_node=node_layout(cp, hw))
+    plan = fcp_plan(hw, lens, cp, mask, tokens_per_rank)
     ex = staged_exchange(plan, hw, DEFAULT_KV_BUDGET)
-    local_fwd, local_bwd = _local_seconds(plan, hw)
-    share = x.sm_share(x.nccl_sms)
-    fwd, bwd = staged_pass_times(hw, x, ex, local_fwd, local_bwd, share)
+    fwd, bwd = _rank_pass_times(hw, x, plan, ex, True, x.nccl_sms)
     free = dataclasses.replace(ex, fwd_comm_s=np.zeros_like(ex.fwd_comm_s), refetch_comm_s=np.zeros_like(
         ex.refetch_comm_s), grad_comm_s=np.zeros_like(ex.grad_comm_s))
-    fwd0, bwd0 = staged_pass_times(hw, x, free, local_fwd, local_bwd, share)
-    node = np.arange(cp) // hw.gpus_per_node
-    received = np.zeros(cp)
-    for movement in MOVEMENTS:
-        t = relay_transfers(plan.pieces, node, ex.budget, movement)
-        across = node[t[:, Transfer.SRC]] != node[t[:, Transfer.DST]]
-        received += np.bincount(t[across, Transfer.DST], weights=(t[across, Transfer.END] - t[across, Transfer.START])
-                                * hw.kv_bytes_per_token, minlength=cp)
-    return {"ib_mb_max": float(received.max()) / 1e6, "ib_mb_mean": float(received.mean()) / 1e6,
+    fwd0, bwd0 = _rank_pass_times(hw, x, plan, free, True, x.nccl_sms)
+    figures = relay_figures(plan.pieces, np.arange(cp) // hw.gpus_per_node, ex.budget, cp)
+    received = sum(figures[f"received_across_{phase}"] for phase in PHASES.values()) * hw.kv_bytes_per_token
+    return {"fwd": float(fwd.max()), "bwd": float(bwd.max()), "ib_mb_max": float(received.max()) / 1e6,
+            "ib_mb_mean": float(received.mean()) / 1e6,
             "exposed_ms": 1e3 * float(fwd.max() + bwd.max() - fwd0.max() - bwd0.max())}
 
 
