@@ -332,7 +332,8 @@ _STAGE_NAME = "stage"
 
 @dataclass(frozen=True)
 class _Rounds:
-    """Per-round message lists of one rank (each a list over rounds)."""
+    """Per-round message lists of one rank (each a list over rounds; ``refetch`` None: as ``returns`` but round 0,
+    the direct exchange's)."""
 
     send: list
     returns: list
@@ -348,9 +349,12 @@ def _direct_rounds(rank_plan: RankPlan, budget: int | None, num_stages: int) -> 
     if any(b > rank_plan.num_tokens - rank_plan.num_pad_tokens for _, _, b, _, _ in sends):
         raise ValueError(f"rank {rank_plan.cp_rank} is asked to send key/values it does not own")
     num_rounds = max([num_stages] + [max(j, t) + 1 for *_, j, t in sends])
+    def none():
+        return [[] for _ in range(num_rounds)]
+
     return _Rounds(send=[[(d, a, b) for d, a, b, j, _ in sends if j == r] for r in range(num_rounds)],
                    returns=[[(d, a, b) for d, a, b, _, t in sends if t == r] for r in range(num_rounds)],
-                   refetch=None, relay=[], refetch_relay=[], grad_relay=[])
+                   refetch=None, relay=none(), refetch_relay=none(), grad_relay=none())
 
 
 def _relayed(rank_plan: RankPlan, budget: int | None, stages: list[_StageSpec]) -> tuple[list[_StageSpec], _Rounds]:
@@ -406,15 +410,9 @@ def encode_schedule(rank_plan: RankPlan, kv_budget_tokens: int | str | None = DE
         recv_rows += stage.recv
         refetch_rows += stage.refetch or ()
         grad_rows += stage.grads or ()
-
-    def count(table, r):
-        return len(table[r]) if r < len(table) else 0
-
-    round_rows = [(len(rounds.send[r]), len(rounds.returns[r]),
-                   -1 if rounds.refetch is None else len(rounds.refetch[r]), count(rounds.relay, r),
-                   count(rounds.refetch_relay, r), count(rounds.grad_relay, r)) for r in range(num_rounds)]
-    tables = [rounds.send, rounds.returns, rounds.refetch or [], rounds.relay, rounds.refetch_relay, rounds.grad_relay]
-    messages = grad_rows + [m for r in range(num_rounds) for table in tables if r < len(table) for m in table[r]]
+    tables = [rounds.send, rounds.returns, rounds.refetch, rounds.relay, rounds.refetch_relay, rounds.grad_relay]
+    round_rows = [tuple(-1 if table is None else len(table[r]) for table in tables) for r in range(num_rounds)]
+    messages = grad_rows + [m for r in range(num_rounds) for table in tables if table is not None for m in table[r]]
     host = [np.asarray(rows, np.int64).reshape(-1) for rows in (call_rows, stage_rows, recv_rows + refetch_rows,
                                                                  round_rows, messages)]
     device_offset = len(HEADER) + sum(part.shape[0] for part in host)
