@@ -249,20 +249,14 @@ def backward_local(step: RankStep, queries: BackwardQueries, grads: GradState) -
     backward_calls(step.sched.local_calls, queries, step.own, step.kernels, grads)
 
 
-def add_rows(acc: torch.Tensor, messages: tuple[Message, ...], received: torch.Tensor) -> None:
-    """Add ``received`` (``[2, rows, ...]``, the messages' rows end to end) to rows of ``acc`` (``[2, rows, ...]``)."""
+def add_message_rows(accs, messages: tuple[Message, ...], received: torch.Tensor) -> None:
+    """Add ``received`` (``[2, rows, ...]``: keys' then values' rows, the messages' rows end to end) to the rows
+    ``[start, end)`` of each message in ``accs`` (the keys' and the values' accumulators: own ``dk``/``dv``, or a
+    stage's gradients ``[2, rows, ...]``)."""
     offset = 0
     for _, a, b in messages:
-        acc[:, a:b] += received[:, offset:offset + b - a].to(acc.dtype)
-        offset += b - a
-
-
-def add_returned(grads: GradState, messages: tuple[Message, ...], returned: torch.Tensor) -> None:
-    """Add key/value gradients that came back (``[2, rows, ...]``, the messages' rows end to end) to own rows."""
-    offset = 0
-    for _, a, b in messages:
-        grads.dk[a:b] += returned[0, offset:offset + b - a].to(grads.dk.dtype)
-        grads.dv[a:b] += returned[1, offset:offset + b - a].to(grads.dv.dtype)
+        for acc, part in zip(accs, received, strict=True):
+            acc[a:b] += part[offset:offset + b - a].to(acc.dtype)
         offset += b - a
 
 
@@ -385,9 +379,9 @@ def backward_rounds(step: RankStep, queries: BackwardQueries, kept: torch.Tensor
         if pending_grad is not None:  # the previous round's gradients travelled while this stage computed
             yield pending_grad
             returned, relayed = pending_grad.wait()
-            add_returned(grads, sched.return_rounds[t - 1], returned)
+            add_message_rows((grads.dk, grads.dv), sched.return_rounds[t - 1], returned)
             if relayed is not None:  # node-mates' partial gradients of this stage's rows, added before it is sent
-                add_rows(stage_grads, sched.at(sched.grad_relay_rounds, t - 1), relayed)
+                add_message_rows(stage_grads, sched.at(sched.grad_relay_rounds, t - 1), relayed)
             returned = relayed = None
         if stage_grads is not None:
             stage_grads = stage_grads.to(step.k.dtype)
@@ -398,7 +392,7 @@ def backward_rounds(step: RankStep, queries: BackwardQueries, kept: torch.Tensor
     if pending_grad is not None:
         yield pending_grad
         returned, _ = pending_grad.wait()
-        add_returned(grads, sched.return_rounds[-1], returned)
+        add_message_rows((grads.dk, grads.dv), sched.return_rounds[-1], returned)
     return finish_backward(step, grads)
 
 
