@@ -55,13 +55,14 @@ def applies(strategy: str, cp: int, hw: HardwareProfile) -> bool:
 
 
 def _cell(args) -> dict:
-    """(lengths, mask, cp, strategy, batches, tokens_per_rank) -> the cell's figures, means over the batches."""
-    name, mask, cp, strategy, batches, tokens_per_rank = args
+    """(lengths, mask, cp, strategy, batches, tokens_per_rank, hop) -> the cell's figures, means over the batches
+    (``hop``: FCP with the same-round hop, a design the runtime does not run)."""
+    name, mask, cp, strategy, batches, tokens_per_rank, hop = args
     hw, extras = load_hardware(HARDWARE), P.Extras()
     fwd, bwd, mfu, details = [], [], [], []
     for lens in batches:
         if strategy == "fcp":  # its step and what the step spends on communication, from one model run
-            details.append(P.fcp_details(hw, extras, lens, cp, mask, tokens_per_rank))
+            details.append(P.fcp_details(hw, extras, lens, cp, mask, tokens_per_rank, hop))
             seconds = details[-1]
         else:
             seconds = P.strategy_seconds(strategy, hw, extras, lens, cp, mask, tokens_per_rank)
@@ -77,14 +78,14 @@ def _cell(args) -> dict:
     return row
 
 
-def run(lengths, cps, masks, num_batches: int, tokens_per_rank: int, jobs: int) -> list[dict]:
+def run(lengths, cps, masks, num_batches: int, tokens_per_rank: int, jobs: int, hop: bool = False) -> list[dict]:
     hw = load_hardware(HARDWARE)
     work = []
     for name in lengths:
         dist = load_distribution(name)
         for cp in cps:
             batches = pack_batches(dist, cp * tokens_per_rank, num_batches, seed=0)
-            work += [(name, mask, cp, s, batches, tokens_per_rank) for mask in masks for s in STRATEGIES
+            work += [(name, mask, cp, s, batches, tokens_per_rank, hop) for mask in masks for s in STRATEGIES
                      if applies(s, cp, hw)]
     work.sort(key=lambda w: -w[2])  # the large cells first
     if jobs > 1:
@@ -213,6 +214,9 @@ def main(argv=None) -> None:
     p.add_argument("--tokens-per-rank", type=int, default=16384)
     p.add_argument("--small", action="store_true", help="the CI case: CP 8 and 16, one batch, no plot")
     p.add_argument("--jobs", type=int, default=2, help="worker processes")
+    p.add_argument("--same-round-hop", action="store_true",
+                   help="FCP with the same-round hop as well (docs/node_aware_exchange.md step 5: a design the "
+                        "runtime does not run; write it to another --out-dir)")
     args = p.parse_args(argv)
     if args.small:
         args.cp, args.num_batches = "8,16", 1
@@ -222,7 +226,7 @@ def main(argv=None) -> None:
         p.error(f"--lengths: unknown mix {unknown[0]!r}; choose from {', '.join(SHIPPED)}")
     cps = [int(c) for c in args.cp.split(",")]
     started = time.perf_counter()
-    rows = run(lengths, cps, MASKS, args.num_batches, args.tokens_per_rank, args.jobs)
+    rows = run(lengths, cps, MASKS, args.num_batches, args.tokens_per_rank, args.jobs, args.same_round_hop)
     rows.sort(key=lambda r: (lengths.index(r["lengths"]), MASKS.index(r["mask"]), r["cp"],
                              STRATEGIES.index(r["strategy"])))
     summary = scaling_summary(rows)

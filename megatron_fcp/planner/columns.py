@@ -53,7 +53,8 @@ class Transfer(IntEnum):
     """Columns of transfers: tokens ``[start, end)`` of ``doc`` (owned by ``owner``) move from rank ``src`` to
     rank ``dst`` in ``round``. Each end is a rank's own key/values (``*_stage`` is ``-1``, ``*_pos`` is ``-1``,
     ``*_offset`` the local token index of ``start``, as :attr:`Piece.SRC_OFFSET`) or one of its stage buffers
-    (``*_stage`` the stage, ``*_pos`` the staging position of ``start``, ``*_offset`` its row in the buffer)."""
+    (``*_stage`` the stage, ``*_pos`` the staging position of ``start``, ``*_offset`` its row in the buffer).
+    ``phase``: 0, or 1 for the same-round hop's second phase (from a lander's stage buffer of the same round)."""
 
     SRC = 0
     SRC_STAGE = 1
@@ -68,6 +69,7 @@ class Transfer(IntEnum):
     END = 10
     ROUND = 11
     OWNER = 12
+    PHASE = 13
 
 
 VIEW_Q = (Q.DOC, Q.START, Q.END)

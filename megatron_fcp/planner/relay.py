@@ -61,7 +61,7 @@ MOVEMENTS = ("forward", "refetch", "gradients")
 sent back (see the module docstring)."""
 TRANSFER_COLS = tuple(column.name.lower() for column in Transfer)
 """``("src", "src_stage", "src_pos", "src_offset", "dst", "dst_stage", "dst_pos", "dst_offset", "doc", "start",
-"end", "round", "owner")``: the columns of transfers (:class:`~megatron_fcp.planner.columns.Transfer`)."""
+"end", "round", "owner", "phase")``: the columns of transfers (:class:`~megatron_fcp.planner.columns.Transfer`)."""
 OWN = -1
 """``*_stage`` (and ``*_pos``) of an end at a rank's own key/values (or, for gradients, its own gradient rows)."""
 
@@ -169,8 +169,8 @@ def _check_cp_node(cp_node, pieces: np.ndarray) -> np.ndarray:
     return cp_node.astype(np.int64)
 
 
-def relay_transfers(pieces, cp_node, budget: int | None, movement: str = "forward", rank: int | None = None
-                    ) -> np.ndarray:
+def relay_transfers(pieces, cp_node, budget: int | None, movement: str = "forward", rank: int | None = None,
+                    hop: bool = False) -> np.ndarray:
     """The transfers of one movement (:data:`MOVEMENTS`) of the staged exchange of ``pieces`` (a plan's, columns
     :class:`~megatron_fcp.planner.columns.Piece`) under ``budget`` (tokens per stage, resolved: a positive
     integer, or None for one stage; :func:`~.stages.resolve_kv_budget` turns ``auto`` into the ranks' token
@@ -181,17 +181,21 @@ def relay_transfers(pieces, cp_node, budget: int | None, movement: str = "forwar
     position. Every sub-piece that moves is covered once, token for token; a transfer never straddles two
     sub-pieces at either end.
 
+    ``hop``: key/values (forward, refetch) by the same-round hop as well (:func:`_landers`; the transfers from a
+    lander have ``phase`` 1, the round's second phase, after the lander's first is in). A design the runtime
+    does not run: docs/node_aware_exchange.md, step 5.
+
     ``rank``: only the sub-pieces that ``rank`` owns or that a rank of its node holds are decided. That gives every
     transfer ``rank`` sends or receives (and some others) at a fraction of the work, the same rows as in the whole
     table (a sub-piece's sources depend only on its holder's node-mates).
     """
     if movement not in MOVEMENTS:
         raise InputError(f"movement {movement!r} is not one of {', '.join(MOVEMENTS)}")
-    return all_transfers(pieces, cp_node, budget, rank, (movement,))[movement]
+    return all_transfers(pieces, cp_node, budget, rank, (movement,), hop)[movement]
 
 
-def all_transfers(pieces, cp_node, budget: int | None, rank: int | None = None, movements=MOVEMENTS
-                  ) -> dict[str, np.ndarray]:
+def all_transfers(pieces, cp_node, budget: int | None, rank: int | None = None, movements=MOVEMENTS,
+                  hop: bool = False) -> dict[str, np.ndarray]:
     """:func:`relay_transfers` of each of ``movements`` (default all three), by movement: the pieces are cut into
     sub-pieces once for all of them."""
     budget = parse_kv_budget(budget)
@@ -203,10 +207,11 @@ def all_transfers(pieces, cp_node, budget: int | None, rank: int | None = None, 
     if pieces.shape[0] == 0:
         return {movement: np.zeros((0, len(Transfer)), np.int64) for movement in movements}
     sub = _sub_pieces(pieces, budget)
-    return {movement: _transfers(sub, cp_node, movement, rank) for movement in movements}
+    return {movement: _transfers(sub, cp_node, movement, rank, hop) for movement in movements}
 
 
-def _transfers(sub: dict[str, np.ndarray], cp_node: np.ndarray, movement: str, rank: int | None) -> np.ndarray:
+def _transfers(sub: dict[str, np.ndarray], cp_node: np.ndarray, movement: str, rank: int | None, hop: bool = False
+               ) -> np.ndarray:
     """The transfers of one movement of the sub-pieces ``sub`` (:func:`relay_transfers`)."""
     stage, num_stages = sub["stage"], sub["num_stages"]
     rnd = stage if movement == "forward" else num_stages - 1 - stage
@@ -226,10 +231,73 @@ def _transfers(sub: dict[str, np.ndarray], cp_node: np.ndarray, movement: str, r
                                   1 if movement == "gradients" else -1, cp_node)
         seg_sub, seg_relay, seg_start, seg_end = (np.concatenate([mine, theirs]) for mine, theirs in
                                                   zip((seg_sub, seg_relay, seg_start, seg_end), relayed, strict=True))
-    return _table(sub, rnd, seg_sub, seg_relay, seg_start, seg_end, movement)
+    seg_phase = np.zeros(seg_sub.shape, np.int64)
+    if hop and movement != "gradients":
+        landing = (seg_relay < 0) & inter[seg_sub]
+        if landing.any():
+            hopped = _landers(sub, rnd, seg_sub[landing], seg_start[landing], seg_end[landing], cp_node)
+            keep = ~landing
+            seg_sub, seg_relay, seg_start, seg_end = (np.concatenate([mine[keep], theirs]) for mine, theirs in
+                                                      zip((seg_sub, seg_relay, seg_start, seg_end), hopped,
+                                                          strict=True))
+            seg_phase = np.concatenate([seg_phase[keep], (hopped[1] >= 0).astype(np.int64)])
+    return _table(sub, rnd, seg_sub, seg_relay, seg_start, seg_end, movement, seg_phase)
 
 
-def _table(sub, rnd, seg_sub, seg_relay, seg_start, seg_end, movement: str) -> np.ndarray:
+def _landers(sub: dict[str, np.ndarray], rnd: np.ndarray, seg_sub: np.ndarray, seg_start: np.ndarray,
+             seg_end: np.ndarray, cp_node: np.ndarray):
+    """The same-round hop: segments ``[seg_start, seg_end)`` of sub-pieces ``seg_sub`` that would come from an
+    owner on another node, cut where their lander changes. Of the ranks of one node that receive a token in one
+    round this way, one (the **lander**) receives it from the owner; the others take it from the lander's stage
+    buffer of the same round, after it has landed (the round's second phase). Each range of tokens that ``k``
+    candidates share is cut into ``k`` near-equal parts, each landed by one of them, so the InfiniBand bytes spread
+    over the candidates' NICs; the first part goes to the candidate whose index inside its node is the owner's
+    index inside its own node or the next one after it (cyclically), and so on in that order.
+
+    Returns int64 arrays per segment: the sub-piece, its source sub-piece (``-1``: the owner; else the lander's),
+    start and end."""
+    node_size = np.bincount(cp_node)
+    by_node = np.argsort(cp_node, kind="stable")
+    local = np.empty_like(cp_node)
+    local[by_node] = np.arange(cp_node.shape[0]) - (np.cumsum(node_size) - node_size)[cp_node[by_node]]
+    rank, owner, doc = sub["rank"][seg_sub], sub["owner"][seg_sub], sub["doc"][seg_sub]
+    size = node_size[cp_node[rank]]
+    preference = ((local[rank] - local[owner]) % size) * cp_node.shape[0] + rank
+    node, rounds = cp_node[rank], rnd[seg_sub] + 1
+    packed = (node * (int(doc.max()) + 1) + doc) * (int(rounds.max()) + 1) + rounds
+    group = np.unique(packed, return_inverse=True)[1].reshape(-1)
+    span = int(seg_end.max()) + 1
+    a, b = group * span + seg_start, group * span + seg_end
+    points = np.unique(np.concatenate([a, b]))
+    first = np.searchsorted(points, a)
+    count = np.searchsorted(points, b) - first
+    seg = np.repeat(np.arange(seg_sub.shape[0], dtype=np.int64), count)
+    interval = np.repeat(first, count) + arange_within(count)
+    # an interval with k candidates (in order of preference) is cut into k equal parts: candidate p lands part p
+    # and takes the others from their landers, so every candidate receives 1/k of it over InfiniBand
+    order = sort_order(interval, preference[seg])
+    seg, interval = seg[order], interval[order]
+    first_of = np.flatnonzero(np.concatenate([[True], interval[1:] != interval[:-1]]))
+    counts = np.diff(np.append(first_of, seg.shape[0]))
+    k, p = np.repeat(counts, counts), arange_within(counts)
+    pair = np.repeat(np.arange(seg.shape[0], dtype=np.int64), k)
+    part = arange_within(k)
+    lander = seg[np.repeat(first_of, counts)[pair] + part]
+    at, length = points[interval[pair]], points[interval[pair] + 1] - points[interval[pair]]
+    a, b = at + length * part // k[pair], at + length * (part + 1) // k[pair]
+    choice = np.where(part == p[pair], -1, seg_sub[lander])
+    keep = np.flatnonzero(b > a)
+    keep = keep[np.lexsort((a[keep], seg[pair][keep]))]
+    piece_of, choice, a, b = seg[pair][keep], choice[keep], a[keep], b[keep]
+    # adjacent parts of one segment with one source are one range (contiguous at both ends)
+    is_new = np.concatenate([[True], (piece_of[1:] != piece_of[:-1]) | (choice[1:] != choice[:-1])
+                             | (a[1:] != b[:-1])])
+    run_first = np.flatnonzero(is_new)
+    run_last = np.append(run_first[1:], piece_of.shape[0]) - 1
+    return seg_sub[piece_of[run_first]], choice[run_first], a[run_first] % span, b[run_last] % span
+
+
+def _table(sub, rnd, seg_sub, seg_relay, seg_start, seg_end, movement: str, seg_phase) -> np.ndarray:
     """Segments (sub-piece, relay sub-piece or -1, start, end) -> transfer rows, sorted (:func:`relay_transfers`)."""
     offset = seg_start - sub["start"][seg_sub]
     near = (sub["rank"][seg_sub], sub["stage"][seg_sub], sub["pos"][seg_sub] + offset, sub["buf"][seg_sub] + offset)
@@ -250,6 +318,7 @@ def _table(sub, rnd, seg_sub, seg_relay, seg_start, seg_end, movement: str) -> n
     out[:, Transfer.START], out[:, Transfer.END] = seg_start, seg_end
     out[:, Transfer.ROUND] = rnd[seg_sub]
     out[:, Transfer.OWNER] = sub["owner"][seg_sub]
+    out[:, Transfer.PHASE] = seg_phase
     return out[sort_order(near[0], near[1], near[2])]
 
 
@@ -343,7 +412,7 @@ PHASES = {"forward": "forward", "refetch": "backward_kv", "gradients": "backward
 """The exchange's byte-counter phase of each movement."""
 
 
-def relay_figures(pieces, cp_node, budget: int | None, cp: int) -> dict[str, np.ndarray]:
+def relay_figures(pieces, cp_node, budget: int | None, cp: int, hop: bool = False) -> dict[str, np.ndarray]:
     """Per rank (int64 ``[cp]``, tokens), what the node-aware exchange changes beside :func:`~.stages.p2p_memory`
     (which still gives what each rank receives and holds of key/values: a relay only changes who sends):
 
@@ -355,10 +424,12 @@ def relay_figures(pieces, cp_node, budget: int | None, cp: int) -> dict[str, np.
       round (a relay's sum comes back in the relay's round, one later than its own stage would send it);
     - ``peak_relayed_grad_tokens``: the most rows of node-mates' partial gradients it receives in one round, to add
       to its next stage's before sending them on (a buffer of its own: the only memory the relay adds).
+
+    ``hop``: with the same-round hop as well (:func:`relay_transfers`).
     """
     cp_node = np.asarray(cp_node, dtype=np.int64)
     out: dict[str, np.ndarray] = {}
-    transfers = all_transfers(pieces, cp_node, budget)
+    transfers = all_transfers(pieces, cp_node, budget, hop=hop)
     for movement, phase in PHASES.items():
         t = transfers[movement]
         length = t[:, Transfer.END] - t[:, Transfer.START]

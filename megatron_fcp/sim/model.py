@@ -343,6 +343,17 @@ class StagedExchange:
     rows: np.ndarray | None = None
     """Query rows of the rank that compute against stage ``j`` (the kernel call's query tokens; needed with
     kernel laws only)."""
+    fwd_hop_s: np.ndarray | None = None
+    """With the same-round hop (:func:`megatron_fcp.planner.relay.relay_transfers` ``hop=True``): forward round
+    ``j``'s second phase, from its post (once the rank's and its landers' first phases are in) until it is through
+    (a lander's sends and a node-mate's receives over NVLink); None: no second phase."""
+    refetch_hop_s: np.ndarray | None = None
+    """The same for the refetch of backward round ``t``."""
+    fwd_landers: tuple | None = None
+    """Per forward round: ``(lander, receiver)`` int64 arrays of the round's hops (a receiver's second phase starts
+    when its landers have theirs posted)."""
+    refetch_landers: tuple | None = None
+    """The same per backward round (refetch)."""
 
 
 def _link_seconds(hw: HardwareProfile, slot: np.ndarray, nbytes: np.ndarray, inter: np.ndarray,
@@ -371,8 +382,11 @@ def _round_comm(hw: HardwareProfile, dst, src, rnd, nbytes, inter, cp: int, roun
     return wait.reshape(cp, rounds)
 
 
-def staged_exchange(plan: Plan, hw: HardwareProfile, kv_budget_tokens=DEFAULT_KV_BUDGET) -> StagedExchange:
-    """Stage work and round communication of a point-to-point plan under a budget (see the module docstring)."""
+def staged_exchange(plan: Plan, hw: HardwareProfile, kv_budget_tokens=DEFAULT_KV_BUDGET, hop: bool = False
+                    ) -> StagedExchange:
+    """Stage work and round communication of a point-to-point plan under a budget (see the module docstring).
+    ``hop``: a node-aware plan's key/values with the same-round hop as well (a design the runtime does not run
+    yet: docs/node_aware_exchange.md step 5)."""
     cp, tile = plan.cp, hw.tile_size
     q_rank, q_doc, q_start, q_end = plan.q.T
     q_lens = q_end - q_start
@@ -410,9 +424,9 @@ def staged_exchange(plan: Plan, hw: HardwareProfile, kv_budget_tokens=DEFAULT_KV
 
     # communication per round
     if plan.exchange == "p2p" and plan.cp_node is not None and int(plan.cp_node.max(initial=0)) > 0:
-        fwd, refetch, grad = _relayed_comm(plan, hw, budget, rounds)
+        fwd, refetch, grad, hops = _relayed_comm(plan, hw, budget, rounds, hop)
         return StagedExchange(budget=budget, num_stages=num_stages, pairs=stage_pairs, eff_pairs=stage_eff,
-                              rows=stage_rows, fwd_comm_s=fwd, refetch_comm_s=refetch, grad_comm_s=grad)
+                              rows=stage_rows, fwd_comm_s=fwd, refetch_comm_s=refetch, grad_comm_s=grad, **hops)
     nbytes = length * hw.kv_bytes_per_token
     inter = (dst // hw.gpus_per_node) != (src // hw.gpus_per_node)
     fwd = _round_comm(hw, dst, src, stage, nbytes, inter, cp, rounds)
@@ -434,13 +448,22 @@ def _grad_comm(hw: HardwareProfile, sender, owner, rnd, nbytes, inter, cp: int, 
     return (grad + hw.p2p_latency_us * 1e-6 * peers).reshape(cp, rounds)
 
 
-def _relayed_comm(plan: Plan, hw: HardwareProfile, budget: int | None, rounds: int):
+def _relayed_comm(plan: Plan, hw: HardwareProfile, budget: int | None, rounds: int, hop: bool = False):
     """The rounds' communication ``[cp, rounds]`` (forward, refetch, gradients) of the node-aware exchange the
     runtime runs on a plan whose ranks lie on several nodes (:func:`megatron_fcp.planner.relay.relay_transfers`:
     key/values taken from a node-mate that holds them in the round before, gradients summed in a node-mate's next
-    stage), each transfer on the link between its two ranks' nodes (``plan.cp_node``)."""
-    node, out = plan.cp_node, []
-    for movement, t in all_transfers(plan.pieces, node, budget).items():
+    stage), each transfer on the link between its two ranks' nodes (``plan.cp_node``); and the
+    :class:`StagedExchange` fields of the same-round hop (``hop``; else none)."""
+    node, out, hops = plan.cp_node, [], {}
+    for movement, t in all_transfers(plan.pieces, node, budget, hop=hop).items():
+        second = t[:, Transfer.PHASE] == 1
+        if second.any():
+            h = t[second]
+            name = "fwd" if movement == "forward" else "refetch"
+            hops[f"{name}_hop_s"] = _hop_comm(hw, h, plan.cp, rounds)
+            hops[f"{name}_landers"] = tuple((h[h[:, Transfer.ROUND] == j, Transfer.SRC],
+                                             h[h[:, Transfer.ROUND] == j, Transfer.DST]) for j in range(rounds))
+            t = t[~second]
         dst, src, rnd = t[:, Transfer.DST], t[:, Transfer.SRC], t[:, Transfer.ROUND]
         nbytes = (t[:, Transfer.END] - t[:, Transfer.START]) * hw.kv_bytes_per_token
         inter = node[dst] != node[src]
@@ -448,7 +471,32 @@ def _relayed_comm(plan: Plan, hw: HardwareProfile, budget: int | None, rounds: i
             out.append(_grad_comm(hw, src, dst, rnd, nbytes, inter, plan.cp, rounds))
         else:
             out.append(_round_comm(hw, dst, src, rnd, nbytes, inter, plan.cp, rounds))
-    return tuple(out)
+    return (*out, hops)
+
+
+def _hop_comm(hw: HardwareProfile, t: np.ndarray, cp: int, rounds: int) -> np.ndarray:
+    """``[cp, rounds]``: a round's second phase (NVLink, inside nodes): until a rank's hops are through, the slower
+    of what it receives (with its landers' sends) and what it sends as a lander, plus a latency per peer."""
+    dst, src, rnd = t[:, Transfer.DST], t[:, Transfer.SRC], t[:, Transfer.ROUND]
+    nbytes = (t[:, Transfer.END] - t[:, Transfer.START]) * hw.kv_bytes_per_token
+    inter = np.zeros(dst.shape, bool)
+    size = cp * rounds
+    out_of = src * rounds + rnd
+    send = _link_seconds(hw, out_of, nbytes, inter, size)
+    send += hw.p2p_latency_us * 1e-6 * _distinct_peers(out_of, dst, size, cp)
+    return np.maximum(_round_comm(hw, dst, src, rnd, nbytes, inter, cp, rounds), send.reshape(cp, rounds))
+
+
+def _with_hop(arrive: np.ndarray, hop_s: np.ndarray | None, landers, j: int) -> np.ndarray:
+    """When a rank's round ``j`` is in, with the round's second phase (posted right after the first on the same
+    stream, so it starts once the rank's and its landers' first phases are in and runs while the rank computes):
+    ``arrive`` the first phase's arrival per rank."""
+    if hop_s is None:
+        return arrive
+    lander, receiver = landers[j]
+    ready = arrive.copy()
+    np.maximum.at(ready, receiver, arrive[lander])
+    return np.where(hop_s[:, j] > 0, ready + hop_s[:, j], arrive)
 
 
 def staged_times(x: StagedExchange, local_fwd_s: np.ndarray, local_bwd_s: np.ndarray, hw: HardwareProfile,
@@ -471,10 +519,11 @@ def staged_times(x: StagedExchange, local_fwd_s: np.ndarray, local_bwd_s: np.nda
     f, arrive = np.asarray(local_fwd_s, dtype=np.float64).copy(), x.fwd_comm_s[:, 0].copy()
     if slowed:
         f = slowed(f, arrive) * (f > 0) + f * (f <= 0)
+    arrive = _with_hop(arrive, x.fwd_hop_s, x.fwd_landers, 0)
     for j in range(rounds):
         s = np.maximum(f, arrive)
         if j + 1 < rounds:
-            arrive = s + x.fwd_comm_s[:, j + 1]
+            arrive = _with_hop(s + x.fwd_comm_s[:, j + 1], x.fwd_hop_s, x.fwd_landers, j + 1)
         f = s + (slowed(c_fwd[:, j], x.fwd_comm_s[:, j + 1] if j + 1 < rounds else no_comm) if slowed
                  else c_fwd[:, j])
     fwd = f
@@ -488,7 +537,8 @@ def staged_times(x: StagedExchange, local_fwd_s: np.ndarray, local_bwd_s: np.nda
     for t in range(rounds):
         s = np.maximum(f, arrive)
         refetch = x.refetch_comm_s[:, t + 1] if t + 1 < rounds else no_comm
-        arrive = s + refetch if t + 1 < rounds else np.zeros(cp)
+        arrive = (_with_hop(s + refetch, x.refetch_hop_s, x.refetch_landers, t + 1) if t + 1 < rounds
+                  else np.zeros(cp))
         compute = c_back[:, t]
         if slowed:  # overlaps the next refetch and the previous round's gradients
             compute = slowed(compute, np.maximum(refetch, x.grad_comm_s[:, t - 1] if t > 0 else 0.0))

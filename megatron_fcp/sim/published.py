@@ -602,10 +602,11 @@ def fcp_plan(hw: HardwareProfile, lens, cp: int, mask: str, tokens_per_rank: int
                                cp_node=node_layout(cp, hw))
 
 
-def fcp_details(hw: HardwareProfile, x: Extras, lens: np.ndarray, cp: int, mask: str, tokens_per_rank: int
-                ) -> dict[str, float]:
-    """FCP's step on one pack as :func:`strategy_seconds` models it (``fwd``, ``bwd``: seconds, the same figures)
-    and what it spends on communication:
+def fcp_details(hw: HardwareProfile, x: Extras, lens: np.ndarray, cp: int, mask: str, tokens_per_rank: int,
+                hop: bool = False) -> dict[str, float]:
+    """FCP's step on one pack as :func:`strategy_seconds` models it (``fwd``, ``bwd``: seconds, the same figures;
+    ``hop``: with the same-round hop as well, a design the runtime does not run) and what it spends on
+    communication:
 
     - ``ib_mb_max``, ``ib_mb_mean``: key/value and gradient MB (1e6 bytes) a GPU receives over InfiniBand in one
       step (forward, refetch and gradients), the most over the GPUs and the mean;
@@ -613,12 +614,14 @@ def fcp_details(hw: HardwareProfile, x: Extras, lens: np.ndarray, cp: int, mask:
       transfer free: the communication the compute does not hide.
     """
     plan = fcp_plan(hw, lens, cp, mask, tokens_per_rank)
-    ex = staged_exchange(plan, hw, DEFAULT_KV_BUDGET)
+    ex = staged_exchange(plan, hw, DEFAULT_KV_BUDGET, hop)
     fwd, bwd = _rank_pass_times(hw, x, plan, ex, True, x.nccl_sms)
-    free = dataclasses.replace(ex, fwd_comm_s=np.zeros_like(ex.fwd_comm_s), refetch_comm_s=np.zeros_like(
-        ex.refetch_comm_s), grad_comm_s=np.zeros_like(ex.grad_comm_s))
+    free = dataclasses.replace(ex, **{name: np.zeros_like(value) for name in ("fwd_comm_s", "refetch_comm_s",
+                                                                             "grad_comm_s", "fwd_hop_s",
+                                                                             "refetch_hop_s")
+                                      if (value := getattr(ex, name)) is not None})
     fwd0, bwd0 = _rank_pass_times(hw, x, plan, free, True, x.nccl_sms)
-    figures = relay_figures(plan.pieces, np.arange(cp) // hw.gpus_per_node, ex.budget, cp)
+    figures = relay_figures(plan.pieces, np.arange(cp) // hw.gpus_per_node, ex.budget, cp, hop)
     received = sum(figures[f"received_across_{phase}"] for phase in PHASES.values()) * hw.kv_bytes_per_token
     return {"fwd": float(fwd.max()), "bwd": float(bwd.max()), "ib_mb_max": float(received.max()) / 1e6,
             "ib_mb_mean": float(received.mean()) / 1e6,

@@ -184,3 +184,41 @@ def test_the_cost_model_sends_what_the_relays_send():
     bad = ~np.isclose(relayed.fwd_comm_s.reshape(-1), want, rtol=1e-12, atol=1e-12)  # NVLink: bytes / 1e21 s
     assert not bad.any(), (np.flatnonzero(bad), relayed.fwd_comm_s.reshape(-1)[bad], want[bad])
     assert relayed.fwd_comm_s.sum(axis=1).max() < plain.fwd_comm_s.sum(axis=1).max()
+
+
+def test_the_modeled_same_round_hop_waits_for_its_landers_first_phase():
+    """The model's same-round hop (a design the runtime does not run): its second phase takes time exactly where a
+    rank sends or receives a hop in that round, and a receiver's stage is in no earlier than its landers' first
+    phase; with the second phase free and no landers the rounds are the first phase's alone."""
+    import dataclasses as dc
+
+    from megatron_fcp.planner.columns import Transfer
+    from megatron_fcp.planner.relay import relay_transfers
+    from megatron_fcp.sim.model import _with_hop, load_hardware, staged_exchange, staged_times
+
+    hw = dc.replace(load_hardware("h100_node"), gpus_per_node=4)
+    case = _case("spanning", 16, 4, "causal")
+    plain, hopped = staged_exchange(case.plan, hw, "auto"), staged_exchange(case.plan, hw, "auto", hop=True)
+    assert plain.fwd_hop_s is None and plain.fwd_landers is None
+    t = relay_transfers(case.plan.pieces, case.plan.cp_node, hopped.budget, "forward", hop=True)
+    hop = t[t[:, Transfer.PHASE] == 1]
+    assert hop.shape[0] > 0
+    rounds = hopped.fwd_comm_s.shape[1]
+    busy = np.zeros((16, rounds), bool)
+    busy[hop[:, Transfer.SRC], hop[:, Transfer.ROUND]] = busy[hop[:, Transfer.DST], hop[:, Transfer.ROUND]] = True
+    np.testing.assert_array_equal(hopped.fwd_hop_s > 0, busy)
+    arrive = np.arange(16, dtype=np.float64)  # rank r's first phase is in at r seconds
+    for j in range(rounds):
+        got = _with_hop(arrive, hopped.fwd_hop_s, hopped.fwd_landers, j)
+        lander, receiver = hopped.fwd_landers[j]
+        assert np.all(got[receiver] >= arrive[lander] + hopped.fwd_hop_s[receiver, j])
+        np.testing.assert_array_equal(got[~busy[:, j]], arrive[~busy[:, j]])
+    local = np.zeros(16)
+    free = dc.replace(hopped, fwd_hop_s=np.zeros_like(hopped.fwd_hop_s),
+                      refetch_hop_s=None if hopped.refetch_hop_s is None else np.zeros_like(hopped.refetch_hop_s))
+    alone = dc.replace(hopped, fwd_hop_s=None, refetch_hop_s=None, fwd_landers=None, refetch_landers=None)
+    for a, b in zip(staged_times(free, local, local, hw)[:2], staged_times(alone, local, local, hw)[:2], strict=True):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(staged_times(hopped, local, local, hw)[:2], staged_times(alone, local, local, hw)[:2],
+                    strict=True):
+        assert np.all(a >= b)

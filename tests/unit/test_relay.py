@@ -103,11 +103,17 @@ def _ends(t: np.ndarray, movement: str):
     return [t[:, c] for c in near], [t[:, c] for c in far]
 
 
-def _check(plan, budget_setting, gpus_per_node: int, movement: str, tokens: Tokens) -> np.ndarray:
-    """Checks (1)-(3) of one movement: coverage, what a relay holds, relays inside nodes only."""
+def _check(plan, budget_setting, gpus_per_node: int, movement: str, tokens: Tokens, hop: bool = False
+           ) -> np.ndarray:
+    """Checks (1)-(3) of one movement: coverage, what a relay holds, relays inside nodes only (with ``hop``, (5):
+    the same-round hop's)."""
     budget = resolve_kv_budget(budget_setting, int(plan.num_tokens.max()))
     cp_node = np.arange(plan.cp) // gpus_per_node
-    t = relay_transfers(plan.pieces, cp_node, budget, movement)
+    t = relay_transfers(plan.pieces, cp_node, budget, movement, hop=hop)
+    hopped = t[:, Transfer.PHASE] == 1
+    assert np.all(np.isin(t[:, Transfer.PHASE], (0, 1))) and (hop or not hopped.any())
+    if hopped.any():
+        _check_hops(t, hopped, tokens, movement, cp_node)
     assert t.dtype == np.int64 and t.shape[1] == len(TRANSFER_COLS)
     assert np.all(t[:, Transfer.END] > t[:, Transfer.START])
     row, i = _expand(t[:, Transfer.START], t[:, Transfer.END] - t[:, Transfer.START])
@@ -131,7 +137,7 @@ def _check(plan, budget_setting, gpus_per_node: int, movement: str, tokens: Toke
     own_at = tokens.find(tokens.own_key, tokens.key(f_rank, doc, token)[direct])
     np.testing.assert_array_equal(f_off[direct] + i[direct], tokens.own_local[own_at])
     # (2) a relay holds the token in the round before (forward, refetch) or after (gradients), where stated
-    relay = ~direct
+    relay = ~direct & (t_tok[:, Transfer.PHASE] == 0)
     held = tokens.find(tokens.held_key, tokens.key(f_rank, doc, token)[relay])
     np.testing.assert_array_equal(f_stage[relay], tokens.held_stage[held])
     np.testing.assert_array_equal(f_pos[relay] + i[relay], tokens.held_pos[held])
@@ -154,7 +160,30 @@ def _check(plan, budget_setting, gpus_per_node: int, movement: str, tokens: Toke
     return t
 
 
-def _copies_left(tokens: Tokens, movement: str, cp_node: np.ndarray) -> int:
+def _check_hops(t: np.ndarray, hopped: np.ndarray, tokens: Tokens, movement: str, cp_node: np.ndarray) -> None:
+    """(5) A hop: the token at the direct plan's place of the receiver; the lander, a node-mate, holds it in the
+    same round at the stated place and receives it from its owner (on another node) in the round's first phase."""
+    row, i = _expand(t[hopped, Transfer.START], t[hopped, Transfer.END] - t[hopped, Transfer.START])
+    h = t[hopped][row]
+    token, doc, rnd = h[:, Transfer.START] + i, h[:, Transfer.DOC], h[:, Transfer.ROUND]
+    rank, lander, owner = h[:, Transfer.DST], h[:, Transfer.SRC], h[:, Transfer.OWNER]
+    assert np.all(cp_node[lander] == cp_node[rank]) and np.all(lander != rank)
+    assert np.all(cp_node[owner] != cp_node[rank])
+    held = tokens.find(tokens.held_key, tokens.key(lander, doc, token))
+    np.testing.assert_array_equal(tokens.rounds(movement)[held], rnd)
+    np.testing.assert_array_equal(h[:, Transfer.SRC_STAGE], tokens.held_stage[held])
+    np.testing.assert_array_equal(h[:, Transfer.SRC_POS] + i, tokens.held_pos[held])
+    np.testing.assert_array_equal(h[:, Transfer.SRC_OFFSET] + i, tokens.held_row[held])
+    # the lander's own copy: from the owner, first phase
+    first = t[~hopped]
+    row1, i1 = _expand(first[:, Transfer.START], first[:, Transfer.END] - first[:, Transfer.START])
+    got = set(zip(first[row1, Transfer.DST].tolist(), first[row1, Transfer.DOC].tolist(),
+                  (first[row1, Transfer.START] + i1).tolist(), first[row1, Transfer.SRC].tolist(), strict=True))
+    assert all((g, d, k, o) in got for g, d, k, o in zip(lander.tolist(), doc.tolist(), token.tolist(),
+                                                          owner.tolist(), strict=True))
+
+
+def _copies_left(tokens: Tokens, movement: str, cp_node: np.ndarray, hop: bool = False) -> int:
     """Inter-node token copies with no copy on the node in the partner round (gradients: the round after; the
     others: the round before), counted directly."""
     rounds = tokens.rounds(movement)
@@ -164,6 +193,13 @@ def _copies_left(tokens: Tokens, movement: str, cp_node: np.ndarray) -> int:
     node_key = (cp_node[tokens.held_rank] * tokens.num_docs + tokens.held_doc) * tokens.span + tokens.held_token
     copies = set(zip(node_key[inter].tolist(), rounds[inter].tolist(), strict=True))
     step = 1 if movement == "gradients" else -1
+    if hop and movement != "gradients":  # once per (node, token, round) unless a node-mate of each copy had it
+        holders: dict[tuple[int, int], set[int]] = {}
+        for k, r, g in zip(node_key[inter].tolist(), rounds[inter].tolist(), tokens.held_rank[inter].tolist(),
+                           strict=True):
+            holders.setdefault((k, r), set()).add(g)
+        return sum(any(not (holders.get((k, r + step), set()) - {g}) for g in group)
+                   for (k, r), group in holders.items())
     left = [(k, r + step) not in copies for k, r in zip(node_key[inter].tolist(), rounds[inter].tolist(), strict=True)]
     return int(np.sum(left))
 
@@ -193,6 +229,34 @@ def test_relays_deliver_the_direct_plan_and_leave_the_potential_on_infiniband(po
             assert left == _copies_left(tokens, movement, cp_node)
             if shares["inter_node_tokens"]:
                 assert left == round(shares["round after"] * shares["inter_node_tokens"]), (setting, movement)
+
+
+@pytest.mark.parametrize("lengths,cp,gpus_per_node,tokens_per_rank", CASES)
+@pytest.mark.parametrize("mask", ["causal", "full"])
+def test_the_same_round_hop_brings_a_token_into_a_node_once_a_round(lengths, cp, gpus_per_node, tokens_per_rank,
+                                                                    mask):
+    plan = _plan(lengths, cp, tokens_per_rank, mask)
+    cp_node = np.arange(cp) // gpus_per_node
+    hops = 0
+    for setting in BUDGETS:
+        budget = resolve_kv_budget(setting, int(plan.num_tokens.max()))
+        tokens = Tokens(plan, budget)
+        for movement in MOVEMENTS:
+            t = _check(plan, setting, gpus_per_node, movement, tokens, hop=True)
+            hops += int((t[:, Transfer.PHASE] == 1).sum())
+            without = relay_transfers(plan.pieces, cp_node, budget, movement)
+            if movement == "gradients":  # gradients keep the round-after rule
+                np.testing.assert_array_equal(t, without)
+                continue
+            left = inter_node_tokens(t, cp_node)
+            assert left == _copies_left(tokens, movement, cp_node, hop=True) <= inter_node_tokens(without, cp_node)
+            # every token crosses into a node at most once per round
+            across = t[cp_node[t[:, Transfer.SRC]] != cp_node[t[:, Transfer.DST]]]
+            row, i = _expand(across[:, Transfer.START], across[:, Transfer.END] - across[:, Transfer.START])
+            key = np.column_stack([cp_node[across[row, Transfer.DST]], across[row, Transfer.DOC],
+                                   across[row, Transfer.START] + i, across[row, Transfer.ROUND]])
+            assert np.unique(key, axis=0).shape[0] == key.shape[0]
+    assert hops > 0
 
 
 def _direct(plan, budget, movement) -> np.ndarray:
