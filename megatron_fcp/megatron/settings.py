@@ -141,15 +141,20 @@ def kv_budget(value, name: str) -> int | str | None:
     return parse_kv_budget(value, flag=name)
 
 
+def _whole_number(value) -> int | None:
+    """A whole number given as a number or as text, else None."""
+    try:
+        return int(value) if isinstance(value, str) or is_whole(value) else None
+    except ValueError:
+        return None
+
+
 def optional_positive(value, name: str) -> int | None:
     """None (unset; also the text ``none``, as a launcher writes an unset value) or a whole number >= 1, as a number
     or text."""
     if value is None or (isinstance(value, str) and value.strip().lower() == "none"):
         return None
-    try:
-        number = int(value) if isinstance(value, str) or is_whole(value) else None
-    except ValueError:
-        number = None
+    number = _whole_number(value)
     if number is None or number < 1:
         raise InputError(f"{name} must be a whole number >= 1, or unset, got {value!r}")
     return number
@@ -159,10 +164,7 @@ def tile_size(value, name: str) -> int | str:
     """A whole number of tokens >= 1 (as a number or text), or ``auto``."""
     if value is None or value == "auto":
         return "auto"
-    try:
-        size = int(value) if isinstance(value, str) or is_whole(value) else None
-    except ValueError:
-        size = None
+    size = _whole_number(value)
     if size is None or size < 1:
         raise InputError(f"{name} must be a positive integer or 'auto', got {value!r}")
     return size

@@ -59,7 +59,7 @@ Bytes moved per rank and layer: forward receive + backward refetch + key/value g
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from importlib import resources
 from pathlib import Path
 
@@ -356,6 +356,16 @@ class StagedExchange:
     """The same per backward round (refetch)."""
 
 
+COMM_FIELDS = ("fwd_comm_s", "refetch_comm_s", "grad_comm_s", "fwd_hop_s", "refetch_hop_s")
+"""The :class:`StagedExchange` fields that time transfers (the hop's are None without it)."""
+
+
+def free_transfers(x: StagedExchange) -> StagedExchange:
+    """``x`` with every transfer taking no time (what the compute alone gives)."""
+    return replace(x, **{name: np.zeros_like(value) for name in COMM_FIELDS
+                         if (value := getattr(x, name)) is not None})
+
+
 def _link_seconds(hw: HardwareProfile, slot: np.ndarray, nbytes: np.ndarray, inter: np.ndarray,
                   size: int) -> np.ndarray:
     """Seconds per slot: its bytes over NVLink and over InfiniBand at the same time (the slower of the two)."""
@@ -461,8 +471,10 @@ def _relayed_comm(plan: Plan, hw: HardwareProfile, budget: int | None, rounds: i
             h = t[second]
             name = "fwd" if movement == "forward" else "refetch"
             hops[f"{name}_hop_s"] = _hop_comm(hw, h, plan.cp, rounds)
-            hops[f"{name}_landers"] = tuple((h[h[:, Transfer.ROUND] == j, Transfer.SRC],
-                                             h[h[:, Transfer.ROUND] == j, Transfer.DST]) for j in range(rounds))
+            h = h[np.argsort(h[:, Transfer.ROUND], kind="stable")]
+            bounds = np.searchsorted(h[:, Transfer.ROUND], np.arange(rounds + 1))
+            hops[f"{name}_landers"] = tuple((h[a:b, Transfer.SRC], h[a:b, Transfer.DST])
+                                            for a, b in zip(bounds[:-1], bounds[1:], strict=True))
             t = t[~second]
         dst, src, rnd = t[:, Transfer.DST], t[:, Transfer.SRC], t[:, Transfer.ROUND]
         nbytes = (t[:, Transfer.END] - t[:, Transfer.START]) * hw.kv_bytes_per_token

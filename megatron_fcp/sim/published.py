@@ -49,6 +49,7 @@ from megatron_fcp.sim.model import (
     _link_seconds,
     _local_seconds,
     _round_comm,
+    free_transfers,
     staged_exchange,
     staged_times,
 )
@@ -616,11 +617,7 @@ def fcp_details(hw: HardwareProfile, x: Extras, lens: np.ndarray, cp: int, mask:
     plan = fcp_plan(hw, lens, cp, mask, tokens_per_rank)
     ex = staged_exchange(plan, hw, DEFAULT_KV_BUDGET, hop)
     fwd, bwd = _rank_pass_times(hw, x, plan, ex, True, x.nccl_sms)
-    free = dataclasses.replace(ex, **{name: np.zeros_like(value) for name in ("fwd_comm_s", "refetch_comm_s",
-                                                                             "grad_comm_s", "fwd_hop_s",
-                                                                             "refetch_hop_s")
-                                      if (value := getattr(ex, name)) is not None})
-    fwd0, bwd0 = _rank_pass_times(hw, x, plan, free, True, x.nccl_sms)
+    fwd0, bwd0 = _rank_pass_times(hw, x, plan, free_transfers(ex), True, x.nccl_sms)
     figures = relay_figures(plan.pieces, np.arange(cp) // hw.gpus_per_node, ex.budget, cp, hop)
     received = sum(figures[f"received_across_{phase}"] for phase in PHASES.values()) * hw.kv_bytes_per_token
     return {"fwd": float(fwd.max()), "bwd": float(bwd.max()), "ib_mb_max": float(received.max()) / 1e6,
