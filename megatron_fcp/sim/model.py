@@ -351,7 +351,7 @@ class StagedExchange:
     """The same for the refetch of backward round ``t``."""
     fwd_landers: tuple | None = None
     """Per forward round: ``(lander, receiver)`` int64 arrays of the round's hops (a receiver's second phase starts
-    when its landers have theirs posted)."""
+    once its landers' first phases are in)."""
     refetch_landers: tuple | None = None
     """The same per backward round (refetch)."""
 
