@@ -264,11 +264,11 @@ def _stages(rank_plan: RankPlan, own, budget: int | None) -> list[_StageSpec]:
         return []
     src, doc, start, end, src_offset, pos = pieces.T
     lens = end - start
-    index, offset, length, stage, _ = split_stages(pos, lens, np.full(lens.shape, int(lens.sum())), budget)
+    index, offset, length, stage, n = split_stages(pos, lens, np.full(lens.shape, rank_plan.recv_total), budget)
     src, doc = src[index], doc[index]  # per sub-piece
     start, src_offset = start[index] + offset, src_offset[index] + offset
     stages = []
-    for j in range(int(stage.max()) + 1):
+    for j in range(int(n.max())):  # a node ring's order may hold empty stages (holes), its last among them
         sel = np.flatnonzero(stage == j)
         sel = sel[np.lexsort((src_offset[sel], src[sel]))]  # by source, then the source's local order
         buf = np.cumsum(length[sel]) - length[sel]

@@ -37,7 +37,8 @@ class KV(IntEnum):
 
 class Piece(IntEnum):
     """Columns of pieces: ``dst`` receives ``[start, end)`` of ``doc`` from ``src``, where it starts at local token
-    ``src_offset``; ``pos`` places it in the receiver's staging order of ``total`` tokens."""
+    ``src_offset``; ``pos`` places it in the receiver's staging order, which ends at ``total``: the tokens the
+    receiver receives, or more where a node ring leaves holes in the order (:mod:`~.node_ring`)."""
 
     DST = 0
     SRC = 1

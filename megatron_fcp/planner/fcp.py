@@ -30,7 +30,10 @@ How it works (all integers, no device, no communication):
    rank takes the ``num_dense`` densest tokens from the dense end of the order and the rest of its token share
    from the sparse end, whole documents first, cutting only the two boundary documents (at any token);
    ``num_dense`` is found by bisection over token counts so that the work hits the target. A rank does not take
-   parts of two documents that span ranks where a window of middle-density entries can make up its work.
+   parts of two documents that span ranks where a window of middle-density entries can make up its work. Under a
+   causal mask a rank first takes what is left of the documents the rank before it cut, as far as its target
+   allows (``_Pool.carry``), so a cut document stays on consecutive ranks (node-mates, mostly) instead of leaving
+   a dense late part for a rank far away that would fetch the document's head from another node.
 6. Key/value exchange follows from ownership: a rank receives exactly the keys its queries need that it does
    not own, once, from their owner (:func:`megatron_fcp.planner.plan.derive_kv`).
 
@@ -294,6 +297,8 @@ class _Pool:
         self.edge_per_key = edge_weight * edge_pairs(1, 0, tile_size)
         self.causal = mask == "causal"
         self.batch = batch
+        self.doc_lens = lens
+        self.spread_docs = set(batch.spread_docs.tolist())
         self.bin_next = [0] * len(batch.bin_count)
         self.rows: list[tuple[int, int, int, int]] = []
         self.allocs: list[tuple[int, int, int, int]] = []
@@ -315,6 +320,7 @@ class _Pool:
         self.sparsest, self.densest = 0, len(entries) - 1
         self.work = sum(self.entry_work(e) for e in range(len(entries)))
         self.touched: set[int] = set()  # entries cut since the last settle, to be re-sorted
+        self.cut_rest: list[Part] = []  # causal: what is left of the documents cut since the last carry
 
     def _columns(self) -> tuple[list, ...]:
         return (self.length, self.count, self.front, self.back, self.bin, self.zig, self.spread, self.whole_work,
@@ -409,11 +415,66 @@ class _Pool:
             far, num_tokens = _cut(self.front[e] if from_dense else self.back[e], num_tokens, from_dense, taken)
             self.front[e], self.back[e] = (far, near) if from_dense else (near, far)
         pieces = [part for part in taken if part[2] > part[1]]
+        if self.causal and not self.zig[e]:  # a document placed whole but for its cut (see carry)
+            cut = {part[0] for part in pieces} - self.spread_docs
+            self.cut_rest += [part for part in (self.front[e], self.back[e]) if part and part[0] in cut]
         self.rows += [(rank, *part) for part in pieces]
         self.work += self.entry_work(e) - old_work
         if pieces:
             self.touched.add(e)
         return work + sum(self._work(length, start, end) for _, start, end in pieces)
+
+    def carry(self, num_tokens: int, target: float, rank: int) -> tuple[int, float]:
+        """Causal: give ``rank`` first what is left of the documents that the rank before it cut, as far as the
+        rank's work can still hit ``target`` with its ``num_tokens`` (the rest filled from the sparsest tokens does
+        not pass it, from the densest reaches it); what does not fit goes on to the next rank. Returns the tokens
+        and work taken.
+
+        Without it the rest of a cut document waits in the density order until some rank far away takes it: the
+        late part of a document cut at its head is dense, and its holder needs every earlier key/value of it, from
+        a rank that may be on another node."""
+        rests, self.cut_rest = self.cut_rest, []
+        taken_tokens, taken_work = 0, 0.0
+        for part in rests:
+            e = self._entry_of(part)
+            if e is None:  # taken since
+                continue
+            left = num_tokens - taken_tokens
+            sides = self.walk(False, left), self.walk(True, left)
+            num = min(part[2] - part[1], left)
+            if num and not self._carry_fits(e, num, left, target - taken_work, sides):
+                low, high = 0, num  # fits with low tokens, not with high
+                while high - low > 1:
+                    mid = (low + high) // 2
+                    fits = self._carry_fits(e, mid, left, target - taken_work, sides)
+                    low, high = (mid, high) if fits else (low, mid)
+                num = low
+            if num:  # the rest of it, if any, is carried on by take
+                taken_work += self.take(e, num, False, rank)
+                taken_tokens += num
+            else:
+                self.cut_rest.append(part)
+        self.settle()
+        return taken_tokens, taken_work
+
+    def _carry_fits(self, e: int, num: int, num_tokens: int, target: float, sides) -> bool:
+        """Whether ``num`` tokens of entry ``e`` leave a rank of ``num_tokens`` able to hit ``target``: it lies
+        between the work with the rest from the sparsest tokens and with the rest from the densest (``sides``:
+        both walks), within ``CARRY_SLACK``."""
+        work, rest = self.take_work(e, num, False), num_tokens - num
+        least = work + (_side_work(self, sides[0], rest, False) if rest else 0.0)
+        most = work + (_side_work(self, sides[1], rest, True) if rest else 0.0)
+        return least - CARRY_SLACK * target <= target <= most + CARRY_SLACK * target
+
+    def _entry_of(self, part: Part) -> int | None:
+        """The entry that holds partial document ``part`` alone (as :meth:`settle` leaves it), None if none."""
+        density = self._work(int(self.doc_lens[part[0]]), part[1], part[2]) / (part[2] - part[1])
+        e = bisect.bisect_left(self.density, density, self.sparsest, self.densest + 1)
+        while e <= self.densest and self.density[e] == density:
+            if self.front[e] == part and self.back[e] is None and not self.count[e]:
+                return e
+            e += 1
+        return None
 
     def _allocate(self, e: int, num_docs: int, rank: int) -> tuple[int, int]:
         """Hand out the next ``num_docs`` documents of entry ``e``'s bin to ``rank``; return the bin and the
@@ -605,7 +666,9 @@ def plan_fcp(
         pool_work_before = pool.work
         target = (pool_work_before + work_after[cp_rank]) / (cp - cp_rank) + cut_work / max(cp_rank, 1)
         num_free_tokens = int(real_per_rank[cp_rank] - dealt_tokens[cp_rank])
-        taken_work = _fill_rank(pool, num_free_tokens, target - dealt_work[cp_rank], cp_rank)
+        num_carried, taken_work = pool.carry(num_free_tokens, target - dealt_work[cp_rank], cp_rank)
+        taken_work += _fill_rank(pool, num_free_tokens - num_carried, target - dealt_work[cp_rank] - taken_work,
+                                 cp_rank)
         cut_work += taken_work - (pool_work_before - pool.work)
     q_rows = merge_adjacent_q(np.asarray(pool.rows, dtype=np.int64).reshape(-1, len(Q)))
     return Plan(
@@ -621,6 +684,9 @@ def plan_fcp(
         whole_rank=pool.whole_rank(lens.shape[0]),
     )
 
+
+CARRY_SLACK = 0.003
+"""Work deviation (fraction of the rank's target) that a carried part may force on a rank (see ``_Pool.carry``)."""
 
 MANY_EXTRA = 16
 """Above this many documents left over after an equal share, dealing hands them out at once (one each to the
@@ -734,7 +800,7 @@ def _one_spread_document(pool: _Pool, dense_side, num_dense: int, num_tokens: in
     would reach into a second spread document, it stops at the first one, and the rest of the rank is a window
     of whole entries from the middle of the density order whose work makes up the difference. Returns the work
     taken, or None when the two-ended fill should be used (no second document, or no window within
-    ``WINDOW_SLACK`` of the target).
+    ``WINDOW_SLACK`` above the target and ``WINDOW_UNDER`` below it).
     """
     units, tokens_before, work_before = dense_side
     first_doc, k = -1, 0
@@ -749,7 +815,8 @@ def _one_spread_document(pool: _Pool, dense_side, num_dense: int, num_tokens: in
         return None
     stop = units[k - 1] if k else pool.densest + 1
     window = _middle_window(pool, num_tokens - tokens_before[k], target - work_before[k], stop)
-    if window is None or abs(work_before[k] + window[1] - target) > WINDOW_SLACK * target:
+    under = WINDOW_UNDER if pool.causal else WINDOW_SLACK
+    if window is None or not -under * target <= work_before[k] + window[1] - target <= WINDOW_SLACK * target:
         return None
     taken = _take_side(pool, dense_side, tokens_before[k], True, rank)
     for e, num_taken in window[0]:
@@ -758,7 +825,11 @@ def _one_spread_document(pool: _Pool, dense_side, num_dense: int, num_tokens: in
 
 
 WINDOW_SLACK = 0.02
-"""Work deviation (fraction of the rank's target) accepted to keep a rank to one spread document."""
+"""Work above the rank's target (a fraction of it) accepted to keep a rank to one spread document."""
+WINDOW_UNDER = 0.05
+"""Causal: work below the rank's target (a fraction of it) accepted to keep a rank to one spread document. A rank
+below its target is not the slowest, and the ranks after it share the difference; a rank that holds a few tokens of
+a second long document fetches nearly all of that document for them."""
 
 
 def _middle_window(pool: _Pool, num_tokens: int, need: float, stop: int):

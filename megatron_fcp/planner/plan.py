@@ -108,11 +108,23 @@ class RankPlan:
         """Key/value tokens this rank receives (the sum of its pieces)."""
         return sum(end - start for _, _, start, end, _, _ in self.recv_pieces)
 
+    @property
+    def recv_total(self) -> int:
+        """The end of this rank's staging order (``Piece.TOTAL``): :attr:`num_recv`, or more where a node ring leaves
+        holes in it (:mod:`megatron_fcp.planner.node_ring`)."""
+        if self.node_pieces:
+            pieces = np.asarray(self.node_pieces, np.int64)
+            mine = pieces[pieces[:, Piece.DST] == self.cp_rank, Piece.TOTAL]
+            if mine.shape[0]:
+                return int(mine[0])
+        return self.num_recv
+
     def memory(self, kv_budget_tokens=DEFAULT_KV_BUDGET) -> dict[str, int]:
         """This rank's figures of :func:`megatron_fcp.planner.stages.p2p_memory` (``MEMORY_FIELDS``, tokens), from
         the view alone: its own pieces and the pieces it sends carry every position the stage split needs."""
         rank = self.cp_rank
-        rows = [(rank, src, doc, start, end, offset, pos, self.num_recv)
+        total = self.recv_total
+        rows = [(rank, src, doc, start, end, offset, pos, total)
                 for src, doc, start, end, offset, pos in self.recv_pieces]
         rows += [(dst, rank, doc, start, end, offset, pos, total)
                  for dst, doc, start, end, offset, pos, total in self.send_pieces]
@@ -327,13 +339,13 @@ class Plan:
         ranks = np.unique(kv[:, [KV.CP_RANK, KV.SRC_RANK]])  # the receivers and their sources
         if self.whole_rank is None or kv.shape[0] == 0:
             return plan_pieces(self.q_rows[:0] if kv.shape[0] == 0 else self.rows_of(ranks), kv, self.doc_lens,
-                               self.mask)
+                               self.mask, *self._ring_layout)
         # only the cut documents' rows take part; the documents held whole count by their tokens before each row
         rows = self.q_rows[np.isin(self.q_rows[:, Q.CP_RANK], ranks)]
         rows = rows[np.lexsort((rows[:, Q.START], rows[:, Q.DOC], rows[:, Q.CP_RANK]))]
         offsets = local_offsets(rows) + self._whole_tokens_before(rows[:, Q.CP_RANK], rows[:, Q.DOC])
         return with_positions(cut_at_owners(rows, kv, self.doc_lens.shape[0], offsets), rows, self.doc_lens,
-                              self.mask)
+                              self.mask, *self._ring_layout)
 
     def _whole_tokens_before(self, ranks: np.ndarray, docs: np.ndarray) -> np.ndarray:
         """Per ``(rank, doc)``: tokens of the documents that ``rank`` holds whole with a smaller index (they come
@@ -358,8 +370,17 @@ class Plan:
     @cached_property
     def pieces(self) -> np.ndarray:
         """int64 ``[num_pieces, 8]``: every received key/value piece (columns :class:`.columns.Piece`), sorted by
-        receiver and staging position; contiguous in the owner's and in the receiver's memory."""
-        return plan_pieces(self.q, self.kv_explicit, self.doc_lens, self.mask)
+        receiver and staging position; contiguous in the owner's and in the receiver's memory. On a node-aware plan
+        the staging orders are node rings (:mod:`megatron_fcp.planner.node_ring`)."""
+        return plan_pieces(self.q, self.kv_explicit, self.doc_lens, self.mask, *self._ring_layout)
+
+    @property
+    def _ring_layout(self) -> tuple[np.ndarray | None, int | None]:
+        """``(cp_node, slot)`` for :func:`~.stages.with_positions`: node rings on a node-aware plan, with a slot of the
+        ranks' token slots (the ``auto`` budget); ``(None, None)`` otherwise."""
+        if not self._node_aware:
+            return None, None
+        return self.cp_node, int(self.num_tokens.max(initial=1))
 
     def to_dict(self, metrics: dict | None = None) -> dict:
         """The plan in the project's JSON format (see README: "Plan JSON")."""

@@ -16,9 +16,11 @@ Vocabulary (every range half-open ``[start, end)`` in token positions of one doc
   long as the owner's sends and brings all their gradients back to it at once in backward.
 - Under a budget of ``B`` tokens, a receiver of ``R`` tokens cuts its staging order into ``n = ceil(R / B)``
   **stages** (one stage when ``R <= B`` or without a budget): the first holds the remainder
-  ``R - (n - 1) * B``, every later stage exactly ``B``. Stage ``j`` travels in forward round ``j``; the last
-  stage is kept for backward, and stage ``j < n - 1`` is fetched again in backward round ``n - 1 - j``.
-  Sender and receiver both derive the split from ``(pos, total, B)``, so they agree without a message.
+  ``R - (n - 1) * B``, every later stage exactly ``B``. On a node-aware plan the order may leave holes
+  (:mod:`megatron_fcp.planner.node_ring`): it then ends at ``total > R``, the split is the same over positions
+  ``[0, total)``, and a stage holds at most ``B`` tokens (possibly none). Stage ``j`` travels in forward round
+  ``j``; the last stage is kept for backward, and stage ``j < n - 1`` is fetched again in backward round
+  ``n - 1 - j``. Sender and receiver both derive the split from ``(pos, total, B)``, so they agree without a message.
 
 Memory per rank and attention layer, in key/value tokens (a token is one K row and one V row; bytes = tokens x
 ``2 * kv_heads * head_dim * bytes_per_element``). The next stage arrives while the current one is computed, so at
@@ -27,6 +29,9 @@ most two stages are alive at once, in forward and in backward alike:
 - remote key/values held at once (peak): ``min(R, 2B)``;
 - remote key/values kept from forward to backward: ``min(R, B)``;
 - key/values fetched again in backward: ``max(R - B, 0)``.
+
+With holes the same hold as bounds, and :func:`p2p_memory` gives the exact figures from what each stage holds (the
+most two consecutive stages hold, the last stage's tokens, the rest).
 
 Without a budget (``None``) there is one stage: all ``R`` tokens are held and kept and nothing is fetched again.
 """
@@ -233,8 +238,14 @@ def cut_at_owners(q: np.ndarray, kv: np.ndarray, num_docs: int, offsets: np.ndar
     return rows
 
 
-def with_positions(rows: np.ndarray, q: np.ndarray, doc_lens: np.ndarray, mask: str) -> np.ndarray:
-    """Rows ``(dst, src, doc, start, end, src_offset)`` -> pieces (:data:`PIECE_COLS`) sorted by ``(dst, pos)``."""
+def with_positions(rows: np.ndarray, q: np.ndarray, doc_lens: np.ndarray, mask: str, cp_node: np.ndarray | None = None,
+                   slot: int | None = None) -> np.ndarray:
+    """Rows ``(dst, src, doc, start, end, src_offset)`` -> pieces (:data:`PIECE_COLS`) sorted by ``(dst, pos)``.
+
+    With ``cp_node`` (ranks on more than one node) and ``slot`` (the ranks' token slots, the ``auto`` budget), the
+    staging orders are laid out as node rings (:mod:`megatron_fcp.planner.node_ring`): positions may leave holes,
+    and ``total`` is the end of the order. ``rows`` must then hold every piece that the ranks of each node receive
+    (what one rank's view computes covers whole nodes)."""
     if rows.shape[0] == 0:
         return np.zeros((0, len(PIECE_COLS)), np.int64)
     rows = rows[sort_order(rows[:, Piece.DST], rows[:, Piece.DOC], staging_key(rows, q, doc_lens, mask))]
@@ -247,12 +258,32 @@ def with_positions(rows: np.ndarray, q: np.ndarray, doc_lens: np.ndarray, mask: 
     out[:, _CUT_COLS] = rows
     out[:, Piece.POS] = tokens_before - tokens_before[np.flatnonzero(is_dst_first)][dst_group]
     out[:, Piece.TOTAL] = np.bincount(dst_group, weights=piece_lens).astype(np.int64)[dst_group]
+    if cp_node is not None and slot and int(np.max(cp_node, initial=0)) > 0:
+        from megatron_fcp.planner.node_ring import node_ring_positions  # it builds on this module's pieces
+
+        out = node_ring_positions(out, cp_node, slot)
     return out
 
 
-def plan_pieces(q: np.ndarray, kv: np.ndarray, doc_lens: np.ndarray, mask: str) -> np.ndarray:
-    """Every piece of a point-to-point plan (its ``q`` and ``kv`` arrays), sorted by ``(dst, pos)``."""
-    return with_positions(cut_at_owners(q, kv, doc_lens.shape[0]), q, doc_lens, mask)
+def plan_pieces(q: np.ndarray, kv: np.ndarray, doc_lens: np.ndarray, mask: str, cp_node: np.ndarray | None = None,
+                slot: int | None = None) -> np.ndarray:
+    """Every piece of a point-to-point plan (its ``q`` and ``kv`` arrays), sorted by ``(dst, pos)``; node rings with
+    ``cp_node`` and ``slot`` (:func:`with_positions`)."""
+    return with_positions(cut_at_owners(q, kv, doc_lens.shape[0]), q, doc_lens, mask, cp_node, slot)
+
+
+def _stage_memory_of(dst, stage, length, num_recv_stages, recv, cp: int, num_rounds: int) -> dict[str, np.ndarray]:
+    """:func:`stage_memory` from what each stage holds (sub-pieces ``dst``, ``stage``, ``length``), for staging
+    orders with holes: two consecutive stages are alive at once (forward: the one computed and the next arriving;
+    backward: the one computed and the next refetched), the last is kept."""
+    held = np.bincount(dst * num_rounds + stage, weights=length, minlength=cp * num_rounds).reshape(cp, num_rounds)
+    held = held.astype(np.int64)
+    stages = np.zeros(cp, np.int64)
+    np.maximum.at(stages, dst, num_recv_stages)
+    pairs = held.copy()
+    pairs[:, :-1] += held[:, 1:]
+    saved = held[np.arange(cp), np.maximum(stages - 1, 0)] * (stages > 0)
+    return {"stages": stages, "peak": pairs.max(axis=1), "saved": saved, "refetch": recv - saved}
 
 
 MEMORY_FIELDS = ("own_kv_tokens", "recv_kv_tokens", "num_stages", "peak_remote_kv_tokens", "saved_remote_kv_tokens",
@@ -286,10 +317,12 @@ def p2p_memory(num_tokens: np.ndarray, pieces: np.ndarray, budget) -> dict[str, 
         index, _, length, stage, num_recv_stages = split_stages(pieces[:, Piece.POS], piece_lens,
                                                                 pieces[:, Piece.TOTAL], budget)
         num_rounds = int(num_recv_stages.max())
+        dst = pieces[index, Piece.DST]
         returned = np.bincount(pieces[index, Piece.SRC] * num_rounds + (num_recv_stages - 1 - stage), weights=length,
                                minlength=cp * num_rounds)  # per (owner, backward round)
-
         peak_returned = returned.reshape(cp, num_rounds).max(axis=1).astype(np.int64)
+        if np.any(pieces[:, Piece.TOTAL] != recv[pieces[:, Piece.DST]]):  # orders with holes (node rings)
+            mem = _stage_memory_of(dst, stage, length, num_recv_stages, recv, cp, num_rounds)
     return {"own_kv_tokens": num_tokens.copy(), "recv_kv_tokens": recv, "num_stages": mem["stages"],
             "peak_remote_kv_tokens": mem["peak"], "saved_remote_kv_tokens": mem["saved"],
             "refetch_kv_tokens": mem["refetch"], "peak_grad_tokens": mem["peak"].copy(),

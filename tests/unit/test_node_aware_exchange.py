@@ -19,7 +19,7 @@ from megatron_fcp.attention.schedule import build_schedule
 from megatron_fcp.megatron.batch import decode_rank_plan, encode_rank_plan
 from megatron_fcp.planner.api import make_plan
 from megatron_fcp.planner.relay import PHASES, relay_figures
-from megatron_fcp.planner.stages import p2p_memory, resolve_kv_budget
+from megatron_fcp.planner.stages import p2p_memory, plan_pieces, resolve_kv_budget
 from megatron_fcp.testing.cases import Case, batch, rel_err
 from megatron_fcp.testing.executor import run_in_process
 from megatron_fcp.testing.gloo import run_on_gloo
@@ -197,10 +197,13 @@ def test_the_modeled_same_round_hop_waits_for_its_landers_first_phase():
     from megatron_fcp.sim.model import _with_hop, load_hardware, staged_exchange, staged_times
 
     hw = dc.replace(load_hardware("h100_node"), gpus_per_node=4)
-    case = _case("spanning", 16, 4, "causal")
-    plain, hopped = staged_exchange(case.plan, hw, "auto"), staged_exchange(case.plan, hw, "auto", hop=True)
+    plan = _case("spanning", 16, 4, "causal").plan
+    # on the plain staging orders: the plan's node rings (Plan.pieces) leave the hop nothing to do here
+    plan = dc.replace(plan)
+    plan.__dict__["pieces"] = plan_pieces(plan.q, plan.kv_explicit, plan.doc_lens, plan.mask)
+    plain, hopped = staged_exchange(plan, hw, "auto"), staged_exchange(plan, hw, "auto", hop=True)
     assert plain.fwd_hop_s is None and plain.fwd_landers is None
-    t = relay_transfers(case.plan.pieces, case.plan.cp_node, hopped.budget, "forward", hop=True)
+    t = relay_transfers(plan.pieces, plan.cp_node, hopped.budget, "forward", hop=True)
     hop = t[t[:, Transfer.PHASE] == 1]
     assert hop.shape[0] > 0
     rounds = hopped.fwd_comm_s.shape[1]
