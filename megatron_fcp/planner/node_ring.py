@@ -9,8 +9,9 @@ hold the same tokens in unrelated rounds, so most copies cross InfiniBand (docs/
 The layout. The stage split (:func:`~.stages.split_stages`) cuts a receiver's staging order every ``B`` positions
 from the end; here positions may leave holes, and ``Piece.TOTAL`` is the end of the order (a multiple of
 ``slot``), so with ``B = slot`` (the ``auto`` budget) every *slot* of ``slot`` positions is one stage. On each
-node, the documents that at least two of its ranks receive, :data:`MIN_SLOTS` slots or more in all, get a *region*
-of slots each (up to :data:`MAX_DOCUMENTS`, most received first), the same slots on every rank of the node. For a
+node, the documents that at least two of its ranks receive, :data:`MIN_SLOTS` slots or more in all, from at least
+:data:`MIN_SOURCE_NODES` other nodes, get a *region* of slots each (up to :data:`MAX_DOCUMENTS`, most received
+first), the same slots on every rank of the node. For a
 region of ``k`` receivers (ring order: by rank) the document's range ``[lo, hi)`` that the node receives is cut
 into *sub-chunks* of ``slot // k`` tokens, labelled ``(e, r)`` (``e`` in ``0..k-1``, ``r`` from 0). Receiver ``i``
 holds sub-chunk ``(e, r)`` in the region's slot ``r + d`` with ``d = (i - e) mod k``, at offset ``d * (slot // k)``
@@ -24,9 +25,10 @@ nodes fetch different parts of a document from its owners in the same round.
 
 A receiver of a region receives only what its queries need, as without the layout: where it does not need part of
 a sub-chunk (tokens it owns, or past the last it needs), the successor takes that part from its owner. The rest of a
-receiver's pieces follow the regions, in their staging order, packed against the end of the order; every receiver
-of a region of the node ends its order at the same slot, so their stages (and backward rounds) line up. Ranks of the
-node that receive no region keep the plain order.
+receiver's pieces keep their staging order: they fill the places its regions leave empty (the ring's partial
+slots, the regions of documents it does not receive), cut where a free run ends, and what does not fit is packed
+against the end of the order. Every receiver of a region of the node ends its order at the same slot, so their
+stages (and backward rounds) line up. Ranks of the node that receive no region keep the plain order.
 
 Memory: a stage holds at most ``B`` tokens as before (holes hold none). With a budget other than ``slot`` the
 slots and the stages do not line up: the plan stays exact, only the relays find fewer copies.
@@ -45,6 +47,10 @@ MAX_DOCUMENTS = 8
 """At most this many regions per node (the documents its ranks receive most of)."""
 MIN_SUB_CHUNK = 16
 """No region where a sub-chunk (``slot // k`` tokens) would be shorter than this."""
+MIN_SOURCE_NODES = 2
+"""A document gets a region on a node only where the node receives it from at least this many other nodes. With
+one, the ring's extra stages (its fill and drain) cost more than the InfiniBand it saves in the validated model
+(CP 16 and 32: up to 4% slower steps on linux_dirs); with two or more it pays."""
 
 
 def node_ring_positions(pieces: np.ndarray, cp_node: np.ndarray, slot: int) -> np.ndarray:
@@ -55,7 +61,6 @@ def node_ring_positions(pieces: np.ndarray, cp_node: np.ndarray, slot: int) -> n
     if pieces.shape[0] == 0 or slot < 1:
         return pieces
     dst = pieces[:, Piece.DST]
-    lens = pieces[:, Piece.END] - pieces[:, Piece.START]
     regions = _regions(pieces, cp_node, slot)
     if not regions:
         return pieces
@@ -67,26 +72,60 @@ def node_ring_positions(pieces: np.ndarray, cp_node: np.ndarray, slot: int) -> n
     in_region = np.zeros(pieces.shape[0], bool)
     in_region[np.concatenate([members for *_, members in regions])] = True
     ring = np.concatenate(ring_rows)
+    ring = ring[np.lexsort((ring[:, Piece.POS], ring[:, Piece.DST]))]
     ring_ranks = np.asarray(sorted(r for ranks in receivers_of_node.values() for r in ranks), np.int64)
-    # the rest of a ring receiver's pieces: in their order, packed against the end of its order, which is the same
-    # slot on every ring receiver of the node
-    rest = np.flatnonzero(np.isin(dst, ring_ranks) & ~in_region)
-    rest_tokens = np.bincount(dst[rest], weights=lens[rest], minlength=cp_node.shape[0]).astype(np.int64)
+    # the rest of a ring receiver's pieces, in their order: first into the places its regions leave empty, then
+    # packed against the end of its order, which is the same slot on every ring receiver of the node
+    rest = pieces[np.isin(dst, ring_ranks) & ~in_region]
+    placed, tails = [], {}
+    for r in ring_ranks.tolist():
+        mine = ring[ring[:, Piece.DST] == r]
+        in_holes, tail = _into_holes(rest[rest[:, Piece.DST] == r], mine[:, Piece.POS],
+                                     mine[:, Piece.END] - mine[:, Piece.START], end_slots[int(cp_node[r])] * slot)
+        placed.append(in_holes)
+        tails[r] = tail
     node_end = np.zeros(int(cp_node.max()) + 1, np.int64)
     for n, ranks in receivers_of_node.items():
-        node_end[n] = end_slots[n] + int((-(-rest_tokens[sorted(ranks)] // slot)).max())
+        node_end[n] = end_slots[n] + max(-(-_tokens(tails[r]) // slot) for r in ranks)
     total = node_end[cp_node] * slot  # per rank: the end of its order (ring receivers)
-    out_rest = pieces[rest].copy()
-    r_dst, r_len = dst[rest], lens[rest]
-    if rest.shape[0]:
-        first = np.concatenate([[True], r_dst[1:] != r_dst[:-1]])
-        before = np.cumsum(r_len) - r_len
-        before -= before[np.flatnonzero(first)][np.cumsum(first) - 1]
-        out_rest[:, Piece.POS] = total[r_dst] - rest_tokens[r_dst] + before
-        out_rest[:, Piece.TOTAL] = total[r_dst]
-    ring[:, Piece.TOTAL] = total[ring[:, Piece.DST]]
-    out = np.concatenate([pieces[~np.isin(dst, ring_ranks)], out_rest, ring])
+    for r, tail in tails.items():  # packed against the end
+        tail[:, Piece.POS] += total[r] - _tokens(tail)
+        placed.append(tail)
+    out = np.concatenate([pieces[~np.isin(dst, ring_ranks)], ring, *placed])
+    of_ring = np.isin(out[:, Piece.DST], ring_ranks)
+    out[of_ring, Piece.TOTAL] = total[out[of_ring, Piece.DST]]
     return out[np.lexsort((out[:, Piece.POS], out[:, Piece.DST]))]
+
+
+def _tokens(rows: np.ndarray) -> int:
+    return int((rows[:, Piece.END] - rows[:, Piece.START]).sum())
+
+
+def _into_holes(rows: np.ndarray, taken_pos: np.ndarray, taken_len: np.ndarray, limit: int
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Lay ``rows`` (one receiver's pieces, in order) end to end into the positions below ``limit`` that the sorted
+    places ``[taken_pos, taken_pos + taken_len)`` leave free, cutting them where a free run ends. Returns the rows
+    placed there and the rest, positioned from 0 (to be moved to the end of the order)."""
+    hole_start = np.concatenate([[0], taken_pos + taken_len])
+    hole_end = np.concatenate([taken_pos, [limit]])
+    keep = hole_end > hole_start
+    hole_start, hole_len = hole_start[keep], (hole_end - hole_start)[keep]
+    room = int(hole_len.sum())
+    lens = rows[:, Piece.END] - rows[:, Piece.START]
+    at = np.cumsum(lens) - lens  # each row's start, laid end to end
+    cuts = np.unique(np.concatenate([at, at + lens, np.cumsum(hole_len)[:-1], [room]]))
+    cuts = cuts[cuts <= int(lens.sum())]
+    row = np.searchsorted(at, cuts[:-1], "right") - 1  # the row of each elementary range
+    out = rows[row].copy()
+    out[:, Piece.START] += cuts[:-1] - at[row]
+    out[:, Piece.END] = out[:, Piece.START] + np.diff(cuts)
+    out[:, Piece.SRC_OFFSET] += cuts[:-1] - at[row]
+    inside = cuts[:-1] < room
+    hole = np.searchsorted(np.cumsum(hole_len), cuts[:-1], "right")
+    free_before = np.concatenate([[0], np.cumsum(hole_len)])
+    out[inside, Piece.POS] = hole_start[hole[inside]] + cuts[:-1][inside] - free_before[hole[inside]]
+    out[~inside, Piece.POS] = cuts[:-1][~inside] - room
+    return out[inside], out[~inside]
 
 
 def _regions(pieces: np.ndarray, cp_node: np.ndarray, slot: int) -> list[tuple]:
@@ -100,7 +139,11 @@ def _regions(pieces: np.ndarray, cp_node: np.ndarray, slot: int) -> list[tuple]:
     inverse = inverse.reshape(-1)
     tokens = np.bincount(inverse, weights=lens).astype(np.int64)
     num_receivers = np.bincount(np.unique(inverse * width + dst) // width, minlength=keys.shape[0])
-    chosen = np.flatnonzero((num_receivers >= 2) & (tokens >= MIN_SLOTS * slot)
+    src_node = cp_node[pieces[:, Piece.SRC]]
+    nodes = int(cp_node.max()) + 1
+    other = np.unique((inverse * nodes + src_node)[src_node != node])  # distinct (key, other source node)
+    num_sources = np.bincount(other // nodes, minlength=keys.shape[0])
+    chosen = np.flatnonzero((num_receivers >= 2) & (tokens >= MIN_SLOTS * slot) & (num_sources >= MIN_SOURCE_NODES)
                             & (slot // np.maximum(num_receivers, 1) >= MIN_SUB_CHUNK))
     # per node, most received first (ties: the lower document)
     chosen = chosen[np.lexsort((keys[chosen] % num_docs, -tokens[chosen], keys[chosen] // num_docs))]

@@ -171,14 +171,16 @@ def simulate_cell(batches: list[np.ndarray], lengths: str, cp: int, tokens_per_r
                   strategies: tuple[str, ...], hw: HardwareProfile, kv_budget_tokens=DEFAULT_KV_BUDGET
                   ) -> list[Cell]:
     """Plan and model every batch of one (distribution, cp, mask) with every strategy (point-to-point plans
-    under ``kv_budget_tokens`` per stage)."""
+    under ``kv_budget_tokens`` per stage; above one node of the profile, ``gpus_per_node`` consecutive ranks each,
+    with the node-aware exchange the runtime runs there: :mod:`megatron_fcp.planner.relay`, node rings)."""
     rows: dict[str, list[dict]] = {s: [] for s in strategies}
+    cp_node = np.arange(cp) // hw.gpus_per_node if cp > hw.gpus_per_node else None
     for batch in batches:
         planned = {}
         for strategy in dict.fromkeys(("ring", "fcp", *strategies)):
             start = time.perf_counter()
             try:
-                plan = make_plan(batch, cp, tokens_per_rank, mask, strategy)
+                plan = make_plan(batch, cp, tokens_per_rank, mask, strategy, cp_node=cp_node)
             except InputError:
                 continue  # nocp where a document does not fit one rank
             plan_s = time.perf_counter() - start

@@ -1,9 +1,10 @@
-"""The node-aware exchange (round-after relay, megatron_fcp.planner.relay) run by the engine: CP groups split into
-emulated nodes (8 ranks as 2 nodes x 4, 6 as 3 x 2), causal and full masks, budgets auto and tiny. Outputs and
-gradients equal the float64 dense reference (fp64 within 1e-10, fp32 within 1e-5); the bytes every rank sends in
-each phase, and of them the bytes that cross a node boundary, equal the plan's figures (relay_figures); memory
-equals the plan's (p2p_memory for received key/values and gradients, relay_figures for gradients coming back and
-node-mates' partial gradients); relays do happen, and fewer bytes cross nodes than without them.
+"""The node-aware exchange (round-after relay, megatron_fcp.planner.relay, on node rings) run by the engine: CP
+groups split into emulated nodes (8 ranks as 2 nodes x 4, 6 as 3 x 2, 16 as 4 x 4), causal and full masks, budgets
+auto and tiny. Outputs and gradients equal the float64 dense reference (fp64 within 1e-10, fp32 within 1e-5);
+the bytes every rank sends in each phase, and of them the bytes that cross a node boundary, equal the plan's figures
+(relay_figures); memory equals the plan's (p2p_memory for received key/values and gradients, relay_figures for
+gradients coming back and node-mates' partial gradients); relays do happen, and fewer bytes cross nodes than without
+them.
 
 In one process (the executor) here; across gloo processes, bit-identical to the executor, in the second test.
 """
@@ -25,8 +26,9 @@ from megatron_fcp.testing.executor import run_in_process
 from megatron_fcp.testing.gloo import run_on_gloo
 from megatron_fcp.testing.layout import join_from_ranks
 
-LAYOUTS = [(8, 4), (6, 2)]
-"""(CP, ranks per node): 2 nodes x 4 and 3 nodes x 2."""
+LAYOUTS = [(8, 4), (6, 2), (16, 4)]
+"""(CP, ranks per node): 2 nodes x 4, 3 nodes x 2 and 4 nodes x 4 (the last two with node rings of 2 to 4 ranks:
+megatron_fcp.planner.node_ring, tests/unit/test_node_ring.py)."""
 TOKENS_PER_RANK = 128
 BOUNDS = {torch.float64: 1e-10, torch.float32: 1e-5}
 
