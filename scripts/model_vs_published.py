@@ -83,7 +83,7 @@ per query and half per key row, as FA3's backward runs over key blocks).
 - *FCP*: `plan_fcp` and the existing p2p cost model (staged exchange, budget `auto`), plus the same added costs
   as MagiAttention (merge per stage, NCCL SM share). Above one node (CP 16-64) the node-aware exchange the
   runtime runs there: a key/value taken from a node-mate that holds it in the round before, gradients summed in a
-  node-mate's next stage (`planner.relay`).
+  node-mate's next stage (`planner.relay`), on node rings (`planner.node_ring`).
 
 **What the base model lacked, now modeled (`published.Extras`; `base` columns: without them):**
 
@@ -292,7 +292,8 @@ def markdown(rows, anchor, command, elapsed, packs, cps) -> str:
     lines += summary(rows)
     lines += ["## FCP (modeled) beside MagiAttention native (published)", "",
               "FCP: `plan_fcp` + the p2p cost model (staged exchange, key/value budget `auto`; above one node "
-              "the node-aware exchange, `planner.relay`) with the added costs (merge per stage, NCCL SM share); "
+              "the node-aware exchange, `planner.relay` and `planner.node_ring`) with the added costs (merge per "
+              "stage, NCCL SM share); "
               "`base`: the p2p cost model without the added costs. "
               "TFLOP/s per GPU by the blog's formula.", "",
               "| mask | pass | " + " | ".join(f"CP {c}: FCP / FCP base / Magi native pub." for c in cps) + " |",

@@ -22,8 +22,10 @@ share of gradient rows still sent over it, the others summed inside the node fir
   evenly over the node's GPUs that take it in that round (the same-round hop at its best). The per-round
   maximum, not the total, is what a round waits for.
 
-``--staging aligned`` counts node-aligned stages instead of the planner's (:func:`aligned_stages`, a design the
-planner does not use; docs/node_aware_exchange.md, step 5).
+``--staging``: ``rings`` (the default) counts the plans the runtime runs on nodes of 8: node rings
+(:mod:`megatron_fcp.planner.node_ring`); ``plain`` each receiver's own staging order, as plans without a node
+layout stage (and as every node-aware plan did before node rings); ``aligned`` node-aligned stages
+(:func:`aligned_stages`, a design the planner does not use; docs/node_aware_exchange.md, step 5).
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ PASSES = ("forward", "refetch", "gradients")
 and the key/value gradients sent back (backward round = stages - 1 - stage; refetch: all but the kept stage)."""
 
 
-STAGINGS = ("today", "aligned")
+STAGINGS = ("rings", "plain", "aligned")
 """``today``: the planner's staging order and stage split. ``aligned``: node-aligned staging, a design the planner
 does not use (:func:`aligned_stages`)."""
 
@@ -104,10 +106,11 @@ def aligned_stages(plan, budget: int, gpus_per_node: int = GPUS_PER_NODE):
 
 
 def relay_shares(plan, movement: str = "forward", gpus_per_node: int = GPUS_PER_NODE, budget="auto",
-                 staging: str = "today") -> dict[str, float]:
+                 staging: str = "plain") -> dict[str, float]:
     """Inter-node tokens of one movement of ``plan`` (:data:`PASSES`) and the share left on InfiniBand under each
     scheme (module doc; for gradients the same rounds decide where node-mates' gradients can be summed first), with
-    the planner's stages or node-aligned ones (:data:`STAGINGS`)."""
+    the plan's stages (``rings`` or ``plain``: node rings where the plan has a node layout) or node-aligned ones
+    (:data:`STAGINGS`)."""
     p = plan.pieces
     budget = resolve_kv_budget(budget, int(plan.num_tokens.max(initial=1)))
     if staging == "aligned":
@@ -158,8 +161,9 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cp", default="64,128,256")
     parser.add_argument("--lengths", default=",".join(SHIPPED))
-    parser.add_argument("--staging", choices=STAGINGS, default="today",
-                        help="the planner's stages, or node-aligned ones (a design the planner does not use)")
+    parser.add_argument("--staging", choices=STAGINGS, default="rings",
+                        help="the runtime's node rings, each receiver's plain order, or node-aligned stages (a "
+                             "design the planner does not use)")
     args = parser.parse_args(argv)
     print(f"Share of inter-node key/value tokens left on InfiniBand; {GPUS_PER_NODE} GPUs per node, "
           f"{TOKENS_PER_RANK} tokens per rank, budget auto, one batch, staging {args.staging}")
@@ -170,7 +174,8 @@ def main(argv=None) -> None:
         for cp in (int(c) for c in args.cp.split(",")):
             (lens,) = pack_batches(load_distribution(name), cp * TOKENS_PER_RANK, 1, seed=0)
             for mask in ("causal", "full"):
-                plan = make_plan(lens, cp, TOKENS_PER_RANK, mask)
+                layout = np.arange(cp) // GPUS_PER_NODE if args.staging == "rings" else None
+                plan = make_plan(lens, cp, TOKENS_PER_RANK, mask, cp_node=layout)
                 for movement in PASSES:
                     s = relay_shares(plan, movement, staging=args.staging)
                     figures = ("" if not s["inter_node_tokens"] else

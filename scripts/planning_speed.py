@@ -5,7 +5,10 @@ process); and, for reference, the stage split of every rank (``p2p_memory`` on a
 simulator and ``fcp plan`` report). Each is timed on its own, so the machine's drift between runs does not mix
 into the additions.
 
-    .venv/bin/python scripts/planning_speed.py [--runs 7]
+    .venv/bin/python scripts/planning_speed.py [--runs 7] [--ranks-per-node 8]
+
+With ``--ranks-per-node`` the plans carry that node layout, so the view and the schedule are the node-aware
+exchange's (node rings, the round-after relay), as a multi-node run builds them.
 
 With ``--scale`` it prints instead the table of the issue "Bad input, faults and scale limits": the FCP plan
 time (median of ``--runs``) and the view time of one rank on it (``view``, as above) of micro-batches of many
@@ -58,6 +61,8 @@ def main() -> None:
     parser.add_argument("--scale", action="store_true", help="the short-document scale table instead")
     parser.add_argument("--batches", type=int, default=8, help="batches per mix for balance and traffic (--scale)")
     parser.add_argument("--only", nargs="*", default=None, help="names of the --scale rows to run")
+    parser.add_argument("--ranks-per-node", type=int, default=None,
+                        help="plan on nodes of this many ranks (the node-aware view and schedule)")
     parser.add_argument("--against", metavar="CHECKOUT", default=None,
                         help="with --scale: time this checkout's planner and CHECKOUT's (a folder holding another "
                              "version's megatron_fcp package) side by side in one process, calls alternating")
@@ -68,12 +73,14 @@ def main() -> None:
     if args.scale:
         scale_table(args.runs, args.batches, args.only)
         return
-    print(f"CP {CP} x {TOKENS_PER_RANK} tokens per rank, median (min) of {args.runs} runs, ms")
+    layout = None if args.ranks_per_node is None else np.arange(CP) // args.ranks_per_node
+    print(f"CP {CP} x {TOKENS_PER_RANK} tokens per rank, median (min) of {args.runs} runs, ms"
+          + ("" if layout is None else f"; nodes of {args.ranks_per_node} ranks"))
     print(f"{'lengths':<13} {'mask':<7} {'plan':>13} {'view':>13} {'schedule':>13} {'all ranks':>13}")
     for name in SHIPPED:
         (lens,) = pack_batches(load_distribution(name), CP * TOKENS_PER_RANK, 1, seed=0)
         for mask in MASKS:
-            figures = _figures(lens, mask, args.runs)
+            figures = _figures(lens, mask, args.runs, layout)
             print(f"{name:<13} {mask:<7} " + " ".join(f"{m:6.1f} ({lo:5.1f})" for m, lo in figures))
 
 
@@ -82,15 +89,15 @@ def _fresh(plan: Plan) -> Plan:
     return dataclasses.replace(plan)
 
 
-def _figures(lens, mask: str, runs: int):
-    plan = make_plan(lens, CP, TOKENS_PER_RANK, mask)
+def _figures(lens, mask: str, runs: int, layout=None):
+    plan = make_plan(lens, CP, TOKENS_PER_RANK, mask, cp_node=layout)
     view = plan.for_rank(CP // 2)
 
     def every_rank():
         fresh = _fresh(plan)
         p2p_memory(fresh.num_tokens, fresh.pieces, "auto")
 
-    return (median_ms(lambda: make_plan(lens, CP, TOKENS_PER_RANK, mask), runs),
+    return (median_ms(lambda: make_plan(lens, CP, TOKENS_PER_RANK, mask, cp_node=layout), runs),
             median_ms(lambda: _fresh(plan).for_rank(CP // 2), runs),
             median_ms(lambda: build_schedule(view, "cpu", "auto"), runs), median_ms(every_rank, runs))
 

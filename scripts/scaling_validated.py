@@ -9,11 +9,13 @@ merging and gradient accumulation, the SMs that NCCL kernels hold while they ove
 issue rate; docs/model_vs_published.md) on the hardware profile ``h100_node_fa3_published`` (H100 nodes of 8,
 NVLink and one 400 Gb/s NIC per GPU, FA3 kernel laws fitted to published figures, the layer of Llama-3 70B: GQA
 64:8, head dim 128, bf16). The batches: --num-batches packed micro-batches of CP x --tokens-per-rank tokens per
-mix (``data.lengths.pack_batches``, seed 0), the same batches for every strategy. Each cell: MFU = the exact
-pairs' FLOPs (forward 4 x pairs x heads x head dim, backward 2.5 times that) over (CP x peak x (forward +
+mix (``data.lengths.pack_batches``, seed 0 or --seed), the same batches for every strategy. Each cell: MFU = the
+exact pairs' FLOPs (forward 4 x pairs x heads x head dim, backward 2.5 times that) over (CP x peak x (forward +
 backward seconds of the slowest rank, each pass's slowest apart)), mean over the batches. FCP above 8 ranks: the
 node-aware exchange the runtime runs on nodes of 8 (``planner.relay``: a key/value taken from a node-mate that
-holds it in the round before, gradients summed in a node-mate's next stage).
+holds it in the round before, gradients summed in a node-mate's next stage; ``planner.node_ring``: a document that
+a node receives from two or more other nodes staged as a ring over its receivers there, so each of its key/values
+crosses into the node once).
 """
 
 from __future__ import annotations
@@ -75,16 +77,18 @@ def _cell(args) -> dict:
     if details:  # FCP's communication, means over the batches
         row.update({key: float(np.mean([d[key] for d in details])) for key in ("ib_mb_max", "ib_mb_mean",
                                                                                 "exposed_ms")})
+        row["relayed_grad_x"] = float(np.max([d["relayed_grad_x"] for d in details]))
     return row
 
 
-def run(lengths, cps, masks, num_batches: int, tokens_per_rank: int, jobs: int, hop: bool = False) -> list[dict]:
+def run(lengths, cps, masks, num_batches: int, tokens_per_rank: int, jobs: int, hop: bool = False, seed: int = 0
+        ) -> list[dict]:
     hw = load_hardware(HARDWARE)
     work = []
     for name in lengths:
         dist = load_distribution(name)
         for cp in cps:
-            batches = pack_batches(dist, cp * tokens_per_rank, num_batches, seed=0)
+            batches = pack_batches(dist, cp * tokens_per_rank, num_batches, seed=seed)
             work += [(name, mask, cp, s, batches, tokens_per_rank, hop) for mask in masks for s in STRATEGIES
                      if applies(s, cp, hw)]
     work.sort(key=lambda w: -w[2])  # the large cells first
@@ -133,11 +137,12 @@ def not_fastest(rows: list[dict]) -> list[dict]:
 
 
 def markdown(rows: list[dict], summary: list[dict], command: str, elapsed: float, num_batches: int,
-             tokens_per_rank: int) -> str:
+             tokens_per_rank: int, seed: int = 0) -> str:
     lines = ["# Scaling with the validated model (modeled)", "",
              f"Command: `{command}` ({elapsed:.0f} s on this project's 2-core CPU machine). Modeled, not measured.",
              "", __doc__.split("\n\n", 2)[2].strip(), "",
-             f"{num_batches} batch(es) per cell, {tokens_per_rank} tokens per rank. MFU in percent; `n/a`: the "
+             f"{num_batches} batch(es) per cell (seed {seed}), {tokens_per_rank} tokens per rank. MFU in percent; "
+             "`n/a`: the "
              "strategy does not apply (Ulysses above 64 ranks: one query head per rank at most).", "",
              "## FCP's scaling and rank", "",
              "| mix | mask | FCP MFU at last CP / first CP | target (scaling issue) | FCP fastest in |",
@@ -157,11 +162,14 @@ def markdown(rows: list[dict], summary: list[dict], command: str, elapsed: float
     lines += ["", "## FCP's communication", "",
               "InfiniBand MB a GPU receives per step (key/values forward and again in backward, and gradients; the "
               "most over the GPUs, and the mean) and exposed communication: the step minus the same step with every "
-              "transfer free (ms), beside the step (ms). Means over the batches.", "",
-              "| mix | mask | cp | step ms | exposed ms | IB MB per GPU, max | IB MB per GPU, mean |",
-              "|---|---|---|---|---|---|---|"]
+              "transfer free (ms), beside the step (ms). Means over the batches; the last column: the most "
+              "node-mates' partial gradients one rank receives in a backward round (the only buffer the node-aware "
+              "exchange adds), over its own key/values, the most over the batches.", "",
+              "| mix | mask | cp | step ms | exposed ms | IB MB per GPU, max | IB MB per GPU, mean | relayed gradients "
+              "/ own |",
+              "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['lengths']} | {r['mask']} | {r['cp']} | {r['fwd_ms'] + r['bwd_ms']:.1f} | {r['exposed_ms']:.1f} "
-              f"| {r['ib_mb_max']:.0f} | {r['ib_mb_mean']:.0f} |" for r in fcp_rows]
+              f"| {r['ib_mb_max']:.0f} | {r['ib_mb_mean']:.0f} | {r['relayed_grad_x']:.2f} |" for r in fcp_rows]
     for name in dict.fromkeys(r["lengths"] for r in rows):
         for mask in dict.fromkeys(r["mask"] for r in rows):
             cell = {(r["strategy"], r["cp"]): r for r in rows if (r["lengths"], r["mask"]) == (name, mask)}
@@ -212,6 +220,8 @@ def main(argv=None) -> None:
     p.add_argument("--cp", default=",".join(map(str, CPS)))
     p.add_argument("--num-batches", type=int, default=2)
     p.add_argument("--tokens-per-rank", type=int, default=16384)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the packed batches (the committed table: 0; others check it on batches it never saw)")
     p.add_argument("--small", action="store_true", help="the CI case: CP 8 and 16, one batch, no plot")
     p.add_argument("--jobs", type=int, default=2, help="worker processes")
     p.add_argument("--same-round-hop", action="store_true",
@@ -226,7 +236,7 @@ def main(argv=None) -> None:
         p.error(f"--lengths: unknown mix {unknown[0]!r}; choose from {', '.join(SHIPPED)}")
     cps = [int(c) for c in args.cp.split(",")]
     started = time.perf_counter()
-    rows = run(lengths, cps, MASKS, args.num_batches, args.tokens_per_rank, args.jobs, args.same_round_hop)
+    rows = run(lengths, cps, MASKS, args.num_batches, args.tokens_per_rank, args.jobs, args.same_round_hop, args.seed)
     rows.sort(key=lambda r: (lengths.index(r["lengths"]), MASKS.index(r["mask"]), r["cp"],
                              STRATEGIES.index(r["strategy"])))
     summary = scaling_summary(rows)
@@ -237,7 +247,7 @@ def main(argv=None) -> None:
     (out / "scaling_validated.json").write_text(json.dumps({"hardware": HARDWARE, "rows": rows, "summary": summary,
                                                             "not_fastest": not_fastest(rows)}, indent=1) + "\n")
     (out / "scaling_validated.md").write_text(markdown(rows, summary, command, elapsed, args.num_batches,
-                                                       args.tokens_per_rank) + "\n")
+                                                       args.tokens_per_rank, args.seed) + "\n")
     if not args.small:
         plot(rows, out / "scaling_validated.png")
     print(f"wrote {out}/scaling_validated.md, .json{'' if args.small else ', .png'} in {elapsed:.0f} s")

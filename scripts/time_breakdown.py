@@ -6,7 +6,8 @@ Each cell: the mean over --num-batches packed micro-batches of megatron_fcp.sim.
 of the step in percent: useful work at peak = MFU, kernel below peak on long segments, edge tiles, per-row
 kernel overhead, launches, exposed NVLink and InfiniBand communication, waiting for the slowest rank), with the
 hardware profile named by --hardware (default: H100 with FlashAttention-2 laws fitted to published figures).
-Modeled, not measured.
+Above one node of the profile (``gpus_per_node`` consecutive ranks each) the point-to-point plans run the
+node-aware exchange the runtime runs there (megatron_fcp.planner.relay, node rings). Modeled, not measured.
 """
 
 from __future__ import annotations
@@ -38,11 +39,13 @@ def run(lengths, cps, mask, hardware, tokens_per_rank, num_batches, seed, progre
         dist = load_distribution(name)
         for cp in cps:
             batches = pack_batches(dist, cp * tokens_per_rank, num_batches, seed)
+            layout = np.arange(cp) // hw.gpus_per_node if cp > hw.gpus_per_node else None
             for strategy in STRATEGIES:
                 start, parts = time.perf_counter(), []
                 for batch in batches:
                     try:
-                        parts.append(step_breakdown(make_plan(batch, cp, tokens_per_rank, mask, strategy), hw))
+                        plan = make_plan(batch, cp, tokens_per_rank, mask, strategy, cp_node=layout)
+                        parts.append(step_breakdown(plan, hw))
                     except InputError:
                         break
                 if len(parts) < len(batches):
@@ -60,7 +63,9 @@ def markdown(rows: list[dict], hardware: str, command: str) -> str:
     head = ["# Where the step time goes (modeled)", "",
             f"Command: `{command}`. Hardware profile `{hardware}`. Percent of the step time (the slowest rank's), "
             "averaged over ranks and micro-batches; the parts add up to 100 (megatron_fcp/sim/breakdown.py says "
-            "how each is measured on the model). Modeled, not measured.", ""]
+            "how each is measured on the model). Above one node of the profile the point-to-point plans (fcp, "
+            "magi) run the node-aware exchange the runtime runs there (node rings, the round-after relay). "
+            "Modeled, not measured.", ""]
     cols = " | ".join(LABELS[p] for p in PARTS)
     lines = []
     for name in dict.fromkeys(r["lengths"] for r in rows):

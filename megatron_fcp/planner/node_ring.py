@@ -7,28 +7,28 @@ Why: every holder of a long document receives nearly all of it. With each receiv
 hold the same tokens in unrelated rounds, so most copies cross InfiniBand (docs/node_aware_exchange.md, step 5).
 
 The layout. The stage split (:func:`~.stages.split_stages`) cuts a receiver's staging order every ``B`` positions
-from the end; here positions may leave holes, and ``Piece.TOTAL`` is the end of the order (a multiple of
-``slot``), so with ``B = slot`` (the ``auto`` budget) every *slot* of ``slot`` positions is one stage. On each
-node, the documents that at least two of its ranks receive, :data:`MIN_SLOTS` slots or more in all, from at least
+from the end; here positions may leave holes, and ``Piece.TOTAL`` is the end of the order (a multiple of ``slot``),
+so with ``B = slot`` (the ``auto`` budget) every *slot* of ``slot`` positions is one stage. On each node, the
+documents that at least two of its ranks receive, :data:`MIN_SLOTS` slots or more in all, from at least
 :data:`MIN_SOURCE_NODES` other nodes, get a *region* of slots each (up to :data:`MAX_DOCUMENTS`, most received
-first), the same slots on every rank of the node. For a
-region of ``k`` receivers (ring order: by rank) the document's range ``[lo, hi)`` that the node receives is cut
-into *sub-chunks* of ``slot // k`` tokens, labelled ``(e, r)`` (``e`` in ``0..k-1``, ``r`` from 0). Receiver ``i``
-holds sub-chunk ``(e, r)`` in the region's slot ``r + d`` with ``d = (i - e) mod k``, at offset ``d * (slot // k)``
-of that slot. So in slot ``t`` it holds ``(i - d, t - d)`` for ``d = 0..k-1``, and its ring predecessor ``i - 1``
-held all but the first of them one slot earlier: each slot brings one sub-chunk from its owner (``d = 0``) and
-``k - 1`` from the predecessor's stage buffer over NVLink. Backward runs the same ring the other way (the refetch
-of slot ``t`` comes from the successor, which held it one round earlier; gradients are summed down the ring). A
-region takes ``ceil(Q / k) + k - 1`` slots for ``Q`` sub-chunks: the ring fills and drains in its first and last
-``k - 1`` slots. Labels are rotated by the node (sub-chunk ``q`` has label ``q + node * k`` mod the region's), so the
-nodes fetch different parts of a document from its owners in the same round.
+first), the same slots on every rank of the node. For a region of ``k`` receivers (ring order: by rank) the
+document's range ``[lo, hi)`` that the node receives is cut into *sub-chunks* of ``slot // k`` tokens, labelled
+``(e, r)`` (``e`` in ``0..k-1``, ``r`` from 0). Receiver ``i`` holds sub-chunk ``(e, r)`` in the region's slot
+``r + d`` with ``d = (i - e) mod k``, at offset ``d * (slot // k)`` of that slot. So in slot ``t`` it holds
+``(i - d, t - d)`` for ``d = 0..k-1``, and its ring predecessor ``i - 1`` held all but the first of them one slot
+earlier: each slot brings one sub-chunk from its owner (``d = 0``) and ``k - 1`` from the predecessor's stage buffer
+over NVLink. Backward runs the same ring the other way (the refetch of slot ``t`` comes from the successor, which
+held it one round earlier; gradients are summed down the ring). A region takes ``ceil(Q / k) + k - 1`` slots for
+``Q`` sub-chunks: the ring fills and drains in its first and last ``k - 1`` slots. Labels are rotated by the node
+(sub-chunk ``q`` has label ``q + node * k`` mod the region's), so the nodes fetch different parts of a document from
+its owners in the same round.
 
-A receiver of a region receives only what its queries need, as without the layout: where it does not need part of
-a sub-chunk (tokens it owns, or past the last it needs), the successor takes that part from its owner. The rest of a
-receiver's pieces keep their staging order: they fill the places its regions leave empty (the ring's partial
-slots, the regions of documents it does not receive), cut where a free run ends, and what does not fit is packed
-against the end of the order. Every receiver of a region of the node ends its order at the same slot, so their
-stages (and backward rounds) line up. Ranks of the node that receive no region keep the plain order.
+A receiver of a region receives only what its queries need, as without the layout: where it does not need part of a
+sub-chunk (tokens it owns, or past the last it needs), the successor takes that part from its owner. The rest of a
+receiver's pieces keep their staging order: they fill the places its regions leave empty (the ring's partial slots,
+the regions of documents it does not receive), cut where a free run ends, and what does not fit is packed against
+the end of the order. Every receiver of a region of the node ends its order at the same slot, so their stages (and
+backward rounds) line up. Ranks of the node that receive no region keep the plain order.
 
 Memory: a stage holds at most ``B`` tokens as before (holes hold none). With a budget other than ``slot`` the
 slots and the stages do not line up: the plan stays exact, only the relays find fewer copies.
@@ -76,11 +76,13 @@ def node_ring_positions(pieces: np.ndarray, cp_node: np.ndarray, slot: int) -> n
     ring_ranks = np.asarray(sorted(r for ranks in receivers_of_node.values() for r in ranks), np.int64)
     # the rest of a ring receiver's pieces, in their order: first into the places its regions leave empty, then
     # packed against the end of its order, which is the same slot on every ring receiver of the node
-    rest = pieces[np.isin(dst, ring_ranks) & ~in_region]
+    rest = pieces[np.isin(dst, ring_ranks) & ~in_region]  # sorted by receiver, as ring is
+    ring_at = np.searchsorted(ring[:, Piece.DST], np.append(ring_ranks, ring_ranks[-1] + 1))
+    rest_at = np.searchsorted(rest[:, Piece.DST], np.append(ring_ranks, ring_ranks[-1] + 1))
     placed, tails = [], {}
-    for r in ring_ranks.tolist():
-        mine = ring[ring[:, Piece.DST] == r]
-        in_holes, tail = _into_holes(rest[rest[:, Piece.DST] == r], mine[:, Piece.POS],
+    for i, r in enumerate(ring_ranks.tolist()):
+        mine = ring[ring_at[i]:ring_at[i + 1]]
+        in_holes, tail = _into_holes(rest[rest_at[i]:rest_at[i + 1]], mine[:, Piece.POS],
                                      mine[:, Piece.END] - mine[:, Piece.START], end_slots[int(cp_node[r])] * slot)
         placed.append(in_holes)
         tails[r] = tail

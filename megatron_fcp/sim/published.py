@@ -612,7 +612,9 @@ def fcp_details(hw: HardwareProfile, x: Extras, lens: np.ndarray, cp: int, mask:
     - ``ib_mb_max``, ``ib_mb_mean``: key/value and gradient MB (1e6 bytes) a GPU receives over InfiniBand in one
       step (forward, refetch and gradients), the most over the GPUs and the mean;
     - ``exposed_ms``: the step (forward + backward, each pass's slowest rank) minus the same step with every
-      transfer free: the communication the compute does not hide.
+      transfer free: the communication the compute does not hide;
+    - ``relayed_grad_x``: the most node-mates' partial gradients a rank receives in one backward round (the only
+      buffer the node-aware exchange adds), over the rank's own key/values (its token slots).
     """
     plan = fcp_plan(hw, lens, cp, mask, tokens_per_rank)
     ex = staged_exchange(plan, hw, DEFAULT_KV_BUDGET, hop)
@@ -622,7 +624,8 @@ def fcp_details(hw: HardwareProfile, x: Extras, lens: np.ndarray, cp: int, mask:
     received = sum(figures[f"received_across_{phase}"] for phase in PHASES.values()) * hw.kv_bytes_per_token
     return {"fwd": float(fwd.max()), "bwd": float(bwd.max()), "ib_mb_max": float(received.max()) / 1e6,
             "ib_mb_mean": float(received.mean()) / 1e6,
-            "exposed_ms": 1e3 * float(fwd.max() + bwd.max() - fwd0.max() - bwd0.max())}
+            "exposed_ms": 1e3 * float(fwd.max() + bwd.max() - fwd0.max() - bwd0.max()),
+            "relayed_grad_x": float(figures["peak_relayed_grad_tokens"].max() / plan.num_tokens.max())}
 
 
 # -- ring-flash-attention's published zigzag varlen benchmark, with the added costs -----------------------------

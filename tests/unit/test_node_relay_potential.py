@@ -40,32 +40,34 @@ def _by_token(plan, movement: str, gpus_per_node: int, budget: int) -> dict[str,
             "round after": after / total, "both": both / total}
 
 
+@pytest.mark.parametrize("budget", [200, 1024])
+@pytest.mark.parametrize("rings", [False, True])
 @pytest.mark.parametrize("mask", ["causal", "full"])
-def test_the_shares_are_the_token_by_token_count(script, mask):
-    rng = np.random.default_rng(3)
-    lens = rng.integers(1, 900, 60)
-    lens = lens[np.cumsum(lens) <= 8 * 1024]
-    plan = make_plan([*lens.tolist(), 8 * 1024 - int(lens.sum())], 8, 1024, mask)
+def test_the_shares_are_the_token_by_token_count(script, mask, rings, budget):
+    plan = _small_plan(mask, rings)
     for movement in script.PASSES:
-        got = script.relay_shares(plan, movement, gpus_per_node=2, budget=200)
-        want = _by_token(plan, movement, 2, 200)
+        got = script.relay_shares(plan, movement, gpus_per_node=2, budget=budget)
+        want = _by_token(plan, movement, 2, budget)
         assert got["inter_node_tokens"] == want["inter_node_tokens"] > 0
         for key in ("once per node", "same round", "round after", "both"):
             assert got[key] == pytest.approx(want[key], abs=1e-12), (movement, key)
         assert got["once per node"] <= got["both"] <= min(got["same round"], got["round after"]) <= 1
 
 
-def _small_plan(mask: str):
+def _small_plan(mask: str, rings: bool = False):
+    """Node rings (``rings``) on 4 nodes of 2 with a slot of 1024, the plan's own staging otherwise; a document of
+    5000 tokens among short ones, so that there are rings."""
     rng = np.random.default_rng(3)
-    lens = rng.integers(1, 900, 60)
+    lens = np.concatenate([[5000], rng.integers(1, 900, 60)])
     lens = lens[np.cumsum(lens) <= 8 * 1024]
-    return make_plan([*lens.tolist(), 8 * 1024 - int(lens.sum())], 8, 1024, mask)
+    return make_plan([*lens.tolist(), 8 * 1024 - int(lens.sum())], 8, 1024, mask,
+                     cp_node=np.arange(8) // 2 if rings else None)
 
 
-@pytest.mark.parametrize("staging", ["today", "aligned"])
+@pytest.mark.parametrize("staging", ["rings", "plain", "aligned"])
 @pytest.mark.parametrize("mask", ["causal", "full"])
 def test_the_busiest_gpu_of_each_round_is_the_token_by_token_count(script, mask, staging):
-    plan = _small_plan(mask)
+    plan = _small_plan(mask, rings=staging == "rings")
     p = plan.pieces
     if staging == "aligned":
         index, offset, length, stage, n = script.aligned_stages(plan, 200, 2)

@@ -9,7 +9,7 @@ import pytest
 
 from megatron_fcp.data.lengths import load_distribution, pack_batches
 from megatron_fcp.planner.columns import Transfer
-from megatron_fcp.planner.relay import relay_transfers
+from megatron_fcp.planner.relay import relay_figures, relay_transfers
 from megatron_fcp.sim import published as P
 from megatron_fcp.sim.model import load_hardware
 
@@ -73,16 +73,18 @@ def test_the_cells_fcp_loses_are_listed_with_the_winner(script):
 
 
 def test_fcp_rows_carry_what_its_step_spends_on_communication(script, small):
-    """One node (CP 8): nothing crosses InfiniBand; two nodes (CP 16): some GPU receives over it, the most at least
-    the mean, counted from the relays' transfers; exposed communication between zero and the step."""
+    """One node (CP 8): nothing crosses InfiniBand and no partial gradients are relayed; two nodes (CP 16): some GPU
+    receives over it, the most at least the mean, counted from the relays' transfers (of the plan the runtime runs
+    there); exposed communication between zero and the step."""
     data, text = small
     fcp = {(r["mask"], r["cp"]): r for r in data["rows"] if r["strategy"] == "fcp"}
     for (_, cp), r in fcp.items():
         assert 0 <= r["exposed_ms"] <= r["fwd_ms"] + r["bwd_ms"]
         assert (r["ib_mb_max"] == r["ib_mb_mean"] == 0) if cp == 8 else (r["ib_mb_max"] >= r["ib_mb_mean"] > 0)
+        assert r["relayed_grad_x"] == 0 if cp == 8 else r["relayed_grad_x"] >= 0
     hw = load_hardware(script.HARDWARE)
     (lens,) = pack_batches(load_distribution("spamassassin"), 16 * 16384, 1, seed=0)
-    plan = P.plan_fcp(lens, 16, 16384, "causal")
+    plan = P.fcp_plan(hw, lens, 16, "causal", 16384)
     node = np.arange(16) // 8
     got = np.zeros(16)
     for movement in ("forward", "refetch", "gradients"):
@@ -90,4 +92,6 @@ def test_fcp_rows_carry_what_its_step_spends_on_communication(script, small):
         across = node[t[:, Transfer.SRC]] != node[t[:, Transfer.DST]]
         np.add.at(got, t[across, Transfer.DST], t[across, Transfer.END] - t[across, Transfer.START])
     assert fcp["causal", 16]["ib_mb_max"] == pytest.approx(got.max() * hw.kv_bytes_per_token / 1e6, rel=1e-12)
+    relayed = relay_figures(plan.pieces, node, 16384, 16)["peak_relayed_grad_tokens"]
+    assert fcp["causal", 16]["relayed_grad_x"] == pytest.approx(relayed.max() / 16384, rel=1e-12)
     assert "## FCP's communication" in text and "| spamassassin | causal | 16 |" in text
