@@ -36,9 +36,11 @@ def plot_simulation(cells: list[Cell], batch: np.ndarray, cp: int, tokens_per_ra
 
 def _rank_bars(ax, batch, cp, tokens_per_rank, strategies, hw, kv_budget_tokens) -> None:
     width = 0.8 / len(strategies)
+    layout = np.arange(cp) // hw.gpus_per_node if cp > hw.gpus_per_node else None  # as the simulator plans
     for k, strategy in enumerate(strategies):
         try:
-            cost = evaluate(make_plan(batch, cp, tokens_per_rank, "causal", strategy), hw, kv_budget_tokens)
+            plan = make_plan(batch, cp, tokens_per_rank, "causal", strategy, cp_node=layout)
+            cost = evaluate(plan, hw, kv_budget_tokens)
         except ValueError:
             continue
         label = f"{strategy} ({cost.step_time_s * 1e3:.1f} ms)"
