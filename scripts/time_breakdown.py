@@ -23,7 +23,7 @@ from megatron_fcp.data.lengths import SHIPPED, load_distribution, pack_batches
 from megatron_fcp.errors import InputError
 from megatron_fcp.planner.api import make_plan
 from megatron_fcp.sim.breakdown import PARTS, step_breakdown
-from megatron_fcp.sim.model import load_hardware
+from megatron_fcp.sim.model import load_hardware, node_layout
 
 REPO = Path(__file__).resolve().parents[1]
 STRATEGIES = ("fcp", "ring", "hybrid", "magi")
@@ -39,7 +39,7 @@ def run(lengths, cps, mask, hardware, tokens_per_rank, num_batches, seed, progre
         dist = load_distribution(name)
         for cp in cps:
             batches = pack_batches(dist, cp * tokens_per_rank, num_batches, seed)
-            layout = np.arange(cp) // hw.gpus_per_node if cp > hw.gpus_per_node else None
+            layout = node_layout(cp, hw)
             for strategy in STRATEGIES:
                 start, parts = time.perf_counter(), []
                 for batch in batches:

@@ -149,12 +149,14 @@ def _regions(pieces: np.ndarray, cp_node: np.ndarray, slot: int) -> list[tuple]:
                             & (slot // np.maximum(num_receivers, 1) >= MIN_SUB_CHUNK))
     # per node, most received first (ties: the lower document)
     chosen = chosen[np.lexsort((keys[chosen] % num_docs, -tokens[chosen], keys[chosen] // num_docs))]
+    by_key = np.argsort(inverse, kind="stable")  # the pieces of each (node, document), in piece order
+    key_at = np.searchsorted(inverse[by_key], np.arange(keys.shape[0] + 1))
     regions, next_slot, count = [], {}, {}
     for c in chosen.tolist():
         n = int(keys[c]) // num_docs
         if count.get(n, 0) >= MAX_DOCUMENTS:
             continue
-        members = np.flatnonzero(inverse == c)
+        members = by_key[key_at[c]:key_at[c + 1]]
         receivers = np.unique(dst[members])
         k, sub = receivers.shape[0], slot // receivers.shape[0]
         lo, hi = int(pieces[members, Piece.START].min()), int(pieces[members, Piece.END].max())

@@ -112,12 +112,8 @@ class RankPlan:
     def recv_total(self) -> int:
         """The end of this rank's staging order (``Piece.TOTAL``): :attr:`num_recv`, or more where a node ring leaves
         holes in it (:mod:`megatron_fcp.planner.node_ring`)."""
-        if self.node_pieces:
-            pieces = np.asarray(self.node_pieces, np.int64)
-            mine = pieces[pieces[:, Piece.DST] == self.cp_rank, Piece.TOTAL]
-            if mine.shape[0]:
-                return int(mine[0])
-        return self.num_recv
+        total = next((row[Piece.TOTAL] for row in self.node_pieces or () if row[Piece.DST] == self.cp_rank), None)
+        return self.num_recv if total is None else int(total)
 
     def memory(self, kv_budget_tokens=DEFAULT_KV_BUDGET) -> dict[str, int]:
         """This rank's figures of :func:`megatron_fcp.planner.stages.p2p_memory` (``MEMORY_FIELDS``, tokens), from

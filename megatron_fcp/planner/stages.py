@@ -44,6 +44,7 @@ import numpy as np
 
 from megatron_fcp.errors import InputError
 from megatron_fcp.planner.columns import KV, Piece, Q
+from megatron_fcp.planner.node_ring import node_ring_positions
 from megatron_fcp.planner.pairs import arange_within, doc_starts, matching_rows
 
 PIECE_COLS = tuple(column.name.lower() for column in Piece)
@@ -99,8 +100,9 @@ def num_stages(total, budget: int | None) -> np.ndarray:
 
 
 def stage_memory(total, budget: int | None) -> dict[str, np.ndarray]:
-    """Per receiver of ``total`` tokens (int64 arrays): ``stages``, ``peak`` remote key/values held at once,
-    ``saved`` for backward, ``refetch`` (fetched again in backward); see the module docstring."""
+    """Per receiver of ``total`` tokens in a staging order without holes (int64 arrays): ``stages``, ``peak`` remote
+    key/values held at once, ``saved`` for backward, ``refetch`` (fetched again in backward); see the module
+    docstring. :func:`p2p_memory` counts the same from what each stage holds, so it covers orders with holes too."""
     total = np.asarray(total, dtype=np.int64)
     if budget is None:
         return {"stages": num_stages(total, None), "peak": total.copy(), "saved": total.copy(),
@@ -259,8 +261,6 @@ def with_positions(rows: np.ndarray, q: np.ndarray, doc_lens: np.ndarray, mask: 
     out[:, Piece.POS] = tokens_before - tokens_before[np.flatnonzero(is_dst_first)][dst_group]
     out[:, Piece.TOTAL] = np.bincount(dst_group, weights=piece_lens).astype(np.int64)[dst_group]
     if cp_node is not None and slot and int(np.max(cp_node, initial=0)) > 0:
-        from megatron_fcp.planner.node_ring import node_ring_positions  # it builds on this module's pieces
-
         out = node_ring_positions(out, cp_node, slot)
     return out
 
@@ -273,9 +273,9 @@ def plan_pieces(q: np.ndarray, kv: np.ndarray, doc_lens: np.ndarray, mask: str, 
 
 
 def _stage_memory_of(dst, stage, length, num_recv_stages, recv, cp: int, num_rounds: int) -> dict[str, np.ndarray]:
-    """:func:`stage_memory` from what each stage holds (sub-pieces ``dst``, ``stage``, ``length``), for staging
-    orders with holes: two consecutive stages are alive at once (forward: the one computed and the next arriving;
-    backward: the one computed and the next refetched), the last is kept."""
+    """:func:`stage_memory`'s figures from what each stage holds (sub-pieces ``dst``, ``stage``, ``length``), so that
+    staging orders with holes count right: two consecutive stages are alive at once (forward: the one computed and
+    the next arriving; backward: the one computed and the next refetched), the last is kept."""
     held = np.bincount(dst * num_rounds + stage, weights=length, minlength=cp * num_rounds).reshape(cp, num_rounds)
     held = held.astype(np.int64)
     stages = np.zeros(cp, np.int64)
@@ -311,18 +311,16 @@ def p2p_memory(num_tokens: np.ndarray, pieces: np.ndarray, budget) -> dict[str, 
     budget = resolve_kv_budget(budget, int(num_tokens.max(initial=1)))
     piece_lens = pieces[:, Piece.END] - pieces[:, Piece.START]
     recv = np.bincount(pieces[:, Piece.DST], weights=piece_lens, minlength=cp).astype(np.int64)
-    mem = stage_memory(recv, budget)
-    peak_returned = np.zeros(cp, np.int64)
-    if pieces.shape[0]:
+    if not pieces.shape[0]:
+        mem, peak_returned = stage_memory(recv, budget), np.zeros(cp, np.int64)
+    else:
         index, _, length, stage, num_recv_stages = split_stages(pieces[:, Piece.POS], piece_lens,
                                                                 pieces[:, Piece.TOTAL], budget)
         num_rounds = int(num_recv_stages.max())
-        dst = pieces[index, Piece.DST]
         returned = np.bincount(pieces[index, Piece.SRC] * num_rounds + (num_recv_stages - 1 - stage), weights=length,
                                minlength=cp * num_rounds)  # per (owner, backward round)
         peak_returned = returned.reshape(cp, num_rounds).max(axis=1).astype(np.int64)
-        if np.any(pieces[:, Piece.TOTAL] != recv[pieces[:, Piece.DST]]):  # orders with holes (node rings)
-            mem = _stage_memory_of(dst, stage, length, num_recv_stages, recv, cp, num_rounds)
+        mem = _stage_memory_of(pieces[index, Piece.DST], stage, length, num_recv_stages, recv, cp, num_rounds)
     return {"own_kv_tokens": num_tokens.copy(), "recv_kv_tokens": recv, "num_stages": mem["stages"],
             "peak_remote_kv_tokens": mem["peak"], "saved_remote_kv_tokens": mem["saved"],
             "refetch_kv_tokens": mem["refetch"], "peak_grad_tokens": mem["peak"].copy(),

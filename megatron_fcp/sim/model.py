@@ -152,6 +152,12 @@ def _shipped(folder: str, name: str) -> str:
     return (resources.files("megatron_fcp") / "data" / folder / f"{name}.yaml").read_text()
 
 
+def node_layout(cp: int, hw: HardwareProfile) -> np.ndarray | None:
+    """The node of each CP rank on the profile's nodes (``gpus_per_node`` consecutive ranks each), as the runtime
+    reads it (``--fcp-ranks-per-node``, ``LOCAL_WORLD_SIZE``); None where the group fits one node."""
+    return np.arange(cp) // hw.gpus_per_node if cp > hw.gpus_per_node else None
+
+
 def load_hardware(name_or_path: str | Path = "h100_node") -> HardwareProfile:
     """Load a shipped profile by name (:data:`HARDWARE`) or a YAML file of the same fields. ``kernel_laws`` names
     a shipped calibration file or a path (relative to the profile's folder)."""

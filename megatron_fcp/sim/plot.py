@@ -9,7 +9,7 @@ import numpy as np
 
 from megatron_fcp.planner.api import make_plan
 from megatron_fcp.planner.stages import DEFAULT_KV_BUDGET
-from megatron_fcp.sim.model import HardwareProfile, evaluate
+from megatron_fcp.sim.model import HardwareProfile, evaluate, node_layout
 from megatron_fcp.sim.simulate import Cell
 
 
@@ -36,7 +36,7 @@ def plot_simulation(cells: list[Cell], batch: np.ndarray, cp: int, tokens_per_ra
 
 def _rank_bars(ax, batch, cp, tokens_per_rank, strategies, hw, kv_budget_tokens) -> None:
     width = 0.8 / len(strategies)
-    layout = np.arange(cp) // hw.gpus_per_node if cp > hw.gpus_per_node else None  # as the simulator plans
+    layout = node_layout(cp, hw)  # as the simulator plans
     for k, strategy in enumerate(strategies):
         try:
             plan = make_plan(batch, cp, tokens_per_rank, "causal", strategy, cp_node=layout)

@@ -50,6 +50,7 @@ from megatron_fcp.sim.model import (
     _local_seconds,
     _round_comm,
     free_transfers,
+    node_layout,
     staged_exchange,
     staged_times,
 )
@@ -566,12 +567,6 @@ def magi_budget(plan: Plan) -> int | None:
     key/values of the rank that receives the most, in two stages."""
     most = int(plan.recv_tokens.max(initial=0))
     return max(1, -(-most // 2)) if most else None
-
-
-def node_layout(cp: int, hw: HardwareProfile) -> np.ndarray | None:
-    """The node of each CP rank on the profile's nodes (``gpus_per_node`` consecutive ranks each), as the runtime
-    reads it (``--fcp-ranks-per-node``, ``LOCAL_WORLD_SIZE``); None where the group fits one node."""
-    return np.arange(cp) // hw.gpus_per_node if cp > hw.gpus_per_node else None
 
 
 # -- one cell ---------------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from megatron_fcp.planner.api import STRATEGIES, make_plan
 from megatron_fcp.planner.pairs import MASKS
 from megatron_fcp.planner.plan import Plan
 from megatron_fcp.planner.stages import DEFAULT_KV_BUDGET, parse_kv_budget, resolve_kv_budget
-from megatron_fcp.sim.model import HardwareProfile, PlanCost, evaluate, mfu, plan_memory
+from megatron_fcp.sim.model import HardwareProfile, PlanCost, evaluate, mfu, node_layout, plan_memory
 
 METRICS = ("imb_time", "imb_pairs", "imb_tokens", "pad_frac", "recv_mean_mb", "recv_max_mb", "comm_vs_ring",
            "step_ms", "speedup_vs_ring", "step_vs_fcp", "mfu", "plan_ms", "peak_kv_x", "saved_kv_x",
@@ -174,7 +174,7 @@ def simulate_cell(batches: list[np.ndarray], lengths: str, cp: int, tokens_per_r
     under ``kv_budget_tokens`` per stage; above one node of the profile, ``gpus_per_node`` consecutive ranks each,
     with the node-aware exchange the runtime runs there: :mod:`megatron_fcp.planner.relay`, node rings)."""
     rows: dict[str, list[dict]] = {s: [] for s in strategies}
-    cp_node = np.arange(cp) // hw.gpus_per_node if cp > hw.gpus_per_node else None
+    cp_node = node_layout(cp, hw)
     for batch in batches:
         planned = {}
         for strategy in dict.fromkeys(("ring", "fcp", *strategies)):
