@@ -105,6 +105,26 @@ def aligned_stages(plan, budget: int, gpus_per_node: int = GPUS_PER_NODE):
     return index, offset, np.concatenate([ll, rl]), stage, num_stages[dst[index]]
 
 
+def _gradients_summed(key: np.ndarray, rnd: np.ndarray, rank: np.ndarray) -> int:
+    """Gradient copies summed inside their node under the capped round-after rule (``megatron_fcp.planner.relay``):
+    a copy in round ``r`` goes to the first node-mate after it (cyclically, in rank order) that holds the token in
+    round ``r + 1``, and each such holder takes one copy only, the nearest before it. So in the cyclic rank order of
+    the copies of rounds ``r`` and ``r + 1`` together, a round-``r + 1`` copy takes one exactly when the copy just
+    before it is of round ``r``. One entry per (node, doc, token) copy in, sorted by key."""
+    # every copy twice: as a sender (pair r) and as a holder (pair r - 1)
+    pair = np.concatenate([rnd, rnd - 1])
+    sender = np.concatenate([np.ones(key.shape, bool), np.zeros(key.shape, bool)])
+    k, r = np.concatenate([key, key]), np.concatenate([rank, rank])
+    order = np.lexsort((r, pair, k))
+    k, pair, sender = k[order], pair[order], sender[order]
+    first = np.concatenate([[True], (k[1:] != k[:-1]) | (pair[1:] != pair[:-1])])
+    block_first = np.flatnonzero(first)
+    block_last = np.append(block_first[1:], k.shape[0]) - 1
+    before = np.arange(k.shape[0]) - 1
+    before[block_first] = block_last  # cyclic: the first copy's predecessor is the block's last
+    return int((~sender & sender[before]).sum())
+
+
 def relay_shares(plan, movement: str = "forward", gpus_per_node: int = GPUS_PER_NODE, budget="auto",
                  staging: str = "plain") -> dict[str, float]:
     """Inter-node tokens of one movement of ``plan`` (:data:`PASSES`) and the share left on InfiniBand under each
@@ -143,8 +163,10 @@ def relay_shares(plan, movement: str = "forward", gpus_per_node: int = GPUS_PER_
     # the (node, doc, token) copy one round earlier (gradients: later) exists: pairs are sorted by key then round
     if movement == "gradients":
         after = np.concatenate([(pair_key[:-1] == pair_key[1:]) & (pair_rnd[:-1] + 1 == pair_rnd[1:]), [False]])
+        round_after_left = total - _gradients_summed(key, rnd, rank)
     else:
         after = np.concatenate([[False], (pair_key[1:] == pair_key[:-1]) & (pair_rnd[1:] == pair_rnd[:-1] + 1)])
+        round_after_left = int(pair_count[~after].sum())
     # the busiest GPU of each round: its InfiniBand receive, each copy its own, or with one copy per (node, token,
     # round) split evenly over the GPUs that take it (the same-round hop, landed by all of them)
     slot = rank * (int(rnd.max()) + 1) + rnd
@@ -153,7 +175,7 @@ def relay_shares(plan, movement: str = "forward", gpus_per_node: int = GPUS_PER_
     split = np.bincount(slot, weights=1.0 / np.repeat(pair_count, pair_count), minlength=size).reshape(plan.cp, -1)
     return {"inter_node_tokens": total, "once per node": int(new_key.sum()) / total,
             "same round": int(new_pair.sum()) / total,
-            "round after": int(pair_count[~after].sum()) / total, "both": int((~after).sum()) / total,
+            "round after": round_after_left / total, "both": int((~after).sum()) / total,
             "busiest": int(direct.max(axis=0).sum()), "busiest, split": float(split.max(axis=0).sum())}
 
 

@@ -32,14 +32,18 @@ The rule, per movement (:data:`MOVEMENTS`), follows the engine's rounds (:mod:`m
 - ``gradients``: the key/value gradients of the stage computed in backward round ``k`` are sent at the end of
   that round and travel during round ``k + 1``. The gradient rows of a token whose owner is on another node go
   to a node-mate that holds the same token in round ``k + 1``, which adds them to its own stage's gradient rows
-  before its own send one round later; the others go to the owner. ``round``: ``k``. The source end is the
+  before its own send one round later; the others go to the owner. Capped: where several copies would go to the
+  same node-mate's row, only the nearest before it (cyclically) does and the others go to the owner, so a rank
+  receives at most one partial per row of its next stage and the buffer they arrive in holds at most one stage
+  (:func:`_one_partial_per_row`). ``round``: ``k``. The source end is the
   computing rank's stage (its gradient rows); the destination is the summing node-mate's stage or the owner's
   own rows. The copies of a token that cross InfiniBand are those with no node-mate copy one round *later*
   (``scripts/node_relay_potential.py`` counts those with no copy one round *earlier*, as for key/values: the two
   differ where consecutive rounds hold different numbers of copies).
 
 Chains are allowed: a relay may itself have got the tokens by relay one round earlier (or hand the sum on one
-round later). No memory is added: a relay serves from (or sums into) a buffer that is alive in that round anyway.
+round later). Key/value relays add no memory: a relay serves from a buffer that is alive in that round anyway.
+Node-mates' partial gradients arrive in a buffer of their own before they are added: at most one stage, by the cap.
 
 Tie-break: where several node-mates hold a token in the round wanted, a rank uses the first of them after itself
 in rank order, cyclically: the smallest ``(mate - rank) mod cp``. Where every node-mate holds a range, each rank
@@ -231,6 +235,9 @@ def _transfers(sub: dict[str, np.ndarray], cp_node: np.ndarray, movement: str, r
                                   1 if movement == "gradients" else -1, cp_node)
         seg_sub, seg_relay, seg_start, seg_end = (np.concatenate([mine, theirs]) for mine, theirs in
                                                   zip((seg_sub, seg_relay, seg_start, seg_end), relayed, strict=True))
+        if movement == "gradients":
+            seg_sub, seg_relay, seg_start, seg_end = _one_partial_per_row(sub, seg_sub, seg_relay, seg_start, seg_end,
+                                                                          cp_node.shape[0])
     seg_phase = np.zeros(seg_sub.shape, np.int64)
     if hop and movement != "gradients":
         landing = (seg_relay < 0) & inter[seg_sub]
@@ -242,6 +249,40 @@ def _transfers(sub: dict[str, np.ndarray], cp_node: np.ndarray, movement: str, r
                                                           strict=True))
             seg_phase = np.concatenate([seg_phase[keep], (hopped[1] >= 0).astype(np.int64)])
     return _table(sub, rnd, seg_sub, seg_relay, seg_start, seg_end, movement, seg_phase)
+
+
+def _one_partial_per_row(sub: dict[str, np.ndarray], seg_sub: np.ndarray, seg_relay: np.ndarray,
+                         seg_start: np.ndarray, seg_end: np.ndarray, cp: int):
+    """The cap on gradient relays: where several node-mates would add their partial gradients of one token to the
+    same node-mate's stage, only the nearest before that node-mate (cyclically: the smallest ``(relay - rank) mod
+    cp``) does; the others send theirs to the owner. So a rank receives at most one partial gradient per row of its
+    next stage, and its relayed-gradient buffer holds at most one stage. Segments (sub-piece, relay or -1, start,
+    end) in, the same segments with the losers' parts set to -1 out (cut where that changes)."""
+    relayed = np.flatnonzero(seg_relay >= 0)
+    if not relayed.shape[0]:
+        return seg_sub, seg_relay, seg_start, seg_end
+    holder, span = seg_relay[relayed], int(seg_end.max()) + 1
+    a, b = holder * span + seg_start[relayed], holder * span + seg_end[relayed]
+    points = np.unique(np.concatenate([a, b]))
+    first = np.searchsorted(points, a)
+    count = np.searchsorted(points, b) - first
+    seg = np.repeat(np.arange(relayed.shape[0], dtype=np.int64), count)
+    interval = np.repeat(first, count) + arange_within(count)
+    preference = (sub["rank"][holder[seg]] - sub["rank"][seg_sub[relayed[seg]]]) % cp
+    order = sort_order(interval, preference)
+    seg, interval = seg[order], interval[order]
+    wins = np.concatenate([[True], interval[1:] != interval[:-1]])
+    order = sort_order(seg, interval)  # back to each segment's own order
+    seg, interval, wins = seg[order], interval[order], wins[order]
+    choice = np.where(wins, holder[seg], -1)
+    is_new = np.concatenate([[True], (seg[1:] != seg[:-1]) | (choice[1:] != choice[:-1])])
+    run_first = np.flatnonzero(is_new)
+    run_last = np.append(run_first[1:], seg.shape[0]) - 1
+    keep = np.flatnonzero(seg_relay < 0)
+    return (np.concatenate([seg_sub[keep], seg_sub[relayed[seg[run_first]]]]),
+            np.concatenate([seg_relay[keep], choice[run_first]]),
+            np.concatenate([seg_start[keep], points[interval[run_first]] % span]),
+            np.concatenate([seg_end[keep], points[interval[run_last] + 1] % span]))
 
 
 def _landers(sub: dict[str, np.ndarray], rnd: np.ndarray, seg_sub: np.ndarray, seg_start: np.ndarray,
@@ -423,7 +464,8 @@ def relay_figures(pieces, cp_node, budget: int | None, cp: int, hop: bool = Fals
     - ``peak_returned_grad_tokens``: the most gradient rows of its own key/values that come back in one backward
       round (a relay's sum comes back in the relay's round, one later than its own stage would send it);
     - ``peak_relayed_grad_tokens``: the most rows of node-mates' partial gradients it receives in one round, to add
-      to its next stage's before sending them on (a buffer of its own: the only memory the relay adds).
+      to its next stage's before sending them on (a buffer of its own: the only memory the relay adds; at most the
+      rows of that stage, so at most the budget).
 
     ``hop``: with the same-round hop as well (:func:`relay_transfers`).
     """

@@ -14,7 +14,7 @@ from megatron_fcp.data.lengths import load_distribution, pack_batches
 from megatron_fcp.errors import InputError
 from megatron_fcp.planner.api import make_plan
 from megatron_fcp.planner.columns import Piece, Transfer
-from megatron_fcp.planner.relay import MOVEMENTS, OWN, TRANSFER_COLS, inter_node_tokens, relay_transfers
+from megatron_fcp.planner.relay import MOVEMENTS, OWN, TRANSFER_COLS, inter_node_tokens, relay_figures, relay_transfers
 from megatron_fcp.planner.stages import resolve_kv_budget, split_stages
 
 CASES = [  # (lengths, cp, CP ranks per node, tokens per rank)
@@ -49,6 +49,7 @@ class Tokens:
     row of the stage buffer as the engine's schedule lays it out, owner)."""
 
     def __init__(self, plan, budget):
+        self.plan = plan
         self.span, self.num_docs = int(plan.doc_lens.max()) + 1, plan.doc_lens.shape[0]
         own = [(r, d, t, i) for r in range(plan.cp)
                for i, (d, t) in enumerate((d, t) for d, s, e in plan.for_rank(r).q for t in range(s, e))]
@@ -200,6 +201,18 @@ def _copies_left(tokens: Tokens, movement: str, cp_node: np.ndarray, hop: bool =
             holders.setdefault((k, r), set()).add(g)
         return sum(any(not (holders.get((k, r + step), set()) - {g}) for g in group)
                    for (k, r), group in holders.items())
+    if movement == "gradients":  # capped: each node-mate copy one round later takes one copy's partial
+        holders = {}
+        for k, r, g in zip(node_key[inter].tolist(), rounds[inter].tolist(), tokens.held_rank[inter].tolist(),
+                           strict=True):
+            holders.setdefault((k, r), []).append(g)
+        cp = cp_node.shape[0]
+        taken = 0
+        for (k, r), group in holders.items():
+            later = holders.get((k, r + 1), [])
+            if later:  # each copy picks the first later holder after it; that holder takes one of them
+                taken += len({min(later, key=lambda h, g=g: (h - g) % cp) for g in group})
+        return int(inter.sum()) - taken
     left = [(k, r + step) not in copies for k, r in zip(node_key[inter].tolist(), rounds[inter].tolist(), strict=True)]
     return int(np.sum(left))
 
@@ -209,12 +222,37 @@ def potential(load_script):
     return load_script("node_relay_potential")
 
 
+def _one_partial_per_row(t: np.ndarray, budget, tokens: Tokens, cp_node: np.ndarray) -> int:
+    """The cap on gradient relays: a rank receives at most one node-mate's partial gradient per row of a stage, so
+    the relayed-gradient buffer of a round holds at most one stage (``budget`` tokens, or the rank's whole order
+    without a budget). Returns the gradient copies the cap sent to their owners instead (a node-mate one round
+    later held the token, but a nearer copy took it)."""
+    relayed = t[t[:, Transfer.DST_STAGE] != OWN]
+    row, i = _expand(relayed[:, Transfer.START], relayed[:, Transfer.END] - relayed[:, Transfer.START])
+    key = np.column_stack([relayed[row, Transfer.DST], relayed[row, Transfer.DST_STAGE],
+                           relayed[row, Transfer.DST_OFFSET] + i])
+    assert np.unique(key, axis=0).shape[0] == key.shape[0], "two partial gradients for one row"
+    figures = relay_figures(tokens.plan.pieces, cp_node, budget, tokens.plan.cp)
+    most = budget if budget is not None else int(tokens.plan.pieces[:, Piece.TOTAL].max(initial=0))
+    assert figures["peak_relayed_grad_tokens"].max(initial=0) <= most
+    # the copies with a later node-mate copy that still go to their owner across nodes
+    direct = t[(t[:, Transfer.DST_STAGE] == OWN) & (cp_node[t[:, Transfer.SRC]] != cp_node[t[:, Transfer.DST]])]
+    row, i = _expand(direct[:, Transfer.START], direct[:, Transfer.END] - direct[:, Transfer.START])
+    node = cp_node[direct[row, Transfer.SRC]]
+    later = set(zip(cp_node[tokens.held_rank].tolist(), tokens.held_doc.tolist(), tokens.held_token.tolist(),
+                    tokens.held_round.tolist(), strict=True))
+    return sum((n, d, k, r + 1) in later for n, d, k, r in zip(
+        node.tolist(), direct[row, Transfer.DOC].tolist(), (direct[row, Transfer.START] + i).tolist(),
+        direct[row, Transfer.ROUND].tolist(), strict=True))
+
+
 @pytest.mark.parametrize("lengths,cp,gpus_per_node,tokens_per_rank", CASES)
 @pytest.mark.parametrize("mask", ["causal", "full"])
 def test_relays_deliver_the_direct_plan_and_leave_the_potential_on_infiniband(potential, lengths, cp, gpus_per_node,
                                                                                tokens_per_rank, mask):
     plan = _plan(lengths, cp, tokens_per_rank, mask)
     cp_node = np.arange(cp) // gpus_per_node
+    capped = 0
     for setting in BUDGETS:
         budget = resolve_kv_budget(setting, int(plan.num_tokens.max()))
         tokens = Tokens(plan, budget)
@@ -227,8 +265,12 @@ def test_relays_deliver_the_direct_plan_and_leave_the_potential_on_infiniband(po
             assert inter_node_tokens(one_node, cp_node) == shares["inter_node_tokens"]
             left = inter_node_tokens(t, cp_node)
             assert left == _copies_left(tokens, movement, cp_node)
+            if movement == "gradients":
+                capped += _one_partial_per_row(t, budget, tokens, cp_node)
             if shares["inter_node_tokens"]:
                 assert left == round(shares["round after"] * shares["inter_node_tokens"]), (setting, movement)
+    if (lengths, cp, mask) in (("linux_files", 16, "causal"), ("magi_hist", 8, "full")):
+        assert capped > 0, "the cap never engaged: the check above proves nothing here"
 
 
 @pytest.mark.parametrize("lengths,cp,gpus_per_node,tokens_per_rank", CASES)
