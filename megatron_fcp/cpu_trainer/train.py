@@ -37,7 +37,13 @@ import torch.distributed as dist
 
 from megatron_fcp.errors import InputError
 from megatron_fcp.megatron.batch import STATS, FcpBatchDataset, MockDocumentDataset, doc_lengths_from_positions
-from megatron_fcp.megatron.config import SETTINGS, FcpConfig, ranks_per_node_problem, resolve_ranks_per_node
+from megatron_fcp.megatron.config import (
+    SETTINGS,
+    FcpConfig,
+    node_exchange_problem,
+    ranks_per_node_problem,
+    resolve_ranks_per_node,
+)
 from megatron_fcp.paths import folder_write_problem
 from megatron_fcp.planner.plan import RankPlan
 from megatron_fcp.planner.stages import DEFAULT_KV_BUDGET, parse_kv_budget
@@ -121,6 +127,9 @@ class RunConfig:
     """Processes per node (``--fcp-ranks-per-node``; the worker's ``--ranks-per-node``), which place the CP ranks on
     nodes in every plan (``Plan.cp_node``): 4 processes at 2 per node emulate 2 nodes x 2 on one machine. None:
     ``LOCAL_WORLD_SIZE`` of the environment (torchrun sets it), else no layout (one node). FCP runs only."""
+    node_exchange: str = SETTINGS["node_exchange"].default
+    """How key/values reach the CP ranks of a node (``--fcp-node-exchange``; the worker's ``--node-exchange``):
+    ``p2p`` or ``heads`` (heads split inside each node of ``ranks_per_node``; FCP runs only)."""
     collective_timeout_s: float = 300.0
     """Seconds any collective of the run may wait for its peers (the process groups' timeout: start-up rendezvous,
     the loss and gradient all-reduces, barriers, checkpoint saves and loads, the SIGTERM agreement; FCP's key/value
@@ -131,6 +140,8 @@ class RunConfig:
         object.__setattr__(self, "kv_budget_tokens", parse_kv_budget(self.kv_budget_tokens, flag="kv_budget_tokens"))
         object.__setattr__(self, "ranks_per_node",
                            SETTINGS["ranks_per_node"].read(self.ranks_per_node, "RunConfig: ranks_per_node"))
+        object.__setattr__(self, "node_exchange",
+                           SETTINGS["node_exchange"].read(self.node_exchange, "RunConfig: node_exchange"))
         problem = self._problem()
         if problem:
             raise InputError(f"RunConfig: {problem}")
@@ -158,7 +169,8 @@ class RunConfig:
             return f"seq_length {self.seq_length} is not a multiple of cp {self.cp}"
         if self.mode == "fcp":
             return ranks_per_node_problem(self.world_size, self.tp, self.cp, self.ranks_per_node, "ranks_per_node",
-                                          "processes (dp x tp x cp)")
+                                          "processes (dp x tp x cp)") or node_exchange_problem(
+                self.node_exchange, self.num_heads, self.num_query_groups, self.tp, self.cp, self.ranks_per_node)
         return None
 
     @property
@@ -177,7 +189,8 @@ def fcp_config(run: RunConfig, cp_global_ranks=None) -> FcpConfig:
     cfg = FcpConfig(cp=run.cp if run.mode == "fcp" else 1, seq_length=run.seq_length,
                     scheduler=run.scheduler, backend="cpu",
                     exchange_timeout_s=min(EXCHANGE_TIMEOUT_S, 0.9 * run.collective_timeout_s),
-                    kv_budget_tokens=run.kv_budget_tokens, ranks_per_node=run.ranks_per_node)
+                    kv_budget_tokens=run.kv_budget_tokens, ranks_per_node=run.ranks_per_node,
+                    node_exchange=run.node_exchange)
     return cfg if cp_global_ranks is None or run.mode != "fcp" else cfg.with_nodes(cp_global_ranks)
 
 
@@ -646,7 +659,7 @@ def _train(rank: int, run: RunConfig, out_path: str | None, quiet: bool, stop: _
     from megatron.core.process_groups_config import ProcessGroupCollection
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
-    from megatron_fcp.attention.engine import get_exchange
+    from megatron_fcp.attention.head_parallel import make_head_parallel_groups
     from megatron_fcp.megatron.model import FcpCoreAttention
     from megatron_fcp.megatron.step import FcpStep, per_token_loss
 
@@ -677,13 +690,15 @@ def _train(rank: int, run: RunConfig, out_path: str | None, quiet: bool, stop: _
         cfg = fcp_config(run, ps.get_context_parallel_global_ranks())
         data = _loader(FcpBatchDataset(inner, cfg, cp_rank, with_plan_view=cp > 1), indices, run.planning_workers)
         cp_group = ps.get_context_parallel_group() if cp > 1 else None  # gloo: also the plan check's host group
+        if cp_group is not None and cfg.node_exchange == "heads":
+            make_head_parallel_groups(cp_group, cfg.heads_per_node)
         fcp_step = FcpStep(cfg, cp_group, cp_group, device="cpu", keep_records=True)
     else:
         data = _loader(_DenseBatches(inner), indices, run.planning_workers)
     memory = None
-    if cp > 1:  # the exchange FcpCoreAttention uses: Megatron's CP group and FCP's exchange timeout
-        exchange = get_exchange(ps.get_context_parallel_group(), fcp_config(run).exchange_timeout_s)
-        memory = AttentionMemory(exchange.memory, [m for m in model.modules() if isinstance(m, FcpCoreAttention)])
+    if cp > 1 and fcp_step.exchange is not None:  # the exchange FcpCoreAttention uses (FcpStep picks the group)
+        memory = AttentionMemory(fcp_step.exchange.memory,
+                                 [m for m in model.modules() if isinstance(m, FcpCoreAttention)])
 
     records, writer = [], _tensorboard(run) if rank == 0 else None
     for step in steps:
@@ -730,8 +745,10 @@ def _train(rank: int, run: RunConfig, out_path: str | None, quiet: bool, stop: _
         if writer is not None:
             _write_scalars(writer, rec, step)
         if memory is not None:
-            models = [modeled_memory(s["rank_plan"], run.kv_budget_tokens, kv_bytes_per_token(run), run.num_layers,
-                                     run.recompute) for s in samples]
+            # heads: the plan view is the node's, g x the tokens on 1/g of the heads (the same bytes per rank)
+            row = kv_bytes_per_token(run) // cfg.heads_per_node
+            models = [modeled_memory(s["rank_plan"], run.kv_budget_tokens, row, run.num_layers, run.recompute)
+                      for s in samples]
             rec["memory"] = dict(memory.figures)
             rec["memory_model"] = {k: max(m[k] for m in models) for k in models[0]}
             rec["own_kv_bytes"] = own_kv_bytes(run)
@@ -890,6 +907,14 @@ STAGED_LAYOUTS = {
 """Equivalence runs of the staged key/value exchange and of activation recompute, by name: a small budget, the
 same with core attention recomputed (stages fetched again inside the recomputed forward), and whole layers
 recomputed under the default budget (several stages at CP 4)."""
+HEAD_PARALLEL_LAYOUTS = {
+    "cp4_heads_2x2": dict(cp=4, ranks_per_node=2, node_exchange="heads"),
+    "cp4_heads_2x2_kv64": dict(cp=4, ranks_per_node=2, node_exchange="heads", kv_budget_tokens=SMALL_KV_BUDGET),
+    "cp2_heads_one_node": dict(cp=2, node_exchange="heads"),
+}
+"""Equivalence runs of ``--fcp-node-exchange heads``, by name: 2 emulated nodes of 2 (heads split in pairs, the
+staged exchange between the nodes), the same with a small budget, and one node (Ulysses: heads split over both ranks,
+nothing between nodes)."""
 
 
 def baseline_of(run: RunConfig) -> RunConfig:

@@ -76,7 +76,7 @@ def run_config(args: argparse.Namespace, first_step: int, load_dir: str | None) 
                      save_dir=args.checkpoints, save_interval=args.save_interval, load_dir=load_dir,
                      first_step=first_step, kv_budget_tokens=args.kv_budget_tokens, recompute=args.recompute,
                      records=args.records, collective_timeout_s=args.collective_timeout,
-                     ranks_per_node=args.ranks_per_node)
+                     ranks_per_node=args.ranks_per_node, node_exchange=args.node_exchange)
 
 
 def main(argv: list[str] | None = None) -> int:

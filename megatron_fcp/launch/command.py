@@ -71,6 +71,7 @@ WORKER_FLAGS: tuple[tuple[str, str, type], ...] = (
     ("--ffn-hidden-size", "model.ffn_hidden_size", int), ("--vocab-size", "model.vocab_size", int),
     ("--lr", "training.lr", float), ("--seed", "training.seed", int),
     _worker_flag(SETTINGS["kv_budget_tokens"]), _worker_flag(SETTINGS["ranks_per_node"]),
+    _worker_flag(SETTINGS["node_exchange"]),
     ("--checkpoints", "paths.checkpoints", str), ("--save-interval", "training.save_interval", int),
     ("--records", "paths.records", str),
 )

@@ -26,6 +26,7 @@ import zlib
 
 import numpy as np
 
+from megatron_fcp.attention.head_parallel import local_token_index
 from megatron_fcp.attention.schedule import encode_schedule
 from megatron_fcp.data.lengths import LengthDistribution, draw_documents, load_distribution
 from megatron_fcp.errors import InputError
@@ -68,10 +69,13 @@ def doc_lengths_from_positions(position_ids) -> np.ndarray:
 # -- planning -----------------------------------------------------------------------------------------
 def plan_micro_batch(doc_lens, cfg: FcpConfig) -> Plan:
     """The plan of one micro-batch of ``cfg.seq_length`` tokens over ``cfg.cp`` ranks, carrying the CP group's node
-    layout ``cfg.cp_node`` (in the digest the ranks check their plans by)."""
+    layout ``cfg.cp_node`` (in the digest the ranks check their plans by). Under ``--fcp-node-exchange heads``: over
+    the nodes, ``cfg.plan_ranks`` ranks of ``cfg.heads_per_node x cfg.tokens_per_rank`` slots, each on a node of its
+    own (:mod:`megatron_fcp.attention.head_parallel`)."""
     options = FcpOptions(tile_size=cfg.tile_size) if cfg.scheduler == "fcp" else None
-    plan = make_plan(doc_lens, cfg.cp, cfg.tokens_per_rank, cfg.mask, strategy=cfg.scheduler, options=options,
-                     cp_node=cfg.cp_node)
+    g = cfg.heads_per_node
+    plan = make_plan(doc_lens, cfg.plan_ranks, g * cfg.tokens_per_rank, cfg.mask, strategy=cfg.scheduler,
+                     options=options, cp_node=cfg.cp_node if g == 1 else None)
     if cfg.debug_checks:  # the ring and hybrid placements may hold more slots than seq_length / cp by design
         assert_plan_ok(plan, check_request=cfg.scheduler not in ("ring", "hybrid"))
     return plan
@@ -156,12 +160,13 @@ def rank_sample(sample: dict, cfg: FcpConfig, cp_rank: int, with_plan_view: bool
     lens = doc_lengths_from_positions(arrays["position_ids"])
     start = time.perf_counter()
     plan = plan_micro_batch(lens, cfg)
-    view = plan.for_rank(cp_rank)
+    g = cfg.heads_per_node  # heads: the plan's rank is this rank's node, which holds g ranks' slots
+    view = plan.for_rank(cp_rank // g)
     plan_seconds = time.perf_counter() - start
     schedule = encode_schedule(view, cfg.kv_budget_tokens)
     schedule_seconds = time.perf_counter() - start - plan_seconds
-    index = plan.token_index(cp_rank)
-    n, real = view.num_tokens, index.shape[0]
+    index = plan.token_index(cp_rank) if g == 1 else local_token_index(plan, g, cp_rank)
+    n, real = view.num_tokens // g, index.shape[0]
     out = {}
     for key in ("tokens", "labels", "loss_mask"):
         local = np.zeros(n, dtype=arrays[key].dtype)

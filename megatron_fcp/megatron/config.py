@@ -50,6 +50,10 @@ DEFAULT_TILE_SIZE = 128
 TILE_FLAG = "--fcp-edge-cost-tile-size"
 TIMEOUT_FLAG = "--fcp-exchange-timeout"
 RANKS_PER_NODE_FLAG = "--fcp-ranks-per-node"
+NODE_EXCHANGES = ("p2p", "heads")
+"""How key/values reach the CP ranks of a node (``--fcp-node-exchange``): ``p2p``, the staged point-to-point exchange
+between CP ranks (node-aware: node rings and relays), or ``heads``, heads split inside each node by all-to-alls and
+the staged exchange between nodes (:mod:`megatron_fcp.attention.head_parallel`)."""
 LOCAL_WORLD_SIZE = "LOCAL_WORLD_SIZE"
 """The environment variable torchrun sets to the processes (GPUs) of this node: the ranks per node by default."""
 DEFAULT_DISTRIBUTED_TIMEOUT_MINUTES = 10
@@ -185,6 +189,15 @@ class FcpConfig:
     """GPUs (global ranks, processes) per node (``--fcp-ranks-per-node``), from which each plan gets the node of every
     CP rank (:attr:`cp_node`). None: ``LOCAL_WORLD_SIZE`` of the environment (torchrun sets it), and where that is
     unset too, no layout (the whole CP group taken as one node)."""
+    node_exchange: str = st.setting(
+        default="p2p", read=st.choice(NODE_EXCHANGES), choices=NODE_EXCHANGES, flag="--fcp-node-exchange",
+        key="node_exchange", worker_flag="--node-exchange",
+        help="how key/values reach the CP ranks of a node: p2p (default), the staged point-to-point exchange between "
+             "CP ranks; heads, all-to-alls inside each node give every rank 1/g of the heads of the node's tokens (g: "
+             "CP ranks per node, which must divide the attention heads and the query groups) and the staged exchange "
+             "runs between nodes, so each key/value crosses into a node once. The planner then plans nodes")
+    """How key/values reach the CP ranks of a node (``--fcp-node-exchange``, :data:`NODE_EXCHANGES`): ``p2p`` or
+    ``heads`` (plans are made for the nodes, :attr:`plan_ranks`)."""
 
     def __post_init__(self):
         for name in ("cp", "seq_length"):
@@ -205,6 +218,26 @@ class FcpConfig:
     @property
     def tokens_per_rank(self) -> int:
         return self.seq_length // self.cp
+
+    @property
+    def heads_per_node(self) -> int:
+        """Under ``node_exchange`` ``heads``: the CP ranks of a node, which split the heads (the whole CP group where
+        there is no layout); 1 otherwise. Raises :class:`InputError` unless every node holds consecutive CP ranks."""
+        if self.node_exchange != "heads" or self.cp == 1:
+            return 1
+        if self.cp_node is None:
+            return self.cp
+        g = self.cp // (max(self.cp_node) + 1)
+        if list(self.cp_node) != [r // g for r in range(self.cp)]:
+            raise FlagError("--fcp-node-exchange", f"--fcp-node-exchange heads needs each node to hold consecutive CP "
+                                                   f"ranks; the CP ranks lie on nodes {list(self.cp_node)}")
+        return g
+
+    @property
+    def plan_ranks(self) -> int:
+        """The ranks a plan is made for: the CP size, or under ``heads`` the nodes (each of :attr:`heads_per_node`
+        x :attr:`tokens_per_rank` token slots)."""
+        return self.cp // self.heads_per_node
 
     def with_nodes(self, global_ranks, environ: Mapping[str, str] | None = None) -> FcpConfig:
         """This config with :attr:`cp_node` set for the CP group of ``global_ranks`` (by CP rank: Megatron's
@@ -549,9 +582,43 @@ def _ranks_per_node_problem(args, world_size: int) -> Problem | None:
     return (described.flag, problem) if problem else None
 
 
+def node_exchange_problem(exchange: str, heads: int, groups: int, tp: int, cp: int,
+                          ranks_per_node: int | None) -> str | None:
+    """Why ``--fcp-node-exchange heads`` cannot split the heads of CP groups laid out on nodes of ``ranks_per_node``
+    global ranks (None: one node), or None: each rank's share of the heads (``heads / tp``, ``groups / tp``) must
+    divide by the CP ranks of a node (Megatron orders ranks tp-cp-...: a CP group's ranks are ``tp`` apart)."""
+    if exchange != "heads" or cp == 1:
+        return None
+    cp_ranks = [r * tp for r in range(cp)]
+    per_node = cp if ranks_per_node is None else sum(r // ranks_per_node == 0 for r in cp_ranks)
+    for what, count in (("attention heads", heads), ("query groups", groups)):
+        if (count // tp) % per_node:
+            return (f"--fcp-node-exchange heads splits each rank's {what} over the {per_node} CP ranks of a node, but "
+                    f"a rank has {count // tp} ({count} over tensor-parallel size {tp}); use --fcp-node-exchange p2p "
+                    "or a layout whose nodes hold a divisor of them")
+    return None
+
+
+def _node_exchange_problem(args, world_size: int) -> Problem | None:
+    described = SETTINGS["node_exchange"]
+    try:
+        exchange = described.read(_get(args, described.dest, described.default), described.flag)
+        per_node, _ = resolve_ranks_per_node(SETTINGS["ranks_per_node"].read(
+            _get(args, SETTINGS["ranks_per_node"].dest), SETTINGS["ranks_per_node"].flag), RANKS_PER_NODE_FLAG)
+    except InputError:
+        return None  # the settings' own problems (FcpConfig, _ranks_per_node_problem) report them
+    heads = _get(args, "num_attention_heads")
+    groups = _get(args, "num_query_groups") if _get(args, "group_query_attention", False) else heads
+    if heads is None or groups is None:
+        return None
+    cp, tp, _ = _sizes(args)
+    problem = node_exchange_problem(exchange, heads, groups, tp, cp, per_node)
+    return (described.flag, problem) if problem else None
+
+
 _MEGATRON_CHECKS = (_pipeline_problem, _layout_problem, _loss_problem, _micro_batch_problem, _sequence_problem,
                     _heads_problem, _attention_problem, _data_problem, _exchange_timeout_problem,
-                    _ranks_per_node_problem)
+                    _ranks_per_node_problem, _node_exchange_problem)
 """Each rule of the Megatron settings FCP depends on, in the order their problems are reported."""
 
 

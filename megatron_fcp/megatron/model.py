@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from megatron_fcp.attention.engine import fcp_attention
+from megatron_fcp.attention.head_parallel import head_parallel_attention, head_parallel_groups
 from megatron_fcp.attention.schedule import RankSchedule
 from megatron_fcp.errors import InputError
 from megatron_fcp.megatron.config import FcpConfig
@@ -131,10 +132,17 @@ class FcpCoreAttention(MegatronModule):
         if self.rotary is not None:
             freqs = self.rotary.freqs(packed_seq_params, query.device)
             query, key = self._rope(query, freqs), self._rope(key, freqs)
-        group = self.cp_group if sched.cp > 1 else None
-        out = fcp_attention(query.contiguous(), key.contiguous(), value.contiguous(), sched, group,
-                            self.softmax_scale, backend=self.fcp.backend, timeout_s=self.fcp.exchange_timeout_s,
-                            verify_plan=not self._inputs_checked)
+        kwargs = {"backend": self.fcp.backend, "timeout_s": self.fcp.exchange_timeout_s,
+                  "verify_plan": not self._inputs_checked}
+        if self.fcp.node_exchange == "heads" and self.fcp.cp > 1:  # the schedule is this rank's node's
+            node_group, across_group = head_parallel_groups(self.cp_group)
+            out = head_parallel_attention(query.contiguous(), key.contiguous(), value.contiguous(), sched,
+                                          node_group, across_group if sched.cp > 1 else None, self.softmax_scale,
+                                          **kwargs)
+        else:
+            group = self.cp_group if sched.cp > 1 else None
+            out = fcp_attention(query.contiguous(), key.contiguous(), value.contiguous(), sched, group,
+                                self.softmax_scale, **kwargs)
         self._inputs_checked = True
         return out.reshape(out.shape[0], -1)
 

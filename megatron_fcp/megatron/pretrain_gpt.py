@@ -126,7 +126,8 @@ def ring_forward_step(data_iterator, model):
 class FcpForwardStep:
     """FCP's ``forward_step_func`` for Megatron's ``pretrain``: a :class:`~megatron_fcp.megatron.step.FcpStep` made
     at the first call, once Megatron has made its process groups (with a gloo twin of the CP group, on which each
-    micro-batch's plan is checked without synchronising the GPU). FCP's figures travel in the loss report, so
+    micro-batch's plan is checked without synchronising the GPU, and under ``--fcp-node-exchange heads`` the node and
+    across groups of :mod:`megatron_fcp.attention.head_parallel`). FCP's figures travel in the loss report, so
     Megatron's log line and TensorBoard show them (``megatron_fcp.megatron.step.FIGURES``)."""
 
     def __init__(self, cfg):
@@ -136,10 +137,14 @@ class FcpForwardStep:
         if self.step is None:
             from megatron.core import parallel_state
 
+            from megatron_fcp.attention.head_parallel import make_head_parallel_groups
             from megatron_fcp.megatron.step import FcpStep, host_cp_group
 
             cp_group = parallel_state.get_context_parallel_group() if self.cfg.cp > 1 else None
             host_group = host_cp_group(cp_group) if cp_group is not None else None
+            if cp_group is not None and self.cfg.node_exchange == "heads":  # every rank, here, in one order
+                nodes = self.cfg.with_nodes(parallel_state.get_context_parallel_global_ranks())
+                make_head_parallel_groups(cp_group, nodes.heads_per_node)
             self.step = FcpStep(self.cfg, cp_group, host_group)
         return self.step(data_iterator, model)
 

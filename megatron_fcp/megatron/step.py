@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_fcp.attention.engine import check_plan_agreement_on_host, get_exchange
+from megatron_fcp.attention.head_parallel import head_parallel_groups
 from megatron_fcp.attention.schedule import decode_schedule
 from megatron_fcp.errors import InputError
 from megatron_fcp.megatron.batch import STATS, decode_rank_plan
@@ -108,7 +109,11 @@ class FcpStep:
         self.cfg, self.host_group, self.keep_records = cfg, host_group, keep_records
         self.device = torch.device(device) if device is not None else _default_device()
         multi = cfg.cp > 1 and cp_group is not None and dist.is_initialized()
-        self.exchange = get_exchange(cp_group, cfg.exchange_timeout_s) if multi else None
+        group = cp_group
+        if multi and cfg.node_exchange == "heads":  # the exchange runs between nodes (one node: nothing moves)
+            group = head_parallel_groups(cp_group)[1]
+            group = group if dist.get_world_size(group) > 1 else None
+        self.exchange = get_exchange(group, cfg.exchange_timeout_s) if multi and group is not None else None
         self.records: list[dict] = []
         self._counted = self._exchange_totals()
 
@@ -126,7 +131,7 @@ class FcpStep:
             raise InputError(f"FCP needs micro-batch size 1 (one packed sequence per micro-batch), got a batch of "
                              f"{schedule_data.shape[0]}; use --micro-batch-size 1")
         sched = decode_schedule(schedule_data[0], self.device)
-        if self.host_group is not None and sched.cp > 1:
+        if self.host_group is not None and self.cfg.cp > 1:  # heads: every CP rank holds the nodes' plan
             check_plan_agreement_on_host(sched, self.host_group)
         tokens = sample["tokens"].to(self.device, non_blocking=True).long()
         labels = sample["labels"].to(self.device, non_blocking=True).long()

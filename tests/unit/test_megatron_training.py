@@ -25,6 +25,7 @@ from megatron_fcp.cpu_trainer import train  # noqa: E402
 from megatron_fcp.cpu_trainer.train import RunConfig, baseline_of, kv_bytes_per_token, launch, launch_series  # noqa: E402
 
 BASE, LAYOUTS, STAGED = train.EQUIVALENCE_BASE, train.EQUIVALENCE_LAYOUTS, train.STAGED_LAYOUTS
+HEADS = train.HEAD_PARALLEL_LAYOUTS
 STEPS = BASE.steps
 
 
@@ -140,6 +141,29 @@ def test_staged_exchange_and_recompute_match_training_without_cp(runs, layout):
     if run.kv_budget_tokens == train.SMALL_KV_BUDGET:
         staged = sum(step["memory_model"]["num_stages"] > 1 for step in fcp_steps)
         assert staged >= 3 * STEPS // 4, f"only {staged} of {STEPS} steps received in more than one stage"
+
+
+@pytest.mark.parametrize("layout", list(HEADS))
+def test_head_parallel_exchange_matches_training_without_cp(runs, layout):
+    """--fcp-node-exchange heads (heads split inside each emulated node by all-to-alls, the staged exchange between
+    nodes; one node: Ulysses): the same training as without CP, and the attention memory rank 0 measured is the
+    planner's model of its node's plan on its share of the heads, within the 2x / 1x bound of its own key/values."""
+    runs.together(_with_baselines(HEADS))
+    run = replace(BASE, **HEADS[layout])
+    ref = baseline_of(run)
+    fcp_steps, fcp_grads = runs(layout, run)
+    _assert_matches_no_cp(fcp_steps, fcp_grads, *runs(f"nocp_dp{ref.dp}", ref), loss_tol=1e-5)
+    nodes = run.cp // (run.ranks_per_node or run.cp)
+    if nodes == 1:  # nothing crosses between nodes: no exchange to measure
+        assert all("memory" not in step for step in fcp_steps)
+        return
+    own = train.own_kv_bytes(run)
+    for step in fcp_steps:
+        got, model = step["memory"], step["memory_model"]
+        mismatch = {name: (got[name], model[name]) for name in MEASURED_AS_MODELED if got[name] != model[name]}
+        assert not mismatch, f"step {step['step']}: measured vs modeled bytes differ: {mismatch}"
+        assert got["kv_peak"] <= 2 * own and got["kv_kept"] <= own, step["step"]
+    assert max(step["memory"]["kv_peak"] for step in fcp_steps) > 0, "the meter saw no received key/values"
 
 
 @pytest.mark.parametrize("first", ["fcp", "nocp"])
