@@ -911,10 +911,11 @@ HEAD_PARALLEL_LAYOUTS = {
     "cp4_heads_2x2": dict(cp=4, ranks_per_node=2, node_exchange="heads"),
     "cp4_heads_2x2_kv64": dict(cp=4, ranks_per_node=2, node_exchange="heads", kv_budget_tokens=SMALL_KV_BUDGET),
     "cp2_heads_one_node": dict(cp=2, node_exchange="heads"),
+    "cp2_heads_one_rank_per_node": dict(cp=2, ranks_per_node=1, node_exchange="heads"),
 }
 """Equivalence runs of ``--fcp-node-exchange heads``, by name: 2 emulated nodes of 2 (heads split in pairs, the
-staged exchange between the nodes), the same with a small budget, and one node (Ulysses: heads split over both ranks,
-nothing between nodes)."""
+staged exchange between the nodes), the same with a small budget, one node (Ulysses: heads split over both ranks,
+nothing between nodes), and one CP rank per node (nothing to split: the staged exchange between the two)."""
 
 
 def baseline_of(run: RunConfig) -> RunConfig:

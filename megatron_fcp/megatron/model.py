@@ -19,6 +19,7 @@ import functools
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from megatron_fcp.attention.engine import fcp_attention
 from megatron_fcp.attention.head_parallel import head_parallel_attention, head_parallel_groups
@@ -134,13 +135,15 @@ class FcpCoreAttention(MegatronModule):
             query, key = self._rope(query, freqs), self._rope(key, freqs)
         kwargs = {"backend": self.fcp.backend, "timeout_s": self.fcp.exchange_timeout_s,
                   "verify_plan": not self._inputs_checked}
+        node_group = across_group = None
         if self.fcp.node_exchange == "heads" and self.fcp.cp > 1:  # the schedule is this rank's node's
             node_group, across_group = head_parallel_groups(self.cp_group)
+        if node_group is not None and dist.get_world_size(node_group) > 1:
             out = head_parallel_attention(query.contiguous(), key.contiguous(), value.contiguous(), sched,
                                           node_group, across_group if sched.cp > 1 else None, self.softmax_scale,
                                           **kwargs)
-        else:
-            group = self.cp_group if sched.cp > 1 else None
+        else:  # one CP rank per node under heads: nothing to split, the plain exchange over the same ranks
+            group = (self.cp_group if across_group is None else across_group) if sched.cp > 1 else None
             out = fcp_attention(query.contiguous(), key.contiguous(), value.contiguous(), sched, group,
                                 self.softmax_scale, **kwargs)
         self._inputs_checked = True
