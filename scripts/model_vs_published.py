@@ -81,7 +81,8 @@ per query and half per key row, as FA3's backward runs over key blocks).
   its link (NCCL all-to-all-v); **native**: group-cast with each byte crossing InfiniBand once per destination
   node (then NVLink), its gradients reduced the same way, holding 48 SMs (`num_sms = 48`).
 - *FCP*: `plan_fcp` and the existing p2p cost model (staged exchange, budget `auto`), plus the same added costs
-  as MagiAttention (merge per stage, NCCL SM share). Above one node (CP 16-64) the node-aware exchange the
+  as MagiAttention (merge per stage, NCCL SM share) and, as its calls are FA3 calls, FA3's backward under GQA
+  (`published.fcp_gqa_bwd_s`: the fp32 dK/dV accumulators the baselines' FA3 calls pay). Above one node (CP 16-64) the node-aware exchange the
   runtime runs there: a key/value taken from a node-mate that holds it in the round before, gradients summed in a
   node-mate's next stage (`planner.relay`), on node rings (`planner.node_ring`).
 
@@ -293,7 +294,7 @@ def markdown(rows, anchor, command, elapsed, packs, cps) -> str:
     lines += ["## FCP (modeled) beside MagiAttention native (published)", "",
               "FCP: `plan_fcp` + the p2p cost model (staged exchange, key/value budget `auto`; above one node "
               "the node-aware exchange, `planner.relay` and `planner.node_ring`) with the added costs (merge per "
-              "stage, NCCL SM share); "
+              "stage, NCCL SM share, FA3's backward under GQA); "
               "`base`: the p2p cost model without the added costs. "
               "TFLOP/s per GPU by the blog's formula.", "",
               "| mask | pass | " + " | ".join(f"CP {c}: FCP / FCP base / Magi native pub." for c in cps) + " |",

@@ -15,7 +15,8 @@ backward seconds of the slowest rank, each pass's slowest apart)), mean over the
 node-aware exchange the runtime runs on nodes of 8 (``planner.relay``: a key/value taken from a node-mate that
 holds it in the round before, gradients summed in a node-mate's next stage; ``planner.node_ring``: a document that
 a node receives from two or more other nodes staged as a ring over its receivers there, so each of its key/values
-crosses into the node once).
+crosses into the node once). ``fcp_heads``: FCP under ``--fcp-node-exchange heads`` (``published.fcp_head_parallel``:
+Ulysses all-to-alls inside each node of 8, FCP's staged exchange between nodes on node-sized ranks).
 """
 
 from __future__ import annotations
@@ -35,9 +36,16 @@ from megatron_fcp.sim.model import HardwareProfile, load_hardware
 
 REPO = Path(__file__).resolve().parents[1]
 HARDWARE = "h100_node_fa3_published"
-STRATEGIES = ("fcp", "magi_attn-native", "magi_attn-a2av", "hybrid_dcp", "usp", "ulysses", "ring_allgather",
-              "ring_p2p")
-"""Strategy names of :mod:`megatron_fcp.sim.published`, FCP first."""
+STRATEGIES = ("fcp", "fcp_heads", "magi_attn-native", "magi_attn-a2av", "hybrid_dcp", "usp", "ulysses",
+              "ring_allgather", "ring_p2p")
+"""Strategy names of :mod:`megatron_fcp.sim.published`, FCP's two node exchanges first (``fcp``: ``p2p``, the
+default; ``fcp_heads``: ``--fcp-node-exchange heads``)."""
+FCP_SETTINGS = ("fcp", "fcp_heads")
+"""FCP's rows: one per ``--fcp-node-exchange`` setting. ``FCP`` in the summaries is the better of them per cell (the
+setting a run of that mix and CP size would pick); the other strategies are compared with it."""
+TIE = 1e-9
+"""Relative difference below which two steps count as equal (the same computation: FCP's heads setting on one node
+is Ulysses, which USP also is there)."""
 CPS = (8, 16, 32, 64, 128, 256)
 MASKS = ("causal", "full")
 SCALING_TARGET = {"linux_files": 0.90, "magi_hist": 0.90, "spamassassin": 0.85, "linux_dirs": 0.85}
@@ -65,6 +73,9 @@ def _cell(args) -> dict:
     for lens in batches:
         if strategy == "fcp":  # its step and what the step spends on communication, from one model run
             details.append(P.fcp_details(hw, extras, lens, cp, mask, tokens_per_rank, hop))
+            seconds = details[-1]
+        elif strategy == "fcp_heads":
+            details.append(P.fcp_head_parallel_details(hw, extras, lens, cp, mask, tokens_per_rank))
             seconds = details[-1]
         else:
             seconds = P.strategy_seconds(strategy, hw, extras, lens, cp, mask, tokens_per_rank)
@@ -110,29 +121,52 @@ def fastest(times: dict[str, float]) -> str:
     return min(times, key=times.get)
 
 
+def fcp_setting(times: dict[str, float]) -> str:
+    """FCP's better setting in a cell (:data:`FCP_SETTINGS`, the default where only it was run)."""
+    return min((s for s in FCP_SETTINGS if s in times), key=times.get)
+
+
+def versus_others(times: dict[str, float]) -> tuple[str, float]:
+    """FCP's better setting's step over the fastest other strategy's, and that strategy."""
+    others = {s: t for s, t in times.items() if s not in FCP_SETTINGS}
+    best = fastest(others)
+    return best, times[fcp_setting(times)] / others[best]
+
+
 def scaling_summary(rows: list[dict]) -> list[dict]:
-    """Per mix and mask: FCP's MFU at the largest CP over its MFU at the smallest, against the target, and in how
-    many CPs FCP has the shortest step of all strategies."""
+    """Per mix and mask: FCP's MFU at the largest CP over its MFU at the smallest, per setting and for the better
+    setting per cell (``fcp_mfu_ratio``; better: the shorter mean step, as the strategies are ranked), against the
+    target, and in how many CPs FCP (its better setting) has a
+    shorter step than every other strategy, and in how many the same as the fastest of them (:data:`TIE`)."""
     step, out = step_ms(rows), []
     for name in dict.fromkeys(r["lengths"] for r in rows):
         for mask in dict.fromkeys(r["mask"] for r in rows):
-            fcp = {r["cp"]: r["mfu"] for r in rows if (r["lengths"], r["mask"], r["strategy"]) == (name, mask, "fcp")}
-            cps = sorted(fcp)
-            out.append({"lengths": name, "mask": mask, "first_cp": cps[0], "last_cp": cps[-1],
-                        "fcp_mfu_ratio": fcp[cps[-1]] / fcp[cps[0]], "target": SCALING_TARGET.get(name),
-                        "fcp_fastest_cells": sum(fastest(step[name, mask, cp]) == "fcp" for cp in cps),
-                        "cells": len(cps)})
+            mfu = {(r["strategy"], r["cp"]): r["mfu"] for r in rows if (r["lengths"], r["mask"]) == (name, mask)}
+            cps = sorted(cp for s, cp in mfu if s == "fcp")
+            settings = {cp: fcp_setting(step[name, mask, cp]) for cp in cps}  # by step, as FCP is compared
+            best = {cp: mfu[settings[cp], cp] for cp in cps}
+            ratios = [versus_others(step[name, mask, cp])[1] for cp in cps]
+            row = {"lengths": name, "mask": mask, "first_cp": cps[0], "last_cp": cps[-1],
+                   "fcp_mfu_ratio": best[cps[-1]] / best[cps[0]], "target": SCALING_TARGET.get(name),
+                   "settings": [settings[cp] for cp in cps],
+                   "fcp_fastest_cells": sum(r < 1.0 - TIE for r in ratios),
+                   "fcp_tied_cells": sum(abs(r - 1.0) <= TIE for r in ratios), "cells": len(cps)}
+            for s, key in zip(FCP_SETTINGS, ("p2p_mfu_ratio", "heads_mfu_ratio"), strict=True):
+                if all((s, cp) in mfu for cp in cps):
+                    row[key] = mfu[s, cps[-1]] / mfu[s, cps[0]]
+            out.append(row)
     return out
 
 
 def not_fastest(rows: list[dict]) -> list[dict]:
-    """The cells where another strategy's step is shorter than FCP's: the fastest one and FCP's step over its."""
+    """The cells where FCP (its better setting) is not faster than every other strategy: the fastest other one and
+    FCP's step over its (1.000 within :data:`TIE`: the same step)."""
     out = []
     for (name, mask, cp), times in step_ms(rows).items():
-        best = fastest(times)
-        if best != "fcp":
-            out.append({"lengths": name, "mask": mask, "cp": cp, "fastest": best, "fcp_over_fastest":
-                        times["fcp"] / times[best]})
+        best, ratio = versus_others(times)
+        if ratio >= 1.0 - TIE:
+            out.append({"lengths": name, "mask": mask, "cp": cp, "fastest": best, "fcp_over_fastest": ratio,
+                        "fcp_setting": fcp_setting(times)})
     return sorted(out, key=lambda c: -c["fcp_over_fastest"])
 
 
@@ -145,31 +179,43 @@ def markdown(rows: list[dict], summary: list[dict], command: str, elapsed: float
              "`n/a`: the "
              "strategy does not apply (Ulysses above 64 ranks: one query head per rank at most).", "",
              "## FCP's scaling and rank", "",
-             "| mix | mask | FCP MFU at last CP / first CP | target (scaling issue) | FCP fastest in |",
-             "|---|---|---|---|---|"]
+             "FCP runs one of two node exchanges, set per run (`--fcp-node-exchange`): `fcp` = `p2p` (the default: "
+             "the staged point-to-point exchange between CP ranks, node rings and relays) and `fcp_heads` = `heads` "
+             "(heads split inside each node by all-to-alls, the staged exchange between nodes; on one node it is "
+             "Ulysses). `FCP` below is the better of the two per cell (the setting a run of that mix and CP size "
+             "would take; `p`/`h` per CP from the first), compared with every other strategy.", "",
+             "| mix | mask | FCP MFU at last CP / first CP | p2p alone | heads alone | target (scaling issue) "
+             "| setting per CP | FCP faster than all others in | as fast as the fastest in |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for s in summary:
         target = "-" if s["target"] is None else f"{s['target']:.2f}"
+        alone = [f"{s[k]:.2f}" if k in s else "-" for k in ("p2p_mfu_ratio", "heads_mfu_ratio")]
         lines.append(f"| {s['lengths']} | {s['mask']} | {s['fcp_mfu_ratio']:.2f} (CP {s['last_cp']} / "
-                     f"{s['first_cp']}) | {target} | {s['fcp_fastest_cells']} of {s['cells']} CPs |")
+                     f"{s['first_cp']}) | {alone[0]} | {alone[1]} | {target} | "
+                     f"{''.join('h' if x == 'fcp_heads' else 'p' for x in s['settings'])} | "
+                     f"{s['fcp_fastest_cells']} of {s['cells']} CPs | {s['fcp_tied_cells']} |")
     losses, step = not_fastest(rows), step_ms(rows)
     num_cells = len({(r["lengths"], r["mask"], r["cp"]) for r in rows})
-    lines += ["", f"## Cells where FCP is not the fastest: {len(losses)} of {num_cells}", ""]
+    lines += ["", f"## Cells where FCP is not faster than every other strategy: {len(losses)} of {num_cells}", ""]
     if losses:
-        lines += ["| mix | mask | cp | fastest | FCP step / fastest's |", "|---|---|---|---|---|"]
-        lines += [f"| {c['lengths']} | {c['mask']} | {c['cp']} | {c['fastest']} | {c['fcp_over_fastest']:.3f} |"
-                  for c in losses]
-    fcp_rows = [r for r in rows if r["strategy"] == "fcp"]
+        lines += ["| mix | mask | cp | fastest other | FCP step / its step | FCP setting |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {c['lengths']} | {c['mask']} | {c['cp']} | {c['fastest']} | {c['fcp_over_fastest']:.3f} | "
+                  f"{c['fcp_setting']} |" for c in losses]
+    fcp_rows = [r for r in rows if r["strategy"] in FCP_SETTINGS]
     lines += ["", "## FCP's communication", "",
               "InfiniBand MB a GPU receives per step (key/values forward and again in backward, and gradients; the "
               "most over the GPUs, and the mean) and exposed communication: the step minus the same step with every "
               "transfer free (ms), beside the step (ms). Means over the batches; the last column: the most "
               "node-mates' partial gradients one rank receives in a backward round (the only buffer the node-aware "
-              "exchange adds), over its own key/values, the most over the batches.", "",
-              "| mix | mask | cp | step ms | exposed ms | IB MB per GPU, max | IB MB per GPU, mean | relayed gradients "
-              "/ own |",
-              "|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['lengths']} | {r['mask']} | {r['cp']} | {r['fwd_ms'] + r['bwd_ms']:.1f} | {r['exposed_ms']:.1f} "
-              f"| {r['ib_mb_max']:.0f} | {r['ib_mb_mean']:.0f} | {r['relayed_grad_x']:.2f} |" for r in fcp_rows]
+              "exchange adds), over its own key/values, the most over the batches. Under `heads` a GPU receives its "
+              "head shard of what its node receives, and the all-to-alls count as communication too.", "",
+              "| mix | mask | cp | setting | step ms | exposed ms | IB MB per GPU, max | IB MB per GPU, mean | relayed "
+              "gradients / own |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['lengths']} | {r['mask']} | {r['cp']} | {'heads' if r['strategy'] == 'fcp_heads' else 'p2p'} "
+              f"| {r['fwd_ms'] + r['bwd_ms']:.1f} | {r['exposed_ms']:.1f} | {r['ib_mb_max']:.0f} | "
+              f"{r['ib_mb_mean']:.0f} | {r['relayed_grad_x']:.2f} |" for r in fcp_rows]
     for name in dict.fromkeys(r["lengths"] for r in rows):
         for mask in dict.fromkeys(r["mask"] for r in rows):
             cell = {(r["strategy"], r["cp"]): r for r in rows if (r["lengths"], r["mask"]) == (name, mask)}
@@ -199,7 +245,7 @@ def plot(rows: list[dict], path: Path) -> None:
                 sel = sorted((r for r in rows if (r["lengths"], r["mask"], r["strategy"]) == (name, mask, strategy)),
                              key=lambda r: r["cp"])
                 ax.plot([r["cp"] for r in sel], [100 * r["mfu"] for r in sel], "-o", color=f"C{k}", markersize=3,
-                        label=strategy, linewidth=2.5 if strategy == "fcp" else 1.2)
+                        label=strategy, linewidth=2.5 if strategy in FCP_SETTINGS else 1.2)
             ax.set_xscale("log", base=2)
             ax.set_title(f"{name}, {mask}", fontsize=10)
             ax.set_xlabel("CP size")

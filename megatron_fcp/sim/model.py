@@ -518,12 +518,14 @@ def _with_hop(arrive: np.ndarray, hop_s: np.ndarray | None, landers, j: int) -> 
 
 
 def staged_times(x: StagedExchange, local_fwd_s: np.ndarray, local_bwd_s: np.ndarray, hw: HardwareProfile,
-                 stage_extra_s: np.ndarray | None = None, slowed=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                 stage_extra_s: np.ndarray | None = None, slowed=None, stage_extra_bwd_s: np.ndarray | None = None
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per rank: forward and backward seconds of the engine's rounds, and kernel seconds (local times include
     their launches; every stage with work adds one kernel launch, forward and backward).
 
-    Two optional costs (:mod:`megatron_fcp.sim.published` uses them): ``stage_extra_s`` ``[cp, rounds]`` seconds
-    added to each remote stage's compute in both passes (merging its partial output, accumulating its ``dq``), and
+    Optional costs (:mod:`megatron_fcp.sim.published` uses them): ``stage_extra_s`` ``[cp, rounds]`` seconds
+    added to each remote stage's compute in both passes (merging its partial output, accumulating its ``dq``),
+    ``stage_extra_bwd_s`` the same in backward only, and
     ``slowed(compute_s, comm_s)``: the seconds of compute that overlaps a transfer of ``comm_s`` (the transfer's
     kernels holding SMs); without it compute and transfers overlap for free."""
     cp, rounds = x.eff_pairs.shape
@@ -532,6 +534,8 @@ def staged_times(x: StagedExchange, local_fwd_s: np.ndarray, local_bwd_s: np.nda
     c_bwd = hw.call_seconds("bwd", "full", x.eff_pairs, x.rows, calls)
     if stage_extra_s is not None:
         c_fwd, c_bwd = c_fwd + stage_extra_s, c_bwd + stage_extra_s
+    if stage_extra_bwd_s is not None:  # backward only (FA3's GQA accumulators of the stage's call)
+        c_bwd = c_bwd + stage_extra_bwd_s
     no_comm = np.zeros(cp)
     # forward: local blocks while stage 0 travels; then wait stage j, post round j + 1, compute stage j
     f, arrive = np.asarray(local_fwd_s, dtype=np.float64).copy(), x.fwd_comm_s[:, 0].copy()

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from megatron_fcp.errors import InputError
 from megatron_fcp.planner.baselines import plan_hybrid, plan_magi
 from megatron_fcp.planner.columns import Piece, Q
 from megatron_fcp.planner.fcp import plan_fcp
@@ -56,8 +57,9 @@ from megatron_fcp.sim.model import (
 )
 
 STRATEGIES = ("ulysses", "ring_p2p", "ring_allgather", "usp", "hybrid_dcp", "magi_attn-a2av", "magi_attn-native",
-              "fcp")
-"""Strategies modeled here (legend names of the published figures, plus ``fcp``); LoongTrain is not modeled."""
+              "fcp", "fcp_heads")
+"""Strategies modeled here (legend names of the published figures, plus ``fcp``: FCP's default node exchange,
+``--fcp-node-exchange p2p``, and ``fcp_heads``: ``--fcp-node-exchange heads``); LoongTrain is not modeled."""
 
 
 @dataclass(frozen=True)
@@ -525,41 +527,79 @@ def p2p_comm(hw: HardwareProfile, plan: Plan, budget, how: str) -> tuple[np.ndar
     return fwd, refetch, (grad + hw.p2p_latency_us * 1e-6).reshape(cp, rounds)
 
 
-def staged_pass_times(hw: HardwareProfile, x: Extras, ex: StagedExchange, local_fwd, local_bwd, share: float
-                      ) -> tuple[np.ndarray, np.ndarray]:
+def staged_pass_times(hw: HardwareProfile, x: Extras, ex: StagedExchange, local_fwd, local_bwd, share: float,
+                      gqa_bwd_s: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """:func:`megatron_fcp.sim.model.staged_times` (the engine's rounds) with the added costs: every remote
     stage's partial output merged into the result (forward) and its ``dq`` accumulated (backward), 3x query
     bytes of the stage's rows each, and the attention slowed by the communication's SM share while a round
-    travels. With :data:`BASE` it is ``staged_times``."""
+    travels; ``gqa_bwd_s`` ``[cp, rounds]``: seconds added to each stage's backward call (:func:`fcp_gqa_bwd_s`).
+    With :data:`BASE` it is ``staged_times``."""
     calls = ex.eff_pairs > 0
     merge = np.where(calls, x.hbm_s(3 * q_bytes(hw, np.where(calls, ex.rows, 0))), 0.0)
     slowed = (lambda compute_s, comm_s: overlapped(compute_s, comm_s, share)) if share else None
-    fwd, bwd, _ = staged_times(ex, local_fwd, local_bwd, hw, stage_extra_s=merge, slowed=slowed)
+    fwd, bwd, _ = staged_times(ex, local_fwd, local_bwd, hw, stage_extra_s=merge, slowed=slowed,
+                               stage_extra_bwd_s=gqa_bwd_s)
     return fwd, bwd
 
 
-def p2p_pass_times(hw: HardwareProfile, x: Extras, plan: Plan, how: str | None, budget, sms: int
-                   ) -> tuple[float, float]:
+def fcp_gqa_bwd_s(hw: HardwareProfile, x: Extras, plan: Plan, budget) -> tuple[np.ndarray, np.ndarray]:
+    """FA3's backward under grouped-query attention (:func:`fa3_gqa_bwd_bytes`: fp32 dK/dV accumulators, atomic
+    adds, conversion) for FCP's kernel calls, as HBM seconds: per rank its own-key calls (taken as one call over its
+    own rows, one segment per row of its plan), and ``[cp, rounds]`` per stage call (the stage's sub-pieces as
+    segments). Zero without GQA or with :data:`BASE`. FCP's calls are FA3 calls in this comparison, so they pay
+    what the baselines' FA3 calls pay."""
+    cp = plan.cp
+    dst, _, _, start, end, stage, n = _sub_pieces(plan, budget)
+    rounds = max(int(n.max(initial=0)), 1)
+    if not x.enabled or hw.num_heads == hw.num_kv_heads:
+        return np.zeros(cp), np.zeros((cp, rounds))
+
+    def seconds(slot, length, size):
+        total = np.bincount(slot, weights=length, minlength=size)
+        used = np.bincount(slot, weights=np.ceil(length / FA3_BWD_BLOCK_N) * FA3_BWD_BLOCK_N, minlength=size)
+        segments = np.bincount(slot, minlength=size)
+        padded = total + segments * FA3_BWD_BLOCK_N
+        d, kv = hw.head_dim, hw.num_kv_heads
+        nbytes = hw.num_heads * used * d * 4 + 2 * kv * padded * d * 4 * 2 + 2 * kv * total * d * 2
+        return np.where(segments > 0, x.hbm_s(nbytes), 0.0)
+
+    q = plan.q
+    local = seconds(q[:, Q.CP_RANK], (q[:, Q.END] - q[:, Q.START]).astype(np.float64), cp)
+    staged = seconds(dst * rounds + stage, (end - start).astype(np.float64), cp * rounds).reshape(cp, rounds)
+    return local, staged
+
+
+def p2p_pass_times(hw: HardwareProfile, x: Extras, plan: Plan, how: str | None, budget, sms: int,
+                   gqa: bool = False) -> tuple[float, float]:
     """(forward, backward) seconds of the slowest rank of a point-to-point plan: the model's staged exchange
     (:func:`megatron_fcp.sim.model.staged_exchange`) with its rounds' communication replaced per ``how``
-    (None: the model's own) and the added costs of ``x``."""
+    (None: the model's own) and the added costs of ``x`` (``gqa``: FA3's GQA backward too, :func:`fcp_gqa_bwd_s`,
+    for FCP's calls; MagiAttention's own kernel is left as its validated model has it)."""
     ex = staged_exchange(plan, hw, budget)
     if how is not None:
         fwd_c, ref_c, grad_c = p2p_comm(hw, plan, ex.budget, how)
         ex = dataclasses.replace(ex, fwd_comm_s=fwd_c, refetch_comm_s=ref_c, grad_comm_s=grad_c)
-    fwd, bwd = _rank_pass_times(hw, x, plan, ex, how is None, sms)
+    fwd, bwd = _rank_pass_times(hw, x, plan, ex, how is None, sms, gqa)
     return float(fwd.max()), float(bwd.max())
 
 
-def _rank_pass_times(hw: HardwareProfile, x: Extras, plan: Plan, ex: StagedExchange, own_comm: bool, sms: int
-                     ) -> tuple[np.ndarray, np.ndarray]:
+def _rank_pass_times(hw: HardwareProfile, x: Extras, plan: Plan, ex: StagedExchange, own_comm: bool, sms: int,
+                     gqa: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Per rank: forward and backward seconds of ``ex`` (the model's own rounds where ``own_comm`` and ``x`` adds
-    nothing: :func:`staged_times` as it is)."""
+    nothing: :func:`staged_times` as it is); ``gqa``: with :func:`fcp_gqa_bwd_s`."""
     local_fwd, local_bwd = _local_seconds(plan, hw)
     if not x.enabled and own_comm:
         fwd, bwd, _ = staged_times(ex, local_fwd, local_bwd, hw)
         return fwd, bwd
-    return staged_pass_times(hw, x, ex, local_fwd, local_bwd, x.sm_share(sms))
+    stage_gqa = None
+    if gqa:
+        local_gqa, stage_gqa = fcp_gqa_bwd_s(hw, x, plan, ex.budget)
+        local_bwd = local_bwd + local_gqa
+        padded = np.zeros(ex.eff_pairs.shape)
+        width = min(padded.shape[1], stage_gqa.shape[1])
+        padded[:, :width] = stage_gqa[:, :width]
+        stage_gqa = padded
+    return staged_pass_times(hw, x, ex, local_fwd, local_bwd, x.sm_share(sms), stage_gqa)
 
 
 def magi_budget(plan: Plan) -> int | None:
@@ -585,9 +625,11 @@ def strategy_seconds(strategy: str, hw: HardwareProfile, x: Extras, lens: np.nda
         sms = x.grpcoll_sms if how == "native" else x.nccl_sms
         fwd, bwd = p2p_pass_times(hw, x, plan, how, magi_budget(plan), sms)
         return {"fwd": fwd, "bwd": bwd}
+    if strategy == "fcp_heads":
+        return fcp_head_parallel(hw, x, lens, cp, mask, tokens_per_rank)
     if strategy == "fcp":
         fwd, bwd = p2p_pass_times(hw, x, fcp_plan(hw, lens, cp, mask, tokens_per_rank), None, DEFAULT_KV_BUDGET,
-                                  x.nccl_sms)
+                                  x.nccl_sms, gqa=True)
         return {"fwd": fwd, "bwd": bwd}
     raise ValueError(f"unknown strategy {strategy!r}")
 
@@ -613,14 +655,73 @@ def fcp_details(hw: HardwareProfile, x: Extras, lens: np.ndarray, cp: int, mask:
     """
     plan = fcp_plan(hw, lens, cp, mask, tokens_per_rank)
     ex = staged_exchange(plan, hw, DEFAULT_KV_BUDGET, hop)
-    fwd, bwd = _rank_pass_times(hw, x, plan, ex, True, x.nccl_sms)
-    fwd0, bwd0 = _rank_pass_times(hw, x, plan, free_transfers(ex), True, x.nccl_sms)
+    fwd, bwd = _rank_pass_times(hw, x, plan, ex, True, x.nccl_sms, gqa=True)
+    fwd0, bwd0 = _rank_pass_times(hw, x, plan, free_transfers(ex), True, x.nccl_sms, gqa=True)
     figures = relay_figures(plan.pieces, np.arange(cp) // hw.gpus_per_node, ex.budget, cp, hop)
     received = sum(figures[f"received_across_{phase}"] for phase in PHASES.values()) * hw.kv_bytes_per_token
     return {"fwd": float(fwd.max()), "bwd": float(bwd.max()), "ib_mb_max": float(received.max()) / 1e6,
             "ib_mb_mean": float(received.mean()) / 1e6,
             "exposed_ms": 1e3 * float(fwd.max() + bwd.max() - fwd0.max() - bwd0.max()),
             "relayed_grad_x": float(figures["peak_relayed_grad_tokens"].max() / plan.num_tokens.max())}
+
+
+def fcp_head_parallel(hw: HardwareProfile, x: Extras, lens: np.ndarray, cp: int, mask: str, tokens_per_rank: int
+                      ) -> dict[str, float]:
+    """FCP under ``--fcp-node-exchange heads`` (:mod:`megatron_fcp.attention.head_parallel`;
+    docs/node_aware_exchange.md, "Head-parallel inside the node"): inside each node of ``g = gpus_per_node`` ranks,
+    the Ulysses all-to-alls turn the node's ``g`` token shards into ``g`` head shards of all the node's tokens;
+    across nodes, FCP's plan of ``cp / g`` node-sized ranks (``g x tokens_per_rank`` tokens each) runs the staged
+    exchange on each head shard, GPU ``i`` of a node with GPU ``i`` of the others. So each key/value of a head
+    shard crosses into a node once, over the NIC of the GPU that computes it, and every kernel call covers ``g``
+    times the query rows at ``1 / g`` of the heads (as Ulysses and USP do). Modeled as :func:`usp` models its node
+    part (the all-to-alls and their copies, per pass) plus FCP's point-to-point plan on node-sized ranks with every
+    link across nodes. One node: modeled as :func:`ulysses` (the benchmark's Ulysses, wrapper copies included: more
+    than FCP's own one-rank call would be charged, so FCP ties USP there rather than passing it on the model's
+    word).
+    ``{"fwd": ..., "bwd": ...}``, seconds of the slowest rank (:func:`fcp_head_parallel_details` adds what it
+    spends on communication)."""
+    out = fcp_head_parallel_details(hw, x, lens, cp, mask, tokens_per_rank, details=False)
+    return {"fwd": out["fwd"], "bwd": out["bwd"]}
+
+
+def fcp_head_parallel_details(hw: HardwareProfile, x: Extras, lens: np.ndarray, cp: int, mask: str,
+                              tokens_per_rank: int, details: bool = True) -> dict[str, float]:
+    """:func:`fcp_head_parallel`'s step and, with ``details``, the figures of :func:`fcp_details`: InfiniBand MB a
+    GPU receives (its head shard of what its node receives: key/values forward and again in backward, and
+    gradients), the exposed communication (the step minus the same step with every transfer, the all-to-alls too,
+    free) and ``relayed_grad_x`` (0: nothing is relayed)."""
+    g = min(cp, hw.gpus_per_node)
+    n = cp // g
+    lens = np.asarray(lens, np.int64)
+    if cp % g or hw.num_heads % g:
+        raise InputError(f"the head-parallel exchange needs CP ({cp}) and the query heads ({hw.num_heads}) to be "
+                         f"multiples of the GPUs per node ({g})")
+    if n == 1:
+        fwd, bwd = (ulysses(hw, x, lens, cp, mask, p) for p in ("fwd", "bwd"))
+        if not details:
+            return {"fwd": fwd, "bwd": bwd}
+        rows = float(lens.sum()) / cp
+        a2a = 4 * all_to_all_s(hw, float(q_bytes(hw, rows)), g) + 2 * all_to_all_s(hw, float(kv_bytes(hw, rows)), g)
+        return {"fwd": fwd, "bwd": bwd, "ib_mb_max": 0.0, "ib_mb_mean": 0.0, "exposed_ms": 1e3 * a2a,
+                "relayed_grad_x": 0.0}
+    rows = float(lens.sum()) / cp
+    qb, kvb = float(q_bytes(hw, rows)), float(kv_bytes(hw, rows))
+    a2a = 2 * all_to_all_s(hw, qb, g) + all_to_all_s(hw, kvb, g)
+    copies = float(x.hbm_s(6 * qb + 4 * kvb))
+    shard = dataclasses.replace(hw, num_heads=hw.num_heads // g, num_kv_heads=max(1, hw.num_kv_heads // g),
+                                gpus_per_node=1)  # one head shard per GPU; node-sized ranks, every link across nodes
+    plan = plan_fcp(lens, n, g * tokens_per_rank, mask)
+    ex = staged_exchange(plan, shard, DEFAULT_KV_BUDGET)
+    fwd, bwd = _rank_pass_times(shard, x, plan, ex, True, x.nccl_sms, gqa=True)
+    out = {"fwd": a2a + copies + float(fwd.max()), "bwd": a2a + copies + float(bwd.max())}
+    if not details:
+        return out
+    fwd0, bwd0 = _rank_pass_times(shard, x, plan, free_transfers(ex), True, x.nccl_sms, gqa=True)
+    figures = relay_figures(plan.pieces, np.arange(n), ex.budget, n)
+    received = sum(figures[f"received_across_{phase}"] for phase in PHASES.values()) * shard.kv_bytes_per_token
+    return {**out, "ib_mb_max": float(received.max()) / 1e6, "ib_mb_mean": float(received.mean()) / 1e6,
+            "exposed_ms": 1e3 * (out["fwd"] + out["bwd"] - 2 * copies - float(fwd0.max() + bwd0.max())),
+            "relayed_grad_x": 0.0}
 
 
 # -- ring-flash-attention's published zigzag varlen benchmark, with the added costs -----------------------------

@@ -9,6 +9,7 @@ import pytest
 
 from megatron_fcp.data.lengths import load_distribution, pack_batches
 from megatron_fcp.planner.columns import Transfer
+from megatron_fcp.planner.fcp import plan_fcp
 from megatron_fcp.planner.relay import relay_figures, relay_transfers
 from megatron_fcp.sim import published as P
 from megatron_fcp.sim.model import load_hardware
@@ -45,16 +46,36 @@ def test_every_cell_is_the_published_models_time_of_the_same_batches(script, sma
 
 
 def test_the_summary_compares_fcp_at_both_ends_and_counts_its_wins(script, small):
+    """FCP in the summary is the better of its two settings per cell (fcp: p2p, fcp_heads: heads); each setting's
+    own ratio is kept beside it; wins count against every strategy that is not FCP."""
     data, _ = small
     rows, summary = data["rows"], data["summary"]
     for s in summary:
-        mfu = {r["cp"]: r["mfu"] for r in rows if (r["strategy"], r["lengths"], r["mask"]) == ("fcp", s["lengths"],
-                                                                                                 s["mask"])}
-        assert s["fcp_mfu_ratio"] == pytest.approx(mfu[16] / mfu[8])
+        mfu = {(r["strategy"], r["cp"]): r["mfu"] for r in rows if (r["lengths"], r["mask"]) == (s["lengths"],
+                                                                                               s["mask"])}
         step = {cp: {r["strategy"]: r["fwd_ms"] + r["bwd_ms"] for r in rows
                      if (r["lengths"], r["mask"], r["cp"]) == (s["lengths"], s["mask"], cp)} for cp in (8, 16)}
-        assert s["fcp_fastest_cells"] == sum(min(t, key=t.get) == "fcp" for t in step.values())
+        chosen = {cp: "fcp" if step[cp]["fcp"] <= step[cp]["fcp_heads"] else "fcp_heads" for cp in (8, 16)}
+        assert s["fcp_mfu_ratio"] == pytest.approx(mfu[chosen[16], 16] / mfu[chosen[8], 8])
+        assert s["p2p_mfu_ratio"] == pytest.approx(mfu["fcp", 16] / mfu["fcp", 8])
+        assert s["heads_mfu_ratio"] == pytest.approx(mfu["fcp_heads", 16] / mfu["fcp_heads", 8])
+        fcp = {cp: min(t["fcp"], t["fcp_heads"]) for cp, t in step.items()}
+        others = {cp: min(v for k, v in t.items() if not k.startswith("fcp")) for cp, t in step.items()}
+        assert s["fcp_fastest_cells"] == sum(fcp[cp] < others[cp] * (1 - 1e-9) for cp in (8, 16))
+        assert s["settings"] == [chosen[8], chosen[16]]
         assert s["target"] == 0.85
+
+
+def test_on_one_node_fcp_heads_is_ulysses_and_ties_are_counted(script):
+    hw = load_hardware(script.HARDWARE)
+    (lens,) = pack_batches(load_distribution("linux_dirs"), 8 * 16384, 1, seed=0)
+    for mask in ("causal", "full"):
+        assert P.strategy_seconds("fcp_heads", hw, P.Extras(), lens, 8, mask, 16384) == \
+            P.strategy_seconds("ulysses", hw, P.Extras(), lens, 8, mask, 16384)
+    rows = [{"lengths": "a", "mask": "full", "cp": 8, "strategy": s, "fwd_ms": f, "bwd_ms": 1.0}
+            for s, f in (("fcp", 2.0), ("fcp_heads", 1.5), ("usp", 1.5), ("ring_p2p", 9.0))]
+    (cell,) = script.not_fastest(rows)
+    assert (cell["fastest"], cell["fcp_over_fastest"], cell["fcp_setting"]) == ("usp", 1.0, "fcp_heads")
 
 
 def test_ulysses_is_left_out_above_one_rank_per_query_head(script):
@@ -65,11 +86,11 @@ def test_ulysses_is_left_out_above_one_rank_per_query_head(script):
 
 def test_the_cells_fcp_loses_are_listed_with_the_winner(script):
     rows = [{"lengths": "a", "mask": "causal", "cp": 8, "strategy": s, "fwd_ms": f, "bwd_ms": 1.0}
-            for s, f in (("fcp", 2.0), ("usp", 1.5), ("ring_p2p", 9.0))]
+            for s, f in (("fcp", 2.0), ("fcp_heads", 2.5), ("usp", 1.5), ("ring_p2p", 9.0))]
     rows += [{"lengths": "a", "mask": "causal", "cp": 16, "strategy": s, "fwd_ms": f, "bwd_ms": 1.0}
-             for s, f in (("fcp", 1.0), ("usp", 1.5))]
+             for s, f in (("fcp", 1.0), ("fcp_heads", 3.0), ("usp", 1.5))]
     assert script.not_fastest(rows) == [{"lengths": "a", "mask": "causal", "cp": 8, "fastest": "usp",
-                                         "fcp_over_fastest": 3.0 / 2.5}]
+                                         "fcp_over_fastest": 3.0 / 2.5, "fcp_setting": "fcp"}]
 
 
 def test_fcp_rows_carry_what_its_step_spends_on_communication(script, small):
@@ -94,4 +115,12 @@ def test_fcp_rows_carry_what_its_step_spends_on_communication(script, small):
     assert fcp["causal", 16]["ib_mb_max"] == pytest.approx(got.max() * hw.kv_bytes_per_token / 1e6, rel=1e-12)
     relayed = relay_figures(plan.pieces, node, 16384, 16)["peak_relayed_grad_tokens"]
     assert fcp["causal", 16]["relayed_grad_x"] == pytest.approx(relayed.max() / 16384, rel=1e-12)
-    assert "## FCP's communication" in text and "| spamassassin | causal | 16 |" in text
+    assert "## FCP's communication" in text and "| spamassassin | causal | 16 | p2p |" in text
+    # heads: each GPU receives its head shard (1/8) of what its node-sized rank receives, nothing relayed
+    heads = {(r["mask"], r["cp"]): r for r in data["rows"] if r["strategy"] == "fcp_heads"}
+    assert heads["causal", 8]["ib_mb_max"] == 0 and heads["causal", 16]["relayed_grad_x"] == 0
+    node_plan = plan_fcp(lens, 2, 8 * 16384, "causal")
+    figures = relay_figures(node_plan.pieces, np.arange(2), 8 * 16384, 2)
+    tokens = sum(figures[f"received_across_{phase}"] for phase in ("forward", "backward_kv", "backward_grad"))
+    assert heads["causal", 16]["ib_mb_max"] == pytest.approx(tokens.max() * hw.kv_bytes_per_token / 8 / 1e6,
+                                                             rel=1e-12)
