@@ -107,26 +107,18 @@ def _to_tokens(x: torch.Tensor, group, g: int) -> torch.Tensor:
     return parts.transpose(0, 1).reshape(rows // g, g * heads, dim)
 
 
-class _ToHeads(torch.autograd.Function):
+class _AllToAll(torch.autograd.Function):
+    """:func:`_to_heads` (``to_heads``) or :func:`_to_tokens`; each one's gradient is the other."""
+
     @staticmethod
-    def forward(ctx, x, group, g):
-        ctx.comm = (group, g)
-        return _to_heads(x, group, g)
+    def forward(ctx, x, group, g, to_heads: bool):
+        ctx.comm = (group, g, to_heads)
+        return (_to_heads if to_heads else _to_tokens)(x, group, g)
 
     @staticmethod
     def backward(ctx, grad):
-        return _to_tokens(grad, *ctx.comm), None, None
-
-
-class _ToTokens(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group, g):
-        ctx.comm = (group, g)
-        return _to_tokens(x, group, g)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _to_heads(grad, *ctx.comm), None, None
+        group, g, to_heads = ctx.comm
+        return (_to_tokens if to_heads else _to_heads)(grad, group, g), None, None, None
 
 
 def tokens_to_heads(x: torch.Tensor, node_group) -> torch.Tensor:
@@ -134,7 +126,7 @@ def tokens_to_heads(x: torch.Tensor, node_group) -> torch.Tensor:
     ``node_group``) of the tokens of all ``g`` ranks of the node, rank 0's first. Differentiable."""
     g = dist.get_world_size(node_group)
     _check_heads(x, g, "the input")
-    return _ToHeads.apply(x, node_group, g)
+    return _AllToAll.apply(x, node_group, g, True)
 
 
 def heads_to_tokens(x: torch.Tensor, node_group) -> torch.Tensor:
@@ -143,7 +135,7 @@ def heads_to_tokens(x: torch.Tensor, node_group) -> torch.Tensor:
     if x.dim() != 3 or x.shape[0] % g:
         raise InputError(f"head-parallel attention: the output must be [g x tokens, heads / g, head_dim] with g = {g}; "
                          f"got {tuple(x.shape)}")
-    return _ToTokens.apply(x, node_group, g)
+    return _AllToAll.apply(x, node_group, g, False)
 
 
 def head_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, node_rank_plan, node_group,

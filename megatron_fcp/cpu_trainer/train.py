@@ -903,10 +903,12 @@ STAGED_LAYOUTS = {
     "cp4_kv64_recompute_selective": dict(cp=4, kv_budget_tokens=SMALL_KV_BUDGET, recompute="selective"),
     "cp2_recompute_full": dict(cp=2, recompute="full"),
     "cp4_recompute_full": dict(cp=4, recompute="full"),
+    "cp4_nodes_2x2": dict(cp=4, ranks_per_node=2),
 }
 """Equivalence runs of the staged key/value exchange and of activation recompute, by name: a small budget, the
-same with core attention recomputed (stages fetched again inside the recomputed forward), and whole layers
-recomputed under the default budget (several stages at CP 4)."""
+same with core attention recomputed (stages fetched again inside the recomputed forward), whole layers
+recomputed under the default budget (several stages at CP 4), and 2 emulated nodes of 2 (the node-aware exchange:
+node rings and relays, gradients coming back through node-mates)."""
 HEAD_PARALLEL_LAYOUTS = {
     "cp4_heads_2x2": dict(cp=4, ranks_per_node=2, node_exchange="heads"),
     "cp4_heads_2x2_kv64": dict(cp=4, ranks_per_node=2, node_exchange="heads", kv_budget_tokens=SMALL_KV_BUDGET),

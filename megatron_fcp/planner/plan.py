@@ -37,12 +37,14 @@ from megatron_fcp.planner.columns import (
     Q,
 )
 from megatron_fcp.planner.pairs import check_mask, needed_kv_end, q_pairs
+from megatron_fcp.planner.relay import relay_figures
 from megatron_fcp.planner.stages import (
     DEFAULT_KV_BUDGET,
     cut_at_owners,
     local_offsets,
     p2p_memory,
     plan_pieces,
+    resolve_kv_budget,
     sort_order,
     staging_anchor,
     with_positions,
@@ -117,7 +119,9 @@ class RankPlan:
 
     def memory(self, kv_budget_tokens=DEFAULT_KV_BUDGET) -> dict[str, int]:
         """This rank's figures of :func:`megatron_fcp.planner.stages.p2p_memory` (``MEMORY_FIELDS``, tokens), from
-        the view alone: its own pieces and the pieces it sends carry every position the stage split needs."""
+        the view alone: its own pieces and the pieces it sends carry every position the stage split needs. A
+        node-aware view's gradients coming back (``peak_returned_grad_tokens``) follow the relays
+        (:func:`~megatron_fcp.planner.relay.relay_figures` of its node pieces)."""
         rank = self.cp_rank
         total = self.recv_total
         rows = [(rank, src, doc, start, end, offset, pos, total)
@@ -126,7 +130,13 @@ class RankPlan:
                  for dst, doc, start, end, offset, pos, total in self.send_pieces]
         mem = p2p_memory(np.full(self.cp, self.num_tokens), np.asarray(rows, np.int64).reshape(-1, len(Piece)),
                          kv_budget_tokens)
-        return {key: int(value[rank]) for key, value in mem.items()}
+        out = {key: int(value[rank]) for key, value in mem.items()}
+        if self.relays:  # node-aware: gradients come back from the node-mate that summed them, in its round
+            budget = resolve_kv_budget(kv_budget_tokens, self.num_tokens)
+            figures = relay_figures(np.asarray(self.node_pieces, np.int64).reshape(-1, len(Piece)),
+                                    np.asarray(self.cp_node, np.int64), budget, self.cp)
+            out["peak_returned_grad_tokens"] = int(figures["peak_returned_grad_tokens"][rank])
+        return out
 
     def __hash__(self) -> int:
         # the generated hash would walk every row of every field on each lookup (once per layer in
