@@ -22,47 +22,37 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from scaling_validated import CPS, FCP_SETTINGS, HARDWARE, MASKS, REPO, SCALING_TARGET, exact_flops, run  # noqa: E402
+from scaling_validated import CPS, FCP_SETTINGS, HARDWARE, MASKS, REPO, SCALING_TARGET, run  # noqa: E402
 
-from megatron_fcp.data.lengths import SHIPPED, load_distribution, pack_batches  # noqa: E402
-from megatron_fcp.sim import published as P  # noqa: E402
-from megatron_fcp.sim.model import load_hardware  # noqa: E402
+from megatron_fcp.data.lengths import SHIPPED  # noqa: E402
 
 TIE = 1e-9
 """Relative difference below which two steps count as equal (the same computation summed in another order)."""
 
 
-def mode_cells(lengths, cps, num_batches: int, tokens_per_rank: int, seed: int = 0) -> dict[tuple, dict]:
-    """Per cell ``(mix, mask, cp)``: per batch, FCP's step under p2p and under heads (seconds), and the batch's
-    FLOPs."""
-    hw, x = load_hardware(HARDWARE), P.Extras()
-    out = {}
-    for name in lengths:
-        dist = load_distribution(name)
-        for cp in cps:
-            batches = pack_batches(dist, cp * tokens_per_rank, num_batches, seed=seed)
-            for mask in MASKS:
-                p2p, heads, flops = [], [], []
-                for lens in batches:
-                    t = P.strategy_seconds("fcp", hw, x, lens, cp, mask, tokens_per_rank)
-                    d = P.fcp_head_parallel(hw, x, lens, cp, mask, tokens_per_rank)
-                    p2p.append(t["fwd"] + t["bwd"])
-                    heads.append(d["fwd"] + d["bwd"])
-                    flops.append(exact_flops(lens, mask, hw))
-                out[name, mask, cp] = {"p2p": p2p, "heads": heads, "flops": flops}
+def mode_cells(rows: list[dict]) -> dict[tuple, dict]:
+    """Per cell ``(mix, mask, cp)`` of the table's rows: FCP's step under p2p and under heads per batch (ms), and
+    its MFU per batch under each."""
+    out: dict[tuple, dict] = {}
+    for r in rows:
+        if r["strategy"] in FCP_SETTINGS:
+            key = "p2p" if r["strategy"] == "fcp" else "heads"
+            cell = out.setdefault((r["lengths"], r["mask"], r["cp"]), {})
+            cell[key], cell[f"{key}_mfu"] = r["batch_step_ms"], r["batch_mfu"]
     return out
 
 
-def table(rows: list[dict], cells: dict[tuple, dict], cps, command: str, elapsed: float) -> str:
-    hw = load_hardware(HARDWARE)
+def table(rows: list[dict], cps, command: str, elapsed: float) -> str:
+    cells = mode_cells(rows)
     others: dict[tuple, dict[str, float]] = {}
     for r in rows:
         if r["strategy"] not in FCP_SETTINGS:
             others.setdefault((r["lengths"], r["mask"], r["cp"]), {})[r["strategy"]] = r["fwd_ms"] + r["bwd_ms"]
 
-    def mfu(seconds, cell, cp):
-        return float(np.mean([f / (cp * hw.peak_bf16_dense_tflops * 1e12 * s)
-                              for f, s in zip(cell["flops"], seconds, strict=True)]))
+    def either(cell):  # per batch the shorter step, and its MFU
+        heads = np.array(cell["heads"]) < np.array(cell["p2p"])
+        return (np.where(heads, cell["heads"], cell["p2p"]),
+                np.where(heads, cell["heads_mfu"], cell["p2p_mfu"]))
 
     lines = [
         "# FCP's node exchanges side by side: p2p, heads, and the better one per micro-batch (modeled)", "",
@@ -78,16 +68,14 @@ def table(rows: list[dict], cells: dict[tuple, dict], cps, command: str, elapsed
         "|---|---|---|---|---|---|---|---|---|---|"]
     wins = ties = 0
     for (name, mask, cp), cell in cells.items():
-        p2p, heads = np.array(cell["p2p"]), np.array(cell["heads"])
-        either = np.minimum(p2p, heads)
+        step, mfu = either(cell)
         best = min(others[name, mask, cp], key=others[name, mask, cp].get)
         best_ms = others[name, mask, cp][best]
-        ratio = 1e3 * either.mean() / best_ms
+        ratio = step.mean() / best_ms
         wins += ratio < 1.0 - TIE
         ties += abs(ratio - 1.0) <= TIE
-        lines.append(f"| {name} | {mask} | {cp} | {1e3 * p2p.mean():.1f} | {1e3 * heads.mean():.1f} | "
-                     f"{1e3 * either.mean():.1f} | {best} | {best_ms:.1f} | {ratio:.3f} | "
-                     f"{100 * mfu(either, cell, cp):.1f} |")
+        lines.append(f"| {name} | {mask} | {cp} | {np.mean(cell['p2p']):.1f} | {np.mean(cell['heads']):.1f} | "
+                     f"{step.mean():.1f} | {best} | {best_ms:.1f} | {ratio:.3f} | {100 * mfu.mean():.1f} |")
     first, last = min(cps), max(cps)
     lines += ["", f"`either` is faster than every other strategy in {wins} of {len(cells)} cells and as fast as the "
               f"fastest in {ties} (one node: heads is Ulysses, which USP also is there).", "",
@@ -95,10 +83,8 @@ def table(rows: list[dict], cells: dict[tuple, dict], cps, command: str, elapsed
               "|---|---|---|---|---|---|"]
     for name, mask in dict.fromkeys((n, m) for n, m, _ in cells):
         a, b = cells[name, mask, first], cells[name, mask, last]
-        row = []
-        for pick in (lambda c: c["p2p"], lambda c: c["heads"],
-                     lambda c: np.minimum(c["p2p"], c["heads"])):
-            row.append(mfu(pick(b), b, last) / mfu(pick(a), a, first))
+        row = [np.mean(b[f"{k}_mfu"]) / np.mean(a[f"{k}_mfu"]) for k in ("p2p", "heads")]
+        row.append(either(b)[1].mean() / either(a)[1].mean())
         lines.append(f"| {name} | {mask} | " + " | ".join(f"{v:.2f}" for v in row)
                      + f" | {SCALING_TARGET.get(name, float('nan')):.2f} |")
     return "\n".join(lines)
@@ -115,11 +101,10 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     lengths, cps = args.lengths.split(","), [int(c) for c in args.cp.split(",")]
     started = time.perf_counter()
-    rows = [r for r in run(lengths, cps, MASKS, args.num_batches, args.tokens_per_rank, args.jobs)
-            if r["strategy"] not in FCP_SETTINGS]  # FCP's per batch below; the others' means from the table's run
-    cells = mode_cells(lengths, cps, args.num_batches, args.tokens_per_rank)
+    rows = run(lengths, cps, MASKS, args.num_batches, args.tokens_per_rank, args.jobs)
+    rows.sort(key=lambda r: (lengths.index(r["lengths"]), r["cp"], MASKS.index(r["mask"])))  # run puts large CPs first
     command = " ".join(["python scripts/head_parallel_potential.py", *(sys.argv[1:] if argv is None else argv)])
-    text = table(rows, cells, cps, command, time.perf_counter() - started)
+    text = table(rows, cps, command, time.perf_counter() - started)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text + "\n")
     print(text)

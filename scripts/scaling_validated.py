@@ -85,10 +85,12 @@ def _cell(args) -> dict:
         mfu.append(exact_flops(lens, mask, hw) / (cp * hw.peak_bf16_dense_tflops * 1e12 * step))
     row = {"lengths": name, "mask": mask, "cp": cp, "strategy": strategy, "fwd_ms": 1e3 * float(np.mean(fwd)),
            "bwd_ms": 1e3 * float(np.mean(bwd)), "mfu": float(np.mean(mfu)), "batches": len(batches)}
-    if details:  # FCP's communication, means over the batches
+    if details:  # FCP's communication, means over the batches; its steps and MFU per batch
         row.update({key: float(np.mean([d[key] for d in details])) for key in ("ib_mb_max", "ib_mb_mean",
                                                                                 "exposed_ms")})
         row["relayed_grad_x"] = float(np.max([d["relayed_grad_x"] for d in details]))
+        row["batch_step_ms"] = [1e3 * (f + b) for f, b in zip(fwd, bwd, strict=True)]
+        row["batch_mfu"] = mfu
     return row
 
 

@@ -117,6 +117,7 @@ class FcpCoreAttention(MegatronModule):
         self.cp_group = getattr(pg_collection, "cp", None) if pg_collection is not None else None
         self.rotary = None if rotary is None or _skips_rope(config, layer_number) else rotary
         self._inputs_checked = False  # every CP rank's dtype, heads and scale: checked at the first call
+        self._head_groups = None  # --fcp-node-exchange heads: (node group, across group), at the first call
 
     def _rope(self, t: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
         return apply_rotary_pos_emb(t.unsqueeze(1), freqs, config=self.config).squeeze(1)
@@ -137,7 +138,9 @@ class FcpCoreAttention(MegatronModule):
                   "verify_plan": not self._inputs_checked}
         node_group = across_group = None
         if self.fcp.node_exchange == "heads" and self.fcp.cp > 1:  # the schedule is this rank's node's
-            node_group, across_group = head_parallel_groups(self.cp_group)
+            if self._head_groups is None:  # looked up once: every call of the layer uses the same groups
+                self._head_groups = head_parallel_groups(self.cp_group)
+            node_group, across_group = self._head_groups
         if node_group is not None and dist.get_world_size(node_group) > 1:
             out = head_parallel_attention(query.contiguous(), key.contiguous(), value.contiguous(), sched,
                                           node_group, across_group if sched.cp > 1 else None, self.softmax_scale,

@@ -161,12 +161,17 @@ def fa3_gqa_bwd_bytes(hw: HardwareProfile, k, pairs, q_heads: int | None = None,
     k, pairs = np.asarray(k, np.float64), np.asarray(pairs, np.float64)
     if q_heads == kv_heads:
         return np.zeros(k.shape[:-1])
-    d, b = hw.head_dim, k.shape[-1]
     used = np.where(pairs > 0, np.ceil(k / FA3_BWD_BLOCK_N) * FA3_BWD_BLOCK_N, 0.0).sum(axis=-1)
-    padded = k.sum(axis=-1) + b * FA3_BWD_BLOCK_N
+    return _gqa_bwd_bytes(hw.head_dim, q_heads, kv_heads, used, k.sum(axis=-1), k.shape[-1])
+
+
+def _gqa_bwd_bytes(d: int, q_heads: int, kv_heads: int, used, total, segments):
+    """:func:`fa3_gqa_bwd_bytes` of calls given per call: key rows in the blocks of segments with pairs (``used``),
+    all key rows (``total``) and segments."""
+    padded = total + segments * FA3_BWD_BLOCK_N
     atomics = q_heads * used * d * 2 * (4 - 2)  # dK and dV: fp32 atomic add instead of a bf16 write
     zeros = 2 * kv_heads * padded * d * 4
-    convert = 2 * kv_heads * padded * d * 4 + 2 * kv_heads * k.sum(axis=-1) * d * 2
+    convert = 2 * kv_heads * padded * d * 4 + 2 * kv_heads * total * d * 2
     return atomics + zeros + convert
 
 
@@ -396,17 +401,26 @@ def usp(hw: HardwareProfile, x: Extras, lens: np.ndarray, cp: int, mask: str, pa
     g = min(cp, hw.gpus_per_node)
     n = max(1, cp // g)
     lens = np.asarray(lens, np.int64)
-    rows = float(lens.sum()) / cp
-    qb, kvb = float(q_bytes(hw, rows)), float(kv_bytes(hw, rows))
-    comm = 2 * all_to_all_s(hw, qb, g) + all_to_all_s(hw, kvb, g)
     if n == 1:
         return ulysses(hw, x, lens, cp, mask, pass_)
     # the ring on heads/g of the node's tokens: scale a ring of n ranks on the sequence by 1/g of the heads
-    hw_heads = dataclasses.replace(hw, num_heads=hw.num_heads // g, num_kv_heads=max(1, hw.num_kv_heads // g))
-    hw_ring = dataclasses.replace(hw_heads, gpus_per_node=1)  # every ring hop crosses nodes
+    comm, copies, hw_ring = node_heads(hw, x, lens, cp)
     ring = float(ring_times(hw_ring, x, lens, n, mask, pass_).max())
-    copies = x.hbm_s(6 * qb + 4 * kvb)
-    return comm + ring + float(copies)
+    return comm + ring + copies
+
+
+def node_heads(hw: HardwareProfile, x: Extras, lens: np.ndarray, cp: int) -> tuple[float, float, HardwareProfile]:
+    """The node part of USP and of FCP's ``heads`` exchange, per pass: seconds of the Ulysses all-to-alls inside a
+    node of ``g = gpus_per_node`` ranks (forward q, k and v in and the output back; backward dout in and the
+    gradients back: query bytes twice, key/value bytes once) and of their layout copies; and the profile of one head
+    shard (``1 / g`` of the heads) on node-sized ranks, every link across nodes."""
+    g = min(cp, hw.gpus_per_node)
+    rows = float(np.sum(lens)) / cp
+    qb, kvb = float(q_bytes(hw, rows)), float(kv_bytes(hw, rows))
+    comm = 2 * all_to_all_s(hw, qb, g) + all_to_all_s(hw, kvb, g)
+    shard = dataclasses.replace(hw, num_heads=hw.num_heads // g, num_kv_heads=max(1, hw.num_kv_heads // g),
+                                gpus_per_node=1)
+    return comm, float(x.hbm_s(6 * qb + 4 * kvb)), shard
 
 
 # -- hybrid CP (Megatron) ---------------------------------------------------------------------------------------
@@ -554,13 +568,11 @@ def fcp_gqa_bwd_s(hw: HardwareProfile, x: Extras, plan: Plan, budget) -> tuple[n
     if not x.enabled or hw.num_heads == hw.num_kv_heads:
         return np.zeros(cp), np.zeros((cp, rounds))
 
-    def seconds(slot, length, size):
+    def seconds(slot, length, size):  # per call (slot): its segments of ``length`` keys
         total = np.bincount(slot, weights=length, minlength=size)
         used = np.bincount(slot, weights=np.ceil(length / FA3_BWD_BLOCK_N) * FA3_BWD_BLOCK_N, minlength=size)
         segments = np.bincount(slot, minlength=size)
-        padded = total + segments * FA3_BWD_BLOCK_N
-        d, kv = hw.head_dim, hw.num_kv_heads
-        nbytes = hw.num_heads * used * d * 4 + 2 * kv * padded * d * 4 * 2 + 2 * kv * total * d * 2
+        nbytes = _gqa_bwd_bytes(hw.head_dim, hw.num_heads, hw.num_kv_heads, used, total, segments)
         return np.where(segments > 0, x.hbm_s(nbytes), 0.0)
 
     q = plan.q
@@ -696,20 +708,11 @@ def fcp_head_parallel_details(hw: HardwareProfile, x: Extras, lens: np.ndarray, 
     if cp % g or hw.num_heads % g:
         raise InputError(f"the head-parallel exchange needs CP ({cp}) and the query heads ({hw.num_heads}) to be "
                          f"multiples of the GPUs per node ({g})")
+    a2a, copies, shard = node_heads(hw, x, lens, cp)  # one head shard per GPU, node-sized ranks
     if n == 1:
         fwd, bwd = (ulysses(hw, x, lens, cp, mask, p) for p in ("fwd", "bwd"))
-        if not details:
-            return {"fwd": fwd, "bwd": bwd}
-        rows = float(lens.sum()) / cp
-        a2a = 4 * all_to_all_s(hw, float(q_bytes(hw, rows)), g) + 2 * all_to_all_s(hw, float(kv_bytes(hw, rows)), g)
-        return {"fwd": fwd, "bwd": bwd, "ib_mb_max": 0.0, "ib_mb_mean": 0.0, "exposed_ms": 1e3 * a2a,
-                "relayed_grad_x": 0.0}
-    rows = float(lens.sum()) / cp
-    qb, kvb = float(q_bytes(hw, rows)), float(kv_bytes(hw, rows))
-    a2a = 2 * all_to_all_s(hw, qb, g) + all_to_all_s(hw, kvb, g)
-    copies = float(x.hbm_s(6 * qb + 4 * kvb))
-    shard = dataclasses.replace(hw, num_heads=hw.num_heads // g, num_kv_heads=max(1, hw.num_kv_heads // g),
-                                gpus_per_node=1)  # one head shard per GPU; node-sized ranks, every link across nodes
+        return {"fwd": fwd, "bwd": bwd, **({"ib_mb_max": 0.0, "ib_mb_mean": 0.0, "exposed_ms": 1e3 * 2 * a2a,
+                                             "relayed_grad_x": 0.0} if details else {})}
     plan = plan_fcp(lens, n, g * tokens_per_rank, mask)
     ex = staged_exchange(plan, shard, DEFAULT_KV_BUDGET)
     fwd, bwd = _rank_pass_times(shard, x, plan, ex, True, x.nccl_sms, gqa=True)
