@@ -82,7 +82,7 @@ per query and half per key row, as FA3's backward runs over key blocks).
   node (then NVLink), its gradients reduced the same way, holding 48 SMs (`num_sms = 48`).
 - *FCP*: `plan_fcp` and the existing p2p cost model (staged exchange, budget `auto`), plus the same added costs
   as MagiAttention (merge per stage, NCCL SM share) and, as its calls are FA3 calls, FA3's backward under GQA
-  (`published.fcp_gqa_bwd_s`: the fp32 dK/dV accumulators the baselines' FA3 calls pay). Above one node (CP 16-64) the node-aware exchange the
+  (`published.dkv_accum_bwd_s`, `"fa3"`: the fp32 dK/dV accumulators the baselines' FA3 calls pay). Above one node (CP 16-64) the node-aware exchange the
   runtime runs there: a key/value taken from a node-mate that holds it in the round before, gradients summed in a
   node-mate's next stage (`planner.relay`), on node rings (`planner.node_ring`).
 
@@ -96,6 +96,7 @@ per query and half per key row, as FA3's backward runs over key blocks).
 | NCCL kernels taking SMs | while a transfer overlaps attention, attention runs at 1 - sms/132 | NCCL p2p / all-to-all: 16 SMs (modeled); Magi native: 48 SMs (benchmark config); 132 SMs (datasheet) |
 | rendezvous of a blocking ring round | + 10 us per round beyond the message latency, and the ring's neighbour coupling (simulated) | modeled: one more message latency |
 | FA3 backward under GQA (64 query : 8 key/value heads; Ulysses per rank 64/CP : 1) | per call: fp32 `dk_accum`/`dv_accum` zero-filled over `kv_heads x (total_k + documents x 128) x 128`, every query head's dK/dV block added atomically in fp32 (4 bytes an element beyond the bf16 write of the multi-head calibration shapes), two kernels converting them to bf16 | FlashAttention `hopper/flash_api.cpp` (`mha_bwd`: `dk_accum = torch::zeros(...)` when `num_heads != num_heads_k`), `hopper/flash_bwd_launch_template.h` (`CollectiveEpilogueBwdGQA`, the `PostprocessKerneldKV` launches); same HBM rate; FA3 pinned at 3.0.0b1 in the benchmark's `requirements.txt`, read at the mirror's HEAD |
+| MagiAttention's FFA backward (every call) | per call: fp32 partial dK/dV zero-filled over the call's keys (no padding block), every query head's dK/dV tile reduce-added in fp32, cast down to bf16 before the group-reduce (`published.dkv_accum_bwd_s`, `"ffa"`) | MagiAttention `magi_attention/functional/dist_attn.py` (`attn_bwd_partial`: `partial_dkv = torch.zeros_like(kv, dtype=torch.float32)`), `csrc/flexible_flash_attention/epilogue_bwd.hpp` (`SM90_TMA_REDUCE_ADD` of the fp32 output type); same HBM rate; its fp32 partial outputs in the forward are not charged |
 | a sender's bandwidth shared among peers | a rank's sends of a round share its links (the model's `_round_comm`); native: per destination node | profile link rates |
 | all-to-all, all-gather, reduce-scatter | all-to-all: (n-1)/n of the bytes, NVLink share in the node, NIC share across; all-gather/reduce-scatter: NCCL ring bus bandwidth, S(n-1)/n per NVLink and S(n-1)/(n g) per NIC | profile link rates |
 

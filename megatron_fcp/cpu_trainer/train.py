@@ -38,6 +38,7 @@ import torch.distributed as dist
 from megatron_fcp.errors import InputError
 from megatron_fcp.megatron.batch import STATS, FcpBatchDataset, MockDocumentDataset, doc_lengths_from_positions
 from megatron_fcp.megatron.config import (
+    HEAD_SPLITTING,
     SETTINGS,
     FcpConfig,
     node_exchange_problem,
@@ -129,7 +130,8 @@ class RunConfig:
     ``LOCAL_WORLD_SIZE`` of the environment (torchrun sets it), else no layout (one node). FCP runs only."""
     node_exchange: str = SETTINGS["node_exchange"].default
     """How key/values reach the CP ranks of a node (``--fcp-node-exchange``; the worker's ``--node-exchange``):
-    ``p2p`` or ``heads`` (heads split inside each node of ``ranks_per_node``; FCP runs only)."""
+    ``p2p``, ``heads`` (heads split inside each node of ``ranks_per_node``) or ``auto`` (per micro-batch the one the
+    cost model finds faster); FCP runs only."""
     collective_timeout_s: float = 300.0
     """Seconds any collective of the run may wait for its peers (the process groups' timeout: start-up rendezvous,
     the loss and gradient all-reduces, barriers, checkpoint saves and loads, the SIGTERM agreement; FCP's key/value
@@ -190,7 +192,9 @@ def fcp_config(run: RunConfig, cp_global_ranks=None) -> FcpConfig:
                     scheduler=run.scheduler, backend="cpu",
                     exchange_timeout_s=min(EXCHANGE_TIMEOUT_S, 0.9 * run.collective_timeout_s),
                     kv_budget_tokens=run.kv_budget_tokens, ranks_per_node=run.ranks_per_node,
-                    node_exchange=run.node_exchange)
+                    node_exchange=run.node_exchange,
+                    attention_shape=(run.num_heads // run.tp, run.num_query_groups // run.tp,
+                                     run.hidden_size // run.num_heads))
     return cfg if cp_global_ranks is None or run.mode != "fcp" else cfg.with_nodes(cp_global_ranks)
 
 
@@ -690,7 +694,7 @@ def _train(rank: int, run: RunConfig, out_path: str | None, quiet: bool, stop: _
         cfg = fcp_config(run, ps.get_context_parallel_global_ranks())
         data = _loader(FcpBatchDataset(inner, cfg, cp_rank, with_plan_view=cp > 1), indices, run.planning_workers)
         cp_group = ps.get_context_parallel_group() if cp > 1 else None  # gloo: also the plan check's host group
-        if cp_group is not None and cfg.node_exchange == "heads":
+        if cp_group is not None and cfg.node_exchange in HEAD_SPLITTING:
             make_head_parallel_groups(cp_group, cfg.heads_per_node)
         fcp_step = FcpStep(cfg, cp_group, cp_group, device="cpu", keep_records=True)
     else:
@@ -746,9 +750,9 @@ def _train(rank: int, run: RunConfig, out_path: str | None, quiet: bool, stop: _
             _write_scalars(writer, rec, step)
         if memory is not None:
             # heads: the plan view is the node's, g x the tokens on 1/g of the heads (the same bytes per rank)
-            row = kv_bytes_per_token(run) // cfg.heads_per_node
-            models = [modeled_memory(s["rank_plan"], run.kv_budget_tokens, row, run.num_layers, run.recompute)
-                      for s in samples]
+            models = [modeled_memory(s["rank_plan"], run.kv_budget_tokens,
+                                     kv_bytes_per_token(run) // cfg.heads_split(s["rank_plan"].cp), run.num_layers,
+                                     run.recompute) for s in samples]
             rec["memory"] = dict(memory.figures)
             rec["memory_model"] = {k: max(m[k] for m in models) for k in models[0]}
             rec["own_kv_bytes"] = own_kv_bytes(run)
@@ -909,15 +913,20 @@ STAGED_LAYOUTS = {
 same with core attention recomputed (stages fetched again inside the recomputed forward), whole layers
 recomputed under the default budget (several stages at CP 4), and 2 emulated nodes of 2 (the node-aware exchange:
 node rings and relays, gradients coming back through node-mates)."""
+AUTO_SEED = 3
+"""The data seed of the ``auto`` equivalence run: at this small scale the cost model prefers heads for nearly every
+micro-batch; with this seed one of the 20 micro-batches (the tenth) runs p2p, so the run switches twice."""
 HEAD_PARALLEL_LAYOUTS = {
     "cp4_heads_2x2": dict(cp=4, ranks_per_node=2, node_exchange="heads"),
     "cp4_heads_2x2_kv64": dict(cp=4, ranks_per_node=2, node_exchange="heads", kv_budget_tokens=SMALL_KV_BUDGET),
     "cp2_heads_one_node": dict(cp=2, node_exchange="heads"),
     "cp2_heads_one_rank_per_node": dict(cp=2, ranks_per_node=1, node_exchange="heads"),
+    "cp4_auto_2x2": dict(cp=4, ranks_per_node=2, node_exchange="auto", seed=AUTO_SEED),
 }
 """Equivalence runs of ``--fcp-node-exchange heads``, by name: 2 emulated nodes of 2 (heads split in pairs, the
 staged exchange between the nodes), the same with a small budget, one node (Ulysses: heads split over both ranks,
-nothing between nodes), and one CP rank per node (nothing to split: the staged exchange between the two)."""
+nothing between nodes), one CP rank per node (nothing to split: the staged exchange between the two), and ``auto``
+on 2 nodes of 2 (the exchange picked per micro-batch: on these batches heads but for the tenth, p2p)."""
 
 
 def baseline_of(run: RunConfig) -> RunConfig:

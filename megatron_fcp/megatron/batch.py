@@ -39,10 +39,11 @@ from megatron_fcp.planner.pairs import MASKS
 from megatron_fcp.planner.plan import Plan, RankPlan
 
 SAMPLE_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
-STATS = ("plan_seconds", "pairs_imbalance", "comm_vs_ring", "num_docs", "pad_tokens", "schedule_seconds")
+STATS = ("plan_seconds", "pairs_imbalance", "comm_vs_ring", "num_docs", "pad_tokens", "schedule_seconds",
+         "heads_exchange")
 """Fields of ``fcp_stats``: planner wall time, max/mean exact attention pairs over ranks, mean received
-key/value tokens per rank over ring CP's, documents in the micro-batch, padding slots on this rank, and the wall
-time of building this rank's schedule."""
+key/value tokens per rank over ring CP's, documents in the micro-batch, padding slots on this rank, the wall
+time of building this rank's schedule, and 1 where the micro-batch runs the heads exchange (0: ``p2p``)."""
 
 
 # -- document boundaries ------------------------------------------------------------------------------
@@ -67,18 +68,67 @@ def doc_lengths_from_positions(position_ids) -> np.ndarray:
 
 
 # -- planning -----------------------------------------------------------------------------------------
+COST_PROFILE = "h100_node_fa3_published"
+"""The hardware profile with which ``--fcp-node-exchange auto`` models a micro-batch's two exchanges: the profile the
+cost model was checked against MagiAttention's published H100 measurements with (docs/model_vs_published.md)."""
+
+
+def _plan(doc_lens, cfg: FcpConfig, ranks: int, slots: int, cp_node) -> Plan:
+    options = FcpOptions(tile_size=cfg.tile_size) if cfg.scheduler == "fcp" else None
+    plan = make_plan(doc_lens, ranks, slots, cfg.mask, strategy=cfg.scheduler, options=options, cp_node=cp_node)
+    if cfg.debug_checks:  # the ring and hybrid placements may hold more slots than seq_length / cp by design
+        assert_plan_ok(plan, check_request=cfg.scheduler not in ("ring", "hybrid"))
+    return plan
+
+
 def plan_micro_batch(doc_lens, cfg: FcpConfig) -> Plan:
     """The plan of one micro-batch of ``cfg.seq_length`` tokens over ``cfg.cp`` ranks, carrying the CP group's node
     layout ``cfg.cp_node`` (in the digest the ranks check their plans by). Under ``--fcp-node-exchange heads``: over
     the nodes, ``cfg.plan_ranks`` ranks of ``cfg.heads_per_node x cfg.tokens_per_rank`` slots, each on a node of its
-    own (:mod:`megatron_fcp.attention.head_parallel`)."""
-    options = FcpOptions(tile_size=cfg.tile_size) if cfg.scheduler == "fcp" else None
+    own (:mod:`megatron_fcp.attention.head_parallel`). Under ``auto``: both, and the one whose modeled step
+    (:func:`node_exchange_steps`) is shorter (the CP ranks' plan on a tie); ``cfg.heads_split(plan.cp)`` says which.
+    Deterministic, so every CP rank picks the same."""
     g = cfg.heads_per_node
-    plan = make_plan(doc_lens, cfg.plan_ranks, g * cfg.tokens_per_rank, cfg.mask, strategy=cfg.scheduler,
-                     options=options, cp_node=cfg.cp_node if g == 1 else None)
-    if cfg.debug_checks:  # the ring and hybrid placements may hold more slots than seq_length / cp by design
-        assert_plan_ok(plan, check_request=cfg.scheduler not in ("ring", "hybrid"))
-    return plan
+    if g == 1 or cfg.node_exchange != "heads":
+        plan = _plan(doc_lens, cfg, cfg.cp, cfg.tokens_per_rank, cfg.cp_node)
+        if g == 1 or cfg.node_exchange == "p2p":
+            return plan
+    nodes = _plan(doc_lens, cfg, cfg.plan_ranks, g * cfg.tokens_per_rank, None)
+    if cfg.node_exchange == "heads":
+        return nodes
+    steps = node_exchange_steps(doc_lens, plan, nodes, cfg)
+    return nodes if steps["heads"] < steps["p2p"] else plan
+
+
+def node_exchange_steps(doc_lens, p2p_plan: Plan, node_plan: Plan, cfg: FcpConfig) -> dict[str, float]:
+    """Modeled seconds of one micro-batch's attention step (forward + backward of the slowest rank) under each node
+    exchange, from the plans the runtime would run (``megatron_fcp.sim.published.node_exchange_steps``: the cost model
+    with its added costs, on :data:`COST_PROFILE` with ``cfg.heads_per_node`` CP ranks a node and this model's
+    heads, ``cfg.attention_shape``, and the run's key/value budget)."""
+    from megatron_fcp.sim import published
+
+    hw = _cost_profile(cfg.attention_shape, cfg.heads_per_node)
+    return published.node_exchange_steps(hw, published.Extras(), np.asarray(doc_lens, np.int64), p2p_plan, node_plan,
+                                         cfg.kv_budget_tokens)
+
+
+_PROFILES: dict[tuple, object] = {}
+
+
+def _cost_profile(shape: tuple[int, int, int] | None, ranks_per_node: int):
+    """:data:`COST_PROFILE` with ``ranks_per_node`` GPUs a node and the layer ``shape`` (query heads, key/value
+    heads, head dimension; None: the profile's own), loaded once per process."""
+    key = (shape, ranks_per_node)
+    if key not in _PROFILES:
+        import dataclasses
+
+        from megatron_fcp.sim.model import load_hardware
+
+        hw = dataclasses.replace(load_hardware(COST_PROFILE), gpus_per_node=ranks_per_node)
+        if shape is not None:
+            hw = dataclasses.replace(hw, num_heads=shape[0], num_kv_heads=shape[1], head_dim=shape[2])
+        _PROFILES[key] = hw
+    return _PROFILES[key]
 
 
 def plan_figures(plan: Plan) -> tuple[float, float]:
@@ -160,7 +210,7 @@ def rank_sample(sample: dict, cfg: FcpConfig, cp_rank: int, with_plan_view: bool
     lens = doc_lengths_from_positions(arrays["position_ids"])
     start = time.perf_counter()
     plan = plan_micro_batch(lens, cfg)
-    g = cfg.heads_per_node  # heads: the plan's rank is this rank's node, which holds g ranks' slots
+    g = cfg.heads_split(plan.cp)  # heads: the plan's rank is this rank's node, which holds g ranks' slots
     view = plan.for_rank(cp_rank // g)
     plan_seconds = time.perf_counter() - start
     schedule = encode_schedule(view, cfg.kv_budget_tokens)
@@ -179,7 +229,7 @@ def rank_sample(sample: dict, cfg: FcpConfig, cp_rank: int, with_plan_view: bool
         out["fcp_plan"] = encode_rank_plan(view)
     imbalance, comm = plan_figures(plan)
     out["fcp_stats"] = np.asarray([plan_seconds, imbalance, comm, lens.shape[0], view.num_pad_tokens,
-                                   schedule_seconds], np.float64)
+                                   schedule_seconds, float(g > 1)], np.float64)
     return out
 
 

@@ -50,10 +50,13 @@ DEFAULT_TILE_SIZE = 128
 TILE_FLAG = "--fcp-edge-cost-tile-size"
 TIMEOUT_FLAG = "--fcp-exchange-timeout"
 RANKS_PER_NODE_FLAG = "--fcp-ranks-per-node"
-NODE_EXCHANGES = ("p2p", "heads")
+NODE_EXCHANGES = ("p2p", "heads", "auto")
 """How key/values reach the CP ranks of a node (``--fcp-node-exchange``): ``p2p``, the staged point-to-point exchange
-between CP ranks (node-aware: node rings and relays), or ``heads``, heads split inside each node by all-to-alls and
-the staged exchange between nodes (:mod:`megatron_fcp.attention.head_parallel`)."""
+between CP ranks (node-aware: node rings and relays); ``heads``, heads split inside each node by all-to-alls and
+the staged exchange between nodes (:mod:`megatron_fcp.attention.head_parallel`); or ``auto``, per micro-batch the one
+with the shorter modeled step (:func:`megatron_fcp.megatron.batch.plan_micro_batch`)."""
+HEAD_SPLITTING = ("heads", "auto")
+"""The settings of :data:`NODE_EXCHANGES` under which a micro-batch may split heads inside the node."""
 LOCAL_WORLD_SIZE = "LOCAL_WORLD_SIZE"
 """The environment variable torchrun sets to the processes (GPUs) of this node: the ranks per node by default."""
 DEFAULT_DISTRIBUTED_TIMEOUT_MINUTES = 10
@@ -122,6 +125,10 @@ class FcpConfig:
     """The node of each CP rank, which every plan carries (``Plan.cp_node``, in the digest the CP ranks agree on); set
     at run time from the CP group's global ranks (:meth:`with_nodes`). None: no layout (the group taken as one
     node)."""
+    attention_shape: tuple[int, int, int] | None = None
+    """Query heads, key/value heads and head dimension of one rank's attention (after tensor parallelism), with which
+    ``--fcp-node-exchange auto`` models each micro-batch's two exchanges; set from Megatron's model flags
+    (:func:`fcp_config_from_args`). None: the cost profile's own layer (Llama-3 70B: 64, 8, 128)."""
     mask: str = st.setting(default="causal", read=st.choice(MASKS))
     """Attention mask inside a document: ``causal`` (GPT) or ``full``."""
     scheduler: str = st.setting(
@@ -195,9 +202,10 @@ class FcpConfig:
         help="how key/values reach the CP ranks of a node: p2p (default), the staged point-to-point exchange between "
              "CP ranks; heads, all-to-alls inside each node give every rank 1/g of the heads of the node's tokens (g: "
              "CP ranks per node, which must divide the attention heads and the query groups) and the staged exchange "
-             "runs between nodes, so each key/value crosses into a node once. The planner then plans nodes")
-    """How key/values reach the CP ranks of a node (``--fcp-node-exchange``, :data:`NODE_EXCHANGES`): ``p2p`` or
-    ``heads`` (plans are made for the nodes, :attr:`plan_ranks`)."""
+             "runs between nodes, so each key/value crosses into a node once (the planner then plans nodes); auto, "
+             "per micro-batch the one whose step the cost model (H100 profile, this model's heads) finds shorter")
+    """How key/values reach the CP ranks of a node (``--fcp-node-exchange``, :data:`NODE_EXCHANGES`): ``p2p``,
+    ``heads`` (plans are made for the nodes, :attr:`plan_ranks`) or ``auto`` (either, per micro-batch)."""
 
     def __post_init__(self):
         for name in ("cp", "seq_length"):
@@ -221,23 +229,31 @@ class FcpConfig:
 
     @property
     def heads_per_node(self) -> int:
-        """Under ``node_exchange`` ``heads``: the CP ranks of a node, which split the heads (the whole CP group where
-        there is no layout); 1 otherwise. Raises :class:`InputError` unless every node holds consecutive CP ranks."""
-        if self.node_exchange != "heads" or self.cp == 1:
+        """Under ``node_exchange`` ``heads`` or ``auto``: the CP ranks of a node, which split the heads when the heads
+        exchange runs (the whole CP group where there is no layout); 1 otherwise. Raises :class:`InputError` unless
+        every node holds consecutive CP ranks."""
+        if self.node_exchange not in HEAD_SPLITTING or self.cp == 1:
             return 1
         if self.cp_node is None:
             return self.cp
         g = self.cp // (max(self.cp_node) + 1)
         if list(self.cp_node) != [r // g for r in range(self.cp)]:
-            raise FlagError("--fcp-node-exchange", f"--fcp-node-exchange heads needs each node to hold consecutive CP "
-                                                   f"ranks; the CP ranks lie on nodes {list(self.cp_node)}")
+            raise FlagError("--fcp-node-exchange", f"--fcp-node-exchange {self.node_exchange} needs each node to hold "
+                                                   f"consecutive CP ranks; the CP ranks lie on nodes "
+                                                   f"{list(self.cp_node)}")
         return g
 
     @property
     def plan_ranks(self) -> int:
-        """The ranks a plan is made for: the CP size, or under ``heads`` the nodes (each of :attr:`heads_per_node`
-        x :attr:`tokens_per_rank` token slots)."""
+        """The ranks a heads-exchange plan is made for: the nodes (each of :attr:`heads_per_node` x
+        :attr:`tokens_per_rank` token slots); the CP size where heads are not split."""
         return self.cp // self.heads_per_node
+
+    def heads_split(self, plan_cp: int) -> int:
+        """The CP ranks that split the heads of a micro-batch whose plan (or schedule) is over ``plan_cp`` ranks:
+        :attr:`heads_per_node` for a plan of the nodes (the heads exchange), 1 for a plan of the CP ranks."""
+        g = self.heads_per_node
+        return g if g > 1 and plan_cp == self.cp // g else 1
 
     def with_nodes(self, global_ranks, environ: Mapping[str, str] | None = None) -> FcpConfig:
         """This config with :attr:`cp_node` set for the CP group of ``global_ranks`` (by CP rank: Megatron's
@@ -313,7 +329,20 @@ def fcp_config_from_args(args) -> FcpConfig:
     missing from the namespace takes its default."""
     values = {name: getattr(args, x.dest, x.default) for name, x in SETTINGS.items() if x.flag}
     cp = int(getattr(args, "context_parallel_size", 1) or 1)
-    return FcpConfig(cp=cp, seq_length=getattr(args, "seq_length", None), **values)
+    return FcpConfig(cp=cp, seq_length=getattr(args, "seq_length", None), attention_shape=_attention_shape(args),
+                     **values)
+
+
+def _attention_shape(args) -> tuple[int, int, int] | None:
+    """One rank's (query heads, key/value heads, head dimension) from Megatron's model flags, or None where they are
+    missing or do not divide by the tensor-parallel size (the start-up checks report that)."""
+    heads, hidden = getattr(args, "num_attention_heads", None), getattr(args, "hidden_size", None)
+    groups = getattr(args, "num_query_groups", None) if getattr(args, "group_query_attention", False) else heads
+    tp = int(getattr(args, "tensor_model_parallel_size", 1) or 1)
+    if not heads or not groups or heads % tp or groups % tp:
+        return None
+    dim = getattr(args, "kv_channels", None) or (hidden // heads if hidden else None)
+    return (heads // tp, groups // tp, int(dim)) if dim else None
 
 
 # -- Megatron settings FCP depends on ---------------------------------------------------------------------------
@@ -584,18 +613,19 @@ def _ranks_per_node_problem(args, world_size: int) -> Problem | None:
 
 def node_exchange_problem(exchange: str, heads: int, groups: int, tp: int, cp: int,
                           ranks_per_node: int | None) -> str | None:
-    """Why ``--fcp-node-exchange heads`` cannot split the heads of CP groups laid out on nodes of ``ranks_per_node``
-    global ranks (None: one node), or None: each rank's share of the heads (``heads / tp``, ``groups / tp``) must
-    divide by the CP ranks of a node (Megatron orders ranks tp-cp-...: a CP group's ranks are ``tp`` apart)."""
-    if exchange != "heads" or cp == 1:
+    """Why ``--fcp-node-exchange heads`` (or ``auto``) cannot split the heads of CP groups laid out on nodes of
+    ``ranks_per_node`` global ranks (None: one node), or None: each rank's share of the heads (``heads / tp``,
+    ``groups / tp``) must divide by the CP ranks of a node (Megatron orders ranks tp-cp-...: a CP group's ranks are
+    ``tp`` apart)."""
+    if exchange not in HEAD_SPLITTING or cp == 1:
         return None
     cp_ranks = [r * tp for r in range(cp)]
     per_node = cp if ranks_per_node is None else sum(r // ranks_per_node == 0 for r in cp_ranks)
     for what, count in (("attention heads", heads), ("query groups", groups)):
         if (count // tp) % per_node:
-            return (f"--fcp-node-exchange heads splits each rank's {what} over the {per_node} CP ranks of a node, but "
-                    f"a rank has {count // tp} ({count} over tensor-parallel size {tp}); use --fcp-node-exchange p2p "
-                    "or a layout whose nodes hold a divisor of them")
+            return (f"--fcp-node-exchange {exchange} splits each rank's {what} over the {per_node} CP ranks of a "
+                    f"node, but a rank has {count // tp} ({count} over tensor-parallel size {tp}); use "
+                    "--fcp-node-exchange p2p or a layout whose nodes hold a divisor of them")
     return None
 
 

@@ -19,13 +19,12 @@ import functools
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
 from megatron_fcp.attention.engine import fcp_attention
 from megatron_fcp.attention.head_parallel import head_parallel_attention, head_parallel_groups
 from megatron_fcp.attention.schedule import RankSchedule
 from megatron_fcp.errors import InputError
-from megatron_fcp.megatron.config import FcpConfig
+from megatron_fcp.megatron.config import HEAD_SPLITTING, FcpConfig
 
 try:  # megatron-core is an optional dependency: the rest of the package works without it
     from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
@@ -117,7 +116,7 @@ class FcpCoreAttention(MegatronModule):
         self.cp_group = getattr(pg_collection, "cp", None) if pg_collection is not None else None
         self.rotary = None if rotary is None or _skips_rope(config, layer_number) else rotary
         self._inputs_checked = False  # every CP rank's dtype, heads and scale: checked at the first call
-        self._head_groups = None  # --fcp-node-exchange heads: (node group, across group), at the first call
+        self._head_groups = None  # --fcp-node-exchange heads/auto: (node group, across group), at the first call
 
     def _rope(self, t: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
         return apply_rotary_pos_emb(t.unsqueeze(1), freqs, config=self.config).squeeze(1)
@@ -136,17 +135,15 @@ class FcpCoreAttention(MegatronModule):
             query, key = self._rope(query, freqs), self._rope(key, freqs)
         kwargs = {"backend": self.fcp.backend, "timeout_s": self.fcp.exchange_timeout_s,
                   "verify_plan": not self._inputs_checked}
-        node_group = across_group = None
-        if self.fcp.node_exchange == "heads" and self.fcp.cp > 1:  # the schedule is this rank's node's
+        if self.fcp.node_exchange in HEAD_SPLITTING and sched.cp < self.fcp.cp:  # a plan of the nodes: its view
             if self._head_groups is None:  # looked up once: every call of the layer uses the same groups
                 self._head_groups = head_parallel_groups(self.cp_group)
             node_group, across_group = self._head_groups
-        if node_group is not None and dist.get_world_size(node_group) > 1:
             out = head_parallel_attention(query.contiguous(), key.contiguous(), value.contiguous(), sched,
                                           node_group, across_group if sched.cp > 1 else None, self.softmax_scale,
                                           **kwargs)
-        else:  # one CP rank per node under heads: nothing to split, the plain exchange over the same ranks
-            group = (self.cp_group if across_group is None else across_group) if sched.cp > 1 else None
+        else:  # a plan of the CP ranks (p2p; also heads with one CP rank per node: nothing to split)
+            group = self.cp_group if sched.cp > 1 else None
             out = fcp_attention(query.contiguous(), key.contiguous(), value.contiguous(), sched, group,
                                 self.softmax_scale, **kwargs)
         self._inputs_checked = True

@@ -19,7 +19,7 @@ import sys
 
 from megatron_fcp.errors import InputError
 from megatron_fcp.megatron import dataset_helpers
-from megatron_fcp.megatron.config import add_fcp_args, check_fcp_args, fcp_config_from_args
+from megatron_fcp.megatron.config import HEAD_SPLITTING, add_fcp_args, check_fcp_args, fcp_config_from_args
 from megatron_fcp.megatron.signals import start_checkpoint_results_queue
 
 
@@ -142,7 +142,7 @@ class FcpForwardStep:
 
             cp_group = parallel_state.get_context_parallel_group() if self.cfg.cp > 1 else None
             host_group = host_cp_group(cp_group) if cp_group is not None else None
-            if cp_group is not None and self.cfg.node_exchange == "heads":  # every rank, here, in one order
+            if cp_group is not None and self.cfg.node_exchange in HEAD_SPLITTING:  # every rank, here, in one order
                 nodes = self.cfg.with_nodes(parallel_state.get_context_parallel_global_ranks())
                 make_head_parallel_groups(cp_group, nodes.heads_per_node)
             self.step = FcpStep(self.cfg, cp_group, host_group)

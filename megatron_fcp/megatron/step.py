@@ -30,16 +30,17 @@ from megatron_fcp.attention.head_parallel import head_parallel_groups
 from megatron_fcp.attention.schedule import decode_schedule
 from megatron_fcp.errors import InputError
 from megatron_fcp.megatron.batch import STATS, decode_rank_plan
-from megatron_fcp.megatron.config import FcpConfig
+from megatron_fcp.megatron.config import HEAD_SPLITTING, FcpConfig
 from megatron_fcp.megatron.model import FcpPackedSeqParams
 
 FIGURES = ("fcp planned imbalance", "fcp kv sent MiB", "fcp kv received MiB", "fcp exchange wait ms",
-           "fcp planning ms", "fcp loader wait ms")
+           "fcp planning ms", "fcp loader wait ms", "fcp heads exchange")
 """The per-micro-batch figures in the loss report (Megatron's log line and TensorBoard scalars): the planned
 max/mean attention work over CP ranks, key/value (and key/value gradient) mebibytes this rank posted to send and
 to receive, milliseconds the host spent waiting on the exchange (on NCCL the stream waits, not the host, so this
-is near zero there), milliseconds of planning and schedule building (in data-loader workers), and milliseconds
-the step waited for the data loader."""
+is near zero there), milliseconds of planning and schedule building (in data-loader workers), milliseconds
+the step waited for the data loader, and 1 where the micro-batch ran the heads exchange (averaged over a step: the
+share of its micro-batches that did; ``--fcp-node-exchange``)."""
 _MIB = 1024.0 * 1024.0
 
 
@@ -109,11 +110,22 @@ class FcpStep:
         self.cfg, self.host_group, self.keep_records = cfg, host_group, keep_records
         self.device = torch.device(device) if device is not None else _default_device()
         multi = cfg.cp > 1 and cp_group is not None and dist.is_initialized()
-        group = cp_group
-        if multi and cfg.node_exchange == "heads":  # the exchange runs between nodes (one node: nothing moves)
-            group = head_parallel_groups(cp_group)[1]
-            group = group if dist.get_world_size(group) > 1 else None
-        self.exchange = get_exchange(group, cfg.exchange_timeout_s) if multi and group is not None else None
+        groups = []  # the groups FCP's exchange runs over: the CP group (p2p), the across group (heads), or both
+        if multi:
+            g, across = 1, None
+            if cfg.node_exchange in HEAD_SPLITTING:  # the CP ranks of a node (1: nothing to split, plain exchange)
+                node, across = head_parallel_groups(cp_group)
+                g = dist.get_world_size(node)
+            if cfg.node_exchange != "heads" or g == 1:
+                groups.append(cp_group)
+            if g > 1 and dist.get_world_size(across) > 1:  # heads: between nodes (one node: nothing moves)
+                groups.append(across)
+        self.exchanges = [get_exchange(group, cfg.exchange_timeout_s) for group in groups]
+        """The exchanges this rank's FCP layers use; under ``auto`` they share the first one's memory meter (a
+        micro-batch runs one of them, and its buffers are gone before the next one starts)."""
+        for other in self.exchanges[1:]:
+            other.memory = self.exchanges[0].memory
+        self.exchange = self.exchanges[0] if self.exchanges else None
         self.records: list[dict] = []
         self._counted = self._exchange_totals()
 
@@ -150,11 +162,10 @@ class FcpStep:
 
     # -- figures ----------------------------------------------------------------------------------------------
     def _exchange_totals(self) -> tuple[float, float, float]:
-        if self.exchange is None:
-            return 0.0, 0.0, 0.0
-        counter = self.exchange.counter
-        return (float(sum(counter.sent.values())), float(sum(counter.received.values())),
-                float(sum(getattr(counter, "wait_s", {}).values())))
+        counters = [exchange.counter for exchange in self.exchanges]
+        return (float(sum(sum(c.sent.values()) for c in counters)),
+                float(sum(sum(c.received.values()) for c in counters)),
+                float(sum(sum(getattr(c, "wait_s", {}).values()) for c in counters)))
 
     def figures(self, batch: MicroBatch) -> dict[str, float]:
         """:data:`FIGURES` of ``batch``, with the exchange's counts since the previous call."""
@@ -162,7 +173,8 @@ class FcpStep:
         sent, received, wait = (now - before for now, before in zip(totals, self._counted, strict=True))
         self._counted = totals
         values = (batch.stats["pairs_imbalance"], sent / _MIB, received / _MIB, 1e3 * wait,
-                  1e3 * (batch.stats["plan_seconds"] + batch.stats["schedule_seconds"]), 1e3 * batch.loader_wait_s)
+                  1e3 * (batch.stats["plan_seconds"] + batch.stats["schedule_seconds"]), 1e3 * batch.loader_wait_s,
+                  batch.stats["heads_exchange"])
         return dict(zip(FIGURES, values, strict=True))
 
     def take(self) -> list[dict]:

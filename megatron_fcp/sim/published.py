@@ -15,7 +15,9 @@ model as the rest of the simulator. What :mod:`megatron_fcp.sim.model` does not 
   Ulysses layout copies around its all-to-alls;
 - FA3's backward under grouped-query attention (:func:`fa3_gqa_bwd_bytes`): fp32 dK/dV accumulators zero-filled
   over the call's keys plus a block per document, every query head's block added atomically in fp32, and the
-  conversion to bf16 (the calibration shapes are multi-head and have none of it);
+  conversion to bf16 (the calibration shapes are multi-head and have none of it); MagiAttention's FFA calls pay the
+  same without the padding block (:func:`dkv_accum_bwd_s`, ``"ffa"``: its runtime always accumulates partial dK/dV
+  in fp32);
 - host issue: a call that launches ``n`` small kernels costs at least ``n x kernel_launch_us``; in the
   ring-flash-attention anchor every host synchronisation the code makes (``.item()``, boolean-mask indexing
   with a CPU mask) leaves the GPU idle for :data:`SYNC_IDLE_LAUNCHES` launches;
@@ -542,37 +544,54 @@ def p2p_comm(hw: HardwareProfile, plan: Plan, budget, how: str) -> tuple[np.ndar
 
 
 def staged_pass_times(hw: HardwareProfile, x: Extras, ex: StagedExchange, local_fwd, local_bwd, share: float,
-                      gqa_bwd_s: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+                      dkv_bwd_s: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """:func:`megatron_fcp.sim.model.staged_times` (the engine's rounds) with the added costs: every remote
     stage's partial output merged into the result (forward) and its ``dq`` accumulated (backward), 3x query
     bytes of the stage's rows each, and the attention slowed by the communication's SM share while a round
-    travels; ``gqa_bwd_s`` ``[cp, rounds]``: seconds added to each stage's backward call (:func:`fcp_gqa_bwd_s`).
+    travels; ``dkv_bwd_s`` ``[cp, rounds]``: seconds added to each stage's backward call (:func:`dkv_accum_bwd_s`).
     With :data:`BASE` it is ``staged_times``."""
     calls = ex.eff_pairs > 0
     merge = np.where(calls, x.hbm_s(3 * q_bytes(hw, np.where(calls, ex.rows, 0))), 0.0)
     slowed = (lambda compute_s, comm_s: overlapped(compute_s, comm_s, share)) if share else None
     fwd, bwd, _ = staged_times(ex, local_fwd, local_bwd, hw, stage_extra_s=merge, slowed=slowed,
-                               stage_extra_bwd_s=gqa_bwd_s)
+                               stage_extra_bwd_s=dkv_bwd_s)
     return fwd, bwd
 
 
-def fcp_gqa_bwd_s(hw: HardwareProfile, x: Extras, plan: Plan, budget) -> tuple[np.ndarray, np.ndarray]:
-    """FA3's backward under grouped-query attention (:func:`fa3_gqa_bwd_bytes`: fp32 dK/dV accumulators, atomic
-    adds, conversion) for FCP's kernel calls, as HBM seconds: per rank its own-key calls (taken as one call over its
+DKV_KERNELS = ("fa3", "ffa")
+"""The kernels whose backward :func:`dkv_accum_bwd_s` charges: FA3's varlen call (GQA accumulators, a block of
+padding per document) and MagiAttention's FFA (fp32 partial dK/dV always)."""
+
+
+def dkv_accum_bwd_s(hw: HardwareProfile, x: Extras, plan: Plan, budget, kernel: str = "fa3"
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """The fp32 dK/dV accumulation a point-to-point plan's backward calls pay beyond the calibration shapes
+    (multi-head FA3 calls writing bf16 dK/dV), as HBM seconds: per rank its own-key calls (taken as one call over its
     own rows, one segment per row of its plan), and ``[cp, rounds]`` per stage call (the stage's sub-pieces as
-    segments). Zero without GQA or with :data:`BASE`. FCP's calls are FA3 calls in this comparison, so they pay
-    what the baselines' FA3 calls pay."""
+    segments). Zero with :data:`BASE`. ``kernel``:
+
+    - ``"fa3"``: FA3's backward under grouped-query attention (:func:`fa3_gqa_bwd_bytes`; zero without GQA). FCP's
+      calls are FA3 calls in this comparison, so they pay what the baselines' FA3 calls pay.
+    - ``"ffa"``: MagiAttention's FFA as its distributed runtime calls it (``functional/dist_attn.py``,
+      ``attn_bwd_partial``: ``partial_dkv = torch.zeros_like(kv, dtype=torch.float32)`` per call, every query head's
+      dK/dV tile reduce-added into it in fp32 by the epilogue (``epilogue_bwd.hpp``: ``SM90_TMA_REDUCE_ADD`` of
+      ``Element`` = the fp32 output type at the query head's key/value head), then cast down to the key/value dtype
+      before the group-reduce): the bytes of :func:`fa3_gqa_bwd_bytes` without FA3's block of padding per document,
+      with or without GQA."""
+    if kernel not in DKV_KERNELS:
+        raise ValueError(f"unknown kernel {kernel!r}; one of {DKV_KERNELS}")
     cp = plan.cp
     dst, _, _, start, end, stage, n = _sub_pieces(plan, budget)
     rounds = max(int(n.max(initial=0)), 1)
-    if not x.enabled or hw.num_heads == hw.num_kv_heads:
+    if not x.enabled or (kernel == "fa3" and hw.num_heads == hw.num_kv_heads):
         return np.zeros(cp), np.zeros((cp, rounds))
 
     def seconds(slot, length, size):  # per call (slot): its segments of ``length`` keys
         total = np.bincount(slot, weights=length, minlength=size)
         used = np.bincount(slot, weights=np.ceil(length / FA3_BWD_BLOCK_N) * FA3_BWD_BLOCK_N, minlength=size)
         segments = np.bincount(slot, minlength=size)
-        nbytes = _gqa_bwd_bytes(hw.head_dim, hw.num_heads, hw.num_kv_heads, used, total, segments)
+        padding = segments if kernel == "fa3" else 0
+        nbytes = _gqa_bwd_bytes(hw.head_dim, hw.num_heads, hw.num_kv_heads, used, total, padding)
         return np.where(segments > 0, x.hbm_s(nbytes), 0.0)
 
     q = plan.q
@@ -582,36 +601,36 @@ def fcp_gqa_bwd_s(hw: HardwareProfile, x: Extras, plan: Plan, budget) -> tuple[n
 
 
 def p2p_pass_times(hw: HardwareProfile, x: Extras, plan: Plan, how: str | None, budget, sms: int,
-                   gqa: bool = False) -> tuple[float, float]:
+                   kernel: str | None = None) -> tuple[float, float]:
     """(forward, backward) seconds of the slowest rank of a point-to-point plan: the model's staged exchange
     (:func:`megatron_fcp.sim.model.staged_exchange`) with its rounds' communication replaced per ``how``
-    (None: the model's own) and the added costs of ``x`` (``gqa``: FA3's GQA backward too, :func:`fcp_gqa_bwd_s`,
-    for FCP's calls; MagiAttention's own kernel is left as its validated model has it)."""
+    (None: the model's own) and the added costs of ``x`` (``kernel``: the backward's fp32 dK/dV accumulation of that
+    kernel too, :func:`dkv_accum_bwd_s`)."""
     ex = staged_exchange(plan, hw, budget)
     if how is not None:
         fwd_c, ref_c, grad_c = p2p_comm(hw, plan, ex.budget, how)
         ex = dataclasses.replace(ex, fwd_comm_s=fwd_c, refetch_comm_s=ref_c, grad_comm_s=grad_c)
-    fwd, bwd = _rank_pass_times(hw, x, plan, ex, how is None, sms, gqa)
+    fwd, bwd = _rank_pass_times(hw, x, plan, ex, how is None, sms, kernel)
     return float(fwd.max()), float(bwd.max())
 
 
 def _rank_pass_times(hw: HardwareProfile, x: Extras, plan: Plan, ex: StagedExchange, own_comm: bool, sms: int,
-                     gqa: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                     kernel: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Per rank: forward and backward seconds of ``ex`` (the model's own rounds where ``own_comm`` and ``x`` adds
-    nothing: :func:`staged_times` as it is); ``gqa``: with :func:`fcp_gqa_bwd_s`."""
+    nothing: :func:`staged_times` as it is); ``kernel``: with :func:`dkv_accum_bwd_s` of that kernel."""
     local_fwd, local_bwd = _local_seconds(plan, hw)
     if not x.enabled and own_comm:
         fwd, bwd, _ = staged_times(ex, local_fwd, local_bwd, hw)
         return fwd, bwd
-    stage_gqa = None
-    if gqa:
-        local_gqa, stage_gqa = fcp_gqa_bwd_s(hw, x, plan, ex.budget)
-        local_bwd = local_bwd + local_gqa
+    stage_dkv = None
+    if kernel is not None:
+        local_dkv, stage_dkv = dkv_accum_bwd_s(hw, x, plan, ex.budget, kernel)
+        local_bwd = local_bwd + local_dkv
         padded = np.zeros(ex.eff_pairs.shape)
-        width = min(padded.shape[1], stage_gqa.shape[1])
-        padded[:, :width] = stage_gqa[:, :width]
-        stage_gqa = padded
-    return staged_pass_times(hw, x, ex, local_fwd, local_bwd, x.sm_share(sms), stage_gqa)
+        width = min(padded.shape[1], stage_dkv.shape[1])
+        padded[:, :width] = stage_dkv[:, :width]
+        stage_dkv = padded
+    return staged_pass_times(hw, x, ex, local_fwd, local_bwd, x.sm_share(sms), stage_dkv)
 
 
 def magi_budget(plan: Plan) -> int | None:
@@ -635,13 +654,13 @@ def strategy_seconds(strategy: str, hw: HardwareProfile, x: Extras, lens: np.nda
         plan = plan_magi(lens, cp, tokens_per_rank, mask)
         how = strategy.split("-")[1]
         sms = x.grpcoll_sms if how == "native" else x.nccl_sms
-        fwd, bwd = p2p_pass_times(hw, x, plan, how, magi_budget(plan), sms)
+        fwd, bwd = p2p_pass_times(hw, x, plan, how, magi_budget(plan), sms, kernel="ffa")
         return {"fwd": fwd, "bwd": bwd}
     if strategy == "fcp_heads":
         return fcp_head_parallel(hw, x, lens, cp, mask, tokens_per_rank)
     if strategy == "fcp":
         fwd, bwd = p2p_pass_times(hw, x, fcp_plan(hw, lens, cp, mask, tokens_per_rank), None, DEFAULT_KV_BUDGET,
-                                  x.nccl_sms, gqa=True)
+                                  x.nccl_sms, kernel="fa3")
         return {"fwd": fwd, "bwd": bwd}
     raise ValueError(f"unknown strategy {strategy!r}")
 
@@ -667,8 +686,8 @@ def fcp_details(hw: HardwareProfile, x: Extras, lens: np.ndarray, cp: int, mask:
     """
     plan = fcp_plan(hw, lens, cp, mask, tokens_per_rank)
     ex = staged_exchange(plan, hw, DEFAULT_KV_BUDGET, hop)
-    fwd, bwd = _rank_pass_times(hw, x, plan, ex, True, x.nccl_sms, gqa=True)
-    fwd0, bwd0 = _rank_pass_times(hw, x, plan, free_transfers(ex), True, x.nccl_sms, gqa=True)
+    fwd, bwd = _rank_pass_times(hw, x, plan, ex, True, x.nccl_sms, kernel="fa3")
+    fwd0, bwd0 = _rank_pass_times(hw, x, plan, free_transfers(ex), True, x.nccl_sms, kernel="fa3")
     figures = relay_figures(plan.pieces, np.arange(cp) // hw.gpus_per_node, ex.budget, cp, hop)
     received = sum(figures[f"received_across_{phase}"] for phase in PHASES.values()) * hw.kv_bytes_per_token
     return {"fwd": float(fwd.max()), "bwd": float(bwd.max()), "ib_mb_max": float(received.max()) / 1e6,
@@ -697,11 +716,13 @@ def fcp_head_parallel(hw: HardwareProfile, x: Extras, lens: np.ndarray, cp: int,
 
 
 def fcp_head_parallel_details(hw: HardwareProfile, x: Extras, lens: np.ndarray, cp: int, mask: str,
-                              tokens_per_rank: int, details: bool = True) -> dict[str, float]:
+                              tokens_per_rank: int, details: bool = True, node_plan: Plan | None = None,
+                              budget=DEFAULT_KV_BUDGET) -> dict[str, float]:
     """:func:`fcp_head_parallel`'s step and, with ``details``, the figures of :func:`fcp_details`: InfiniBand MB a
     GPU receives (its head shard of what its node receives: key/values forward and again in backward, and
     gradients), the exposed communication (the step minus the same step with every transfer, the all-to-alls too,
-    free) and ``relayed_grad_x`` (0: nothing is relayed)."""
+    free) and ``relayed_grad_x`` (0: nothing is relayed). ``node_plan``: the plan of the nodes to model (default:
+    ``plan_fcp`` of ``lens``); ``budget``: the key/value budget of the staged exchange."""
     g = min(cp, hw.gpus_per_node)
     n = cp // g
     lens = np.asarray(lens, np.int64)
@@ -709,22 +730,32 @@ def fcp_head_parallel_details(hw: HardwareProfile, x: Extras, lens: np.ndarray, 
         raise InputError(f"the head-parallel exchange needs CP ({cp}) and the query heads ({hw.num_heads}) to be "
                          f"multiples of the GPUs per node ({g})")
     a2a, copies, shard = node_heads(hw, x, lens, cp)  # one head shard per GPU, node-sized ranks
-    if n == 1:
-        fwd, bwd = (ulysses(hw, x, lens, cp, mask, p) for p in ("fwd", "bwd"))
-        return {"fwd": fwd, "bwd": bwd, **({"ib_mb_max": 0.0, "ib_mb_mean": 0.0, "exposed_ms": 1e3 * 2 * a2a,
-                                             "relayed_grad_x": 0.0} if details else {})}
-    plan = plan_fcp(lens, n, g * tokens_per_rank, mask)
-    ex = staged_exchange(plan, shard, DEFAULT_KV_BUDGET)
-    fwd, bwd = _rank_pass_times(shard, x, plan, ex, True, x.nccl_sms, gqa=True)
+    plan = plan_fcp(lens, n, g * tokens_per_rank, mask) if node_plan is None else node_plan
+    if plan.cp != n:
+        raise InputError(f"a plan of {plan.cp} ranks is not a plan of the {n} nodes of {g} GPUs of CP {cp}")
+    ex = staged_exchange(plan, shard, budget)
+    fwd, bwd = _rank_pass_times(shard, x, plan, ex, True, x.nccl_sms, kernel="fa3")
     out = {"fwd": a2a + copies + float(fwd.max()), "bwd": a2a + copies + float(bwd.max())}
     if not details:
         return out
-    fwd0, bwd0 = _rank_pass_times(shard, x, plan, free_transfers(ex), True, x.nccl_sms, gqa=True)
+    fwd0, bwd0 = _rank_pass_times(shard, x, plan, free_transfers(ex), True, x.nccl_sms, kernel="fa3")
     figures = relay_figures(plan.pieces, np.arange(n), ex.budget, n)
     received = sum(figures[f"received_across_{phase}"] for phase in PHASES.values()) * shard.kv_bytes_per_token
     return {**out, "ib_mb_max": float(received.max()) / 1e6, "ib_mb_mean": float(received.mean()) / 1e6,
             "exposed_ms": 1e3 * (out["fwd"] + out["bwd"] - 2 * copies - float(fwd0.max() + bwd0.max())),
             "relayed_grad_x": 0.0}
+
+
+def node_exchange_steps(hw: HardwareProfile, x: Extras, lens: np.ndarray, p2p_plan: Plan, node_plan: Plan,
+                        budget) -> dict[str, float]:
+    """Modeled step (forward + backward seconds of the slowest rank) of one micro-batch under each node exchange of
+    the runtime, from the plans it would run: ``p2p``, ``p2p_plan`` over the CP ranks (with their node layout);
+    ``heads``, ``node_plan`` over the nodes (:func:`fcp_head_parallel_details`: ``hw.gpus_per_node`` CP ranks a
+    node). What ``--fcp-node-exchange auto`` compares per micro-batch."""
+    fwd, bwd = p2p_pass_times(hw, x, p2p_plan, None, budget, x.nccl_sms, kernel="fa3")
+    heads = fcp_head_parallel_details(hw, x, lens, p2p_plan.cp, p2p_plan.mask, 0, details=False, node_plan=node_plan,
+                                      budget=budget)
+    return {"p2p": fwd + bwd, "heads": heads["fwd"] + heads["bwd"]}
 
 
 # -- ring-flash-attention's published zigzag varlen benchmark, with the added costs -----------------------------

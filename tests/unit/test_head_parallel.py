@@ -200,8 +200,9 @@ def test_head_parallel_across_gloo_processes(world):
 def test_the_heads_a_node_splits_are_checked_before_the_run(heads, groups, tp, cp, per_node, words):
     from megatron_fcp.megatron.config import node_exchange_problem
 
-    problem = node_exchange_problem("heads", heads, groups, tp, cp, per_node)
-    assert problem is None if words is None else words in problem, problem
+    for exchange in ("heads", "auto"):  # auto may split the heads of any micro-batch: the same rule
+        problem = node_exchange_problem(exchange, heads, groups, tp, cp, per_node)
+        assert problem is None if words is None else words in problem and exchange in problem, problem
     assert node_exchange_problem("p2p", heads, groups, tp, cp, per_node) is None
 
 
@@ -210,6 +211,7 @@ def test_a_cpu_run_that_cannot_split_its_heads_stops_with_one_line():
 
     with pytest.raises(InputError, match="RunConfig: --fcp-node-exchange heads splits each rank's query groups"):
         RunConfig(cp=4, ranks_per_node=2, node_exchange="heads", num_heads=4, num_query_groups=1)
-    with pytest.raises(InputError, match="node_exchange must be one of p2p, heads"):
+    with pytest.raises(InputError, match="node_exchange must be one of p2p, heads, auto"):
         RunConfig(cp=4, node_exchange="ring")
     assert RunConfig(cp=4, ranks_per_node=2, node_exchange="heads").node_exchange == "heads"
+    assert RunConfig(cp=4, ranks_per_node=2, node_exchange="auto").node_exchange == "auto"

@@ -252,3 +252,52 @@ def test_dataset_helpers_makefile_lets_megatrons_start_up_build_pass(tmp_path):
         assert subprocess.run(["make", "-C", str(tmp_path)], capture_output=True).returncode == 0
         (tmp_path / "helpers_cpp.cpython-312-x86_64-linux-gnu.so").unlink()
         assert subprocess.run(["make", "-C", str(tmp_path)], capture_output=True).returncode != 0
+
+
+def test_auto_plans_each_micro_batch_for_the_exchange_the_model_finds_shorter():
+    """--fcp-node-exchange auto: per micro-batch the plan of the CP ranks (p2p) or of the nodes (heads), whichever
+    the cost model gives the shorter step; every rank picks the same, ships the tokens of the picked plan (each token
+    once over the CP group) and says which it picked in its stats. Both occur on these mixes at CP 16 (2 nodes)."""
+    from megatron_fcp.attention.head_parallel import local_token_index
+    from megatron_fcp.data.lengths import load_distribution, pack_batches
+    from megatron_fcp.megatron.batch import node_exchange_steps
+
+    cp, per_rank = 16, 4096
+    nodes = tuple(r // 8 for r in range(cp))
+    auto, p2p, heads = (FcpConfig(cp=cp, seq_length=cp * per_rank, cp_node=nodes, node_exchange=x)
+                        for x in ("auto", "p2p", "heads"))
+    assert auto.heads_per_node == heads.heads_per_node == 8 and p2p.heads_per_node == 1
+    picked = set()
+    for name in ("spamassassin", "magi_hist"):
+        for lens in pack_batches(load_distribution(name), cp * per_rank, 2, seed=0):
+            plan = plan_micro_batch(lens, auto)
+            p2p_plan, node_plan = plan_micro_batch(lens, p2p), plan_micro_batch(lens, heads)
+            assert node_plan.cp == 2 and p2p_plan.cp == cp
+            steps = node_exchange_steps(lens, p2p_plan, node_plan, auto)
+            want = "heads" if steps["heads"] < steps["p2p"] else "p2p"
+            assert plan == (node_plan if want == "heads" else p2p_plan)
+            assert auto.heads_split(plan.cp) == (8 if want == "heads" else 1)
+            picked.add(want)
+            sample = {"tokens": np.arange(lens.sum()), "labels": np.arange(lens.sum()) + 1,
+                      "loss_mask": np.ones(lens.sum()),
+                      "position_ids": np.concatenate([np.arange(n) for n in lens])}
+            seen = np.zeros(lens.sum(), int)
+            for r in (0, 5, 8, 15):
+                part = rank_sample(sample, auto, r)
+                assert part["fcp_stats"][STATS.index("heads_exchange")] == float(want == "heads")
+                index = local_token_index(plan, 8, r) if want == "heads" else plan.token_index(r)
+                assert np.array_equal(part["tokens"][:index.shape[0]], index)
+            for r in range(cp):
+                index = local_token_index(plan, 8, r) if want == "heads" else plan.token_index(r)
+                seen[index] += 1
+            assert (seen == 1).all()
+    assert picked == {"p2p", "heads"}, picked
+
+
+def test_attention_shape_comes_from_megatrons_model_flags():
+    # 8 heads, 4 query groups, TP 2: per rank 4 and 2, of hidden 1024 / 8 heads
+    assert fcp_config_from_args(args(hidden_size=1024)).attention_shape == (4, 2, 128)
+    assert fcp_config_from_args(args(hidden_size=1024, kv_channels=96)).attention_shape == (4, 2, 96)
+    assert fcp_config_from_args(args(hidden_size=1024, group_query_attention=False)).attention_shape == (4, 4, 128)
+    assert fcp_config_from_args(args(hidden_size=1024, num_query_groups=3)).attention_shape is None  # checked apart
+    assert fcp_config_from_args(args()).attention_shape is None  # no hidden size, no kv channels: the profile's

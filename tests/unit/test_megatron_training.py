@@ -65,10 +65,16 @@ def runs(tmp_path_factory):
     return _Runs(tmp_path_factory.mktemp("runs"))
 
 
+def _ref(run: RunConfig) -> str:
+    """The name of ``run``'s no-CP baseline: ``nocp_dp{N}``, with the data seed where it is not the base run's."""
+    ref = baseline_of(run)
+    return f"nocp_dp{ref.dp}" + ("" if ref.seed == BASE.seed else f"_seed{ref.seed}")
+
+
 def _with_baselines(layouts: dict[str, dict]) -> dict[str, RunConfig]:
-    """The runs of ``layouts`` and their no-CP baselines (``nocp_dp{N}``), by name."""
+    """The runs of ``layouts`` and their no-CP baselines (:func:`_ref`), by name."""
     named = {name: replace(BASE, **kw) for name, kw in layouts.items()}
-    return {**named, **{f"nocp_dp{baseline_of(run).dp}": baseline_of(run) for run in named.values()}}
+    return {**named, **{_ref(run): baseline_of(run) for run in named.values()}}
 
 
 def _assert_matches_no_cp(fcp_steps, fcp_grads, ref_steps, ref_grads, loss_tol: float) -> None:
@@ -87,7 +93,7 @@ def test_fcp_training_matches_training_without_cp(runs, layout):
     runs.together(_with_baselines(LAYOUTS))  # the first case launches every layout, equal process counts together
     run = replace(BASE, **LAYOUTS[layout])
     ref = baseline_of(run)
-    _assert_matches_no_cp(*runs(layout, run), *runs(f"nocp_dp{ref.dp}", ref), loss_tol=1e-4)
+    _assert_matches_no_cp(*runs(layout, run), *runs(_ref(run), ref), loss_tol=1e-4)
 
 
 @pytest.mark.parametrize("layout", ["cp2", "cp4"])
@@ -126,7 +132,7 @@ def test_staged_exchange_and_recompute_match_training_without_cp(runs, layout):
     run = replace(BASE, **STAGED[layout])
     ref = baseline_of(run)
     fcp_steps, fcp_grads = runs(layout, run)
-    _assert_matches_no_cp(fcp_steps, fcp_grads, *runs(f"nocp_dp{ref.dp}", ref), loss_tol=1e-5)
+    _assert_matches_no_cp(fcp_steps, fcp_grads, *runs(_ref(run), ref), loss_tol=1e-5)
 
     budget = run.kv_budget_tokens if isinstance(run.kv_budget_tokens, int) else run.seq_length // run.cp
     per_token = kv_bytes_per_token(run)
@@ -152,7 +158,10 @@ def test_head_parallel_exchange_matches_training_without_cp(runs, layout):
     run = replace(BASE, **HEADS[layout])
     ref = baseline_of(run)
     fcp_steps, fcp_grads = runs(layout, run)
-    _assert_matches_no_cp(fcp_steps, fcp_grads, *runs(f"nocp_dp{ref.dp}", ref), loss_tol=1e-5)
+    _assert_matches_no_cp(fcp_steps, fcp_grads, *runs(_ref(run), ref), loss_tol=1e-5)
+    if run.node_exchange == "auto":  # the exchange picked per micro-batch: both ran, each matching the model
+        picked = [step["fcp"]["fcp heads exchange"] for step in fcp_steps]
+        assert set(picked) == {0.0, 1.0}, picked
     nodes = run.cp // (run.ranks_per_node or run.cp)
     if nodes == 1:  # nothing crosses between nodes: no exchange to measure
         assert all("memory" not in step for step in fcp_steps)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -156,6 +157,39 @@ def test_gqa_accumulators_slow_the_backward_only(hw, monkeypatch):
         without = P.strategy_seconds(s, hw, x, lens, 8, "full", W.TOKENS_PER_GPU)
         assert t["fwd"] == pytest.approx(without["fwd"]), s
         assert t["bwd"] > without["bwd"] * 1.01, s
+
+
+def test_magi_attentions_ffa_backward_accumulates_dkv_in_fp32(hw):
+    """MagiAttention's runtime zero-fills fp32 partial dK/dV per call, every query head's tile adds into it in fp32,
+    and it is cast down after: FA3's GQA bytes without its padding block per document, with or without GQA. Only the
+    backward grows, and MagiAttention's strategies pay it."""
+    from megatron_fcp.planner.baselines import plan_magi
+    from megatron_fcp.planner.fcp import plan_fcp
+
+    x = P.Extras()
+    lens = np.array([3000, 700, 500, 300] * 40)
+    lens = lens[: np.searchsorted(np.cumsum(lens), 8 * W.TOKENS_PER_GPU)]
+    plan = plan_magi(lens, 8, W.TOKENS_PER_GPU, "causal")
+    budget = P.magi_budget(plan)
+    fa3_local, fa3_staged = P.dkv_accum_bwd_s(hw, x, plan, budget, "fa3")
+    ffa_local, ffa_staged = P.dkv_accum_bwd_s(hw, x, plan, budget, "ffa")
+    assert np.all(ffa_local > 0) and np.all(ffa_local < fa3_local) and np.all(ffa_staged <= fa3_staged)
+    # one call of 1000 keys in one segment: the fp32 accumulators span exactly its keys
+    one = plan_fcp(np.array([1000]), 1, 1000, "full")
+    d = hw.head_dim
+    expected = 64 * 1024 * d * 2 * 2 + 2 * 8 * 1000 * d * 4 * 2 + 2 * 8 * 1000 * d * 2
+    assert P.dkv_accum_bwd_s(hw, x, one, None, "ffa")[0][0] == pytest.approx(float(x.hbm_s(expected)), rel=1e-12)
+    mha = dataclasses.replace(hw, num_kv_heads=hw.num_heads)
+    assert P.dkv_accum_bwd_s(mha, x, plan, budget, "ffa")[0].all()
+    assert not P.dkv_accum_bwd_s(mha, x, plan, budget, "fa3")[0].any()
+    assert not P.dkv_accum_bwd_s(hw, P.BASE, plan, budget, "ffa")[0].any()
+    with pytest.raises(ValueError, match="unknown kernel"):
+        P.dkv_accum_bwd_s(hw, x, plan, budget, "fa2")
+    for how in ("a2av", "native"):
+        sms = x.grpcoll_sms if how == "native" else x.nccl_sms
+        without = P.p2p_pass_times(hw, x, plan, how, budget, sms)
+        with_ffa = P.strategy_seconds(f"magi_attn-{how}", hw, x, lens, 8, "causal", W.TOKENS_PER_GPU)
+        assert with_ffa["fwd"] == pytest.approx(without[0], rel=1e-12) and with_ffa["bwd"] > without[1]
 
 
 def test_rows_have_the_fields_and_agree_on_a_small_subset(script, hw):

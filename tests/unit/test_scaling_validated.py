@@ -32,7 +32,7 @@ def test_every_cell_is_the_published_models_time_of_the_same_batches(script, sma
     rows = data["rows"]
     assert data["hardware"] == "h100_node_fa3_published"
     assert {(r["strategy"], r["mask"], r["cp"]) for r in rows} == {
-        (s, m, cp) for s in script.STRATEGIES for m in script.MASKS for cp in (8, 16)}
+        (s, m, cp) for s in script.TABLE for m in script.MASKS for cp in (8, 16)}
     hw = load_hardware(script.HARDWARE)
     (lens,) = pack_batches(load_distribution("spamassassin"), 16 * 16384, 1, seed=0)
     fcp = next(r for r in rows if (r["strategy"], r["mask"], r["cp"]) == ("fcp", "full", 16))
@@ -46,36 +46,37 @@ def test_every_cell_is_the_published_models_time_of_the_same_batches(script, sma
 
 
 def test_the_summary_compares_fcp_at_both_ends_and_counts_its_wins(script, small):
-    """FCP in the summary is the better of its two settings per cell (fcp: p2p, fcp_heads: heads); each setting's
-    own ratio is kept beside it; wins count against every strategy that is not FCP."""
+    """FCP in the summary is fcp_auto: per batch the setting with the shorter step (fcp: p2p, fcp_heads: heads; p2p
+    on a tie), its figures those of the picked batches; each setting's own ratio is kept beside it; wins count
+    against every strategy that is not FCP."""
     data, _ = small
     rows, summary = data["rows"], data["summary"]
     for s in summary:
-        mfu = {(r["strategy"], r["cp"]): r["mfu"] for r in rows if (r["lengths"], r["mask"]) == (s["lengths"],
-                                                                                               s["mask"])}
-        step = {cp: {r["strategy"]: r["fwd_ms"] + r["bwd_ms"] for r in rows
-                     if (r["lengths"], r["mask"], r["cp"]) == (s["lengths"], s["mask"], cp)} for cp in (8, 16)}
-        chosen = {cp: "fcp" if step[cp]["fcp"] <= step[cp]["fcp_heads"] else "fcp_heads" for cp in (8, 16)}
-        assert s["fcp_mfu_ratio"] == pytest.approx(mfu[chosen[16], 16] / mfu[chosen[8], 8])
+        here = {(r["strategy"], r["cp"]): r for r in rows if (r["lengths"], r["mask"]) == (s["lengths"], s["mask"])}
+        for cp in (8, 16):
+            p2p, heads, auto = (here[k, cp] for k in ("fcp", "fcp_heads", "fcp_auto"))
+            picked = [h < p for p, h in zip(p2p["batch_step_ms"], heads["batch_step_ms"], strict=True)]
+            assert auto["heads_batches"] == sum(picked)
+            want = [hs if h else ps for h, ps, hs in zip(picked, p2p["batch_step_ms"], heads["batch_step_ms"],
+                                                         strict=True)]
+            assert auto["fwd_ms"] + auto["bwd_ms"] == pytest.approx(np.mean(want), rel=1e-12)
+            assert auto["fwd_ms"] + auto["bwd_ms"] <= min(r["fwd_ms"] + r["bwd_ms"] for r in (p2p, heads)) + 1e-9
+        mfu = {k: r["mfu"] for k, r in here.items()}
+        assert s["fcp_mfu_ratio"] == pytest.approx(mfu["fcp_auto", 16] / mfu["fcp_auto", 8])
         assert s["p2p_mfu_ratio"] == pytest.approx(mfu["fcp", 16] / mfu["fcp", 8])
         assert s["heads_mfu_ratio"] == pytest.approx(mfu["fcp_heads", 16] / mfu["fcp_heads", 8])
-        fcp = {cp: min(t["fcp"], t["fcp_heads"]) for cp, t in step.items()}
+        step = {cp: {k: r["fwd_ms"] + r["bwd_ms"] for (k, c), r in here.items() if c == cp} for cp in (8, 16)}
         others = {cp: min(v for k, v in t.items() if not k.startswith("fcp")) for cp, t in step.items()}
-        assert s["fcp_fastest_cells"] == sum(fcp[cp] < others[cp] * (1 - 1e-9) for cp in (8, 16))
-        assert s["settings"] == [chosen[8], chosen[16]]
+        assert s["fcp_fastest_cells"] == sum(step[cp]["fcp_auto"] < others[cp] * (1 - 1e-9) for cp in (8, 16))
+        assert s["heads_batches"] == [here["fcp_auto", cp]["heads_batches"] for cp in (8, 16)]
         assert s["target"] == 0.85
 
 
-def test_on_one_node_fcp_heads_is_ulysses_and_ties_are_counted(script):
-    hw = load_hardware(script.HARDWARE)
-    (lens,) = pack_batches(load_distribution("linux_dirs"), 8 * 16384, 1, seed=0)
-    for mask in ("causal", "full"):
-        assert P.strategy_seconds("fcp_heads", hw, P.Extras(), lens, 8, mask, 16384) == \
-            P.strategy_seconds("ulysses", hw, P.Extras(), lens, 8, mask, 16384)
+def test_ties_are_counted_as_not_fastest(script):
     rows = [{"lengths": "a", "mask": "full", "cp": 8, "strategy": s, "fwd_ms": f, "bwd_ms": 1.0}
-            for s, f in (("fcp", 2.0), ("fcp_heads", 1.5), ("usp", 1.5), ("ring_p2p", 9.0))]
+            for s, f in (("fcp", 2.0), ("fcp_heads", 1.5), ("fcp_auto", 1.5), ("usp", 1.5), ("ring_p2p", 9.0))]
     (cell,) = script.not_fastest(rows)
-    assert (cell["fastest"], cell["fcp_over_fastest"], cell["fcp_setting"]) == ("usp", 1.0, "fcp_heads")
+    assert (cell["fastest"], cell["fcp_over_fastest"]) == ("usp", 1.0)
 
 
 def test_ulysses_is_left_out_above_one_rank_per_query_head(script):
@@ -86,11 +87,11 @@ def test_ulysses_is_left_out_above_one_rank_per_query_head(script):
 
 def test_the_cells_fcp_loses_are_listed_with_the_winner(script):
     rows = [{"lengths": "a", "mask": "causal", "cp": 8, "strategy": s, "fwd_ms": f, "bwd_ms": 1.0}
-            for s, f in (("fcp", 2.0), ("fcp_heads", 2.5), ("usp", 1.5), ("ring_p2p", 9.0))]
+            for s, f in (("fcp", 2.0), ("fcp_heads", 2.5), ("fcp_auto", 1.9), ("usp", 1.5), ("ring_p2p", 9.0))]
     rows += [{"lengths": "a", "mask": "causal", "cp": 16, "strategy": s, "fwd_ms": f, "bwd_ms": 1.0}
-             for s, f in (("fcp", 1.0), ("fcp_heads", 3.0), ("usp", 1.5))]
+             for s, f in (("fcp", 1.0), ("fcp_heads", 3.0), ("fcp_auto", 1.0), ("usp", 1.5))]
     assert script.not_fastest(rows) == [{"lengths": "a", "mask": "causal", "cp": 8, "fastest": "usp",
-                                         "fcp_over_fastest": 3.0 / 2.5, "fcp_setting": "fcp"}]
+                                         "fcp_over_fastest": 2.9 / 2.5}]
 
 
 def test_fcp_rows_carry_what_its_step_spends_on_communication(script, small):
