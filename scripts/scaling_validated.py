@@ -196,7 +196,7 @@ def scaling_summary(rows: list[dict]) -> list[dict]:
                    "heads_batches": [auto[cp]["heads_batches"] for cp in cps], "batches": auto[cps[0]]["batches"],
                    "fcp_fastest_cells": sum(r < 1.0 - TIE for r in ratios),
                    "fcp_tied_cells": sum(abs(r - 1.0) <= TIE for r in ratios), "cells": len(cps)}
-            for s, key in zip(FCP_SETTINGS, ("p2p_mfu_ratio", "heads_mfu_ratio"), strict=False):
+            for s, key in (("fcp", "p2p_mfu_ratio"), ("fcp_heads", "heads_mfu_ratio")):
                 row[key] = mfu[s, cps[-1]] / mfu[s, cps[0]]
             out.append(row)
     return out

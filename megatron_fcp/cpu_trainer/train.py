@@ -700,8 +700,8 @@ def _train(rank: int, run: RunConfig, out_path: str | None, quiet: bool, stop: _
     else:
         data = _loader(_DenseBatches(inner), indices, run.planning_workers)
     memory = None
-    if cp > 1 and fcp_step.exchange is not None:  # the exchange FcpCoreAttention uses (FcpStep picks the group)
-        memory = AttentionMemory(fcp_step.exchange.memory,
+    if cp > 1 and fcp_step.exchanges:  # the exchanges FcpCoreAttention uses (FcpStep picks the groups; one meter)
+        memory = AttentionMemory(fcp_step.exchanges[0].memory,
                                  [m for m in model.modules() if isinstance(m, FcpCoreAttention)])
 
     records, writer = [], _tensorboard(run) if rank == 0 else None

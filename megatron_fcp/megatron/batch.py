@@ -21,6 +21,8 @@ real distributions), for runs without a tokenized corpus.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import time
 import zlib
 
@@ -88,16 +90,15 @@ def plan_micro_batch(doc_lens, cfg: FcpConfig) -> Plan:
     own (:mod:`megatron_fcp.attention.head_parallel`). Under ``auto``: both, and the one whose modeled step
     (:func:`node_exchange_steps`) is shorter (the CP ranks' plan on a tie); ``cfg.heads_split(plan.cp)`` says which.
     Deterministic, so every CP rank picks the same."""
-    g = cfg.heads_per_node
-    if g == 1 or cfg.node_exchange != "heads":
-        plan = _plan(doc_lens, cfg, cfg.cp, cfg.tokens_per_rank, cfg.cp_node)
-        if g == 1 or cfg.node_exchange == "p2p":
-            return plan
+    g = cfg.heads_per_node  # 1 under p2p, and where a node holds one CP rank: nothing to split
+    if g == 1:
+        return _plan(doc_lens, cfg, cfg.cp, cfg.tokens_per_rank, cfg.cp_node)
     nodes = _plan(doc_lens, cfg, cfg.plan_ranks, g * cfg.tokens_per_rank, None)
     if cfg.node_exchange == "heads":
         return nodes
-    steps = node_exchange_steps(doc_lens, plan, nodes, cfg)
-    return nodes if steps["heads"] < steps["p2p"] else plan
+    ranks = _plan(doc_lens, cfg, cfg.cp, cfg.tokens_per_rank, cfg.cp_node)
+    steps = node_exchange_steps(doc_lens, ranks, nodes, cfg)
+    return nodes if steps["heads"] < steps["p2p"] else ranks
 
 
 def node_exchange_steps(doc_lens, p2p_plan: Plan, node_plan: Plan, cfg: FcpConfig) -> dict[str, float]:
@@ -112,23 +113,16 @@ def node_exchange_steps(doc_lens, p2p_plan: Plan, node_plan: Plan, cfg: FcpConfi
                                          cfg.kv_budget_tokens)
 
 
-_PROFILES: dict[tuple, object] = {}
-
-
+@functools.cache
 def _cost_profile(shape: tuple[int, int, int] | None, ranks_per_node: int):
     """:data:`COST_PROFILE` with ``ranks_per_node`` GPUs a node and the layer ``shape`` (query heads, key/value
     heads, head dimension; None: the profile's own), loaded once per process."""
-    key = (shape, ranks_per_node)
-    if key not in _PROFILES:
-        import dataclasses
+    from megatron_fcp.sim.model import load_hardware
 
-        from megatron_fcp.sim.model import load_hardware
-
-        hw = dataclasses.replace(load_hardware(COST_PROFILE), gpus_per_node=ranks_per_node)
-        if shape is not None:
-            hw = dataclasses.replace(hw, num_heads=shape[0], num_kv_heads=shape[1], head_dim=shape[2])
-        _PROFILES[key] = hw
-    return _PROFILES[key]
+    hw = dataclasses.replace(load_hardware(COST_PROFILE), gpus_per_node=ranks_per_node)
+    if shape is not None:
+        hw = dataclasses.replace(hw, num_heads=shape[0], num_kv_heads=shape[1], head_dim=shape[2])
+    return hw
 
 
 def plan_figures(plan: Plan) -> tuple[float, float]:

@@ -250,10 +250,10 @@ class FcpConfig:
         return self.cp // self.heads_per_node
 
     def heads_split(self, plan_cp: int) -> int:
-        """The CP ranks that split the heads of a micro-batch whose plan (or schedule) is over ``plan_cp`` ranks:
-        :attr:`heads_per_node` for a plan of the nodes (the heads exchange), 1 for a plan of the CP ranks."""
-        g = self.heads_per_node
-        return g if g > 1 and plan_cp == self.cp // g else 1
+        """The CP ranks that split the heads of a micro-batch whose plan (or schedule) is over ``plan_cp`` ranks: a plan
+        over fewer ranks than the CP group is a plan of the nodes (the heads exchange), each of ``cp / plan_cp`` CP
+        ranks; a plan of the CP ranks splits nothing (1). Needs no node layout, so the layer can ask it too."""
+        return self.cp // plan_cp if self.node_exchange in HEAD_SPLITTING else 1
 
     def with_nodes(self, global_ranks, environ: Mapping[str, str] | None = None) -> FcpConfig:
         """This config with :attr:`cp_node` set for the CP group of ``global_ranks`` (by CP rank: Megatron's

@@ -24,7 +24,7 @@ from megatron_fcp.attention.engine import fcp_attention
 from megatron_fcp.attention.head_parallel import head_parallel_attention, head_parallel_groups
 from megatron_fcp.attention.schedule import RankSchedule
 from megatron_fcp.errors import InputError
-from megatron_fcp.megatron.config import HEAD_SPLITTING, FcpConfig
+from megatron_fcp.megatron.config import FcpConfig
 
 try:  # megatron-core is an optional dependency: the rest of the package works without it
     from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
@@ -135,7 +135,7 @@ class FcpCoreAttention(MegatronModule):
             query, key = self._rope(query, freqs), self._rope(key, freqs)
         kwargs = {"backend": self.fcp.backend, "timeout_s": self.fcp.exchange_timeout_s,
                   "verify_plan": not self._inputs_checked}
-        if self.fcp.node_exchange in HEAD_SPLITTING and sched.cp < self.fcp.cp:  # a plan of the nodes: its view
+        if self.fcp.heads_split(sched.cp) > 1:  # a plan of the nodes: this rank's node's view
             if self._head_groups is None:  # looked up once: every call of the layer uses the same groups
                 self._head_groups = head_parallel_groups(self.cp_group)
             node_group, across_group = self._head_groups

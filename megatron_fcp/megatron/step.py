@@ -125,7 +125,6 @@ class FcpStep:
         micro-batch runs one of them, and its buffers are gone before the next one starts)."""
         for other in self.exchanges[1:]:
             other.memory = self.exchanges[0].memory
-        self.exchange = self.exchanges[0] if self.exchanges else None
         self.records: list[dict] = []
         self._counted = self._exchange_totals()
 

@@ -706,9 +706,8 @@ def fcp_head_parallel(hw: HardwareProfile, x: Extras, lens: np.ndarray, cp: int,
     shard crosses into a node once, over the NIC of the GPU that computes it, and every kernel call covers ``g``
     times the query rows at ``1 / g`` of the heads (as Ulysses and USP do). Modeled as :func:`usp` models its node
     part (the all-to-alls and their copies, per pass) plus FCP's point-to-point plan on node-sized ranks with every
-    link across nodes. One node: modeled as :func:`ulysses` (the benchmark's Ulysses, wrapper copies included: more
-    than FCP's own one-rank call would be charged, so FCP ties USP there rather than passing it on the model's
-    word).
+    link across nodes; on one node that plan is the local call alone (as the runtime runs it: no unpad/pad copies,
+    unlike the benchmark's Ulysses).
     ``{"fwd": ..., "bwd": ...}``, seconds of the slowest rank (:func:`fcp_head_parallel_details` adds what it
     spends on communication)."""
     out = fcp_head_parallel_details(hw, x, lens, cp, mask, tokens_per_rank, details=False)
